@@ -1,0 +1,19 @@
+"""The ``mmprep`` command line: a thin Typer shell over the library.
+
+Each subcommand lives in its own module under ``mmprep.cli`` and registers itself on :data:`app`. Command modules
+import nothing heavy at module level (no torch, transformers or ray), so ``mmprep --help`` is instant.
+"""
+
+from __future__ import annotations
+
+from mmprep.cli._app import app
+
+# Register subcommands (import order = order in --help).
+# (subcommand modules are imported below as they land)
+
+__all__ = ["app", "main"]
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app(prog_name="mmprep")

@@ -1,0 +1,467 @@
+"""Read manifests (JSONL, JSON list, CSV, Parquet; ``-`` for stdin) as a stream of records with positions.
+
+Row-level problems (a line that is not JSON, not UTF-8, not an object) come back as records with ``error`` set,
+so callers turn them into rejects with the line number; file-level problems (missing file, unknown format, a CSV
+without a header, a JSON document that is not a list) raise :class:`~mmprep.errors.InputError` (exit 2).
+
+JSON lists are parsed incrementally (one element at a time), so memory stays bounded on huge files.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import sys
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any, Literal
+
+from mmprep.errors import InputError, UsageError
+from mmprep.records import Rejected, Sample
+
+__all__ = [
+    "FORMATS",
+    "ColumnMap",
+    "RawRecord",
+    "detect_format",
+    "iter_json_array",
+    "iter_records",
+    "iter_samples",
+    "open_binary",
+    "to_sample",
+]
+
+Format = Literal["jsonl", "json", "csv", "parquet"]
+FORMATS: tuple[str, ...] = ("jsonl", "json", "csv", "parquet")
+
+_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class RawRecord:
+    """One record of a manifest: its data, or the row-level error that prevented reading it.
+
+    ``line`` is 1-based: the line for JSONL/CSV, the line where the element starts for a JSON list, the row
+    number for Parquet.
+    """
+
+    source: str
+    line: int
+    data: dict[str, Any] | None
+    error: str | None = None
+
+
+def open_binary(path: str | Path) -> IO[bytes]:
+    """Open a file for binary reading; ``-`` is standard input. Raises InputError naming the file."""
+    if str(path) == "-":
+        return sys.stdin.buffer
+    p = Path(path)
+    try:
+        if p.is_dir():
+            raise InputError(f"{p}: is a directory, expected a file")
+        return p.open("rb")
+    except FileNotFoundError:
+        raise InputError(f"{p}: no such file") from None
+    except PermissionError:
+        raise InputError(f"{p}: permission denied") from None
+    except OSError as exc:
+        raise InputError(f"{p}: cannot open: {exc.strerror or exc}") from None
+
+
+def detect_format(path: str | Path, head: bytes = b"") -> Format:
+    """Choose a manifest format from the extension, or from the first bytes (``head``) for stdin/unknown."""
+    suffixes = [s.lower() for s in Path(str(path)).suffixes]
+    ext = suffixes[-1] if suffixes else ""
+    if ext in (".jsonl", ".ndjson"):
+        return "jsonl"
+    if ext in (".csv", ".tsv"):
+        return "csv"
+    if ext in (".parquet", ".pq"):
+        return "parquet"
+    stripped = head.lstrip(b"\xef\xbb\xbf \t\r\n")
+    if head.startswith(b"PAR1"):
+        return "parquet"
+    if stripped.startswith(b"["):
+        return "json"
+    if stripped.startswith(b"{"):
+        return "jsonl"
+    if ext == ".json":
+        return "json"
+    if (str(path) == "-" or not ext) and stripped:
+        return "csv"
+    raise InputError(
+        f"{path}: cannot tell the manifest format from the name or content",
+        hint="pass --format " + "|".join(FORMATS),
+    )
+
+
+def iter_records(path: str | Path, fmt: str | None = None) -> Iterator[RawRecord]:
+    """Yield every record of a manifest, in file order."""
+    if fmt is not None and fmt not in FORMATS:
+        raise UsageError(f"unknown format '{fmt}'", hint="choose one of " + ", ".join(FORMATS))
+    name = "<stdin>" if str(path) == "-" else str(path)
+    fh = open_binary(path)
+    try:
+        stream = io.BufferedReader(fh, _CHUNK) if not isinstance(fh, io.BufferedReader) else fh  # type: ignore[arg-type]
+        head = stream.peek(64)[:64]
+        chosen = fmt or detect_format(path, head)
+        if chosen == "jsonl":
+            yield from _iter_jsonl(stream, name)
+        elif chosen == "json":
+            for line, value, error in iter_json_array(stream, name):
+                if error is not None:
+                    yield RawRecord(name, line, None, error)
+                elif not isinstance(value, dict):
+                    yield RawRecord(name, line, None, f"expected a JSON object, got {_typename(value)}")
+                else:
+                    yield RawRecord(name, line, value)
+        elif chosen == "csv":
+            yield from _iter_csv(stream, name)
+        else:
+            yield from _iter_parquet(stream, name)
+    finally:
+        if fh is not sys.stdin.buffer:
+            fh.close()
+
+
+def _typename(value: Any) -> str:
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}.get(
+        type(value), "a number"
+    )
+
+
+def _iter_jsonl(stream: IO[bytes], name: str) -> Iterator[RawRecord]:
+    loads = json.loads
+    for lineno, raw in enumerate(stream, 1):
+        if not raw.strip():
+            continue
+        if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
+            raw = raw[3:]
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            yield RawRecord(name, lineno, None, f"not valid UTF-8 (byte {exc.start})")
+            continue
+        try:
+            value = loads(text)
+        except json.JSONDecodeError as exc:
+            yield RawRecord(name, lineno, None, f"invalid JSON: {exc.msg} at column {exc.colno}")
+            continue
+        if not isinstance(value, dict):
+            yield RawRecord(name, lineno, None, f"expected a JSON object, got {_typename(value)}")
+            continue
+        yield RawRecord(name, lineno, value)
+
+
+def iter_json_array(stream: IO[bytes], name: str) -> Iterator[tuple[int, Any, str | None]]:
+    """Parse a JSON array one element at a time: yields ``(line, value, error)``.
+
+    Memory holds one chunk plus one element. A malformed element is a file-level error (the rest of the
+    document cannot be trusted), raised as InputError with the line.
+    """
+    decoder = json.JSONDecoder()
+    raw_decode = decoder.raw_decode
+    buf = ""
+    pos = 0
+    line = 1  # line number at buf[pos]
+    eof = False
+    decode = _incremental_utf8(stream, name)
+
+    def fill() -> bool:
+        nonlocal buf, pos, eof
+        if eof:
+            return False
+        chunk = next(decode, None)
+        if chunk is None:
+            eof = True
+            return False
+        buf = buf[pos:] + chunk
+        pos = 0
+        return True
+
+    def skip_ws() -> None:
+        nonlocal pos, line
+        while True:
+            n = len(buf)
+            while pos < n and buf[pos] in " \t\r\n\ufeff":
+                if buf[pos] == "\n":
+                    line += 1
+                pos += 1
+            if pos < n or not fill():
+                return
+
+    skip_ws()
+    if pos >= len(buf):
+        raise InputError(f"{name}: empty file, expected a JSON list")
+    if buf[pos] != "[":
+        raise InputError(f"{name}:{line}: expected a JSON list of records (a file starting with '[')",
+                         hint="for one JSON object per line use a .jsonl file or --format jsonl")
+    pos += 1
+    first = True
+    while True:
+        skip_ws()
+        if pos >= len(buf):
+            raise InputError(f"{name}:{line}: unexpected end of file inside the JSON list")
+        if buf[pos] == "]":
+            return
+        if not first:
+            if buf[pos] != ",":
+                raise InputError(f"{name}:{line}: expected ',' or ']' between list elements")
+            pos += 1
+            skip_ws()
+        first = False
+        start_line = line
+        while True:
+            try:
+                value, end = raw_decode(buf, pos)
+            except json.JSONDecodeError as exc:
+                # Maybe the element continues in the next chunk.
+                if fill():
+                    continue
+                raise InputError(
+                    f"{name}:{start_line + buf.count(chr(10), pos, exc.pos)}: invalid JSON: {exc.msg}"
+                ) from None
+            # A number at the very end of the buffer might continue in the next chunk.
+            if end >= len(buf) and not eof and not isinstance(value, (dict, list, str)) and fill():
+                continue
+            break
+        line += buf.count("\n", pos, end)
+        pos = end
+        yield start_line, value, None
+        if pos > _CHUNK:
+            buf = buf[pos:]
+            pos = 0
+
+
+def _incremental_utf8(stream: IO[bytes], name: str) -> Iterator[str]:
+    import codecs
+
+    dec = codecs.getincrementaldecoder("utf-8")()
+    offset = 0
+    while True:
+        chunk = stream.read(_CHUNK)
+        try:
+            text = dec.decode(chunk, final=not chunk)
+        except UnicodeDecodeError as exc:
+            raise InputError(f"{name}: not valid UTF-8 at byte {offset + exc.start}") from None
+        offset += len(chunk)
+        if text:
+            yield text
+        if not chunk:
+            return
+
+
+def _iter_csv(stream: IO[bytes], name: str) -> Iterator[RawRecord]:
+    text = io.TextIOWrapper(stream, encoding="utf-8-sig", errors="strict", newline="")
+    delimiter = "\t" if name.lower().endswith(".tsv") else ","
+    reader = csv.reader(text, delimiter=delimiter)
+    try:
+        header = next(reader)
+    except StopIteration:
+        raise InputError(f"{name}: empty CSV file, expected a header row") from None
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{name}:1: not valid UTF-8 (byte {exc.start})") from None
+    header = [h.strip() for h in header]
+    if not any(header) or len(set(header)) != len(header):
+        raise InputError(f"{name}:1: the header row must name every column once, got {header}")
+    while True:
+        start = reader.line_num + 1
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except UnicodeDecodeError as exc:
+            raise InputError(f"{name}:{start}: not valid UTF-8 (byte {exc.start})") from None
+        except csv.Error as exc:
+            yield RawRecord(name, start, None, f"malformed CSV: {exc}")
+            continue
+        if not row or all(not c.strip() for c in row):
+            continue
+        if len(row) != len(header):
+            yield RawRecord(name, start, None, f"expected {len(header)} fields, got {len(row)}")
+            continue
+        yield RawRecord(name, start, dict(zip(header, row, strict=True)))
+
+
+def _iter_parquet(stream: IO[bytes], name: str) -> Iterator[RawRecord]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    source: Any = stream
+    if not (hasattr(stream, "seekable") and stream.seekable()):
+        source = io.BytesIO(stream.read())  # Parquet needs random access (footer first)
+    try:
+        pf = pq.ParquetFile(source)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise InputError(f"{name}: not a readable Parquet file: {exc}") from None
+    row = 0
+    for batch in pf.iter_batches(batch_size=1024):
+        for rec in batch.to_pylist():
+            row += 1
+            yield RawRecord(name, row, rec)
+
+
+# -- mapping records onto Sample ---------------------------------------------------------------------------
+
+_ID_CANDIDATES = ("id", "sample_id", "uid", "key")
+_IMAGE_CANDIDATES = ("images", "image", "image_path", "image_paths", "file_name", "filename", "path")
+_TEXT_CANDIDATES = ("text", "caption", "captions", "conversations", "messages", "prompt")
+_TAG_CANDIDATES = ("tags", "labels", "union_label_id", "tag_ids")
+
+
+@dataclass(frozen=True, slots=True)
+class ColumnMap:
+    """Which manifest fields hold the id, images, text and tags (None = find by the usual names)."""
+
+    id: str | None = None
+    images: str | None = None
+    text: str | None = None
+    tags: str | None = None
+
+    def resolve(self, keys: Sequence[str]) -> ColumnMap:
+        """Fill unset fields from the first record's keys using the usual names."""
+
+        def pick(current: str | None, candidates: Sequence[str]) -> str | None:
+            if current is not None:
+                return current
+            return next((c for c in candidates if c in keys), None)
+
+        return ColumnMap(
+            id=pick(self.id, _ID_CANDIDATES),
+            images=pick(self.images, _IMAGE_CANDIDATES),
+            text=pick(self.text, _TEXT_CANDIDATES),
+            tags=pick(self.tags, _TAG_CANDIDATES),
+        )
+
+
+def _as_list(value: Any, *, csv_cell: bool) -> list[Any] | None:
+    """A list field: a JSON list, or (CSV cells only) a JSON list in a string or a ``|``-separated string."""
+    if isinstance(value, list):
+        return value
+    if csv_cell and isinstance(value, str):
+        s = value.strip()
+        if not s:
+            return []
+        if s.startswith("["):
+            try:
+                parsed = json.loads(s)
+            except json.JSONDecodeError:
+                return None
+            return parsed if isinstance(parsed, list) else None
+        return [p.strip() for p in s.split("|") if p.strip()]
+    return None
+
+
+def _image_ref(value: Any) -> str | None:
+    if isinstance(value, str) and value.strip():
+        return value
+    if isinstance(value, dict):  # Hugging Face Image storage {"bytes":..., "path":...}
+        path = value.get("path")
+        if isinstance(path, str) and path:
+            return path
+    return None
+
+
+def to_sample(rec: RawRecord, cmap: ColumnMap, *, csv_cells: bool = False) -> Sample | Rejected:
+    """Map one record onto a :class:`Sample`, or a manifest-stage :class:`Rejected` with the reason."""
+    if rec.data is None:
+        reason = "not_utf8" if rec.error and "UTF-8" in rec.error else "bad_record"
+        if rec.error and rec.error.startswith("invalid JSON"):
+            reason = "invalid_json"
+        return Rejected(rec.line, None, "manifest", reason, f"{rec.source}:{rec.line}: {rec.error}")
+    data = rec.data
+    loc = f"{rec.source}:{rec.line}"
+
+    raw_id = data.get(cmap.id) if cmap.id else None
+    if raw_id is None or (isinstance(raw_id, str) and not raw_id.strip()):
+        sid = f"L{rec.line}"
+    elif isinstance(raw_id, (str, int)) and not isinstance(raw_id, bool):
+        sid = str(raw_id)
+    else:
+        return Rejected(rec.line, None, "manifest", "bad_type", f"{loc}: id must be a string or integer")
+
+    images: tuple[str, ...] = ()
+    if cmap.images is not None:
+        if cmap.images not in data:
+            return Rejected(rec.line, sid, "manifest", "missing_column", f"{loc}: no '{cmap.images}' field")
+        raw = data[cmap.images]
+        if raw is None:
+            images = ()
+        elif isinstance(raw, (str, dict)) and not (csv_cells and isinstance(raw, str) and raw.strip()[:1] == "["):
+            ref = _image_ref(raw)
+            if ref is None:
+                return Rejected(rec.line, sid, "manifest", "bad_type", f"{loc}: '{cmap.images}' is empty")
+            images = (ref,)
+        else:
+            items = _as_list(raw, csv_cell=csv_cells)
+            if items is None:
+                return Rejected(
+                    rec.line, sid, "manifest", "bad_type",
+                    f"{loc}: '{cmap.images}' must be a path or a list of paths, got {_typename(raw)}",
+                )
+            refs = [_image_ref(v) for v in items]
+            if any(r is None for r in refs):
+                return Rejected(
+                    rec.line, sid, "manifest", "bad_type",
+                    f"{loc}: '{cmap.images}' holds a value that is not a path: {items!r:.80}",
+                )
+            images = tuple(r for r in refs if r is not None)
+
+    text: Any = None
+    if cmap.text is not None:
+        text = data.get(cmap.text)
+        if csv_cells and isinstance(text, str) and text.strip().startswith("[") and cmap.text != "text":
+            parsed = _as_list(text, csv_cell=True)
+            text = parsed if parsed is not None else text
+
+    tags: tuple[str | int, ...] = ()
+    if cmap.tags is not None and data.get(cmap.tags) is not None:
+        raw_tags = data[cmap.tags]
+        items = _as_list(raw_tags, csv_cell=csv_cells)
+        if items is None:
+            return Rejected(
+                rec.line, sid, "manifest", "bad_type",
+                f"{loc}: '{cmap.tags}' must be a list of tag names or ids, got {_typename(raw_tags)}",
+            )
+        clean: list[str | int] = []
+        for t in items:
+            if isinstance(t, bool) or not isinstance(t, (str, int)):
+                return Rejected(
+                    rec.line, sid, "manifest", "bad_type", f"{loc}: tag {t!r:.40} is not a name or an id"
+                )
+            if csv_cells and isinstance(t, str) and t.strip().isdigit():
+                t = int(t)
+            clean.append(t)
+        tags = tuple(clean)
+
+    return Sample(id=sid, images=images, text=text, tags=tags, line=rec.line, source=rec.source)
+
+
+def iter_samples(
+    path: str | Path,
+    cmap: ColumnMap | None = None,
+    *,
+    fmt: str | None = None,
+) -> Iterator[Sample | Rejected]:
+    """Read a manifest and map each record to a Sample or a manifest-stage Rejected.
+
+    The column map is resolved against the first readable record; an explicitly named column that the first
+    record lacks is a file-level error (exit 2), since every row would be rejected.
+    """
+    cmap = cmap or ColumnMap()
+    resolved: ColumnMap | None = None
+    name = "<stdin>" if str(path) == "-" else str(path)
+    chosen_csv = (fmt == "csv") or (fmt is None and str(path).lower().endswith((".csv", ".tsv")))
+    for rec in iter_records(path, fmt):
+        if rec.data is not None and resolved is None:
+            resolved = cmap.resolve(list(rec.data))
+            for field_name in ("id", "images", "text", "tags"):
+                explicit = getattr(cmap, field_name)
+                if explicit is not None and explicit not in rec.data:
+                    raise InputError(
+                        f"{name}:{rec.line}: column '{explicit}' (--{field_name.rstrip('s')}-column) not found",
+                        hint="columns present: " + ", ".join(sorted(rec.data)),
+                    )
+        yield to_sample(rec, resolved or cmap, csv_cells=chosen_csv)

@@ -1,0 +1,190 @@
+"""The only code that prints.
+
+Human output (rich tables, logs, hints) and progress bars go to **stderr**; the machine report (``--json``) goes
+to **stdout** and nothing else does. Progress bars are shown only when stderr is a terminal and not ``--quiet``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import json
+import math
+import os
+import sys
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TextIO
+
+__all__ = ["Output", "Progress", "to_jsonable"]
+
+
+def to_jsonable(obj: Any) -> Any:
+    """Convert dataclasses, paths, enums, numpy scalars/arrays, sets and tuples into JSON-ready values."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        if hasattr(obj, "to_dict"):
+            return to_jsonable(obj.to_dict())
+        return {f.name: to_jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, dict):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, set, frozenset)):
+        items = sorted(obj, key=repr) if isinstance(obj, (set, frozenset)) else obj
+        return [to_jsonable(v) for v in items]
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, enum.Enum):
+        return obj.value
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if hasattr(obj, "tolist") and callable(obj.tolist):  # numpy scalars and arrays
+        return to_jsonable(obj.tolist())
+    return obj
+
+
+class Progress:
+    """A progress bar on stderr (tqdm) that is a no-op when hidden."""
+
+    def __init__(self, bar: Any | None) -> None:
+        self._bar = bar
+
+    def update(self, n: int = 1) -> None:
+        if self._bar is not None:
+            self._bar.update(n)
+
+    def set_postfix(self, **values: Any) -> None:
+        if self._bar is not None:
+            self._bar.set_postfix(values, refresh=False)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+class Output:
+    """Owns stdout and stderr for one command run.
+
+    Args:
+        json_mode: emit the report as JSON on stdout (and no tables).
+        quiet: only errors and warnings on stderr; no progress bars.
+        verbose: extra detail (debug lines) on stderr.
+        stdout: stream for data (default ``sys.stdout``).
+        stderr: stream for humans (default ``sys.stderr``).
+    """
+
+    def __init__(
+        self,
+        *,
+        json_mode: bool = False,
+        quiet: bool = False,
+        verbose: bool = False,
+        stdout: TextIO | None = None,
+        stderr: TextIO | None = None,
+    ) -> None:
+        self.json_mode = json_mode
+        self.quiet = quiet
+        self.verbose = verbose
+        self._stdout = stdout
+        self._stderr = stderr
+        self._console: Any | None = None
+
+    @property
+    def stdout(self) -> TextIO:
+        return self._stdout if self._stdout is not None else sys.stdout
+
+    @property
+    def stderr(self) -> TextIO:
+        return self._stderr if self._stderr is not None else sys.stderr
+
+    @property
+    def console(self) -> Any:
+        """A rich console bound to stderr (created lazily)."""
+        if self._console is None:
+            from rich.console import Console
+
+            self._console = Console(file=self.stderr, highlight=False, soft_wrap=True)
+        return self._console
+
+    # -- logs -------------------------------------------------------------------------------------------
+    def info(self, message: str) -> None:
+        if not self.quiet:
+            self.console.print(message, markup=False)
+
+    def debug(self, message: str) -> None:
+        if self.verbose:
+            self.console.print(f"[dim]{_escape(message)}[/dim]")
+
+    def warn(self, message: str) -> None:
+        self.console.print(f"[yellow]warning:[/yellow] {_escape(message)}")
+
+    def error(self, message: str, hint: str | None = None) -> None:
+        self.console.print(f"[bold red]error:[/bold red] {_escape(message)}")
+        if hint:
+            self.console.print(f"[dim]hint:[/dim] {_escape(hint)}")
+
+    # -- reports ----------------------------------------------------------------------------------------
+    def emit_json(self, report: Any) -> None:
+        """Write the report as one JSON document on stdout."""
+        json.dump(to_jsonable(report), self.stdout, indent=2, ensure_ascii=False, allow_nan=False)
+        self.stdout.write("\n")
+        self.stdout.flush()
+
+    def table(
+        self,
+        title: str,
+        columns: Sequence[str],
+        rows: Iterable[Sequence[Any]],
+        *,
+        caption: str | None = None,
+    ) -> None:
+        """Render a table on stderr (skipped with --json or --quiet)."""
+        if self.json_mode or self.quiet:
+            return
+        from rich.table import Table
+
+        table = Table(title=title, caption=caption, title_justify="left")
+        for i, col in enumerate(columns):
+            table.add_column(col, justify="left" if i == 0 else "right")
+        for row in rows:
+            table.add_row(*(_fmt(v) for v in row))
+        self.console.print(table)
+
+    def show_progress(self) -> bool:
+        if self.quiet or os.environ.get("MMPREP_NO_PROGRESS"):
+            return False
+        try:
+            return self.stderr.isatty()
+        except (AttributeError, ValueError):
+            return False
+
+    @contextmanager
+    def progress(self, total: int | None, desc: str, unit: str = "it") -> Iterator[Progress]:
+        """A progress bar on stderr, shown only when stderr is a terminal."""
+        bar = None
+        if self.show_progress():
+            from tqdm import tqdm
+
+            bar = tqdm(total=total, desc=desc, unit=unit, file=self.stderr, dynamic_ncols=True, leave=False)
+        prog = Progress(bar)
+        try:
+            yield prog
+        finally:
+            prog.close()
+
+
+def _escape(text: str) -> str:
+    from rich.markup import escape
+
+    return escape(text)
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        if value != value:  # NaN
+            return "-"
+        return f"{value:,.4g}" if abs(value) < 1e4 else f"{value:,.0f}"
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f"{value:,}"
+    return str(value)

@@ -1,0 +1,52 @@
+"""Records that flow through every command: a manifest row as a :class:`Sample`, or a :class:`Rejected` row."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["Rejected", "Sample"]
+
+
+@dataclass(frozen=True, slots=True)
+class Sample:
+    """One manifest row, mapped onto mmprep's fields.
+
+    Attributes:
+        id: the sample id (from the id column, else ``"L<line>"``).
+        images: image references as written in the manifest (paths, relative to the image root).
+        text: a plain string, a list of captions, or a conversation (list of dicts); None when absent.
+        tags: tag names or integer ids as written.
+        line: 1-based position in the input: the line for JSONL/CSV, the record number for JSON/Parquet.
+        source: the manifest file name (for messages).
+    """
+
+    id: str
+    images: tuple[str, ...] = ()
+    text: Any = None
+    tags: tuple[str | int, ...] = ()
+    line: int = 0
+    source: str = ""
+    extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    """An input row that did not make it into the output, and why.
+
+    Attributes:
+        line: 1-based input position (as :attr:`Sample.line`).
+        id: the sample id when known.
+        stage: where it failed: ``manifest``, ``image``, ``text``, ``labels`` or ``write``.
+        reason: a short machine-readable code (e.g. ``image_missing``, ``invalid_json``); counts group by it.
+        detail: a human sentence naming the file or value.
+    """
+
+    line: int
+    id: str | None
+    stage: str
+    reason: str
+    detail: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"line": self.line, "id": self.id, "stage": self.stage, "reason": self.reason, "detail": self.detail}
