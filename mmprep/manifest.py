@@ -255,6 +255,13 @@ def _incremental_utf8(stream: IO[bytes], name: str) -> Iterator[str]:
 
 def _iter_csv(stream: IO[bytes], name: str) -> Iterator[RawRecord]:
     text = io.TextIOWrapper(stream, encoding="utf-8-sig", errors="strict", newline="")
+    try:
+        yield from _csv_rows(text, name)
+    finally:
+        text.detach()  # the caller owns (and closes) the underlying stream
+
+
+def _csv_rows(text: IO[str], name: str) -> Iterator[RawRecord]:
     delimiter = "\t" if name.lower().endswith(".tsv") else ","
     reader = csv.reader(text, delimiter=delimiter)
     try:
@@ -313,7 +320,11 @@ _TAG_CANDIDATES = ("tags", "labels", "union_label_id", "tag_ids")
 
 @dataclass(frozen=True, slots=True)
 class ColumnMap:
-    """Which manifest fields hold the id, images, text and tags (None = find by the usual names)."""
+    """Which manifest fields hold the id, images, text and tags.
+
+    A field left as None is looked up in each record under the usual names (``images``, ``image``, ...; see
+    the ``_*_CANDIDATES`` tuples), so manifests whose rows differ in naming still map.
+    """
 
     id: str | None = None
     images: str | None = None
@@ -321,7 +332,7 @@ class ColumnMap:
     tags: str | None = None
 
     def resolve(self, keys: Sequence[str]) -> ColumnMap:
-        """Fill unset fields from the first record's keys using the usual names."""
+        """Fill unset fields from a record's keys using the usual names."""
 
         def pick(current: str | None, candidates: Sequence[str]) -> str | None:
             if current is not None:
@@ -373,6 +384,7 @@ def to_sample(rec: RawRecord, cmap: ColumnMap, *, csv_cells: bool = False) -> Sa
         return Rejected(rec.line, None, "manifest", reason, f"{rec.source}:{rec.line}: {rec.error}")
     data = rec.data
     loc = f"{rec.source}:{rec.line}"
+    cmap = cmap.resolve(list(data))
 
     raw_id = data.get(cmap.id) if cmap.id else None
     if raw_id is None or (isinstance(raw_id, str) and not raw_id.strip()):
@@ -451,12 +463,12 @@ def iter_samples(
     record lacks is a file-level error (exit 2), since every row would be rejected.
     """
     cmap = cmap or ColumnMap()
-    resolved: ColumnMap | None = None
+    checked = False
     name = "<stdin>" if str(path) == "-" else str(path)
     chosen_csv = (fmt == "csv") or (fmt is None and str(path).lower().endswith((".csv", ".tsv")))
     for rec in iter_records(path, fmt):
-        if rec.data is not None and resolved is None:
-            resolved = cmap.resolve(list(rec.data))
+        if rec.data is not None and not checked:
+            checked = True
             for field_name in ("id", "images", "text", "tags"):
                 explicit = getattr(cmap, field_name)
                 if explicit is not None and explicit not in rec.data:
@@ -464,4 +476,4 @@ def iter_samples(
                         f"{name}:{rec.line}: column '{explicit}' (--{field_name.rstrip('s')}-column) not found",
                         hint="columns present: " + ", ".join(sorted(rec.data)),
                     )
-        yield to_sample(rec, resolved or cmap, csv_cells=chosen_csv)
+        yield to_sample(rec, cmap, csv_cells=chosen_csv)
