@@ -14,7 +14,9 @@ Rows per (tokenizer, corpus):
   writing), for information.
 
 tokens/s counts the same tokens for every row (the corpus's untruncated token count with special tokens), so
-ratios are time ratios. Each figure is the median of ``--repeats`` timed runs after one warm-up run.
+ratios are time ratios. Every method is timed once per round (order rotated each round, after one warm-up call
+each), for ``--repeats`` rounds: times are medians over rounds, ratios are medians of the per-round ratios, which
+keeps them meaningful on a machine shared with other work.
 
 Corpora come from ``../shared/realdata`` when present (real COCO captions and LLaVA-Instruct conversations),
 else from the copies in ``tests/data/text``.
@@ -62,14 +64,21 @@ def _corpora(rows: int) -> dict[str, list[Any]]:
     return {"coco captions": repeat(captions, rows), "llava conversations": repeat(convs, max(rows // 8, 64))}
 
 
-def _median_time(fn: Callable[[], object], repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+def _interleaved(methods: dict[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:
+    """Time every method once per round, rotating the order each round, after one warm-up call each.
+
+    Interleaving spreads load from other processes on a shared machine over all methods alike.
+    """
+    for fn in methods.values():
+        fn()  # warm-up
+    names = list(methods)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for rnd in range(repeats):
+        for name in names[rnd % len(names) :] + names[: rnd % len(names)]:
+            t0 = time.perf_counter()
+            methods[name]()
+            times[name].append(time.perf_counter() - t0)
+    return times
 
 
 def _bench_one(
@@ -107,12 +116,6 @@ def _bench_one(
             chunk = items[i : i + BATCH]
             enc.encode_batch([enc.render(t, sample_id=s) for t, s in zip(chunk, ids[i : i + BATCH], strict=True)])
 
-    results = [
-        ("raw transformers", _median_time(raw, repeats)),
-        ("bare tokenizers encode_batch", _median_time(bare_call, repeats)),
-        ("bare tokenizers encode_batch_fast", _median_time(bare_fast, repeats)),
-        ("mmprep render+encode", _median_time(mmprep_path, repeats)),
-    ]
     with tempfile.TemporaryDirectory() as tmp:
         from mmprep.text_tokenize import tokenize_manifest
 
@@ -121,9 +124,19 @@ def _bench_one(
             for sid, t in zip(ids, items, strict=True):
                 fh.write(json.dumps({"id": sid, "text": t}) + "\n")
         out = Path(tmp) / "o.parquet"
-        end_to_end = _median_time(lambda: tokenize_manifest(str(manifest), tok_dir, out, cfg, encoder=enc), repeats)
-        results.append(("mmprep tokenize (end to end)", end_to_end))
-    raw_t, bare_t = results[0][1], results[1][1]
+        times = _interleaved(
+            {
+                "raw transformers": raw,
+                "bare tokenizers encode_batch": bare_call,
+                "bare tokenizers encode_batch_fast": bare_fast,
+                "mmprep render+encode": mmprep_path,
+                "mmprep tokenize (end to end)": lambda: tokenize_manifest(
+                    str(manifest), tok_dir, out, cfg, encoder=enc
+                ),
+            },
+            repeats,
+        )
+    raw_t, bare_t = times["raw transformers"], times["bare tokenizers encode_batch"]
     return [
         {
             "tokenizer": tok_name,
@@ -131,12 +144,13 @@ def _bench_one(
             "rows": len(items),
             "tokens": n_tokens,
             "method": name,
-            "median_s": t,
-            "tokens_per_s": n_tokens / t,
-            "vs_raw": raw_t / t,
-            "vs_bare": bare_t / t,
+            "median_s": statistics.median(ts),
+            "tokens_per_s": n_tokens / statistics.median(ts),
+            # Ratios are medians of per-round ratios (each round times every method back to back).
+            "vs_raw": statistics.median(r / t for r, t in zip(raw_t, ts, strict=True)),
+            "vs_bare": statistics.median(b / t for b, t in zip(bare_t, ts, strict=True)),
         }
-        for name, t in results
+        for name, ts in times.items()
     ]
 
 
@@ -151,7 +165,11 @@ def main(argv: list[str] | None = None) -> int:
     repeats = max(3, args.repeats or (3 if args.quick else 5))
     cmd = shlex.join([sys.executable, *sys.argv]) if argv is None else shlex.join(["bench_tokenize.py", *argv])
     print(f"command: {cmd}")
-    print(f"machine: {os.cpu_count()} CPUs, python {sys.version.split()[0]}; medians of {repeats} runs after a warm-up")
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(
+        f"machine: {os.cpu_count()} CPUs, load average {load:.1f} at start, python {sys.version.split()[0]}; "
+        f"medians of {repeats} interleaved rounds after a warm-up"
+    )
 
     tokenizers = [
         ("CLIP ViT-L/14 BPE", ROOT / "sample_data" / "tokenizers" / "clip", 77),
