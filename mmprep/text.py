@@ -14,7 +14,7 @@ Text shapes (what :meth:`TextEncoder.render` accepts):
   Roles ``human`` and ``gpt`` become ``user`` and ``assistant``. The conversation is rendered with the tokenizer's
   chat template (``add_generation_prompt=False``) when it has one; a leading BOS written by the template is dropped
   when the tokenizer adds its own special tokens, so it appears once. Without a chat template the plain layout is
-  one line per turn, ``"<role>: <content>"``, joined with ``"\\n"``.
+  one line per turn, ``"<role>: <content>"``, joined with ``"\\n"``. Chat templates need ``jinja2``.
 
 Image placeholders: with ``check_placeholders`` on and an image count given, a conversation must hold exactly one
 placeholder per image; a plain string or caption is checked only when it holds at least one placeholder (a caption
@@ -483,6 +483,7 @@ class TextEncoder:
         Raises:
             TextError: ``text_missing``, ``text_empty``, ``text_bad_type``, ``placeholder_mismatch`` or
                 ``chat_template_error``.
+            UsageError: a conversation needs the chat template and ``jinja2`` is not installed.
         """
         cfg = self.cfg
         ph = cfg.image_placeholder
@@ -531,6 +532,14 @@ class TextEncoder:
     def _render_turns(self, turns: list[tuple[str, str]]) -> str:
         if not self.has_chat_template:
             return "\n".join(f"{role}: {content}" for role, content in turns)
+        try:
+            import jinja2  # noqa: F401  (transformers renders chat templates with it but does not require it)
+        except ImportError:
+            raise UsageError(
+                f"rendering conversations with the chat template of {self.tokenizer_dir} needs the 'jinja2' "
+                "package, which is not installed",
+                hint="install it with: pip install jinja2",
+            ) from None
         hf = self._hf_tokenizer()
         messages = [{"role": role, "content": content} for role, content in turns]
         try:

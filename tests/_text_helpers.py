@@ -1,8 +1,9 @@
 """Tokenizer directories and data paths shared by the text-stage tests.
 
-Two tokenizers are built here with the real ``tokenizers`` library (a byte-level BPE trained on real COCO captions
-from tests/data/text): a GPT-2-style one without a pad token, and a Llama-style one whose post-processor adds a
-BOS token and whose ``tokenizer_config.json`` carries a chat template.
+Three tokenizers are built here with the real ``tokenizers`` library, trained on real COCO captions from
+tests/data/text: two byte-level BPEs (a GPT-2-style one without a pad token, and a Llama-style one whose
+post-processor adds a BOS token and whose ``tokenizer_config.json`` carries a chat template), and a SentencePiece
+Unigram model (Metaspace pre-tokenizer, a T5-style ``</s>`` suffix).
 """
 
 from __future__ import annotations
@@ -62,5 +63,31 @@ def build_bytelevel_bpe(directory: Path, *, llama_style: bool = False) -> Path:
             "unk_token": "<|endoftext|>",
         }
     tok.save(str(directory / "tokenizer.json"))
+    (directory / "tokenizer_config.json").write_text(json.dumps(cfg))
+    return directory
+
+
+def build_unigram(directory: Path) -> Path:
+    """Train a small SentencePiece-style Unigram tokenizer (T5 layout: ``$A </s>``, pad ``<pad>``) on real captions."""
+    from tokenizers import processors
+    from tokenizers.implementations import SentencePieceUnigramTokenizer
+
+    directory.mkdir(parents=True, exist_ok=True)
+    tok = SentencePieceUnigramTokenizer()
+    tok.train_from_iterator(
+        coco_captions(), vocab_size=300, show_progress=False, special_tokens=["<pad>", "</s>", "<unk>"],
+        unk_token="<unk>",
+    )
+    tok.post_processor = processors.TemplateProcessing(
+        single="$A </s>", special_tokens=[("</s>", tok.token_to_id("</s>"))]
+    )
+    tok.save(str(directory / "tokenizer.json"))
+    cfg = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "pad_token": "<pad>",
+        "eos_token": "</s>",
+        "unk_token": "<unk>",
+        "model_max_length": 512,
+    }
     (directory / "tokenizer_config.json").write_text(json.dumps(cfg))
     return directory

@@ -226,3 +226,18 @@ def test_all_rows_rejected_exits_1_with_a_hint(tmp_path: Path) -> None:
     assert result.exit_code == EXIT_FAILED
     assert "no row could be tokenised" in result.stderr and "--text-column" in result.stderr
     assert pq.read_table(out).num_rows == 0 and len(_rejects(out)) == 3
+
+
+def test_config_file_supplies_defaults(tmp_path: Path) -> None:
+    cfg = tmp_path / "mmprep.toml"
+    cfg.write_text(
+        f'[tokenize]\ntokenizer = "{MINILM_DIR.as_posix()}"\nmax-length = 40\ncaption = "all"\n'
+        'caption-separator = " / "\nformat = "jsonl"\n'
+    )
+    out = tmp_path / "o.parquet"
+    manifest = TEXT_DATA / "coco_caption_lists.jsonl"
+    result = runner.invoke(app, ["--config", str(cfg), "tokenize", str(manifest), "--out", str(out), "--json"])
+    assert result.exit_code == EXIT_OK, result.stderr
+    report = json.loads(result.stdout)
+    assert report["config"]["max_length"] == 40 and report["config"]["separator"] == " / "
+    assert len(pq.read_table(out).column("input_ids")[0]) == 40

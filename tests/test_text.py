@@ -10,7 +10,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from _text_helpers import CHAT_TEMPLATE, CLIP_DIR, MINILM_DIR, TEXT_DATA, build_bytelevel_bpe, coco_captions
+from _text_helpers import (
+    CHAT_TEMPLATE,
+    CLIP_DIR,
+    MINILM_DIR,
+    TEXT_DATA,
+    build_bytelevel_bpe,
+    build_unigram,
+    coco_captions,
+)
 
 from mmprep.errors import InputError, UsageError
 from mmprep.records import Sample
@@ -32,6 +40,11 @@ BERT_CAT = [101, 1037, 6302, 1997, 1037, 4937, 102]
 @pytest.fixture(scope="module")
 def gpt2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_bytelevel_bpe(tmp_path_factory.mktemp("gpt2"))
+
+
+@pytest.fixture(scope="module")
+def unigram_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_unigram(tmp_path_factory.mktemp("unigram"))
 
 
 @pytest.fixture(scope="module")
@@ -74,17 +87,24 @@ def test_minilm_padding_to_128_in_tokenizer_json_is_ignored() -> None:
     assert batch.n_tokens.tolist() == [7, 3]
 
 
-@pytest.mark.parametrize("tok", ["clip", "minilm", "gpt2", "llama"])
+@pytest.mark.parametrize("tok", ["clip", "minilm", "gpt2", "llama", "unigram"])
 @pytest.mark.parametrize("padding_side", ["right", "left"])
 @pytest.mark.parametrize("truncation_side", ["right", "left"])
 @pytest.mark.parametrize("special", [True, False])
 def test_same_ids_as_transformers(
-    tok: str, padding_side: str, truncation_side: str, special: bool, gpt2_dir: Path, llama_dir: Path
+    tok: str,
+    padding_side: str,
+    truncation_side: str,
+    special: bool,
+    gpt2_dir: Path,
+    llama_dir: Path,
+    unigram_dir: Path,
 ) -> None:
     """Differential check against `tokenizer(texts, padding="max_length", truncation=True, max_length=L)`."""
     from transformers import AutoTokenizer
 
-    directory = {"clip": CLIP_DIR, "minilm": MINILM_DIR, "gpt2": gpt2_dir, "llama": llama_dir}[tok]
+    dirs = {"clip": CLIP_DIR, "minilm": MINILM_DIR, "gpt2": gpt2_dir, "llama": llama_dir, "unigram": unigram_dir}
+    directory = dirs[tok]
     texts = _real_texts()
     hf = AutoTokenizer.from_pretrained(str(directory), padding_side=padding_side, truncation_side=truncation_side)
     if hf.pad_token is None:
@@ -101,6 +121,15 @@ def test_same_ids_as_transformers(
         assert batch.attention_mask.tolist() == ref["attention_mask"]
         assert batch.n_tokens.tolist() == [len(ids) for ids in full]
         assert batch.truncated.tolist() == [len(ids) > length for ids in full]
+
+
+def test_sentencepiece_unigram_suffix_only_layout(unigram_dir: Path) -> None:
+    enc = TextEncoder(unigram_dir, TextConfig(max_length=6, truncation_side="left"))
+    assert (enc.special_prefix, enc.special_suffix, enc.pad_token) == (0, 1, "<pad>")
+    eos = enc._backend.token_to_id("</s>")
+    batch = enc.encode_batch([CAT, "a"])
+    assert batch.input_ids[0, -1] == eos and batch.truncated.tolist() == [True, False]
+    assert batch.input_ids[1].tolist()[-4:] == [enc.pad_token_id] * 4
 
 
 def test_truncation_keeps_special_tokens_and_counts_the_true_length() -> None:
@@ -385,6 +414,15 @@ def test_chat_template_renders_conversations_with_one_bos(llama_dir: Path) -> No
     assert raw_text == "<s>" + text
     assert raw.encode_batch([raw_text]).input_ids[0].tolist() == ids
     assert enc.render("plain caption") == "plain caption"  # plain strings are not templated
+
+
+def test_chat_template_without_jinja2_is_a_usage_error(llama_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    enc = TextEncoder(llama_dir, TextConfig(max_length=32))
+    monkeypatch.setitem(sys.modules, "jinja2", None)
+    with pytest.raises(UsageError, match="jinja2") as info:
+        enc.render([{"role": "user", "content": "hi"}])
+    assert "pip install jinja2" in (info.value.hint or "")
+    assert enc.render("a caption") == "a caption"  # plain text needs no template
 
 
 def test_chat_template_errors_are_text_errors(llama_dir: Path, tmp_path: Path) -> None:

@@ -27,14 +27,14 @@ def tokenize(
     image_column: Annotated[
         str | None, typer.Option("--image-column", metavar="NAME", help="Image column (for placeholder counts).")
     ] = None,
-    fmt: Annotated[
+    format: Annotated[
         str | None, typer.Option("--format", metavar="FMT", help="Manifest format: jsonl|json|csv|parquet.")
     ] = None,
     caption: Annotated[
         str, typer.Option("--caption", metavar="MODE", help="For lists of captions: first|all|random.")
     ] = "first",
     seed: Annotated[int, typer.Option("--seed", help="Seed for --caption random (per-sample, deterministic).")] = 0,
-    separator: Annotated[
+    caption_separator: Annotated[
         str, typer.Option("--caption-separator", metavar="TEXT", help="Joins captions for --caption all.")
     ] = " ",
     padding_side: Annotated[str, typer.Option("--padding-side", metavar="SIDE", help="right|left.")] = "right",
@@ -77,7 +77,7 @@ def tokenize(
             add_special_tokens=not no_special_tokens,
             caption=caption,
             seed=seed,
-            separator=separator,
+            separator=caption_separator,
             pad_token=pad_token,
             image_placeholder=image_placeholder,
             check_placeholders=not no_placeholder_check,
@@ -94,7 +94,7 @@ def tokenize(
         columns = ColumnMap(id=id_column, images=image_column, text=text_column)
         with out_.progress(None, "tokenize", unit="rows") as bar:
             report, hist = tokenize_manifest(
-                manifest, tokenizer, out, cfg, columns=columns, fmt=fmt, batch_size=batch_size,
+                manifest, tokenizer, out, cfg, columns=columns, fmt=format, batch_size=batch_size,
                 progress=bar.update, encoder=encoder,
             )
         if plot is not None:
