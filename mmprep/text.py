@@ -1,0 +1,646 @@
+"""The text stage: render a sample's text into one string and tokenise batches of strings to fixed length.
+
+Text shapes (what :meth:`TextEncoder.render` accepts):
+
+* a plain string;
+* a list of captions (RAM, COCO): ``caption="first"`` takes the first, ``"random"`` one chosen per sample
+  (deterministic: a hash of ``seed`` and the sample id), ``"all"`` joins every caption, each stripped of
+  surrounding whitespace, with ``separator`` (default one space);
+* a conversation: LLaVA ``[{"from": "human"|"gpt"|..., "value": str}]`` or OpenAI-style
+  ``[{"role": ..., "content": ...}]`` whose content is a string or a list of typed parts
+  (``{"type": "text", "text"|"value": str}``, ``{"type": "image"|"image_url", ...}``); a dict holding such a list
+  under ``messages`` or ``conversations`` is unwrapped. Typed image parts become the image placeholder at their
+  position and the parts are concatenated (the LLaMA-Factory convention, so ``<image>`` counts are preserved).
+  Roles ``human`` and ``gpt`` become ``user`` and ``assistant``. The conversation is rendered with the tokenizer's
+  chat template (``add_generation_prompt=False``) when it has one; a leading BOS written by the template is dropped
+  when the tokenizer adds its own special tokens, so it appears once. Without a chat template the plain layout is
+  one line per turn, ``"<role>: <content>"``, joined with ``"\\n"``. Chat templates need ``jinja2``.
+
+Image placeholders: with ``check_placeholders`` on and an image count given, a conversation must hold exactly one
+placeholder per image; a plain string or caption is checked only when it holds at least one placeholder (a caption
+without any is a plain image caption, as in CLIP-style pairs).
+
+Tokenisation (:meth:`TextEncoder.encode_batch`) runs the whole batch through the fast (Rust) tokenizer once without
+truncation, so the true token count is known, then truncates and pads with numpy exactly as
+``tokenizer(texts, padding="max_length", truncation=True, max_length=N)`` does: special tokens are kept and the
+content is cut on the truncation side.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import itertools
+import os
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mmprep.errors import InputError, MissingDependencyError, UsageError
+
+__all__ = [
+    "IMAGE_PART_TYPES",
+    "LengthHistogram",
+    "TextConfig",
+    "TextEncoder",
+    "TextError",
+    "TokenBatch",
+    "count_placeholders",
+    "inline_images",
+    "sample_image_count",
+]
+
+#: Typed content-part types that stand for an image.
+IMAGE_PART_TYPES: frozenset[str] = frozenset({"image", "image_url"})
+_TEXT_PART_TYPES = frozenset({"text"})
+_ROLE_ALIASES = {"human": "user", "gpt": "assistant"}
+_PADDING_SIDES = ("right", "left")
+_CAPTION_MODES = ("first", "all", "random")
+
+
+@dataclass(frozen=True)
+class TextConfig:
+    """How texts are rendered and tokenised.
+
+    Attributes:
+        max_length: every row has exactly this many ids (padded or truncated).
+        padding_side: ``right`` or ``left``: where pad ids go.
+        truncation_side: ``right`` or ``left``: which end of the content is cut (special tokens are kept).
+        add_special_tokens: add the tokenizer's special tokens (``[CLS]``/``[SEP]``, BOS/EOS).
+        caption: for a list of captions: ``first``, ``all`` (joined with ``separator``) or ``random``.
+        seed: seed for ``caption="random"``; the choice is a hash of the seed and the sample id.
+        separator: joins captions for ``caption="all"`` (each caption is stripped first).
+        pad_token: the pad token to use (must exist in the vocabulary); needed or defaulted for tokenizers without
+            one (GPT-2), where the fallback is the EOS token, with a warning.
+        image_placeholder: the image placeholder string (``<image>``).
+        check_placeholders: require one placeholder per image (see the module docs for when this applies).
+    """
+
+    max_length: int = 77
+    padding_side: str = "right"
+    truncation_side: str = "right"
+    add_special_tokens: bool = True
+    caption: str = "first"
+    seed: int = 0
+    separator: str = " "
+    pad_token: str | None = None
+    image_placeholder: str = "<image>"
+    check_placeholders: bool = True
+
+    def validate(self) -> None:
+        """Raise :class:`UsageError` naming the first bad value."""
+        if isinstance(self.max_length, bool) or not isinstance(self.max_length, int) or self.max_length < 1:
+            raise UsageError(f"--max-length must be a positive integer, got {self.max_length!r}")
+        if self.padding_side not in _PADDING_SIDES:
+            raise UsageError(f"--padding-side must be right or left, got {self.padding_side!r}")
+        if self.truncation_side not in _PADDING_SIDES:
+            raise UsageError(f"--truncation-side must be right or left, got {self.truncation_side!r}")
+        if self.caption not in _CAPTION_MODES:
+            raise UsageError(f"--caption must be one of first, all, random, got {self.caption!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise UsageError(f"--seed must be an integer, got {self.seed!r}")
+        if not isinstance(self.separator, str):
+            raise UsageError(f"the caption separator must be a string, got {self.separator!r}")
+        if self.pad_token is not None and (not isinstance(self.pad_token, str) or not self.pad_token):
+            raise UsageError(f"--pad-token must be a non-empty token, got {self.pad_token!r}")
+        if not isinstance(self.image_placeholder, str) or not self.image_placeholder:
+            raise UsageError(f"the image placeholder must be a non-empty string, got {self.image_placeholder!r}")
+
+
+class TextError(Exception):
+    """A per-sample text problem: ``reason`` is a short code, ``detail`` a sentence.
+
+    Reasons: ``text_missing``, ``text_empty``, ``text_bad_type``, ``placeholder_mismatch``, ``chat_template_error``.
+    """
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (TextError, (self.reason, self.detail))
+
+
+@dataclass(frozen=True)
+class TokenBatch:
+    """Fixed-length token ids for a batch of texts.
+
+    Attributes:
+        input_ids: int32 ``[N, max_length]``.
+        attention_mask: uint8 ``[N, max_length]``, 1 on real tokens, 0 on padding.
+        n_tokens: int32 ``[N]``, the true token count before truncation (with special tokens when added).
+        truncated: bool ``[N]``, ``n_tokens > max_length``.
+    """
+
+    input_ids: np.ndarray
+    attention_mask: np.ndarray
+    n_tokens: np.ndarray
+    truncated: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.n_tokens.shape[0])
+
+
+# -- text shapes ------------------------------------------------------------------------------------------
+
+
+def _unwrap(text: object) -> object:
+    if isinstance(text, dict):
+        for key in ("messages", "conversations"):
+            if isinstance(text.get(key), list):
+                return text[key]
+    return text
+
+
+def _typename(value: object) -> str:
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}.get(
+        type(value), type(value).__name__
+    )
+
+
+def _walk_parts(value: object) -> Iterator[dict[str, Any]]:
+    """Every typed content part (a dict with a ``type``) inside a text value."""
+    if isinstance(value, dict):
+        if isinstance(value.get("type"), str):
+            yield value
+        else:
+            for key in ("messages", "conversations", "content", "value"):
+                if key in value:
+                    yield from _walk_parts(value[key])
+    elif isinstance(value, list):
+        for item in value:
+            yield from _walk_parts(item)
+
+
+def count_placeholders(text: object, placeholder: str = "<image>") -> int:
+    """Count image placeholders in any text shape.
+
+    Counts every occurrence of ``placeholder`` in every string (plain text, each caption of a list, each turn's
+    content or text part) plus one per typed image part (``{"type": "image"|"image_url"}``). Values that are not
+    text count 0; this function never raises.
+    """
+    if isinstance(text, str):
+        return text.count(placeholder)
+    if isinstance(text, list):
+        return sum(count_placeholders(item, placeholder) for item in text)
+    if isinstance(text, dict):
+        kind = text.get("type")
+        if isinstance(kind, str):
+            if kind in IMAGE_PART_TYPES:
+                return 1
+            return sum(count_placeholders(text.get(k), placeholder) for k in ("text", "value"))
+        return sum(
+            count_placeholders(text[k], placeholder)
+            for k in ("messages", "conversations", "content", "value")
+            if k in text
+        )
+    return 0
+
+
+def _part_ref(part: dict[str, Any]) -> str | None:
+    for key in ("value", "image", "image_url", "url", "path"):
+        ref = part.get(key)
+        if isinstance(ref, dict):
+            ref = ref.get("url") or ref.get("path")
+        if isinstance(ref, str) and ref:
+            return ref
+    return None
+
+
+def inline_images(text: object) -> list[str]:
+    """Image references carried by typed image parts (LLaMA-Factory v1 ``{"type": "image_url", "value": path}``)."""
+    refs = []
+    for part in _walk_parts(text):
+        if part.get("type") in IMAGE_PART_TYPES:
+            ref = _part_ref(part)
+            if ref is not None:
+                refs.append(ref)
+    return refs
+
+
+def sample_image_count(sample: Any) -> int:
+    """The number of images a sample has: its images column, else the references in typed image parts."""
+    if sample.images:
+        return len(sample.images)
+    return len(inline_images(sample.text))
+
+
+def _turns(messages: list[Any], placeholder: str) -> list[tuple[str, str]]:
+    """Normalise a conversation to ``(role, content)`` strings; raises TextError."""
+    turns: list[tuple[str, str]] = []
+    for i, msg in enumerate(messages, 1):
+        if not isinstance(msg, dict):
+            raise TextError("text_bad_type", f"conversation turn {i} is {_typename(msg)}, expected an object")
+        if "role" in msg or "content" in msg:
+            role, content = msg.get("role"), msg.get("content")
+        elif "from" in msg or "value" in msg:
+            role, content = msg.get("from"), msg.get("value")
+        else:
+            raise TextError(
+                "text_bad_type", f"conversation turn {i} has neither role/content nor from/value (keys: {sorted(msg)})"
+            )
+        if not isinstance(role, str) or not role:
+            raise TextError("text_bad_type", f"conversation turn {i} has no role")
+        if isinstance(content, list):
+            content = _join_parts(content, i, placeholder)
+        elif not isinstance(content, str):
+            raise TextError("text_bad_type", f"conversation turn {i} content is {_typename(content)}")
+        turns.append((_ROLE_ALIASES.get(role, role), content))
+    return turns
+
+
+def _join_parts(parts: list[Any], turn: int, placeholder: str) -> str:
+    pieces: list[str] = []
+    for part in parts:
+        if isinstance(part, str):
+            pieces.append(part)
+            continue
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind in IMAGE_PART_TYPES:
+            pieces.append(placeholder)
+        elif kind in _TEXT_PART_TYPES:
+            value = part.get("text") if part.get("text") is not None else part.get("value")
+            if not isinstance(value, str):
+                raise TextError("text_bad_type", f"conversation turn {turn}: a text part holds {_typename(value)}")
+            pieces.append(value)
+        else:
+            raise TextError(
+                "text_bad_type",
+                f"conversation turn {turn}: unsupported content part {kind!r:.40}"
+                + ("" if isinstance(part, dict) else f" ({_typename(part)})"),
+            )
+    return "".join(pieces)
+
+
+def _pick_index(seed: int, sample_id: str, n: int) -> int:
+    digest = hashlib.blake2b(f"{seed}\x00{sample_id}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") % n
+
+
+# -- the encoder ------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """Silence transformers' logging and warnings while loading (library code never prints)."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        hf_logging.set_verbosity(level)
+
+
+def _load_hf_tokenizer(path: Path) -> Any:
+    try:
+        from transformers import AutoTokenizer
+    except ImportError:  # pragma: no cover - transformers is a core dependency
+        raise MissingDependencyError("transformers", "text", purpose="tokenisation") from None
+    hint = (
+        "the directory must hold a tokenizer saved by save_pretrained(): tokenizer.json or vocab files "
+        "(vocab.txt, vocab.json + merges.txt, tokenizer.model) plus tokenizer_config.json"
+    )
+    try:
+        with _quiet_transformers():
+            tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True, use_fast=True)
+    except Exception as exc:  # transformers raises OSError/ValueError/KeyError/... for unusable directories
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InputError(f"{path}: cannot load a tokenizer: {msg:.300}", hint=hint) from None
+    if not getattr(tok, "is_fast", False) or getattr(tok, "backend_tokenizer", None) is None:
+        raise InputError(
+            f"{path}: only a slow (Python) tokenizer could be loaded ({type(tok).__name__})",
+            hint="mmprep needs a fast tokenizer: save one with tokenizer.save_pretrained() from a fast tokenizer "
+            "(writes tokenizer.json), or install sentencepiece/protobuf so it can be converted",
+        )
+    return tok
+
+
+def _special_layout(backend: Any) -> tuple[int, int]:
+    """How many special tokens the post-processor puts before and after a single sequence."""
+    total = backend.num_special_tokens_to_add(False)
+    if total == 0:
+        return 0, 0
+    for probe in ("a", "hello", "0", "x y", "。"):
+        bare = backend.encode(probe, add_special_tokens=False).ids
+        full = backend.encode(probe, add_special_tokens=True).ids
+        if not bare or len(full) != len(bare) + total:
+            continue
+        for start in range(total + 1):
+            if full[start : start + len(bare)] == bare:
+                return start, total - start
+    raise InputError(
+        "the tokenizer's post-processor does not put special tokens around the text as a prefix and suffix",
+        hint="pass --no-special-tokens, or use a tokenizer with a standard post-processor",
+    )
+
+
+class TextEncoder:
+    """Render texts and tokenise batches with one tokenizer loaded from a local directory.
+
+    Construction loads the tokenizer once (``AutoTokenizer``, fast tokenizers only) and keeps a private copy of
+    its Rust backend with padding and truncation switched off. Instances pickle as that backend's JSON plus a few
+    settings, so a worker process re-creates one in milliseconds without importing transformers (the
+    transformers tokenizer is re-loaded lazily only to apply a chat template).
+
+    Attributes:
+        cfg: the text configuration.
+        tokenizer_dir: where the tokenizer was loaded from.
+        name_or_path: the tokenizer's ``name_or_path``.
+        vocab_size: number of ids including added tokens (every id is below it).
+        pad_token: the pad token used; ``pad_token_id`` its id.
+        has_chat_template: conversations are rendered with the tokenizer's chat template.
+        special_prefix, special_suffix: special tokens added before/after the text (0 with special tokens off).
+        warnings: notes for the user (pad token fallback, max length above the model's).
+
+    Raises:
+        InputError: the directory is missing or holds no loadable fast tokenizer.
+        UsageError: a bad config, a ``pad_token`` not in the vocabulary, no pad token and no EOS to fall back on,
+            or a max length that leaves no room between the special tokens.
+    """
+
+    def __init__(self, tokenizer_dir: str | os.PathLike[str], cfg: TextConfig) -> None:
+        cfg.validate()
+        self.cfg = cfg
+        path = Path(tokenizer_dir)
+        if not path.exists():
+            raise InputError(f"{path}: no such tokenizer directory", hint="pass a local directory (no hub downloads)")
+        if not path.is_dir():
+            raise InputError(f"{path}: is not a directory", hint="pass the directory that holds the tokenizer files")
+        self.tokenizer_dir = str(path)
+        hf = _load_hf_tokenizer(path)
+        self._hf: Any | None = hf
+        from tokenizers import Tokenizer
+
+        backend = Tokenizer.from_str(hf.backend_tokenizer.to_str())
+        backend.no_padding()
+        backend.no_truncation()
+        self._backend: Any = backend
+        self.name_or_path = str(getattr(hf, "name_or_path", "") or path)
+        self.vocab_size = int(backend.get_vocab_size(with_added_tokens=True))
+        self.has_chat_template = bool(getattr(hf, "chat_template", None))
+        self.warnings: tuple[str, ...] = ()
+        notes: list[str] = []
+
+        self.pad_token, self.pad_token_id = self._resolve_pad(hf, backend, notes)
+        if cfg.add_special_tokens:
+            self.special_prefix, self.special_suffix = _special_layout(backend)
+        else:
+            self.special_prefix, self.special_suffix = 0, 0
+        n_special = self.special_prefix + self.special_suffix
+        if cfg.max_length <= n_special:
+            raise UsageError(
+                f"--max-length {cfg.max_length} leaves no room for text: the tokenizer adds {n_special} special tokens",
+                hint=f"use --max-length {n_special + 1} or more, or --no-special-tokens",
+            )
+        model_max = getattr(hf, "model_max_length", None)
+        if isinstance(model_max, int) and 0 < model_max < 1_000_000 and cfg.max_length > model_max:
+            notes.append(
+                f"--max-length {cfg.max_length} is above this tokenizer's model_max_length {model_max}: "
+                "the model may not accept rows that long"
+            )
+        self._strip_bos = self._template_bos(hf, backend)
+        self.warnings = tuple(notes)
+
+    # -- construction helpers ---------------------------------------------------------------------------
+    def _resolve_pad(self, hf: Any, backend: Any, notes: list[str]) -> tuple[str, int]:
+        wanted = self.cfg.pad_token
+        if wanted is not None:
+            pid = backend.token_to_id(wanted)
+            if pid is None:
+                raise UsageError(
+                    f"--pad-token {wanted!r} is not a token of the tokenizer in {self.tokenizer_dir}",
+                    hint="choose an existing token"
+                    + (f", e.g. the EOS token {hf.eos_token!r}" if getattr(hf, "eos_token", None) else ""),
+                )
+            return wanted, int(pid)
+        if getattr(hf, "pad_token", None) is not None and getattr(hf, "pad_token_id", None) is not None:
+            return str(hf.pad_token), int(hf.pad_token_id)
+        eos = getattr(hf, "eos_token", None)
+        if eos is not None and backend.token_to_id(str(eos)) is not None:
+            pid = int(backend.token_to_id(str(eos)))
+            notes.append(
+                f"the tokenizer has no pad token: padding with the EOS token {eos!r} (id {pid}); padded positions "
+                "have attention_mask 0. Pass --pad-token to choose another"
+            )
+            return str(eos), pid
+        raise UsageError(
+            f"the tokenizer in {self.tokenizer_dir} has no pad token and no EOS token to pad with",
+            hint="pass --pad-token TOKEN with a token of its vocabulary",
+        )
+
+    def _template_bos(self, hf: Any, backend: Any) -> str | None:
+        """The BOS text to drop from chat-templated output (the tokenizer adds it itself), or None."""
+        bos = getattr(hf, "bos_token", None)
+        if not self.has_chat_template or not self.cfg.add_special_tokens or not bos:
+            return None
+        bos_id = backend.token_to_id(str(bos))
+        if bos_id is None or self.special_prefix == 0:
+            return None
+        first = backend.encode("a", add_special_tokens=True).ids[:1]
+        return str(bos) if first == [bos_id] else None
+
+    # -- pickling: the backend JSON, not the transformers object ---------------------------------------
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_backend"] = self._backend.to_str()
+        state["_hf"] = None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        from tokenizers import Tokenizer
+
+        state = dict(state)
+        backend = Tokenizer.from_str(state["_backend"])
+        backend.no_padding()
+        backend.no_truncation()
+        state["_backend"] = backend
+        self.__dict__.update(state)
+
+    def _hf_tokenizer(self) -> Any:
+        if self._hf is None:
+            self._hf = _load_hf_tokenizer(Path(self.tokenizer_dir))
+        return self._hf
+
+    # -- rendering --------------------------------------------------------------------------------------
+    def render(self, text: object, *, sample_id: str = "", image_count: int | None = None) -> str:
+        """Turn one sample's text (any supported shape) into the string that is tokenised.
+
+        Args:
+            text: a string, a list of captions, or a conversation (see the module docs).
+            sample_id: used to pick a caption for ``caption="random"``.
+            image_count: the sample's number of images; when given (and ``check_placeholders``), placeholders
+                are checked against it.
+
+        Raises:
+            TextError: ``text_missing``, ``text_empty``, ``text_bad_type``, ``placeholder_mismatch`` or
+                ``chat_template_error``.
+            UsageError: a conversation needs the chat template and ``jinja2`` is not installed.
+        """
+        cfg = self.cfg
+        ph = cfg.image_placeholder
+        text = _unwrap(text)
+        if text is None:
+            raise TextError("text_missing", "the sample has no text")
+        if isinstance(text, str):
+            rendered, conversation, count = text, False, text.count(ph)
+            if not text.strip():
+                raise TextError("text_empty", "the text is empty")
+        elif isinstance(text, list):
+            if not text:
+                raise TextError("text_empty", "the text is an empty list")
+            if all(isinstance(t, str) for t in text):
+                rendered = self._pick_caption(text, sample_id)
+                conversation, count = False, rendered.count(ph)
+                if not rendered.strip():
+                    raise TextError("text_empty", "the chosen caption is empty")
+            else:
+                turns = _turns(text, ph)
+                conversation = True
+                count = sum(c.count(ph) for _, c in turns)
+                if not any(c.strip() for _, c in turns):
+                    raise TextError("text_empty", "every turn of the conversation is empty")
+                rendered = self._render_turns(turns)
+        else:
+            raise TextError(
+                "text_bad_type", f"the text is {_typename(text)}; expected a string, captions or a conversation"
+            )
+        if cfg.check_placeholders and image_count is not None and (conversation or count > 0) and count != image_count:
+            raise TextError(
+                "placeholder_mismatch",
+                f"{count} {ph} placeholder{'s' if count != 1 else ''} but {image_count} "
+                f"image{'s' if image_count != 1 else ''}",
+            )
+        return rendered
+
+    def _pick_caption(self, captions: list[str], sample_id: str) -> str:
+        mode = self.cfg.caption
+        if mode == "first":
+            return captions[0]
+        if mode == "random":
+            return captions[_pick_index(self.cfg.seed, sample_id, len(captions))]
+        return self.cfg.separator.join(c.strip() for c in captions if c.strip())
+
+    def _render_turns(self, turns: list[tuple[str, str]]) -> str:
+        if not self.has_chat_template:
+            return "\n".join(f"{role}: {content}" for role, content in turns)
+        try:
+            import jinja2  # noqa: F401  (transformers renders chat templates with it but does not require it)
+        except ImportError:
+            raise UsageError(
+                f"rendering conversations with the chat template of {self.tokenizer_dir} needs the 'jinja2' "
+                "package, which is not installed",
+                hint="install it with: pip install jinja2",
+            ) from None
+        hf = self._hf_tokenizer()
+        messages = [{"role": role, "content": content} for role, content in turns]
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                out = hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
+        except Exception as exc:  # jinja2 TemplateError (raise_exception in the template), TypeError, ...
+            raise TextError("chat_template_error", f"the chat template failed: {exc}") from None
+        if not isinstance(out, str):  # pragma: no cover - tokenize=False returns str
+            raise TextError("chat_template_error", f"the chat template returned {_typename(out)}")
+        if self._strip_bos and out.startswith(self._strip_bos):
+            out = out[len(self._strip_bos) :]
+        return out
+
+    # -- tokenising -------------------------------------------------------------------------------------
+    def encode_batch(self, texts: Sequence[str]) -> TokenBatch:
+        """Tokenise a batch in one call to the fast tokenizer, then truncate and pad to ``max_length``.
+
+        Ids equal ``tokenizer(texts, padding="max_length", truncation=True, max_length=L)`` with the configured
+        sides; ``n_tokens`` is the count before truncation.
+        """
+        cfg = self.cfg
+        L = cfg.max_length
+        n_rows = len(texts)
+        if n_rows == 0:
+            return TokenBatch(
+                np.zeros((0, L), np.int32), np.zeros((0, L), np.uint8), np.zeros(0, np.int32), np.zeros(0, bool)
+            )
+        texts = texts if isinstance(texts, list) else list(texts)
+        encode = getattr(self._backend, "encode_batch_fast", None) or self._backend.encode_batch
+        encs = encode(texts, add_special_tokens=cfg.add_special_tokens)
+        ids = [e.ids for e in encs]
+        n = np.fromiter(map(len, ids), dtype=np.int64, count=n_rows)
+        flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int32, count=int(n.sum()))
+        starts = np.cumsum(n) - n
+        m = np.minimum(n, L)  # tokens kept per row
+        truncated = n > L
+        rows = np.repeat(np.arange(n_rows), m)
+        j = np.arange(int(m.sum())) - np.repeat(np.cumsum(m) - m, m)  # output position within the kept tokens
+        # Kept positions before `cut` come from the start of the row, the rest from its end (specials kept).
+        cut = L - self.special_suffix if cfg.truncation_side == "right" else self.special_prefix
+        shift = np.where(truncated[rows] & (j >= cut), n[rows] - L, 0)
+        values = flat[starts[rows] + j + shift]
+        cols = j if cfg.padding_side == "right" else j + np.repeat(L - m, m)
+        input_ids = np.full((n_rows, L), self.pad_token_id, dtype=np.int32)
+        attention_mask = np.zeros((n_rows, L), dtype=np.uint8)
+        input_ids[rows, cols] = values
+        attention_mask[rows, cols] = 1
+        return TokenBatch(input_ids, attention_mask, n.astype(np.int32), truncated)
+
+
+# -- length report ----------------------------------------------------------------------------------------
+
+
+class LengthHistogram:
+    """Exact token-count histogram (memory grows with the longest row, not with the number of rows)."""
+
+    def __init__(self) -> None:
+        self.counts = np.zeros(0, dtype=np.int64)
+
+    @property
+    def total(self) -> int:
+        return int(self.counts.sum())
+
+    def add(self, n_tokens: np.ndarray) -> None:
+        """Add a batch of token counts."""
+        if len(n_tokens) == 0:
+            return
+        binc = np.bincount(np.asarray(n_tokens, dtype=np.int64))
+        if len(binc) > len(self.counts):
+            binc[: len(self.counts)] += self.counts
+            self.counts = binc
+        else:
+            self.counts[: len(binc)] += binc
+
+    def quantile(self, q: float) -> int | None:
+        """Nearest-rank quantile: the smallest count ``v`` with at least a fraction ``q`` of rows ``<= v``."""
+        total = self.total
+        if total == 0:
+            return None
+        rank = max(1, int(np.ceil(q * total - 1e-9)))
+        return int(np.searchsorted(np.cumsum(self.counts), rank))
+
+    def over(self, max_length: int) -> int:
+        """Rows with more than ``max_length`` tokens."""
+        return int(self.counts[max_length + 1 :].sum())
+
+    def summary(self, max_length: int) -> dict[str, Any]:
+        """p50/p90/p99/max, mean, truncated rows and percent at ``max_length``, the max length covering 99%."""
+        total = self.total
+        mean = float((self.counts * np.arange(len(self.counts))).sum() / total) if total else None
+        truncated = self.over(max_length)
+        return {
+            "rows": total,
+            "p50": self.quantile(0.50),
+            "p90": self.quantile(0.90),
+            "p99": self.quantile(0.99),
+            "max": int(np.flatnonzero(self.counts)[-1]) if total else None,
+            "mean": mean,
+            "max_length": max_length,
+            "truncated": truncated,
+            "truncated_pct": 100.0 * truncated / total if total else 0.0,
+            "covers_99_pct": self.quantile(0.99),
+        }
