@@ -329,7 +329,7 @@ def test_device_and_dtype_errors(bert_dir, tmp_path) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-PERM_TAGS = list(RAM_TAGS[100:140])
+PERM_TAGS = list(RAM_TAGS[100:124])
 
 
 @pytest.fixture(scope="module")
@@ -337,7 +337,7 @@ def perm_base(bert_encoder) -> np.ndarray:
     return embed_labels(load_vocab_from(PERM_TAGS), bert_encoder, batch_size=64).embeddings
 
 
-@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=5, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(perm_seed=st.integers(0, 2**32 - 1), batch_size=st.sampled_from([1, 3, 7, 64]))
 def test_permuting_the_vocabulary_permutes_the_rows(bert_encoder, perm_base, perm_seed, batch_size) -> None:
     tags, base = PERM_TAGS, perm_base
@@ -436,7 +436,7 @@ def test_descriptions_give_k_rows_per_tag_in_vocab_order(clip_encoder, tmp_path)
     res = embed_labels(vocab, clip_encoder, descriptions=DESCRIPTIONS, batch_size=64)
     assert res.embeddings.shape == (6 * 51, 16) and res.rows_per_tag == 51
     assert res.truncated > 0  # the LLM descriptions are longer than CLIP's 77 tokens
-    for pos, i in enumerate(order):
+    for pos, i in list(enumerate(order))[::3]:  # two of the six blocks, recomputed on their own
         block = res.embeddings[pos * 51 : (pos + 1) * 51]
         alone = embed_labels(load_vocab_from(descs[tags[i]]), clip_encoder, clean="none").embeddings
         np.testing.assert_allclose(block, alone, atol=2e-5)
@@ -637,3 +637,33 @@ def test_real_minilm_reproduces_published_similarities(tmp_path) -> None:
     assert abs(sim[1, 2] - 0.1411) < 1e-3
     assert load_encoder(model_dir, device="cpu").tokenize(["a photo of a cat"]) == [[101, 1037, 6302, 1997, 1037,
                                                                                       4937, 102]]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Progress and --config
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_progress_hook_counts_every_distinct_text(bert_encoder, bert_dir, tmp_path) -> None:
+    calls: list[tuple[str, int, int]] = []
+    tags = [*RAM_TAGS[:20], RAM_TAGS[0]]
+    embed_labels(load_vocab_from(tags), bert_encoder, batch_size=6, progress=lambda *a: calls.append(a))
+    assert {c[0] for c in calls} == {"embed"} and {c[2] for c in calls} == {20}
+    assert [c[1] for c in calls] == [6, 6, 6, 2]
+    old, old_vocab, new_vocab, _, _ = _reuse_setup(tmp_path, bert_dir, ".npy")
+    calls.clear()
+    embed_labels(new_vocab, bert_dir, reuse=old, old_vocab=old_vocab, verify_sample=3, device="cpu",
+                 progress=lambda *a: calls.append(a))
+    assert sum(c[1] for c in calls if c[0] == "verify") == 3
+    assert sum(c[1] for c in calls if c[0] == "embed") == 7
+
+
+def test_config_file_supplies_defaults(bert_dir, tmp_path) -> None:
+    vocab = _write_vocab(tmp_path / "v.txt", ["cat", "dog"])
+    out = tmp_path / "o.npy"
+    cfg = tmp_path / "mmprep.toml"
+    cfg.write_text(f'[embed-labels]\nmodel = "{bert_dir}"\nout = "{out}"\npooling = "cls"\nbatch-size = 1\n')
+    r = runner.invoke(app, ["--config", str(cfg), "embed-labels", str(vocab), "--json"])
+    assert r.exit_code == 0, r.stderr
+    assert json.loads(r.stdout)["encoder"]["pooling"] == "cls"
+    np.testing.assert_allclose(np.load(out), _l2(_reference_bert(bert_dir, ["cat", "dog"], "cls")), atol=1e-5)
