@@ -69,6 +69,7 @@ __all__ = [
     "load_templates",
     "render_template",
     "save_embeddings",
+    "set_torch_threads",
     "sidecar_path",
 ]
 
@@ -577,6 +578,21 @@ def _st_layout(d: Path) -> tuple[str | None, str, list[str], int | None, bool]:
                 max_seq = sbc["max_seq_length"]
             lower = bool(sbc.get("do_lower_case", False))
     return pooling, source, warnings, max_seq, lower
+
+
+def set_torch_threads(threads: int) -> int:
+    """Set torch's intra-op CPU threads for this process (0: leave torch's default); returns the count in use.
+
+    On a machine whose cores are busy with other work, fewer threads (often 1) can be several times faster, because
+    torch's worker threads wait for each other at every operation.
+    """
+    import torch
+
+    if threads < 0:
+        raise UsageError(f"--threads must be 0 (torch's default) or more, got {threads}")
+    if threads:
+        torch.set_num_threads(threads)
+    return int(torch.get_num_threads())
 
 
 def _resolve_device(device: str) -> str:

@@ -517,10 +517,16 @@ def test_output_formats_round_trip(clip, tmp_path, suffix) -> None:
     assert side["normalize"] == "l2" and side["dim"] == 16 and side["dtype"] == "float32"
 
 
-def test_unknown_output_suffix_is_a_usage_error(bert_dir, tmp_path) -> None:
+def test_bad_flags_are_usage_errors(bert_dir, tmp_path) -> None:
     vocab = _write_vocab(tmp_path / "v.txt", ["cat"])
-    r = runner.invoke(app, ["embed-labels", str(vocab), "-m", str(bert_dir), "-o", str(tmp_path / "o.bin")])
+    base = ["embed-labels", str(vocab), "-m", str(bert_dir)]
+    r = runner.invoke(app, [*base, "-o", str(tmp_path / "o.bin")])
     assert r.exit_code == EXIT_USAGE and "unknown output format '.bin'" in r.stderr
+    r = runner.invoke(app, [*base, "-o", str(tmp_path / "o.npy"), "--threads", "-1"])
+    assert r.exit_code == EXIT_USAGE and "--threads must be 0" in r.stderr
+    r = runner.invoke(app, [*base, "-o", str(tmp_path / "o.npy"), "--reduce", "mean"])
+    assert r.exit_code == EXIT_USAGE and "--reduce applies to --descriptions only" in r.stderr
+    assert not (tmp_path / "o.npy").exists()
 
 
 def test_human_output_goes_to_stderr(bert_dir, tmp_path) -> None:
