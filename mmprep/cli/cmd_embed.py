@@ -123,7 +123,9 @@ def _render(out: Output, result: Any) -> None:
     out.info(f"wrote {result.out}: [{rows}, {dim}] float32 ({per})")
     speed = ""
     if result.tags_per_s:
-        speed = f" ({result.tags_per_s:,.1f} tags/s, {result.unique_texts / result.encode_seconds:,.0f} texts/s)"
+        rate = result.tags_per_s
+        speed = f" ({rate:,.1f} tags/s" if rate < 100 else f" ({rate:,.0f} tags/s"
+        speed += f", {result.unique_texts / result.encode_seconds:,.0f} texts/s)"
     out.info(f"encoded {result.encoded_tags} tags ({result.unique_texts} distinct texts) in "
              f"{result.encode_seconds:.1f} s{speed}; model loaded in {result.load_seconds:.1f} s")
     proj = " + text_projection" if enc.projection else ""
