@@ -10,6 +10,7 @@ from mmprep.cli._app import app
 
 # Register subcommands (import order = order in --help).
 from mmprep.cli import cmd_embed  # noqa: F401  isort: skip
+from mmprep.cli import cmd_images  # noqa: F401  isort: skip
 from mmprep.cli import cmd_text  # noqa: F401  isort: skip
 
 __all__ = ["app", "main"]

@@ -1,0 +1,1 @@
+"""Benchmarks: throughput against baselines measured in the same run (see each script's --help)."""

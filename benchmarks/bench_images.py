@@ -1,0 +1,183 @@
+"""Images/s of mmprep's image path against the bare Pillow ceiling and the naive path, measured in the same run.
+
+Methods (same files, same worker processes, output discarded, warm page cache):
+
+- ``ceiling``: the bare minimum with Pillow for the same output: ``Image.open`` + ``draft`` (JPEG DCT scaling to
+  the covering size) + ``resize`` of the centre box to 224x224 (bicubic) - no EXIF, mode or error handling and no
+  array conversion.
+- ``mmprep``: ``load_image`` (orientation, modes, bomb/truncation checks, draft, reduce, resize) + ``to_output``
+  (uint8 CHW array) - what ``pack`` does per image before writing.
+- ``mmprep-f16``: the same with CLIP normalisation to float16 CHW.
+- ``naive``: full decode (``convert("RGB")``) then the same resize, as most hand-written pipelines do.
+
+Each method runs ``--repeats`` times, interleaved (A B C A B C ...) so drift on a shared machine hits all alike; the
+table shows medians and the ratio to the ceiling. Target: mmprep >= 0.85 x ceiling.
+
+    python benchmarks/bench_images.py [--samples 600] [--workers 2] [--repeats 3] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import multiprocessing as mp
+import os
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+from benchmarks.corpus import make_corpus  # noqa: E402
+
+SIZE = 224
+_STATE: dict[str, object] = {}
+
+
+def _init_worker(size: int) -> None:
+    from mmprep.images import ImageConfig, Normalization
+
+    _STATE["cfg"] = ImageConfig(size=(size, size), resize_mode="center-crop", interpolation="bicubic")
+    _STATE["u8"] = Normalization(dtype="uint8", layout="CHW")
+    _STATE["f16"] = Normalization.from_spec("clip", dtype="float16", layout="CHW")
+    _STATE["size"] = size
+
+
+def _centre_box(w: float, h: float, size: int) -> tuple[float, float, float, float]:
+    scale = max(size / w, size / h)
+    cw, ch = size / scale, size / scale
+    x0, y0 = (w - cw) / 2, (h - ch) / 2
+    return x0, y0, x0 + cw, y0 + ch
+
+
+def _ceiling(paths: list[str]) -> int:
+    from PIL import Image
+
+    size = int(_STATE["size"])  # type: ignore[call-overload]
+    for p in paths:
+        with Image.open(p) as im:
+            w, h = im.size
+            scale = max(size / w, size / h)
+            drafted = im.draft("RGB", (math.ceil(w * scale), math.ceil(h * scale)))
+            f = drafted[1][2] / w if drafted else 1.0
+            x0, y0, x1, y1 = _centre_box(w, h, size)
+            im.resize((size, size), Image.Resampling.BICUBIC, box=(x0 * f, y0 * f, x1 * f, y1 * f))
+    return len(paths)
+
+
+def _naive(paths: list[str]) -> int:
+    from PIL import Image
+
+    size = int(_STATE["size"])  # type: ignore[call-overload]
+    for p in paths:
+        with Image.open(p) as im:
+            rgb = im.convert("RGB")
+            rgb.resize((size, size), Image.Resampling.BICUBIC, box=_centre_box(*rgb.size, size))
+    return len(paths)
+
+
+def _mmprep(paths: list[str]) -> int:
+    from mmprep.images import load_image, to_output
+
+    cfg, norm = _STATE["cfg"], _STATE["u8"]
+    for p in paths:
+        to_output(load_image(p, cfg).array, norm)  # type: ignore[arg-type]
+    return len(paths)
+
+
+def _mmprep_f16(paths: list[str]) -> int:
+    from mmprep.images import load_image, to_output
+
+    cfg, norm = _STATE["cfg"], _STATE["f16"]
+    for p in paths:
+        to_output(load_image(p, cfg).array, norm)  # type: ignore[arg-type]
+    return len(paths)
+
+
+METHODS = {"ceiling": _ceiling, "mmprep": _mmprep, "mmprep-f16": _mmprep_f16, "naive": _naive}
+
+
+def _run(pool: mp.pool.Pool, fn: object, chunks: list[list[str]]) -> float:
+    start = time.perf_counter()
+    done = sum(pool.imap_unordered(fn, chunks))  # type: ignore[arg-type]
+    elapsed = time.perf_counter() - start
+    return done / elapsed
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--samples", type=int, default=600, help="corpus samples (~2.25 images each)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--chunk", type=int, default=8, help="images per task sent to a worker")
+    ap.add_argument("--corpus-dir", default=None, help="default: .bench/corpus-<samples>-<seed>")
+    ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ",".join(METHODS))
+    ap.add_argument("--json", dest="json_out", default=None, help="also write the results here")
+    ap.add_argument("--quick", action="store_true", help="tiny run for CI smoke tests (30 samples, 1 repeat)")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.samples, args.repeats = 30, 1
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        ap.error(f"unknown method(s) {unknown}")
+
+    print("command: python " + shlex.join([os.path.relpath(sys.argv[0]), *sys.argv[1:]] if argv is None
+                                          else ["benchmarks/bench_images.py", *argv]))
+    corpus_dir = Path(args.corpus_dir or REPO_ROOT / ".bench" / f"corpus-{args.samples}-{args.seed}")
+    t0 = time.perf_counter()
+    manifest = make_corpus(corpus_dir, args.samples, args.seed)
+    info = json.loads((corpus_dir / "corpus.json").read_text())
+    rows = [json.loads(line) for line in manifest.read_text().splitlines()]
+    paths = [str(corpus_dir / ref) for r in rows for ref in r["images"]]
+    for p in paths:  # warm the page cache so every method reads from memory
+        Path(p).read_bytes()
+    print(f"corpus: {corpus_dir} ({info['samples']} samples, {info['images']} images: {info['jpeg']} JPEG, "
+          f"{info['png']} PNG; ready in {time.perf_counter() - t0:.1f}s)")
+    print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} at start (shared machine: "
+          "compare ratios, not absolute numbers)")
+    print(f"workers: {args.workers} processes, chunks of {args.chunk}, target {SIZE}x{SIZE} center-crop bicubic, "
+          f"{args.repeats} repeat(s)")
+
+    chunks = [paths[i:i + args.chunk] for i in range(0, len(paths), args.chunk)]
+    results: dict[str, list[float]] = {m: [] for m in methods}
+    ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context("spawn")
+    with ctx.Pool(args.workers, initializer=_init_worker, initargs=(SIZE,)) as pool:
+        warm = chunks[: max(1, args.workers * 2)]
+        for m in methods:  # imports and first-call costs outside the timing
+            sum(pool.imap_unordered(METHODS[m], warm))
+        for _ in range(args.repeats):
+            for m in methods:
+                results[m].append(_run(pool, METHODS[m], chunks))
+    load_end = os.getloadavg()[0]
+
+    base = statistics.median(results["ceiling"]) if "ceiling" in results else None
+    print()
+    print(f"| method | images/s (median of {args.repeats}) | min | max | vs ceiling |")
+    print("|---|---|---|---|---|")
+    summary = {}
+    for m in methods:
+        med = statistics.median(results[m])
+        ratio = med / base if base else None
+        summary[m] = {"median": med, "runs": results[m], "ratio_vs_ceiling": ratio}
+        print(f"| {m} | {med:,.0f} | {min(results[m]):,.0f} | {max(results[m]):,.0f} | "
+              f"{'-' if ratio is None else f'{ratio:.2f}'} |")
+    print(f"\nload average at end: {load_end:.2f}")
+    if base and "mmprep" in summary:
+        ok = summary["mmprep"]["ratio_vs_ceiling"] >= 0.85
+        print(f"mmprep / ceiling = {summary['mmprep']['ratio_vs_ceiling']:.2f} (target >= 0.85: "
+              f"{'met' if ok else 'NOT met'})")
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps({"args": vars(args), "corpus": info, "results": summary},
+                                                  indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

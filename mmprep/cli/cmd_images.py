@@ -1,0 +1,346 @@
+"""``mmprep image-stats`` and ``mmprep normalize-images``.
+
+The option aliases and :func:`image_config_from_options` are meant to be shared by every command that decodes
+images, so the flags read the same everywhere. Nothing heavy (numpy, Pillow) is imported at module level.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+
+from mmprep.cli._app import JsonOpt, QuietOpt, VerboseOpt, app, make_output, run_command
+from mmprep.errors import EXIT_FAILED, EXIT_OK, InputError, RunFailed, UsageError
+
+if TYPE_CHECKING:
+    from mmprep.image_jobs import ImageSet
+    from mmprep.images import ImageConfig
+    from mmprep.output import Output
+
+__all__ = ["IMAGE_OPTION_NAMES", "image_config_from_options"]
+
+_MODES = "stretch|center-crop|letterbox|shortest-edge|max-pixels|none"
+
+SrcArg = Annotated[str, typer.Argument(help="An image folder (scanned recursively) or a manifest (- for stdin).",
+                                       show_default=False)]
+ImageRootOpt = Annotated[str | None, typer.Option(
+    "--image-root", metavar="DIR",
+    help="Folder manifest image paths are relative to (default: the manifest's folder).")]
+InputFormatOpt = Annotated[str | None, typer.Option(
+    "--input-format", metavar="jsonl|json|csv|parquet", help="Manifest format when the name does not tell.")]
+ImageColumnOpt = Annotated[str | None, typer.Option(
+    "--image-column", metavar="NAME",
+    help="Manifest column with the image path(s) (default: found by name: images, image, ...).")]
+AllowOutsideOpt = Annotated[bool, typer.Option(
+    "--allow-outside-root", help="Accept image paths (../, absolute, symlinks) that lead outside the image root.")]
+ResizeModeOpt = Annotated[str, typer.Option("--resize-mode", metavar=_MODES, help="How images are resized.")]
+ImageSizeOpt = Annotated[str, typer.Option(
+    "--image-size", metavar="N|HxW", help="Target size for stretch, center-crop and letterbox (height x width).")]
+InterpolationOpt = Annotated[str, typer.Option(
+    "--interpolation", metavar="nearest|bilinear|bicubic|lanczos|box|hamming", help="Resampling filter.")]
+ShortestEdgeOpt = Annotated[int | None, typer.Option(
+    "--shortest-edge", metavar="N", help="Shorter side for --resize-mode shortest-edge.")]
+MaxPixelsOpt = Annotated[int | None, typer.Option(
+    "--max-pixels", metavar="N", help="Pixel budget (w*h) upper bound for --resize-mode max-pixels.")]
+MinPixelsOpt = Annotated[int | None, typer.Option(
+    "--min-pixels", metavar="N", help="Pixel budget lower bound for --resize-mode max-pixels.")]
+BackgroundOpt = Annotated[str, typer.Option(
+    "--background", metavar="R,G,B|#hex|name", help="Colour transparent pixels are composited over.")]
+FillOpt = Annotated[str, typer.Option("--fill", metavar="R,G,B|#hex|name", help="Letterbox padding colour.")]
+PixelLimitOpt = Annotated[int, typer.Option(
+    "--pixel-limit", metavar="N", help="Reject images whose header declares more pixels (decompression bombs).")]
+NoDraftOpt = Annotated[bool, typer.Option(
+    "--no-draft", help="Decode JPEGs at full size before resizing (slower; no DCT-domain downscaling).")]
+WorkersOpt = Annotated[int, typer.Option(
+    "--workers", "-j", metavar="N", help="Worker processes (0 = all cores).")]
+LimitOpt = Annotated[int | None, typer.Option("--limit", metavar="N", help="Only the first N distinct images.")]
+
+
+#: Parameter names of the decoding/resizing options above, as :func:`image_config_from_options` takes them; a
+#: command declares them with the aliases and passes ``{k: v for k, v in locals().items() if k in IMAGE_OPTION_NAMES}``.
+IMAGE_OPTION_NAMES = frozenset({
+    "resize_mode", "image_size", "interpolation", "shortest_edge", "max_pixels", "min_pixels", "background", "fill",
+    "pixel_limit", "no_draft",
+})
+
+
+def image_config_from_options(
+    *,
+    resize_mode: str = "center-crop",
+    image_size: str | None = "224",
+    interpolation: str = "bicubic",
+    shortest_edge: int | None = None,
+    max_pixels: int | None = None,
+    min_pixels: int | None = None,
+    background: str = "255,255,255",
+    fill: str = "0,0,0",
+    pixel_limit: int = 89_478_485,
+    no_draft: bool = False,
+) -> ImageConfig:
+    """Build and validate an :class:`~mmprep.images.ImageConfig` from CLI option values (UsageError if bad)."""
+    from mmprep.images import ImageConfig, parse_color, parse_image_size
+
+    size = parse_image_size(image_size) if image_size not in (None, "") else None
+    cfg = ImageConfig(
+        size=size,
+        resize_mode=resize_mode,
+        interpolation=interpolation.lower(),
+        background=parse_color(background),
+        fill=parse_color(fill),
+        shortest_edge=shortest_edge,
+        max_pixels=max_pixels,
+        min_pixels=min_pixels,
+        pixel_limit=pixel_limit,
+        draft=not no_draft,
+    )
+    cfg.validate()
+    return cfg
+
+
+def _workers(n: int) -> int:
+    from mmprep.image_jobs import default_workers
+
+    if n < 0:
+        raise UsageError(f"--workers must be 0 (all cores) or more, got {n}")
+    return n or default_workers()
+
+
+def _collect(src: str, image_root: str | None, input_format: str | None, image_column: str | None,
+             allow_outside_root: bool, limit: int | None, exclude: tuple[str, ...] = ()) -> ImageSet:
+    from mmprep.image_jobs import IMAGE_EXTENSIONS, collect_images
+    from mmprep.manifest import ColumnMap
+
+    if limit is not None and limit <= 0:
+        raise UsageError(f"--limit must be positive, got {limit}")
+    images = collect_images(
+        src, image_root=image_root, allow_outside_root=allow_outside_root, input_format=input_format,
+        column_map=ColumnMap(images=image_column), exclude=exclude, limit=limit,
+    )
+    if not images.items:
+        if images.kind == "folder":
+            raise InputError(f"{src}: no image files found",
+                             hint="files are picked by extension: " + " ".join(sorted(IMAGE_EXTENSIONS)))
+        raise InputError(f"{src}: the manifest names no images",
+                         hint="check the image column (--image-column NAME)")
+    return images
+
+
+def _report_manifest_rejects(out: Output, images: ImageSet) -> None:
+    if images.manifest_rejects:
+        first = images.manifest_rejects[0]
+        out.warn(f"{len(images.manifest_rejects)} manifest row(s) could not be read, e.g. {first.detail}")
+
+
+@app.command("image-stats")
+def image_stats(
+    src: SrcArg,
+    image_root: ImageRootOpt = None,
+    input_format: InputFormatOpt = None,
+    image_column: ImageColumnOpt = None,
+    allow_outside_root: AllowOutsideOpt = False,
+    resize_mode: ResizeModeOpt = "center-crop",
+    image_size: ImageSizeOpt = "224",
+    interpolation: InterpolationOpt = "bicubic",
+    shortest_edge: ShortestEdgeOpt = None,
+    max_pixels: MaxPixelsOpt = None,
+    min_pixels: MinPixelsOpt = None,
+    background: BackgroundOpt = "255,255,255",
+    fill: FillOpt = "0,0,0",
+    pixel_limit: PixelLimitOpt = 89_478_485,
+    no_draft: NoDraftOpt = False,
+    workers: WorkersOpt = 0,
+    limit: LimitOpt = None,
+    out_file: Annotated[str | None, typer.Option(
+        "--out", metavar="FILE.json", help="Also write the statistics JSON here (usable as --stats-file).")] = None,
+    json_: JsonOpt = False,
+    quiet: QuietOpt = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Per-channel mean/std, sizes, modes and unreadable files of an image folder or manifest."""
+    image_opts = {k: v for k, v in locals().items() if k in IMAGE_OPTION_NAMES}
+    out = make_output(json_, quiet, verbose)
+
+    def body() -> int:
+        from mmprep.image_jobs import compute_image_stats
+        from mmprep.output import to_jsonable
+
+        cfg = image_config_from_options(**image_opts)
+        n_workers = _workers(workers)
+        images = _collect(src, image_root, input_format, image_column, allow_outside_root, limit)
+        _report_manifest_rejects(out, images)
+        out.debug(f"{len(images.items)} images from {images.kind} {src}, {n_workers} worker(s)")
+        with out.progress(len(images.items), "image-stats", unit="img") as bar:
+            stats = compute_image_stats(images, cfg, workers=n_workers, on_progress=bar.update)
+        report = stats.to_dict()
+        if out_file:
+            import json
+
+            _write_text(Path(out_file), json.dumps(to_jsonable(report), indent=2, allow_nan=False) + "\n")
+        if out.json_mode:
+            out.emit_json(report)
+        else:
+            _render_stats(out, report)
+            if out_file:
+                out.info(f"statistics written to {out_file} (use it with --stats-file)")
+        if stats.decoded == 0:
+            raise RunFailed(f"none of the {stats.images} images could be decoded",
+                            hint="see the reasons above; the first is: " + stats.unreadable[0]["detail"])
+        return EXIT_OK
+
+    run_command(out, body)
+
+
+def _write_text(path: Path, text: str) -> None:
+    try:
+        if path.parent and not path.parent.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise RunFailed(f"{path}: cannot write: {exc.strerror or exc}") from None
+
+
+def _render_stats(out: Output, r: dict[str, Any]) -> None:
+    cfg = r["config"]
+    size = "x".join(map(str, cfg["size"])) if cfg["size"] and cfg["resize_mode"] in (
+        "stretch", "center-crop", "letterbox") else "-"
+    out.info(
+        f"{r['decoded']:,} of {r['images']:,} images decoded from {r['source']} "
+        f"(resize {cfg['resize_mode']} {size}, {r['elapsed_s']:.1f}s)"
+    )
+    if r["decoded"]:
+        d = r["distance"]
+        rows = []
+        for c, ch in enumerate("RGB"):
+            rows.append([ch, r["mean"][c], r["std"][c], *(v for p in ("imagenet", "clip") for v in (
+                _preset(p)[0][c], _preset(p)[1][c]))])
+        out.table("Per-channel statistics (pixels in [0, 1])", ["channel", "mean", "std", "imagenet mean",
+                  "imagenet std", "clip mean", "clip std"], rows,
+                  caption=f"max |mean diff|: imagenet {d['imagenet']['mean_max_abs']:.4f}, clip "
+                          f"{d['clip']['mean_max_abs']:.4f}; closest preset: {r['closest_preset']}")
+        out.table("Original sizes (w x h)", ["size", "images"], list(r["sizes"].items())[:10],
+                  caption=f"{r['distinct_sizes']} distinct sizes; buckets by longer side: "
+                          + ", ".join(f"{k}: {v}" for k, v in r["size_buckets"].items()))
+        out.table("Modes and formats", ["mode / format", "images"],
+                  [*r["modes"].items(), *((f"format {k}", v) for k, v in r["formats"].items())])
+    if r["unreadable"]:
+        out.table("Unreadable images", ["reason", "images"], list(r["reasons"].items()))
+        for u in r["unreadable"][:10]:
+            out.warn(f"{u['reason']}: {u['detail']}")
+        if len(r["unreadable"]) > 10:
+            out.warn(f"... and {len(r['unreadable']) - 10} more (see --json)")
+
+
+def _preset(name: str) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
+    from mmprep.images import NORM_PRESETS
+
+    return NORM_PRESETS[name]
+
+
+@app.command("normalize-images")
+def normalize_images_cmd(
+    src: SrcArg,
+    out_dir: Annotated[str, typer.Option("--out", "-o", metavar="DIR", help="Output folder (created).",
+                                         show_default=False)],
+    image_root: ImageRootOpt = None,
+    input_format: InputFormatOpt = None,
+    image_column: ImageColumnOpt = None,
+    allow_outside_root: AllowOutsideOpt = False,
+    resize_mode: ResizeModeOpt = "center-crop",
+    image_size: ImageSizeOpt = "224",
+    interpolation: InterpolationOpt = "bicubic",
+    shortest_edge: ShortestEdgeOpt = None,
+    max_pixels: MaxPixelsOpt = None,
+    min_pixels: MinPixelsOpt = None,
+    background: BackgroundOpt = "255,255,255",
+    fill: FillOpt = "0,0,0",
+    pixel_limit: PixelLimitOpt = 89_478_485,
+    no_draft: NoDraftOpt = False,
+    fmt: Annotated[str, typer.Option("--format", "-f", metavar="png|jpeg|webp|npy",
+                                     help="Output format (npy stores arrays, see --dtype/--layout).")] = "png",
+    quality: Annotated[int, typer.Option("--quality", metavar="1-100", help="JPEG/WebP quality.")] = 90,
+    norm: Annotated[str | None, typer.Option("--norm", metavar="imagenet|clip",
+                                             help="Normalisation preset (npy output).")] = None,
+    mean: Annotated[str | None, typer.Option("--mean", metavar="R,G,B", help="Custom mean in [0, 1] (npy).")] = None,
+    std: Annotated[str | None, typer.Option("--std", metavar="R,G,B", help="Custom std in [0, 1] (npy).")] = None,
+    stats_file: Annotated[str | None, typer.Option(
+        "--stats-file", metavar="FILE.json", help="Mean/std from `mmprep image-stats --out` (npy).")] = None,
+    dtype: Annotated[str, typer.Option("--dtype", metavar="uint8|float16|float32",
+                                       help="npy dtype; floats are normalised, uint8 is not.")] = "uint8",
+    layout: Annotated[str, typer.Option("--layout", metavar="CHW|HWC", help="npy array layout.")] = "CHW",
+    rejects: Annotated[str | None, typer.Option(
+        "--rejects", metavar="FILE.jsonl", help="Where rejected images go (default: DIR/rejects.jsonl).")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Redo outputs that already exist.")] = False,
+    fail_on_reject: Annotated[bool, typer.Option("--fail-on-reject",
+                                                 help="Exit 1 when any image was rejected.")] = False,
+    workers: WorkersOpt = 0,
+    limit: LimitOpt = None,
+    json_: JsonOpt = False,
+    quiet: QuietOpt = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Write decoded, resized copies of every image (PNG/JPEG/WebP or .npy) under the same relative paths."""
+    image_opts = {k: v for k, v in locals().items() if k in IMAGE_OPTION_NAMES}
+    out = make_output(json_, quiet, verbose)
+
+    def body() -> int:
+        import json
+
+        from mmprep.image_jobs import normalize_images
+        from mmprep.images import OUTPUT_FORMATS, Normalization
+        from mmprep.output import to_jsonable
+
+        cfg = image_config_from_options(**image_opts)
+        out_fmt = "jpeg" if fmt.lower() == "jpg" else fmt.lower()
+        if out_fmt not in OUTPUT_FORMATS:
+            raise UsageError(f"unknown --format '{fmt}'", hint="choose one of " + ", ".join(OUTPUT_FORMATS))
+        if not 1 <= quality <= 100:
+            raise UsageError(f"--quality must be 1-100, got {quality}")
+        if out_fmt == "npy":
+            normalization = Normalization.from_spec(norm, mean, std, stats_file, dtype, layout)
+        else:
+            npy_only = [n for n, v in (("--norm", norm), ("--mean", mean), ("--std", std),
+                                       ("--stats-file", stats_file)) if v is not None]
+            if dtype != "uint8":
+                npy_only.append("--dtype")
+            if layout.upper() != "CHW":
+                npy_only.append("--layout")
+            if npy_only:
+                raise UsageError(f"{', '.join(npy_only)} only apply to --format npy",
+                                 hint=f"--format {out_fmt} stores 8-bit RGB pixels as they are")
+            normalization = Normalization(layout="HWC")
+        n_workers = _workers(workers)
+        dest = Path(out_dir)
+        if Path(src).is_dir() and dest.exists() and os.path.samefile(src, dest):
+            raise UsageError("--out is the source folder", hint="write the copies to a different folder")
+        images = _collect(src, image_root, input_format, image_column, allow_outside_root, limit,
+                          exclude=(out_dir,))
+        _report_manifest_rejects(out, images)
+        out.debug(f"{len(images.items)} images from {images.kind} {src}, {n_workers} worker(s)")
+        with out.progress(len(images.items), "normalize-images", unit="img") as bar:
+            report = normalize_images(
+                images, dest, cfg, fmt=out_fmt, quality=quality, norm=normalization, workers=n_workers,
+                rejects_path=rejects, overwrite=overwrite, on_progress=bar.update,
+            )
+        summary = report.to_dict()
+        _write_text(dest / "normalize-images.json", json.dumps(to_jsonable(summary), indent=2) + "\n")
+        if out.json_mode:
+            out.emit_json(summary)
+        else:
+            out.info(
+                f"{report.written:,} written, {report.skipped:,} already there, {report.rejected:,} rejected "
+                f"of {report.images:,} images -> {dest} ({report.elapsed_s:.1f}s, {report.images_per_s:,.0f} img/s, "
+                f"{n_workers} worker(s))"
+            )
+            if report.rejected:
+                out.table("Rejected images", ["reason", "images"], list(summary["reasons"].items()),
+                          caption=f"details: {report.rejects_file}")
+        if report.rejected and report.rejected == report.images:
+            raise RunFailed(f"all {report.images} images were rejected", hint=f"see {report.rejects_file}")
+        return EXIT_FAILED if (fail_on_reject and report.rejected) else EXIT_OK
+
+    run_command(out, body)

@@ -1,0 +1,273 @@
+"""`mmprep image-stats` and `mmprep normalize-images` through the CLI, on real files."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from mmprep.cli import app
+from mmprep.errors import EXIT_FAILED, EXIT_USAGE
+from mmprep.image_jobs import collect_images, compute_image_stats
+from mmprep.images import NORM_PRESETS, ImageConfig, Normalization, load_image
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO / "tests" / "data" / "images"
+SAMPLE_MANIFEST = REPO / "sample_data" / "manifest.jsonl"
+
+runner = CliRunner()
+
+N_GOOD = 20 + 3  # tests/data/images: 20 good files + 3 broken/ files that still decode
+N_BAD = 9
+BAD_REASONS = {"image_unidentified": 3, "image_truncated": 3, "image_too_large": 1, "image_metadata_too_large": 1,
+               "image_invalid": 1}
+
+
+def _json(result) -> dict:
+    assert result.exit_code == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+# -- image-stats --------------------------------------------------------------------------------------------------
+
+
+def test_image_stats_folder_json() -> None:
+    r = _json(runner.invoke(app, ["image-stats", str(DATA), "--json", "--workers", "1"]))
+    assert r["images"] == N_GOOD + N_BAD
+    assert r["decoded"] == N_GOOD
+    assert r["reasons"] == BAD_REASONS
+    assert {u["path"] for u in r["unreadable"]} >= {"broken/pillow_decompression_bomb.gif",
+                                                    "broken/pillow_truncated_jpeg.jpg"}
+    assert r["modes"] == {"RGB": 12, "RGBA": 4, "P": 3, "1": 1, "L": 1, "I;16": 1, "LA": 1}
+    assert r["formats"] == {"JPEG": 10, "PNG": 7, "GIF": 2, "WEBP": 2, "MPO": 1, "TIFF": 1}
+    assert r["sizes"]["128x128"] == 7 and r["sizes"]["1x2"] == 1  # upright sizes
+    assert r["multi_frame"] == 3  # GIF (5), APNG (3), MPO (2)
+    assert r["pixels"] == N_GOOD * 224 * 224
+    # the aggregate equals an independent per-image computation
+    arrays = []
+    for p in sorted(DATA.rglob("*")):
+        if p.suffix in (".md",) or p.is_dir():
+            continue
+        try:
+            arrays.append(load_image(p, ImageConfig()).array.reshape(-1, 3).astype(np.float64) / 255)
+        except Exception:
+            continue
+    px = np.concatenate(arrays)
+    assert np.allclose(r["mean"], px.mean(axis=0), atol=1e-9)
+    assert np.allclose(r["std"], px.std(axis=0), atol=1e-9)
+    assert set(r["distance"]) == {"imagenet", "clip"}
+    d = r["distance"]["imagenet"]["mean_max_abs"]
+    assert d == pytest.approx(max(abs(a - b) for a, b in zip(r["mean"], NORM_PRESETS["imagenet"][0], strict=True)))
+
+
+def test_image_stats_manifest_and_stats_file_roundtrip(tmp_path: Path) -> None:
+    stats_file = tmp_path / "stats.json"
+    result = runner.invoke(app, ["image-stats", str(SAMPLE_MANIFEST), "--out", str(stats_file), "-j", "1"])
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout == ""  # human output goes to stderr
+    assert "12 of 14 images decoded" in result.stderr
+    assert "image_truncated" in result.stderr and "image_missing" in result.stderr
+    report = json.loads(stats_file.read_text())
+    assert report["decoded"] == 12 and report["images"] == 14
+    assert {u["path"]: u["reason"] for u in report["unreadable"]} == {
+        "images/coffee_truncated.jpg": "image_truncated", "images/does_not_exist.jpg": "image_missing"}
+    assert report["modes"] == {"RGB": 7, "L": 3, "RGBA": 1, "CMYK": 1}
+    norm = Normalization.from_spec(stats_file=stats_file, dtype="float32")
+    assert list(norm.mean) == report["mean"] and list(norm.std) == report["std"]
+    # known values of the sample images (center-crop 224), to a tolerance
+    assert np.allclose(report["mean"], [0.4302, 0.3516, 0.3381], atol=2e-3)
+    assert np.allclose(report["std"], [0.3235, 0.2864, 0.2947], atol=2e-3)
+
+
+def test_image_stats_is_the_same_with_a_process_pool() -> None:
+    images = collect_images(DATA)
+    one = compute_image_stats(images, ImageConfig(size=(64, 64)), workers=1)
+    two = compute_image_stats(images, ImageConfig(size=(64, 64)), workers=2)
+    assert one.mean == two.mean and one.std == two.std  # exact integer sums
+    assert one.unreadable == two.unreadable and one.sizes == two.sizes
+
+
+def test_image_stats_other_resize_modes() -> None:
+    r = _json(runner.invoke(app, ["image-stats", str(DATA), "--json", "-j", "1", "--resize-mode", "none"]))
+    assert r["pixels"] > N_GOOD * 64 * 64 and r["config"]["resize_mode"] == "none"
+    r = _json(runner.invoke(app, ["image-stats", str(DATA), "--json", "-j", "1", "--resize-mode", "letterbox",
+                                  "--image-size", "32x48", "--fill", "black"]))
+    assert r["pixels"] == N_GOOD * 32 * 48 and r["config"]["size"] == [32, 48]
+
+
+def test_manifest_paths_may_not_escape_the_root(tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    (root / "img").mkdir(parents=True)
+    shutil.copy(DATA / "pillow_hopper.jpg", root / "img" / "a.jpg")
+    shutil.copy(DATA / "pillow_flower.jpg", tmp_path / "outside.jpg")
+    (root / "img" / "link.jpg").symlink_to(tmp_path / "outside.jpg")
+    manifest = root / "m.jsonl"
+    manifest.write_text("\n".join(json.dumps(r) for r in [
+        {"id": 1, "images": ["img/a.jpg", "../outside.jpg"]},
+        {"id": 2, "images": [str(tmp_path / "outside.jpg"), "img/link.jpg", "./img/a.jpg"]},
+        "not an object",
+    ]) + "\n")
+    r = _json(runner.invoke(app, ["image-stats", str(manifest), "--json", "-j", "1"]))
+    assert r["decoded"] == 1 and r["images"] == 4  # ./img/a.jpg is the same file as img/a.jpg
+    assert r["reasons"] == {"path_outside_root": 3}
+    assert r["manifest_rejects"] == 1
+    r = _json(runner.invoke(app, ["image-stats", str(manifest), "--json", "-j", "1", "--allow-outside-root"]))
+    # ../outside.jpg, its absolute path and the link to it are one file, decoded once
+    assert r["decoded"] == 2 and r["images"] == 2 and r["reasons"] == {}
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["--resize-mode", "zoom"], "unknown resize mode"),
+        (["--image-size", "0"], "invalid image size"),
+        (["--resize-mode", "shortest-edge"], "--shortest-edge"),
+        (["--resize-mode", "max-pixels", "--max-pixels", "10", "--min-pixels", "100"], "larger than max-pixels"),
+        (["--background", "300,0,0"], "invalid colour"),
+        (["--workers", "-1"], "--workers"),
+        (["--image-root", "."], "--image-root only applies to a manifest"),
+    ],
+)
+def test_image_stats_usage_errors(args: list[str], needle: str) -> None:
+    result = runner.invoke(app, ["image-stats", str(DATA), *args])
+    assert result.exit_code == EXIT_USAGE
+    assert needle in result.stderr and "Traceback" not in result.stderr
+    assert result.stdout == ""
+
+
+def test_image_stats_input_errors(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["image-stats", str(tmp_path / "nope")])
+    assert result.exit_code == EXIT_USAGE and "no such file or folder" in result.stderr
+    (tmp_path / "notes.txt").write_text("hello")
+    result = runner.invoke(app, ["image-stats", str(tmp_path)])
+    assert result.exit_code == EXIT_USAGE and "no image files found" in result.stderr
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    shutil.copy(DATA / "broken" / "pillow_truncated_jpeg.jpg", bad / "x.jpg")
+    result = runner.invoke(app, ["image-stats", str(bad), "--json"])
+    assert result.exit_code == EXIT_FAILED and "none of the 1 images could be decoded" in result.stderr
+    assert json.loads(result.stdout)["reasons"] == {"image_truncated": 1}
+
+
+# -- normalize-images -------------------------------------------------------------------------------------------
+
+
+def _outputs(folder: Path) -> set[str]:
+    return {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}
+
+
+def test_normalize_images_folder_resume_and_rejects(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    args = ["normalize-images", str(DATA), "--out", str(out), "--json", "-j", "1"]
+    r = _json(runner.invoke(app, args))
+    assert (r["written"], r["skipped"], r["rejected"]) == (N_GOOD, 0, N_BAD)
+    assert r["reasons"] == BAD_REASONS
+    files = _outputs(out)
+    assert "pillow_flower.png" in files and "broken/pillow_invalid-exif.png" in files
+    assert "pillow_hopper_orientation_6.webp.png" in files  # the .jpg of the same name came first
+    assert r["renamed"] == {  # pillow_transparent.png keeps its name even though .gif sorts first
+        "pillow_hopper_orientation_6.webp": "pillow_hopper_orientation_6.webp.png",
+        "pillow_transparent.gif": "pillow_transparent.gif.png",
+        "pillow_transparent.webp": "pillow_transparent.webp.png",
+    }
+    assert not [f for f in files if Path(f).name.startswith(".")]  # no temporary files left behind
+    with Image.open(out / "pillow_flower.png") as im:
+        assert im.size == (224, 224) and im.mode == "RGB"
+        assert np.array_equal(np.asarray(im), load_image(DATA / "pillow_flower.jpg", ImageConfig()).array)
+    rejects = [json.loads(line) for line in (out / "rejects.jsonl").read_text().splitlines()]
+    assert len(rejects) == N_BAD
+    assert [x["path"] for x in rejects] == sorted(x["path"] for x in rejects)
+    by_path = {x["path"]: x for x in rejects}
+    assert by_path["broken/pillow_decompression_bomb.gif"]["reason"] == "image_too_large"
+    assert "pillow_decompression_bomb.gif" in by_path["broken/pillow_decompression_bomb.gif"]["detail"]
+    assert all(set(x) == {"path", "reason", "detail"} for x in rejects)
+    assert json.loads((out / "normalize-images.json").read_text())["written"] == N_GOOD
+
+    # a rerun resumes: everything already written is skipped; a deleted output is redone
+    (out / "pillow_flower.png").unlink()
+    r = _json(runner.invoke(app, args))
+    assert (r["written"], r["skipped"], r["rejected"]) == (1, N_GOOD - 1, N_BAD)
+    r = _json(runner.invoke(app, [*args, "--overwrite"]))
+    assert (r["written"], r["skipped"]) == (N_GOOD, 0)
+
+
+def test_normalize_images_manifest_npy_float16_with_a_pool(tmp_path: Path) -> None:
+    out = tmp_path / "arrays"
+    r = _json(runner.invoke(app, [
+        "normalize-images", str(SAMPLE_MANIFEST), "--out", str(out), "--format", "npy", "--norm", "clip",
+        "--dtype", "float16", "--resize-mode", "letterbox", "--image-size", "64x96", "--workers", "2", "--json",
+        "--rejects", str(tmp_path / "rej.jsonl"),
+    ]))
+    assert (r["written"], r["rejected"]) == (12, 2)
+    assert r["normalization"]["preset"] == "clip" and r["normalization"]["dtype"] == "float16"
+    arr = np.load(out / "images" / "landscape_exif6.npy")
+    assert arr.shape == (3, 64, 96) and arr.dtype == np.float16
+    dec = load_image(REPO / "sample_data" / "images" / "landscape_exif6.jpg",
+                     ImageConfig(size=(64, 96), resize_mode="letterbox"))
+    mean, std = NORM_PRESETS["clip"]
+    expected = (dec.array.transpose(2, 0, 1) / 255 - np.asarray(mean)[:, None, None]) / np.asarray(std)[:, None, None]
+    assert np.allclose(arr.astype(np.float64), expected, atol=5e-3)
+    assert dec.content_box == (0, 0, 96, 64)
+    reasons = {json.loads(x)["reason"] for x in (tmp_path / "rej.jsonl").read_text().splitlines()}
+    assert reasons == {"image_truncated", "image_missing"}
+
+
+@pytest.mark.parametrize("fmt,ext", [("jpeg", ".jpg"), ("webp", ".webp")])
+def test_normalize_images_lossy_formats(tmp_path: Path, fmt: str, ext: str) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    shutil.copy(DATA / "pillow_flower.jpg", src / "flower.jpg")
+    shutil.copy(REPO / "sample_data" / "images" / "sample_cmyk.jpg", src / "cmyk.jpg")
+    r = _json(runner.invoke(app, ["normalize-images", str(src), "-o", str(tmp_path / "o"), "-f", fmt,
+                                  "--quality", "80", "--resize-mode", "shortest-edge", "--shortest-edge", "50",
+                                  "--json"]))
+    assert r["written"] == 2
+    with Image.open(tmp_path / "o" / f"flower{ext}") as im:
+        assert im.size == (67, 50) and im.format == fmt.upper()
+    with Image.open(tmp_path / "o" / f"cmyk{ext}") as im:
+        assert im.mode == "RGB" and im.size == (50, 50)
+
+
+def test_normalize_images_output_inside_source_is_not_rescanned(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    shutil.copy(DATA / "pillow_hopper.jpg", src / "h.jpg")
+    args = ["normalize-images", str(src), "--out", str(src / "normalized"), "--json", "-j", "1"]
+    assert _json(runner.invoke(app, args))["images"] == 1
+    assert _json(runner.invoke(app, args))["images"] == 1
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["--format", "gif"], "unknown --format"),
+        (["--norm", "clip"], "only apply to --format npy"),
+        (["--dtype", "float16"], "only apply to --format npy"),
+        (["--format", "npy", "--norm", "clip", "--mean", "0.5", "--std", "0.5"], "give only one"),
+        (["--format", "npy", "--dtype", "int8"], "unknown dtype"),
+        (["--quality", "0"], "--quality"),
+    ],
+)
+def test_normalize_images_usage_errors(tmp_path: Path, args: list[str], needle: str) -> None:
+    result = runner.invoke(app, ["normalize-images", str(DATA), "--out", str(tmp_path / "o"), *args])
+    assert result.exit_code == EXIT_USAGE, result.stderr
+    assert needle in result.stderr and result.stdout == ""
+    assert not (tmp_path / "o").exists()
+
+
+def test_normalize_images_refuses_to_write_into_the_source(tmp_path: Path) -> None:
+    shutil.copy(DATA / "pillow_hopper.jpg", tmp_path / "h.jpg")
+    result = runner.invoke(app, ["normalize-images", str(tmp_path), "--out", str(tmp_path)])
+    assert result.exit_code == EXIT_USAGE and "--out is the source folder" in result.stderr
+
+
+def test_normalize_images_fail_on_reject(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["normalize-images", str(SAMPLE_MANIFEST), "--out", str(tmp_path / "o"),
+                                 "--fail-on-reject", "-q", "-j", "1"])
+    assert result.exit_code == EXIT_FAILED
+    assert len((tmp_path / "o" / "rejects.jsonl").read_text().splitlines()) == 2
