@@ -1,0 +1,384 @@
+"""``pack``: manifest → padded (or encoded) Parquet shards + ``index.json`` + ``rejected.jsonl``.
+
+The work is split into *chunks* of consecutive input rows (after the optional shuffle); chunk ``k`` becomes
+``shard-k``. Chunk boundaries depend only on the input and the flags, never on the number of workers, so output
+is byte-identical across runs and worker counts, and ``--resume`` can skip chunks whose shard is intact.
+Workers write their own shards (pixels never travel through a pipe); the parent merges the per-chunk records
+into the index, written last.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import resource
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mmprep.errors import RunFailed, UsageError
+from mmprep.manifest import iter_samples
+from mmprep.process import PackConfig, SampleProcessor, default_row_group_rows, with_defaults
+from mmprep.records import Rejected, Sample
+from mmprep.shards import (
+    INDEX_NAME,
+    REJECTS_NAME,
+    RUN_STATS_NAME,
+    OutputDir,
+    atomic_write_bytes,
+    shard_name,
+    write_json,
+    write_shard,
+)
+
+__all__ = ["DEFAULT_SHARD_SIZE", "PackReport", "iter_items", "pack", "pack_chunk", "plan_rows_per_shard"]
+
+DEFAULT_SHARD_SIZE = 512 * 1024 * 1024
+ProgressFn = Callable[[int, int], None]  # (rows_done_delta, images_done_delta)
+
+
+@dataclass
+class PackReport:
+    """The outcome of a pack run (the ``--json`` report)."""
+
+    out: str
+    shards: list[dict[str, Any]]
+    read: int
+    written: int
+    rejected: int
+    rejected_by_reason: dict[str, int]
+    images_written: int
+    images_dropped: int
+    tags_dropped: int
+    text_truncated: int
+    image_count_histogram: dict[str, int]
+    rows_per_shard: int
+    bytes_written: int
+    seconds: float = 0.0
+    samples_per_s: float = 0.0
+    images_per_s: float = 0.0
+    peak_rss_mb: float = 0.0
+    resumed_shards: int = 0
+    workers: int = 1
+    reject_rate: float = 0.0
+    failed: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def iter_items(cfg: PackConfig) -> Iterator[Sample | Rejected]:
+    """Manifest items in input order; later duplicates of an id are rejected (``duplicate_id``)."""
+    seen: dict[str, int] = {}
+    for item in iter_samples(cfg.manifest, cfg.columns, fmt=cfg.format):
+        if isinstance(item, Sample):
+            first = seen.setdefault(item.id, item.line)
+            if first != item.line:
+                yield Rejected(item.line, item.id, "manifest", "duplicate_id",
+                               f"{item.source}:{item.line}: id '{item.id}' already used on line {first}")
+                continue
+        yield item
+
+
+def plan_rows_per_shard(cfg: PackConfig, head: list[Sample | Rejected]) -> int:
+    """Rows per shard from ``--rows-per-shard``, or ``--shard-size`` divided by the bytes of a row.
+
+    Padded rows have a fixed size, so the byte limit holds (before compression). For ``--pad none`` the row
+    size is estimated from the image files of the first samples, so the limit is a target.
+    """
+    if cfg.rows_per_shard:
+        return cfg.rows_per_shard
+    limit = cfg.shard_size or DEFAULT_SHARD_SIZE
+    text_bytes = (cfg.text.max_length * 5 if cfg.tokenizer else 0) + 512
+    if cfg.pad == "max":
+        row = cfg.pixel_bytes() + text_bytes
+    else:
+        sizes = []
+        root = cfg.root
+        for item in head:
+            if isinstance(item, Sample):
+                total = 0
+                for ref in item.images[: cfg.limit_images]:
+                    with contextlib.suppress(OSError):
+                        total += (root / ref).stat().st_size
+                sizes.append(total)
+        row = (sum(sizes) // len(sizes) if sizes else 256 * 1024) + text_bytes
+    return max(1, limit // max(1, row))
+
+
+def _identity(cfg: PackConfig, rows_per_shard: int) -> dict[str, Any]:
+    manifest_hash = None
+    if cfg.manifest != "-":
+        h = hashlib.sha256()
+        with open(cfg.manifest, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                h.update(block)
+        manifest_hash = h.hexdigest()
+    return {
+        "config": json.loads(json.dumps(cfg.to_dict(), sort_keys=True)),
+        "manifest_sha256": manifest_hash,
+        "rows_per_shard": rows_per_shard,
+    }
+
+
+def pack_chunk(
+    processor: SampleProcessor,
+    out_dir: Path,
+    index: int,
+    items: list[Sample | Rejected],
+    progress: ProgressFn | None = None,
+) -> dict[str, Any]:
+    """Process one chunk and write its shard; returns the chunk record (also the resume record)."""
+    cfg = processor.cfg
+    state: dict[str, Any] = {}
+    done = [0, 0]
+
+    def batches() -> Iterator[Any]:
+        for batch, res in processor.process_chunk(index, items, batch_rows=default_row_group_rows(cfg)):
+            state["res"] = res
+            if progress is not None:
+                rows = res.rows + len(res.rejected)
+                progress(rows - done[0], res.images_written - done[1])
+                done[0], done[1] = rows, res.images_written
+            yield batch
+
+    def shard_meta() -> dict[str, str]:
+        res = state["res"]
+        hist = {str(k): v for k, v in sorted(res.image_count_histogram.items())}
+        return {"mmprep.shard": json.dumps({"index": index, "rows": res.rows, "image_count_histogram": hist,
+                                            "first_line": res.first_line, "last_line": res.last_line},
+                                           sort_keys=True)}
+
+    info = write_shard(out_dir / shard_name(index), processor.schema, batches(),
+                       compression=cfg.compression, extra_metadata=shard_meta)
+    res = state["res"]
+    if progress is not None:
+        progress(len(items) - done[0], res.images_written - done[1])
+    return {
+        "index": index,
+        "items": len(items),
+        "shard": asdict(info),
+        "rows": res.rows,
+        "rejected": [r.to_dict() for r in res.rejected],
+        "image_count_histogram": {str(k): v for k, v in sorted(res.image_count_histogram.items())},
+        "images_written": res.images_written,
+        "images_dropped": res.images_dropped,
+        "tags_dropped": res.tags_dropped,
+        "text_truncated": res.text_truncated,
+        "first_line": res.first_line,
+        "last_line": res.last_line,
+    }
+
+
+def _chunks(items: Iterable[Sample | Rejected], size: int) -> Iterator[tuple[int, list[Sample | Rejected]]]:
+    chunk: list[Sample | Rejected] = []
+    index = 0
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield index, chunk
+            index += 1
+            chunk = []
+    if chunk or index == 0:
+        yield index, chunk
+
+
+def pack(
+    cfg: PackConfig,
+    *,
+    workers: int | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    engine: str = "local",
+    progress: ProgressFn | None = None,
+    on_total: Callable[[int | None], None] | None = None,
+) -> PackReport:
+    """Run a pack job and return its report.
+
+    Args:
+        cfg: the configuration (validated here).
+        workers: worker processes (default: all cores); 1 runs in this process.
+        resume: keep intact shards of an interrupted run with the same input and flags.
+        overwrite: replace mmprep's files from an earlier run in ``cfg.out``.
+        engine: ``local`` (process pool) or ``ray``.
+        progress: called with (rows, images) increments as work completes.
+        on_total: called once with the number of input rows when known (after a shuffle), else None.
+
+    Raises:
+        UsageError: bad configuration or output directory (exit 2).
+        RunFailed: a failed run: ``--on-error fail`` met a bad row, a worker died, too many rejects (exit 1).
+    """
+    cfg.validate()
+    cfg = with_defaults(cfg)
+    if resume and cfg.manifest == "-":
+        raise UsageError("--resume needs a manifest file, not stdin")
+    if engine not in ("local", "ray"):
+        raise UsageError(f"--engine must be local or ray, got '{engine}'")
+    workers = workers or os.cpu_count() or 1
+    if workers < 1:
+        raise UsageError(f"--workers must be at least 1, got {workers}")
+    start = time.perf_counter()
+
+    items_iter = iter_items(cfg)
+    if cfg.shuffle:
+        import numpy as np
+
+        all_items = list(items_iter)
+        order = np.random.default_rng(cfg.seed).permutation(len(all_items))
+        items_iter = iter([all_items[i] for i in order])
+        if on_total:
+            on_total(len(all_items))
+    head: list[Sample | Rejected] = []
+    for item in items_iter:
+        head.append(item)
+        if len(head) >= 64:
+            break
+    rows_per_shard = plan_rows_per_shard(cfg, head)
+
+    def all_items_iter() -> Iterator[Sample | Rejected]:
+        yield from head
+        yield from items_iter
+
+    # Built once, before the output is touched: a bad tokenizer or vocabulary fails fast (exit 2), and workers
+    # receive this processor pickled (the tokenizer travels as its JSON, so workers do not import transformers).
+    processor = SampleProcessor(cfg)
+
+    with OutputDir(cfg.out, resume=resume, overwrite=overwrite) as out_dir:
+        out_dir.open(_identity(cfg, rows_per_shard))
+        chunks = _chunks(all_items_iter(), rows_per_shard)
+        if engine == "ray":
+            from mmprep.engines.ray import run_chunks_ray
+
+            records, resumed = run_chunks_ray(processor, out_dir, chunks, workers=workers, progress=progress)
+        elif workers == 1:
+            records, resumed = _run_inline(processor, out_dir, chunks, progress)
+        else:
+            from mmprep.engines.local import run_chunks_pool
+
+            records, resumed = run_chunks_pool(processor, out_dir, chunks, workers=workers, progress=progress)
+        report = _finish(cfg, out_dir.path, records, rows_per_shard)
+    report.seconds = time.perf_counter() - start
+    report.samples_per_s = report.written / report.seconds if report.seconds else 0.0
+    report.images_per_s = report.images_written / report.seconds if report.seconds else 0.0
+    report.peak_rss_mb = _peak_rss_mb()
+    report.resumed_shards = resumed
+    report.workers = workers
+    write_json(Path(cfg.out) / RUN_STATS_NAME, {
+        "seconds": round(report.seconds, 3), "samples_per_s": round(report.samples_per_s, 2),
+        "images_per_s": round(report.images_per_s, 2), "peak_rss_mb": round(report.peak_rss_mb, 1),
+        "workers": workers, "resumed_shards": resumed, "engine": engine,
+    })
+    if report.reject_rate > cfg.max_reject_rate:
+        report.failed = (f"{report.rejected} of {report.read} rows rejected ({report.reject_rate:.1%}), "
+                         f"above --max-reject-rate {cfg.max_reject_rate:.1%}")
+    return report
+
+
+def _run_inline(
+    processor: SampleProcessor,
+    out_dir: OutputDir,
+    chunks: Iterable[tuple[int, list[Sample | Rejected]]],
+    progress: ProgressFn | None,
+) -> tuple[list[dict[str, Any]], int]:
+    records: list[dict[str, Any]] = []
+    resumed = 0
+    for index, items in chunks:
+        rec = out_dir.finished_chunk(index)
+        if rec is not None and rec.get("items") == len(items):
+            resumed += 1
+            if progress:
+                progress(len(items), rec["images_written"])
+        else:
+            rec = pack_chunk(processor, out_dir.path, index, items, progress)
+            out_dir.save_chunk(index, rec)
+        check_fail_fast(processor.cfg, rec)
+        records.append(rec)
+    return records, resumed
+
+
+def check_fail_fast(cfg: PackConfig, record: dict[str, Any]) -> None:
+    """With ``--on-error fail``, stop at the first rejected row (no index is written)."""
+    if cfg.on_error == "fail" and record["rejected"]:
+        first = min(record["rejected"], key=lambda r: r["line"])
+        raise RunFailed(
+            f"--on-error fail: {first['detail'] or first['reason']} (stage {first['stage']}, reason {first['reason']})",
+            hint="fix that row, or use --on-error skip to write bad rows to rejected.jsonl and go on",
+        )
+
+
+def _finish(cfg: PackConfig, out: Path, records: list[dict[str, Any]], rows_per_shard: int) -> PackReport:
+    records = sorted(records, key=lambda r: r["index"])
+    rejected = sorted((r for rec in records for r in rec["rejected"]), key=lambda r: r["line"])
+    by_reason = Counter(r["reason"] for r in rejected)
+    hist: Counter[str] = Counter()
+    for rec in records:
+        hist.update(rec["image_count_histogram"])
+    read = sum(rec["items"] for rec in records)
+    written = sum(rec["rows"] for rec in records)
+    if read != written + len(rejected):
+        raise RunFailed(f"row accounting failed: read {read}, written {written}, rejected {len(rejected)}")
+    shards = [
+        {**rec["shard"], "image_count_histogram": rec["image_count_histogram"],
+         "first_line": rec["first_line"], "last_line": rec["last_line"]}
+        for rec in records
+    ]
+    sorted_hist = {k: hist[k] for k in sorted(hist, key=int)}
+    totals = {
+        "read": read,
+        "written": written,
+        "rejected": len(rejected),
+        "rejected_by_reason": dict(sorted(by_reason.items())),
+        "images_written": sum(rec["images_written"] for rec in records),
+        "images_dropped_by_limit": sum(rec["images_dropped"] for rec in records),
+        "tags_dropped_unknown": sum(rec["tags_dropped"] for rec in records),
+        "text_truncated": sum(rec["text_truncated"] for rec in records),
+        "image_count_histogram": sorted_hist,
+        "bytes": sum(s["bytes"] for s in shards),
+    }
+    lines = "".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in rejected)
+    atomic_write_bytes(out / REJECTS_NAME, lines.encode())
+    schema_meta = None
+    if shards:
+        import pyarrow.parquet as pq
+
+        from mmprep.schema import read_metadata
+
+        schema_meta = read_metadata(pq.read_schema(out / shards[0]["path"]))
+    index = {
+        "format": "mmprep-index",
+        "format_version": 1,
+        "config": cfg.to_dict(),
+        "rows_per_shard": rows_per_shard,
+        "metadata": schema_meta,
+        "shards": shards,
+        "rejects": REJECTS_NAME,
+        "totals": totals,
+    }
+    write_json(out / INDEX_NAME, index)  # last: its presence means the dataset is complete
+    return PackReport(
+        out=str(out),
+        shards=shards,
+        read=read,
+        written=written,
+        rejected=len(rejected),
+        rejected_by_reason=totals["rejected_by_reason"],
+        images_written=totals["images_written"],
+        images_dropped=totals["images_dropped_by_limit"],
+        tags_dropped=totals["tags_dropped_unknown"],
+        text_truncated=totals["text_truncated"],
+        image_count_histogram=sorted_hist,
+        rows_per_shard=rows_per_shard,
+        bytes_written=totals["bytes"],
+        reject_rate=(len(rejected) / read) if read else 0.0,
+    )
+
+
+def _peak_rss_mb() -> float:
+    """Peak resident memory of this process and its (finished) children, in MB."""
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return max(own, kids) / 1024.0
+

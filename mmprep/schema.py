@@ -1,0 +1,161 @@
+"""The packed shard schema, declared up front, and the metadata that tells a reader everything.
+
+Only plain Arrow types are used (no extension types), so pyarrow, pandas, DuckDB, Polars and Hugging Face
+``datasets`` read shards as they are. Fields are declared nullable (though never null) because ``datasets``
+only honours its ``huggingface`` feature metadata when the fields match its own, nullable, schema exactly.
+The padded pixel tensor of a row is one ``fixed_size_binary`` value (see
+``docs``/README "Shard format"); small per-row arrays are fixed-size lists.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from mmprep.process import PackConfig
+    from mmprep.vocab import Vocabulary
+
+__all__ = ["FORMAT_VERSION", "METADATA_KEY", "SHARD_METADATA_KEY", "build_schema", "read_metadata"]
+
+FORMAT_VERSION = 1
+METADATA_KEY = "mmprep"
+SHARD_METADATA_KEY = "mmprep.shard"
+
+
+def build_schema(
+    cfg: PackConfig,
+    *,
+    pad_token_id: int | None = None,
+    tokenizer_name: str | None = None,
+    vocab: Vocabulary | None = None,
+) -> Any:
+    """The Arrow schema (with ``mmprep`` metadata) for a pack configuration."""
+    import numpy as np
+    import pyarrow as pa
+
+    limit = cfg.limit_images
+    fields: list[Any] = [
+        pa.field("id", pa.string()),
+        pa.field("line", pa.int64()),
+        pa.field("image_count", pa.int32()),
+    ]
+    meta: dict[str, Any] = {
+        "format": "mmprep-shard",
+        "format_version": FORMAT_VERSION,
+        "layout": "padded" if cfg.pad == "max" else "encoded",
+        "limit_images": limit,
+        "resize_mode": cfg.image.resize_mode,
+        "interpolation": cfg.image.interpolation,
+    }
+    if cfg.pad == "max":
+        shape = [limit, *cfg.slot_shape()]
+        fields += [
+            pa.field("image_mask", pa.list_(pa.bool_(), limit)),
+            pa.field("image_sizes", pa.list_(pa.list_(pa.int32(), 2), limit)),
+            pa.field("content_boxes", pa.list_(pa.list_(pa.int32(), 4), limit)),
+            pa.field("pixel_values", pa.binary(cfg.pixel_bytes())),
+        ]
+        meta["pixels"] = {
+            "column": "pixel_values",
+            "dtype": cfg.norm.dtype,
+            "shape": shape,
+            "layout": cfg.norm.layout,
+            "byte_order": "little" if np.little_endian else "big",
+            "normalized": cfg.norm.dtype != "uint8",
+            "mean": list(cfg.norm.mean),
+            "std": list(cfg.norm.std),
+            "scale": "pixel/255" if cfg.norm.dtype != "uint8" else "pixel",
+            "padding": "all-zero bytes in the stored dtype (uint8: black; normalised: the mean colour)",
+            "letterbox_fill": list(cfg.image.fill) if cfg.image.resize_mode == "letterbox" else None,
+            "image_size": list(cfg.image.size) if cfg.image.size else None,
+            "image_sizes": "original (width, height) after EXIF orientation; zeros for empty slots",
+            "content_boxes": "(x0, y0, x1, y1) of real content in output pixels; zeros for empty slots",
+        }
+    else:
+        image_struct = pa.struct([pa.field("bytes", pa.binary()), pa.field("path", pa.string())])
+        fields += [
+            pa.field("images", pa.list_(image_struct)),
+            pa.field("image_sizes", pa.list_(pa.list_(pa.int32(), 2))),
+        ]
+        meta["images"] = {
+            "column": "images",
+            "storage": "Hugging Face Image (struct<bytes, path>)",
+            "encoding": cfg.encode_format,
+            "image_sizes": "original (width, height) after EXIF orientation",
+        }
+    if tokenizer_name is not None:
+        length = cfg.text.max_length
+        fields += [
+            pa.field("input_ids", pa.list_(pa.int32(), length)),
+            pa.field("attention_mask", pa.list_(pa.int8(), length)),
+            pa.field("n_tokens", pa.int32()),
+            pa.field("truncated", pa.bool_()),
+        ]
+        meta["text"] = {
+            "tokenizer": tokenizer_name,
+            "pad_token_id": pad_token_id,
+            "max_length": length,
+            "padding_side": cfg.text.padding_side,
+            "truncation_side": cfg.text.truncation_side,
+            "add_special_tokens": cfg.text.add_special_tokens,
+            "caption": cfg.text.caption,
+        }
+    if vocab is not None:
+        fields.append(pa.field("tag_ids", pa.list_(pa.int32())))
+        meta["vocab"] = {"sha256": vocab.sha256, "size": vocab.size, "file": _basename(vocab.path)}
+    else:
+        fields.append(pa.field("tags", pa.list_(pa.string())))
+    fields += [
+        pa.field("text", pa.string()),
+        pa.field("image_paths", pa.list_(pa.string())),
+    ]
+    metadata = {METADATA_KEY: json.dumps(meta, sort_keys=True)}
+    if cfg.pad == "none":
+        metadata["huggingface"] = json.dumps(_hf_features(fields), sort_keys=True)
+    return pa.schema(fields, metadata=metadata)
+
+
+def _basename(path: str) -> str:
+    import os
+
+    return os.path.basename(path)
+
+
+def _hf_features(fields: list[Any]) -> dict[str, Any]:
+    """``datasets`` feature metadata so ``load_dataset("parquet")`` decodes ``images`` as a list of Images.
+
+    Uses ``Sequence`` (not ``List``), which datasets 2.x, 3.x and 4+ all read.
+    """
+    import pyarrow as pa
+
+    def feature(t: Any) -> dict[str, Any]:
+        if pa.types.is_fixed_size_list(t):
+            return {"_type": "Sequence", "feature": feature(t.value_type), "length": t.list_size}
+        if pa.types.is_list(t):
+            return {"_type": "Sequence", "feature": feature(t.value_type)}
+        return {"_type": "Value", "dtype": _hf_dtype(t)}
+
+    out: dict[str, Any] = {}
+    for f in fields:
+        if f.name == "images":
+            out[f.name] = {"_type": "Sequence", "feature": {"_type": "Image"}}
+        else:
+            out[f.name] = feature(f.type)
+    return {"info": {"features": out}}
+
+
+def _hf_dtype(t: Any) -> str:
+    import pyarrow as pa
+
+    if pa.types.is_string(t):
+        return "string"
+    if pa.types.is_boolean(t):
+        return "bool"
+    return str(t)
+
+
+def read_metadata(schema: Any) -> dict[str, Any]:
+    """The ``mmprep`` metadata of a shard schema (raises KeyError when absent)."""
+    raw = (schema.metadata or {})[METADATA_KEY.encode()]
+    return json.loads(raw)

@@ -1,0 +1,265 @@
+"""`mmprep pack`: round trips through every reader, accounting, determinism, resume, layouts, CLI contract."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from mmprep.cli import app
+from mmprep.images import ImageConfig, Normalization
+from mmprep.pack import pack
+from mmprep.process import PackConfig
+from mmprep.text import TextConfig
+
+SAMPLE = Path("sample_data")
+CLIP = str(SAMPLE / "tokenizers" / "clip")
+VOCAB = str(SAMPLE / "ram_tag_list.txt")
+runner = CliRunner()
+
+
+def sample_cfg(out: Path, **kw) -> PackConfig:
+    base = dict(
+        manifest=str(SAMPLE / "manifest.jsonl"),
+        out=str(out),
+        image=ImageConfig(size=(64, 64), resize_mode="letterbox"),
+        limit_images=4,
+        tokenizer=CLIP,
+        text=TextConfig(max_length=32),
+        vocab=VOCAB,
+        rows_per_shard=6,
+    )
+    base.update(kw)
+    return PackConfig(**base)
+
+
+def digests(out: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(out.iterdir()) if p.is_file() and p.name != "run-stats.json"}
+
+
+@pytest.fixture(scope="module")
+def packed(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("packed") / "out"
+    report = pack(sample_cfg(out), workers=1)
+    assert report.failed is None
+    return out
+
+
+def test_accounting_and_rejects(packed: Path) -> None:
+    index = json.loads((packed / "index.json").read_text())
+    t = index["totals"]
+    assert t["read"] == 18
+    assert t["written"] == 15
+    assert t["rejected"] == 3
+    assert t["read"] == t["written"] + t["rejected"]
+    assert t["rejected_by_reason"] == {"image_missing": 1, "image_truncated": 1, "unknown_tag": 1}
+    rejects = [json.loads(line) for line in (packed / "rejected.jsonl").read_text().splitlines()]
+    assert [(r["line"], r["id"], r["stage"]) for r in rejects] == [
+        (16, "s016", "image"), (17, "s017", "image"), (18, "s018", "labels")
+    ]
+    assert "does_not_exist.jpg" in rejects[0]["detail"]
+    assert "feline friend" in rejects[2]["detail"]
+    assert sum(s["rows"] for s in index["shards"]) == 15
+    assert [s["path"] for s in index["shards"]] == ["shard-00000.parquet", "shard-00001.parquet", "shard-00002.parquet"]
+    assert t["image_count_histogram"] == {"1": 11, "2": 2, "3": 1, "4": 1}
+    for s in index["shards"]:
+        data = (packed / s["path"]).read_bytes()
+        assert len(data) == s["bytes"] and hashlib.sha256(data).hexdigest() == s["sha256"]
+    assert not list(packed.glob(".*tmp*"))
+
+
+def read_all(packed: Path):
+    import pyarrow as pa
+
+    return pa.concat_tables(pq.read_table(packed / s) for s in sorted(p.name for p in packed.glob("shard-*")))
+
+
+def test_pixels_masks_tokens_tags(packed: Path) -> None:
+    table = read_all(packed)
+    meta = json.loads(table.schema.metadata[b"mmprep"])
+    assert meta["pixels"]["shape"] == [4, 3, 64, 64] and meta["pixels"]["dtype"] == "uint8"
+    rows = {r["id"]: r for r in table.to_pylist()}
+    # s003: two images (coffee 600x400, chelsea 451x300), letterboxed into 64x64
+    r = rows["s003"]
+    assert r["image_count"] == 2 and r["image_mask"] == [True, True, False, False]
+    assert r["image_sizes"][:2] == [[600, 400], [451, 300]] and r["image_sizes"][2] == [0, 0]
+    x0, y0, x1, y1 = r["content_boxes"][0]
+    assert (x0, x1) == (0, 64) and y1 - y0 in (42, 43)
+    px = np.frombuffer(r["pixel_values"], dtype=np.uint8).reshape(4, 3, 64, 64)
+    assert not px[2:].any()  # padding slots are zeros
+    assert (px[0][:, :y0, :] == 0).all()  # letterbox bands in the fill colour (black)
+    # an independent check of the content: Pillow's own resize of the same file, same box
+    ref = np.asarray(Image.open(SAMPLE / "images/coffee.jpg").convert("RGB").resize((x1 - x0, y1 - y0),
+                                                                                  Image.BICUBIC))
+    got = px[0][:, y0:y1, x0:x1].transpose(1, 2, 0).astype(int)
+    assert np.abs(got - ref.astype(int)).mean() < 3.0
+    # EXIF-rotated landscape: stored 1200x1800 with orientation 6, reported as 1800x1200
+    assert rows["s009"]["image_sizes"][0] == [1800, 1200]
+    # tokens: CLIP ids for the caption, padded to 32
+    ids = rows["s001"]["input_ids"]
+    assert len(ids) == 32 and ids[0] == 49406 and 49407 in ids
+    n = rows["s001"]["n_tokens"]
+    assert rows["s001"]["attention_mask"] == [1] * n + [0] * (32 - n)
+    assert rows["s001"]["truncated"] is False
+    vocab = (SAMPLE / "ram_tag_list.txt").read_text().split("\n")
+    assert [vocab[i] for i in rows["s001"]["tag_ids"]] == ["astronaut", "flag", "woman", "suit", "portrait"]
+    assert rows["s004"]["text"].startswith("A rocket lifts off")  # --caption first
+    assert rows["s014"]["line"] == 14
+
+
+def test_other_readers_agree(packed: Path) -> None:
+    import datasets
+    import duckdb
+    import pandas as pd
+    import polars as pl
+
+    files = sorted(str(p) for p in packed.glob("shard-*.parquet"))
+    base = read_all(packed).to_pylist()
+    ids = [r["id"] for r in base]
+    df = pd.concat([pd.read_parquet(f) for f in files])
+    assert list(df["id"]) == ids
+    assert bytes(df.iloc[2]["pixel_values"]) == base[2]["pixel_values"]
+    pl_df = pl.read_parquet(files)
+    assert pl_df["id"].to_list() == ids and pl_df["n_tokens"].to_list() == [r["n_tokens"] for r in base]
+    glob = str(packed / "shard-*.parquet")
+    con = duckdb.connect()
+    got = con.execute(f"select id, image_count, input_ids, pixel_values from '{glob}' order by line").fetchall()
+    assert [g[0] for g in got] == ids and [g[1] for g in got] == [r["image_count"] for r in base]
+    assert list(got[0][2]) == base[0]["input_ids"] and bytes(got[4][3]) == base[4]["pixel_values"]
+    ds = datasets.load_dataset("parquet", data_files=files, split="train")
+    assert ds["id"] == ids and ds[5]["tag_ids"] == base[5]["tag_ids"]
+    assert ds[1]["pixel_values"] == base[1]["pixel_values"]
+
+
+def test_deterministic_across_runs_and_workers(packed: Path, tmp_path) -> None:
+    out = tmp_path / "again"
+    pack(sample_cfg(out), workers=2)
+    assert digests(out) == digests(packed)
+
+
+def test_resume_after_losing_shards_is_identical(packed: Path, tmp_path) -> None:
+    out = tmp_path / "partial"
+    shutil.copytree(packed, out)
+    # simulate a run killed after shard 0: later shards, their records and the final files are gone
+    for name in ("shard-00001.parquet", "shard-00002.parquet", "index.json", "rejected.jsonl"):
+        (out / name).unlink()
+    (out / ".mmprep/chunks/00002.json").unlink()
+    (out / ".shard-00001.parquet.tmp-999").write_bytes(b"half")  # a temp left by the killed worker
+    report = pack(sample_cfg(out), workers=1, resume=True)
+    assert report.resumed_shards == 1
+    assert digests(out) == digests(packed)
+
+
+def test_refuses_non_empty_dir_and_changed_resume(packed: Path, tmp_path) -> None:
+    from mmprep.errors import UsageError
+
+    with pytest.raises(UsageError, match="not empty"):
+        pack(sample_cfg(packed), workers=1)
+    with pytest.raises(UsageError, match="cannot resume"):
+        pack(sample_cfg(packed, limit_images=5), workers=1, resume=True)
+
+
+def test_shuffle_is_deterministic_and_maps_back(tmp_path) -> None:
+    a, b = tmp_path / "a", tmp_path / "b"
+    pack(sample_cfg(a, shuffle=True, seed=7), workers=1)
+    pack(sample_cfg(b, shuffle=True, seed=7), workers=1)
+    assert digests(a) == digests(b)
+    rows = read_all(a).to_pylist()
+    assert [r["line"] for r in rows] != sorted(r["line"] for r in rows)
+    manifest = (SAMPLE / "manifest.jsonl").read_text().splitlines()
+    for r in rows:
+        assert json.loads(manifest[r["line"] - 1])["id"] == r["id"]
+
+
+def test_too_many_images_truncate_and_float_layout(tmp_path) -> None:
+    out = tmp_path / "t"
+    cfg = sample_cfg(out, limit_images=2, too_many_images="truncate", image=ImageConfig(size=(32, 48),
+                     resize_mode="stretch"), norm=Normalization.from_spec("clip", None, None, None, "float16", "HWC"))
+    report = pack(cfg, workers=1)
+    assert report.images_dropped == 1 + 2  # s005 has 3 images, s013 has 4
+    table = read_all(out)
+    meta = json.loads(table.schema.metadata[b"mmprep"])
+    assert meta["pixels"]["shape"] == [2, 32, 48, 3] and meta["pixels"]["dtype"] == "float16"
+    row = table.to_pylist()[4]  # s005
+    px = np.frombuffer(row["pixel_values"], dtype=np.float16).reshape(2, 32, 48, 3)
+    assert row["image_count"] == 2 and np.isfinite(px).all() and px.min() < -1.0
+
+
+def test_pad_none_is_hf_image_storage(tmp_path) -> None:
+    import datasets
+
+    out = tmp_path / "enc"
+    report = pack(sample_cfg(out, pad="none", image=ImageConfig(size=None, resize_mode="none")), workers=1)
+    assert report.written == 15
+    files = sorted(str(p) for p in out.glob("shard-*.parquet"))
+    ds = datasets.load_dataset("parquet", data_files=files, split="train")
+    first = ds[0]
+    assert isinstance(first["images"], list) and len(first["images"]) == first["image_count"] == 1
+    assert first["images"][0].size == (512, 512)  # decoded by datasets' Image feature
+    raw = pq.read_table(files[0]).to_pylist()[0]["images"][0]
+    assert raw["bytes"] == (SAMPLE / "images/astronaut.jpg").read_bytes() and raw["path"] == "images/astronaut.jpg"
+
+
+def test_cli_json_report_and_exit_codes(tmp_path) -> None:
+    out = tmp_path / "cli"
+    args = ["pack", str(SAMPLE / "manifest.jsonl"), "--out", str(out), "--tokenizer", CLIP, "--vocab", VOCAB,
+            "--image-size", "32", "--max-length", "16", "--workers", "1"]
+    result = runner.invoke(app, [*args, "--json"])
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["read"] == 18 and report["written"] == 15 and report["rejected"] == 3
+    # non-empty output dir: usage error, nothing on stdout
+    again = runner.invoke(app, [*args, "--json"])
+    assert again.exit_code == 2 and again.stdout == "" and "not empty" in again.stderr
+    # too many rejects: the run completes but fails
+    fail = runner.invoke(app, [*args, "--overwrite", "--max-reject-rate", "0.1"])
+    assert fail.exit_code == 1 and "max-reject-rate" in fail.stderr
+    # --on-error fail stops at the first bad row
+    stop = runner.invoke(app, [*args, "--overwrite", "--on-error", "fail"])
+    assert stop.exit_code == 1 and "does_not_exist.jpg" in stop.stderr
+    # bad flag value
+    bad = runner.invoke(app, [*args, "--overwrite", "--pad", "sideways"])
+    assert bad.exit_code == 2 and "--pad" in bad.stderr
+
+
+def test_config_file_supplies_defaults(tmp_path) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'[pack]\ntokenizer = "{CLIP}"\nvocab = "{VOCAB}"\nimage-size = "32"\nmax-length = 16\n'
+                   'workers = 1\nlimit-images = 2\n')
+    out = tmp_path / "o"
+    result = runner.invoke(app, ["--config", str(cfg), "pack", str(SAMPLE / "manifest.jsonl"), "--out", str(out),
+                                 "--limit-images", "4", "--json"])
+    assert result.exit_code == 0, result.stderr
+    index = json.loads((out / "index.json").read_text())
+    assert index["config"]["limit_images"] == 4  # the command line wins
+    assert index["config"]["text"]["max_length"] == 16  # the file supplies the rest
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[pack]\nimage-sise = 3\n")
+    result = runner.invoke(app, ["--config", str(bad), "pack", "x.jsonl", "--out", str(tmp_path / "z")])
+    assert result.exit_code == 2 and "unknown key 'image-sise'" in result.stderr
+
+
+def test_second_run_on_locked_dir_is_refused(tmp_path) -> None:
+    import fcntl
+    import os
+
+    from mmprep.errors import UsageError
+
+    out = tmp_path / "locked"
+    (out / ".mmprep").mkdir(parents=True)
+    fd = os.open(out / ".mmprep" / "lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    os.write(fd, b"4242")
+    try:
+        with pytest.raises(UsageError, match="another mmprep run"):
+            pack(sample_cfg(out), workers=1)
+    finally:
+        os.close(fd)
