@@ -288,6 +288,8 @@ def _pick_index(seed: int, sample_id: str, n: int) -> int:
 @contextlib.contextmanager
 def _quiet_transformers() -> Iterator[None]:
     """Silence transformers' logging and warnings while loading (library code never prints)."""
+    # transformers prints an advisory at import when torch is absent (tokenizers need no torch).
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     from transformers.utils import logging as hf_logging
 
     level = hf_logging.get_verbosity()
