@@ -604,10 +604,13 @@ def _decode_opened(im: Image.Image, name: str, cfg: ImageConfig) -> DecodedImage
         )
     fmt = im.format or ""
     source_mode = im.mode
-    n_frames = int(getattr(im, "n_frames", 1) or 1)
+    try:  # counting frames parses (without decoding) the later ones; a damaged later frame is not our problem
+        n_frames = int(getattr(im, "n_frames", 1) or 1)
+    except Exception:
+        n_frames = 1
     try:
-        # JPEG keeps EXIF in its header (cheap); for PNG, getexif() reads the trailing chunks, which decodes
-        # the image - errors there are decode errors of this file.
+        # JPEG keeps EXIF in its header, so orientation is known before decoding (needed to draft the right
+        # size); other formats may keep it after the pixel data (PNG eXIf), so they are read after load().
         orientation = _orientation(im) if fmt in ("JPEG", "MPO") else 1
         transposed = False
         plan: ResizePlan | None = None
