@@ -15,6 +15,8 @@ code (``image_missing``, ``image_truncated``, ``image_too_large``, ...). A file 
 :attr:`ImageConfig.pixel_limit` is rejected from its header, before any pixel is decoded; a truncated file is
 rejected, never half-decoded (``ImageFile.LOAD_TRUNCATED_IMAGES`` is never set); a PNG whose text chunks would
 decompress to an excessive size is rejected with ``image_metadata_too_large``. No global Pillow setting is changed.
+Known gap: a PNG whose compressed stream ends *cleanly* before the last row (a malformed file, not a cut one) is
+accepted by Pillow with the missing rows black; mmprep does not detect that case.
 
 Speed: for JPEG (and MPO) files that are being shrunk, the decoder scales by 1/2, 1/4 or 1/8 in the DCT domain
 (``Image.draft``), then ``Image.reduce`` shrinks by an integer factor before the final antialiased resample
@@ -23,6 +25,7 @@ Speed: for JPEG (and MPO) files that are being shrunk, the decoder scales by 1/2
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import math
@@ -520,6 +523,10 @@ def load_image(source: str | os.PathLike[str] | bytes, cfg: ImageConfig) -> Deco
 
     Raises:
         ImageError: with a reason from :data:`IMAGE_ERROR_REASONS`; nothing else for a bad file.
+
+    Pillow's warnings for the file (corrupt EXIF, malformed MPO, ...) are captured into
+    :attr:`DecodedImage.notes` with ``warnings.catch_warnings``, which Python < 3.14 implements with
+    process-wide state: run concurrent decodes in processes (as mmprep does), not threads.
     """
     name = _name(source)
     if isinstance(source, (bytes, bytearray, memoryview)):
@@ -555,8 +562,6 @@ def _decode(fp: Any, name: str, cfg: ImageConfig) -> DecodedImage:
             im = Image.open(fp, formats=_formats())
         except UnidentifiedImageError:
             raise _unidentified(fp, name) from None
-        except ImageError:
-            raise
         except Exception as exc:
             raise _decode_failure(exc, name) from None
         try:
@@ -599,10 +604,13 @@ def _decode_opened(im: Image.Image, name: str, cfg: ImageConfig) -> DecodedImage
         )
     fmt = im.format or ""
     source_mode = im.mode
-    n_frames = int(getattr(im, "n_frames", 1) or 1)
+    try:  # counting frames parses (without decoding) the later ones; a damaged later frame is not our problem
+        n_frames = int(getattr(im, "n_frames", 1) or 1)
+    except Exception:
+        n_frames = 1
     try:
-        # JPEG keeps EXIF in its header (cheap); for PNG, getexif() reads the trailing chunks, which decodes
-        # the image - errors there are decode errors of this file.
+        # JPEG keeps EXIF in its header, so orientation is known before decoding (needed to draft the right
+        # size); other formats may keep it after the pixel data (PNG eXIf), so they are read after load().
         orientation = _orientation(im) if fmt in ("JPEG", "MPO") else 1
         transposed = False
         plan: ResizePlan | None = None
@@ -826,13 +834,37 @@ def _read_stats_file(path: str | os.PathLike[str]) -> tuple[tuple[float, float, 
         raise InputError(exc.message, hint=exc.hint) from None
 
 
+@functools.lru_cache(maxsize=32)
+def _lut(mean: tuple[float, float, float], std: tuple[float, float, float], dtype: str) -> np.ndarray:
+    """``(3, 256)`` table of normalised values for every uint8 level of every channel."""
+    levels = np.arange(256, dtype=np.float64) / 255.0
+    table = (levels[None, :] - np.asarray(mean)[:, None]) / np.asarray(std)[:, None]
+    return np.ascontiguousarray(table.astype(dtype))
+
+
 def to_output(array_uint8_hwc: np.ndarray, norm: Normalization) -> np.ndarray:
-    """Apply the normalisation's dtype and layout to a uint8 ``(H, W, 3)`` array (returns a new C array)."""
+    """Apply the normalisation's dtype and layout to a uint8 ``(H, W, 3)`` array (returns a new C array).
+
+    float16 values are looked up in a per-level table computed in float64 (exactly rounded, and faster than
+    arithmetic plus a cast); float32 values are computed as ``pixel * (1 / (255 std)) - mean / std``.
+    """
     arr = array_uint8_hwc
     if norm.dtype == "uint8":
         if norm.layout == "CHW":
             return np.ascontiguousarray(arr.transpose(2, 0, 1))
         return np.array(arr, copy=True, order="C")
+    if norm.dtype == "float16":
+        lut = _lut(tuple(norm.mean), tuple(norm.std), "float16")
+        if norm.layout == "CHW":
+            src = arr.transpose(2, 0, 1)
+            out16 = np.empty(src.shape, dtype=np.float16)
+            for c in range(3):
+                np.take(lut[c], src[c], out=out16[c])
+        else:
+            out16 = np.empty(arr.shape, dtype=np.float16)
+            for c in range(3):
+                np.take(lut[c], arr[..., c], out=out16[..., c])
+        return out16
     scale = (1.0 / (255.0 * np.asarray(norm.std, dtype=np.float64))).astype(np.float32)
     offset = (-np.asarray(norm.mean, dtype=np.float64) / np.asarray(norm.std, dtype=np.float64)).astype(np.float32)
     if norm.layout == "CHW":
@@ -844,7 +876,7 @@ def to_output(array_uint8_hwc: np.ndarray, norm: Normalization) -> np.ndarray:
         out = np.empty(arr.shape, dtype=np.float32)
         np.multiply(arr, scale, out=out)
         out += offset
-    return out.astype(np.float16) if norm.dtype == "float16" else out
+    return out
 
 
 # -- encoding ---------------------------------------------------------------------------------------------------------

@@ -146,6 +146,11 @@ def test_image_stats_input_errors(tmp_path: Path) -> None:
     (tmp_path / "notes.txt").write_text("hello")
     result = runner.invoke(app, ["image-stats", str(tmp_path)])
     assert result.exit_code == EXIT_USAGE and "no image files found" in result.stderr
+    result = runner.invoke(app, ["image-stats", str(DATA / "pillow_flower.jpg")])
+    assert result.exit_code == EXIT_USAGE and "is an image, expected a folder" in result.stderr
+    (tmp_path / "empty").write_text("")
+    result = runner.invoke(app, ["image-stats", str(tmp_path / "empty")])
+    assert result.exit_code == EXIT_USAGE and "--input-format" in result.stderr
     bad = tmp_path / "bad"
     bad.mkdir()
     shutil.copy(DATA / "broken" / "pillow_truncated_jpeg.jpg", bad / "x.jpg")
@@ -271,3 +276,18 @@ def test_normalize_images_fail_on_reject(tmp_path: Path) -> None:
                                  "--fail-on-reject", "-q", "-j", "1"])
     assert result.exit_code == EXIT_FAILED
     assert len((tmp_path / "o" / "rejects.jsonl").read_text().splitlines()) == 2
+
+
+def test_config_file_supplies_defaults(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    shutil.copy(DATA / "pillow_flower.jpg", src / "flower.jpg")
+    cfg = tmp_path / "mmprep.toml"
+    cfg.write_text('[normalize-images]\nformat = "jpeg"\nimage-size = "32x48"\nresize-mode = "stretch"\n'
+                   f'out = "{(tmp_path / "o").as_posix()}"\n\n[image-stats]\nresize-mode = "none"\n')
+    r = _json(runner.invoke(app, ["--config", str(cfg), "normalize-images", str(src), "--json"]))
+    assert r["format"] == "jpeg" and r["written"] == 1
+    with Image.open(tmp_path / "o" / "flower.jpg") as im:
+        assert im.size == (48, 32)
+    r = _json(runner.invoke(app, ["--config", str(cfg), "image-stats", str(src), "--json"]))
+    assert r["pixels"] == 480 * 360

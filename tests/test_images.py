@@ -520,9 +520,12 @@ def test_to_output_dtypes_and_layouts() -> None:
     y, x = 10, 20
     for c in range(3):
         assert f32[c, y, x] == pytest.approx((arr[y, x, c] / 255 - mean[c]) / std[c], abs=1e-5)
-    f16 = to_output(arr, Normalization.from_spec("clip", dtype="float16", layout="HWC"))
-    assert f16.dtype == np.float16 and f16.shape == (32, 48, 3)
-    assert np.allclose(f16.astype(np.float32), f32.transpose(1, 2, 0), atol=2e-3)
+    exact = (arr / 255 - np.asarray(mean)) / np.asarray(std)  # float64 reference, HWC
+    for layout, ref in (("HWC", exact), ("CHW", exact.transpose(2, 0, 1))):
+        f16 = to_output(arr, Normalization.from_spec("clip", dtype="float16", layout=layout))
+        assert f16.dtype == np.float16 and f16.shape == ref.shape and f16.flags.c_contiguous
+        assert np.array_equal(f16, ref.astype(np.float16))  # correctly rounded, not float32-then-cast
+    assert np.allclose(f32, exact.transpose(2, 0, 1), atol=1e-5)
 
 
 @settings(max_examples=50, deadline=None)

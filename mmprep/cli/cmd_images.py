@@ -115,10 +115,18 @@ def _collect(src: str, image_root: str | None, input_format: str | None, image_c
 
     if limit is not None and limit <= 0:
         raise UsageError(f"--limit must be positive, got {limit}")
-    images = collect_images(
-        src, image_root=image_root, allow_outside_root=allow_outside_root, input_format=input_format,
-        column_map=ColumnMap(images=image_column), exclude=exclude, limit=limit,
-    )
+    if Path(src).suffix.lower() in IMAGE_EXTENSIONS and Path(src).is_file():
+        raise InputError(f"{src}: is an image, expected a folder of images or a manifest",
+                         hint="pass the folder that holds it")
+    try:
+        images = collect_images(
+            src, image_root=image_root, allow_outside_root=allow_outside_root, input_format=input_format,
+            column_map=ColumnMap(images=image_column), exclude=exclude, limit=limit,
+        )
+    except InputError as exc:  # the manifest reader names its format flag --format; here it is --input-format
+        if exc.hint and "--format" in exc.hint:
+            raise InputError(exc.message, hint=exc.hint.replace("--format", "--input-format")) from None
+        raise
     if not images.items:
         if images.kind == "folder":
             raise InputError(f"{src}: no image files found",
@@ -153,7 +161,7 @@ def image_stats(
     no_draft: NoDraftOpt = False,
     workers: WorkersOpt = 0,
     limit: LimitOpt = None,
-    out_file: Annotated[str | None, typer.Option(
+    out: Annotated[str | None, typer.Option(
         "--out", metavar="FILE.json", help="Also write the statistics JSON here (usable as --stats-file).")] = None,
     json_: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -161,7 +169,7 @@ def image_stats(
 ) -> None:
     """Per-channel mean/std, sizes, modes and unreadable files of an image folder or manifest."""
     image_opts = {k: v for k, v in locals().items() if k in IMAGE_OPTION_NAMES}
-    out = make_output(json_, quiet, verbose)
+    ui = make_output(json_, quiet, verbose)
 
     def body() -> int:
         from mmprep.image_jobs import compute_image_stats
@@ -170,27 +178,27 @@ def image_stats(
         cfg = image_config_from_options(**image_opts)
         n_workers = _workers(workers)
         images = _collect(src, image_root, input_format, image_column, allow_outside_root, limit)
-        _report_manifest_rejects(out, images)
-        out.debug(f"{len(images.items)} images from {images.kind} {src}, {n_workers} worker(s)")
-        with out.progress(len(images.items), "image-stats", unit="img") as bar:
+        _report_manifest_rejects(ui, images)
+        ui.debug(f"{len(images.items)} images from {images.kind} {src}, {n_workers} worker(s)")
+        with ui.progress(len(images.items), "image-stats", unit="img") as bar:
             stats = compute_image_stats(images, cfg, workers=n_workers, on_progress=bar.update)
         report = stats.to_dict()
-        if out_file:
+        if out:
             import json
 
-            _write_text(Path(out_file), json.dumps(to_jsonable(report), indent=2, allow_nan=False) + "\n")
-        if out.json_mode:
-            out.emit_json(report)
+            _write_text(Path(out), json.dumps(to_jsonable(report), indent=2, allow_nan=False) + "\n")
+        if ui.json_mode:
+            ui.emit_json(report)
         else:
-            _render_stats(out, report)
-            if out_file:
-                out.info(f"statistics written to {out_file} (use it with --stats-file)")
+            _render_stats(ui, report)
+            if out:
+                ui.info(f"statistics written to {out} (use it with --stats-file)")
         if stats.decoded == 0:
             raise RunFailed(f"none of the {stats.images} images could be decoded",
                             hint="see the reasons above; the first is: " + stats.unreadable[0]["detail"])
         return EXIT_OK
 
-    run_command(out, body)
+    run_command(ui, body)
 
 
 def _write_text(path: Path, text: str) -> None:
@@ -244,7 +252,7 @@ def _preset(name: str) -> tuple[tuple[float, float, float], tuple[float, float, 
 @app.command("normalize-images")
 def normalize_images_cmd(
     src: SrcArg,
-    out_dir: Annotated[str, typer.Option("--out", "-o", metavar="DIR", help="Output folder (created).",
+    out: Annotated[str, typer.Option("--out", "-o", metavar="DIR", help="Output folder (created).",
                                          show_default=False)],
     image_root: ImageRootOpt = None,
     input_format: InputFormatOpt = None,
@@ -260,7 +268,7 @@ def normalize_images_cmd(
     fill: FillOpt = "0,0,0",
     pixel_limit: PixelLimitOpt = 89_478_485,
     no_draft: NoDraftOpt = False,
-    fmt: Annotated[str, typer.Option("--format", "-f", metavar="png|jpeg|webp|npy",
+    format: Annotated[str, typer.Option("--format", "-f", metavar="png|jpeg|webp|npy",
                                      help="Output format (npy stores arrays, see --dtype/--layout).")] = "png",
     quality: Annotated[int, typer.Option("--quality", metavar="1-100", help="JPEG/WebP quality.")] = 90,
     norm: Annotated[str | None, typer.Option("--norm", metavar="imagenet|clip",
@@ -285,7 +293,7 @@ def normalize_images_cmd(
 ) -> None:
     """Write decoded, resized copies of every image (PNG/JPEG/WebP or .npy) under the same relative paths."""
     image_opts = {k: v for k, v in locals().items() if k in IMAGE_OPTION_NAMES}
-    out = make_output(json_, quiet, verbose)
+    ui = make_output(json_, quiet, verbose)
 
     def body() -> int:
         import json
@@ -295,9 +303,9 @@ def normalize_images_cmd(
         from mmprep.output import to_jsonable
 
         cfg = image_config_from_options(**image_opts)
-        out_fmt = "jpeg" if fmt.lower() == "jpg" else fmt.lower()
+        out_fmt = "jpeg" if format.lower() == "jpg" else format.lower()
         if out_fmt not in OUTPUT_FORMATS:
-            raise UsageError(f"unknown --format '{fmt}'", hint="choose one of " + ", ".join(OUTPUT_FORMATS))
+            raise UsageError(f"unknown --format '{format}'", hint="choose one of " + ", ".join(OUTPUT_FORMATS))
         if not 1 <= quality <= 100:
             raise UsageError(f"--quality must be 1-100, got {quality}")
         if out_fmt == "npy":
@@ -314,33 +322,33 @@ def normalize_images_cmd(
                                  hint=f"--format {out_fmt} stores 8-bit RGB pixels as they are")
             normalization = Normalization(layout="HWC")
         n_workers = _workers(workers)
-        dest = Path(out_dir)
+        dest = Path(out)
         if Path(src).is_dir() and dest.exists() and os.path.samefile(src, dest):
             raise UsageError("--out is the source folder", hint="write the copies to a different folder")
         images = _collect(src, image_root, input_format, image_column, allow_outside_root, limit,
-                          exclude=(out_dir,))
-        _report_manifest_rejects(out, images)
-        out.debug(f"{len(images.items)} images from {images.kind} {src}, {n_workers} worker(s)")
-        with out.progress(len(images.items), "normalize-images", unit="img") as bar:
+                          exclude=(out,))
+        _report_manifest_rejects(ui, images)
+        ui.debug(f"{len(images.items)} images from {images.kind} {src}, {n_workers} worker(s)")
+        with ui.progress(len(images.items), "normalize-images", unit="img") as bar:
             report = normalize_images(
                 images, dest, cfg, fmt=out_fmt, quality=quality, norm=normalization, workers=n_workers,
                 rejects_path=rejects, overwrite=overwrite, on_progress=bar.update,
             )
         summary = report.to_dict()
         _write_text(dest / "normalize-images.json", json.dumps(to_jsonable(summary), indent=2) + "\n")
-        if out.json_mode:
-            out.emit_json(summary)
+        if ui.json_mode:
+            ui.emit_json(summary)
         else:
-            out.info(
+            ui.info(
                 f"{report.written:,} written, {report.skipped:,} already there, {report.rejected:,} rejected "
                 f"of {report.images:,} images -> {dest} ({report.elapsed_s:.1f}s, {report.images_per_s:,.0f} img/s, "
                 f"{n_workers} worker(s))"
             )
             if report.rejected:
-                out.table("Rejected images", ["reason", "images"], list(summary["reasons"].items()),
+                ui.table("Rejected images", ["reason", "images"], list(summary["reasons"].items()),
                           caption=f"details: {report.rejects_file}")
         if report.rejected and report.rejected == report.images:
             raise RunFailed(f"all {report.images} images were rejected", hint=f"see {report.rejects_file}")
         return EXIT_FAILED if (fail_on_reject and report.rejected) else EXIT_OK
 
-    run_command(out, body)
+    run_command(ui, body)
