@@ -7,6 +7,19 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from mmprep.cli._app import JsonOpt, QuietOpt, VerboseOpt, app, make_output, run_command
+from mmprep.cli.cmd_images import (
+    BackgroundOpt,
+    FillOpt,
+    ImageSizeOpt,
+    InterpolationOpt,
+    MaxPixelsOpt,
+    MinPixelsOpt,
+    NoDraftOpt,
+    PixelLimitOpt,
+    ResizeModeOpt,
+    ShortestEdgeOpt,
+    image_config_from_options,
+)
 
 if TYPE_CHECKING:
     from mmprep.output import Output
@@ -34,20 +47,16 @@ def pack_cmd(
                                                    "manifest's folder).", rich_help_panel=_IN)] = None,
     allow_outside_root: Annotated[bool, typer.Option(help="Allow image paths that leave --image-root (../, absolute,"
                                                      " symlinks).", rich_help_panel=_IN)] = False,
-    image_size: Annotated[str, typer.Option(help="N or HxW.", rich_help_panel=_IMG)] = "224",
-    resize_mode: Annotated[str, typer.Option(help="stretch|center-crop|letterbox (padded); shortest-edge|max-pixels|"
-                                             "none (with --pad none).", rich_help_panel=_IMG)] = "center-crop",
-    interpolation: Annotated[str, typer.Option(help="nearest|bilinear|bicubic|lanczos|box|hamming.",
-                                               rich_help_panel=_IMG)] = "bicubic",
-    background: Annotated[str, typer.Option(help="Colour transparent images are composited on.",
-                                            rich_help_panel=_IMG)] = "255,255,255",
-    fill: Annotated[str, typer.Option(help="Letterbox padding colour.", rich_help_panel=_IMG)] = "0,0,0",
-    shortest_edge: Annotated[int | None, typer.Option(help="For --resize-mode shortest-edge.",
-                                                      rich_help_panel=_IMG)] = None,
-    max_pixels: Annotated[int | None, typer.Option(help="For --resize-mode max-pixels.", rich_help_panel=_IMG)] = None,
-    min_pixels: Annotated[int | None, typer.Option(help="For --resize-mode max-pixels.", rich_help_panel=_IMG)] = None,
-    pixel_limit: Annotated[int, typer.Option(help="Reject images with more pixels (decompression bombs).",
-                                             rich_help_panel=_IMG)] = 89_478_485,
+    image_size: ImageSizeOpt = "224",
+    resize_mode: ResizeModeOpt = "center-crop",
+    interpolation: InterpolationOpt = "bicubic",
+    background: BackgroundOpt = "255,255,255",
+    fill: FillOpt = "0,0,0",
+    shortest_edge: ShortestEdgeOpt = None,
+    max_pixels: MaxPixelsOpt = None,
+    min_pixels: MinPixelsOpt = None,
+    pixel_limit: PixelLimitOpt = 89_478_485,
+    no_draft: NoDraftOpt = False,
     norm: Annotated[str | None, typer.Option(help="Normalisation preset: imagenet|clip.", rich_help_panel=_IMG)] = None,
     mean: Annotated[str | None, typer.Option(help="Custom mean R,G,B in [0,1].", rich_help_panel=_IMG)] = None,
     std: Annotated[str | None, typer.Option(help="Custom std R,G,B in [0,1].", rich_help_panel=_IMG)] = None,
@@ -111,7 +120,7 @@ def pack_cmd(
 
     def body() -> int:
         from mmprep.cli._parse import parse_bytes
-        from mmprep.images import ImageConfig, Normalization, parse_color, parse_image_size
+        from mmprep.images import Normalization
         from mmprep.manifest import ColumnMap
         from mmprep.pack import pack
         from mmprep.process import PackConfig
@@ -124,16 +133,10 @@ def pack_cmd(
             columns=ColumnMap(id=id_column, images=image_column, text=text_column, tags=tags_column),
             image_root=image_root,
             allow_outside_root=allow_outside_root,
-            image=ImageConfig(
-                size=parse_image_size(image_size),
-                resize_mode=resize_mode,
-                interpolation=interpolation,
-                background=parse_color(background),
-                fill=parse_color(fill),
-                shortest_edge=shortest_edge,
-                max_pixels=max_pixels,
-                min_pixels=min_pixels,
-                pixel_limit=pixel_limit,
+            image=image_config_from_options(
+                resize_mode=resize_mode, image_size=image_size, interpolation=interpolation,
+                shortest_edge=shortest_edge, max_pixels=max_pixels, min_pixels=min_pixels,
+                background=background, fill=fill, pixel_limit=pixel_limit, no_draft=no_draft,
             ),
             norm=Normalization.from_spec(
                 norm,
