@@ -10,6 +10,7 @@ from mmprep.cli._app import app
 
 # Register subcommands (import order = order in --help).
 # (subcommand modules are imported below as they land)
+from mmprep.cli import cmd_labels  # noqa: F401  isort: skip
 
 __all__ = ["app", "main"]
 
