@@ -255,6 +255,13 @@ def _incremental_utf8(stream: IO[bytes], name: str) -> Iterator[str]:
 
 def _iter_csv(stream: IO[bytes], name: str) -> Iterator[RawRecord]:
     text = io.TextIOWrapper(stream, encoding="utf-8-sig", errors="strict", newline="")
+    try:
+        yield from _iter_csv_text(text, name)
+    finally:
+        text.detach()  # the binary stream belongs to the caller; an undetached wrapper warns when collected
+
+
+def _iter_csv_text(text: IO[str], name: str) -> Iterator[RawRecord]:
     delimiter = "\t" if name.lower().endswith(".tsv") else ","
     reader = csv.reader(text, delimiter=delimiter)
     try:
