@@ -10,8 +10,11 @@ Annotation formats (detected from content, overridable):
 * ``ram-json``: Recognize-Anything training JSON, a list of ``{"image_path", "caption": [...],
   "union_label_id": [ids], "parse_label_id": [[ids], ...]}``. Streamed in ~1 MiB batches: each batch is cut at an
   element boundary and parsed in one call (orjson when installed), then counted with numpy; a batch with anything
-  unusual (wrong types, unknown ids, a cut that was not a real boundary) is redone record by record, so results and
-  line numbers are exact and memory stays bounded.
+  unusual (wrong types, unknown ids, a cut that was not a real boundary) is redone record by record with the
+  standard library's ``json`` (the reference semantics), so results and line numbers are exact and memory stays
+  bounded. Tag counts come from ``union_label_id``; ids in ``parse_label_id`` count as used and are range-checked;
+  ``len(parse_label_id)`` must equal ``len(caption)``. A record that is not an object or has no list of
+  ``union_label_id`` is a problem, not a sample.
 * ``json`` / ``jsonl`` / ``csv`` / ``parquet``: manifests whose tags column holds names or ids.
 * ``ram-text`` (auto), ``ram-text-ids``, ``ram-text-names``: RAM benchmark annotations, ``image,tag,tag`` (names),
   ``image,id id id``, ``image,id,id`` or ``image id id id`` (0-based ids); a bare image name has no tags.
@@ -179,6 +182,11 @@ class VocabReport:
             + (self.crlf_lines > 0)
         )
 
+    def to_dict(self) -> dict[str, Any]:
+        d = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        d["duplicate_entries"] = self.duplicate_entries
+        return d
+
 
 @dataclass(frozen=True)
 class AlignedReport:
@@ -273,7 +281,23 @@ class FrequencyStats:
 
 @dataclass
 class AuditReport:
-    """Everything :func:`audit_labels` found. ``findings`` counts per category (see :data:`FAIL_ON_CATEGORIES`)."""
+    """Everything :func:`audit_labels` found.
+
+    Attributes:
+        vocab: facts about the vocabulary file.
+        declared_size: the vocabulary's size (largest id + 1); ``declared_size_given`` is ``--declared-size``.
+        annotations: one entry per annotation file.
+        distinct_used: vocabulary tags used at least once (None without annotation files).
+        never_used: vocabulary tags never used, by id (None without annotation files).
+        unknown: names not in the vocabulary and ids out of its range, most frequent first, each with its first
+            ``file:line``; ``unknown_occurrences`` counts all their occurrences.
+        normalised_matches: names that matched a tag only after normalisation (case, ``_``, whitespace).
+        problems: malformed records by reason code (wrong types, ids that are not integers, ...).
+        parse_only_ids: RAM JSON ids seen in ``parse_label_id`` but never in ``union_label_id``.
+        aligned, embeddings: one entry per aligned file / embedding matrix.
+        frequency: how the tags are distributed (None without annotation files).
+        counts: occurrences per id (numpy; not in the JSON report).
+    """
 
     vocab: VocabReport
     declared_size: int
@@ -1121,10 +1145,12 @@ class _RamJsonReader:
                 j = buf.rfind(b"}", pos, j)
                 tries += 1
             if seg is None and not self.eof:
-                # no element boundary in the window: read on until there is one
+                # no element boundary in the window (a huge element): read on until there is one
+                scanned = len(buf) - pos
                 while seg is None and self._fill():
                     buf, pos = self.buf, self.pos
-                    m = _CUT.search(buf, pos)
+                    m = _CUT.search(buf, pos + max(0, scanned - 64))
+                    scanned = len(buf) - pos
                     if m:
                         seg, nxt = buf[pos: m.start() + 1], m.end() - 1
                 if seg is None:

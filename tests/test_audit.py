@@ -508,6 +508,19 @@ def test_cut_inside_a_caption_is_recovered_exactly(tmp_path: Path, monkeypatch: 
     assert summary(audit_labels(RAM, [path])) == summary(fast)
 
 
+def test_records_larger_than_a_batch_or_a_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(audit_mod, "_BATCH", 100)
+    monkeypatch.setattr(audit_mod, "_READ", 64)
+    huge = ram_record([7, 8], n_caps=2)
+    huge["caption"] = ["x" * 5000, "y}, {" * 300]
+    records = [ram_record([1]), huge, ram_record([4700]), huge, huge, ram_record([2])]
+    path = tmp_path / "huge.json"
+    lines = write_ram_json(path, records, "indent")
+    report = audit_labels(RAM, [path])
+    assert report.counts[7] == 3 and report.counts[2] == 1 and report.annotations[0].samples == 6
+    assert [(u.value, u.first.line, u.first.record) for u in report.unknown] == [(4700, lines[2], 3)]
+
+
 @st.composite
 def ram_files(draw: st.DrawFn) -> tuple[list[Any], str]:
     good_id = st.integers(0, 60)

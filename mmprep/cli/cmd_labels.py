@@ -159,6 +159,11 @@ def _more(shown: int, total: int, how: str) -> str | None:
     return f"{total - shown:,} more ({how})" if total > shown else None
 
 
+def _at(loc: Any) -> str:
+    """``file:line`` with the file's base name (tables are narrow; --json has the full path)."""
+    return f"{Path(loc.file).name}:{loc.line}"
+
+
 def _yes_no(value: bool | None) -> str:
     return "-" if value is None else ("yes" if value else "no")
 
@@ -224,16 +229,16 @@ def _render(out: Output, r: AuditReport, top: int) -> None:
                       caption=_more(min(top, len(never)), len(never), "--write-never-used FILE writes all"))
         if r.unknown:
             out.table("Unknown tags", ["kind", "value", "count", "first seen"],
-                      [(u.kind, u.value if u.kind == "name" else str(u.value), u.count, str(u.first))
+                      [(u.kind, u.value if u.kind == "name" else str(u.value), u.count, _at(u.first))
                        for u in r.unknown[:top]],
                       caption=_more(min(top, len(r.unknown)), len(r.unknown), "--json lists all"))
         if r.normalised_matches:
             out.table("Names matched only after normalisation", ["name as written", "count", "first seen"],
-                      [(u.value, u.count, str(u.first)) for u in r.normalised_matches[:top]],
+                      [(u.value, u.count, _at(u.first)) for u in r.normalised_matches[:top]],
                       caption=_more(min(top, len(r.normalised_matches)), len(r.normalised_matches), "--json"))
         if r.problems:
             out.table("Malformed records", ["reason", "count", "first seen", "detail"],
-                      [(p.code, p.count, str(p.first), p.detail) for p in r.problems])
+                      [(p.code, p.count, _at(p.first), p.detail) for p in r.problems])
 
     if r.aligned:
         out.table(
