@@ -9,6 +9,7 @@ from __future__ import annotations
 from mmprep.cli._app import app
 
 # Register subcommands (import order = order in --help).
+from mmprep.cli import cmd_labels  # noqa: F401  isort: skip
 from mmprep.cli import cmd_embed  # noqa: F401  isort: skip
 from mmprep.cli import cmd_images  # noqa: F401  isort: skip
 from mmprep.cli import cmd_text  # noqa: F401  isort: skip
