@@ -175,12 +175,16 @@ def pack_cmd(
         )
         total = _count_rows(manifest)
         with output.progress(total, "pack", unit="row") as bar:
+            import time
+
             images = [0]
+            start = time.perf_counter()
 
             def progress(rows: int, imgs: int) -> None:
                 images[0] += imgs
                 bar.update(rows)
-                bar.set_postfix(images=images[0])
+                elapsed = max(time.perf_counter() - start, 1e-9)
+                bar.set_postfix(images=images[0], img_per_s=f"{images[0] / elapsed:.1f}")
 
             report = pack(cfg, workers=workers, resume=resume, overwrite=overwrite, engine=engine,
                           progress=progress)
