@@ -643,8 +643,6 @@ class PackLocations:
             out=local_path(out) if is_local(out) else redact(out),
             image_root=None if root is None else (local_path(root) if is_local(root) else redact(root)),
         )
-        if images is None and cfg.image_root is None and clean.image_root is not None:
-            clean = replace(clean, image_root=None)
         return cls(clean, man_src, out_dst, images)
 
     def output_dir(self, *, resume: bool, overwrite: bool) -> Any:

@@ -67,7 +67,10 @@ def test_parity_with_local_engine(ray_out, local_ref: Path) -> None:
     assert [p.name for p in records] == ["00000.json", "00001.json", "00002.json"]  # saved by the parent
 
 
-def test_resume_on_ray(ray_out, local_ref: Path, tmp_path: Path) -> None:
+def test_resume_on_ray(ray_out, local_ref: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import mmprep.engines.ray as ray_engine
+
+    monkeypatch.setattr(ray_engine, "WINDOW_ITEMS", 6)  # one chunk per Ray Data pipeline: windows are exercised
     out = tmp_path / "out"
     shutil.copytree(ray_out[0], out)
     # an interrupted run: no index yet, one shard never finished, one damaged

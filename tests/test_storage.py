@@ -94,6 +94,18 @@ def test_memory_filesystem_in_process(tmp_path: Path, local_ref: Path) -> None:
         assert [(r["id"], r["reason"]) for r in rejects] == [
             ("s016", "image_missing"), ("s017", "image_truncated"), ("s018", "unknown_tag")]
         assert "memory://mm-bucket/data/images/coffee_truncated.jpg" in rejects[1]["detail"]
+        # a local manifest with a remote --image-root reads the same images
+        report = pack(dataclasses.replace(cfg, manifest=str(SAMPLE / "manifest.jsonl"), out="memory://mm-bucket/o2",
+                                          image_root="memory://mm-bucket/data"), workers=1)
+        assert mem.cat_file("/mm-bucket/o2/shard-00001.parquet") == (local_ref / "shard-00001.parquet").read_bytes()
+        # references may not leave the remote image root
+        rows = [{"id": "e1", "images": ["../outside.jpg"], "text": "a"},
+                {"id": "e2", "images": ["images/coffee.jpg"], "text": "b"}]
+        mem.pipe("/mm-bucket/data/escape.jsonl", "".join(json.dumps(r) + "\n" for r in rows).encode())
+        mem.pipe("/mm-bucket/outside.jpg", (SAMPLE / "images" / "coffee.jpg").read_bytes())
+        report = pack(dataclasses.replace(cfg, manifest="memory://mm-bucket/data/escape.jsonl",
+                                          out="memory://mm-bucket/o3"), workers=1)
+        assert (report.written, report.rejected_by_reason) == (1, {"path_outside_root": 1})
         # memory:// lives in this process: a worker pool could not see it
         with pytest.raises(UsageError, match="only inside this process"):
             pack(dataclasses.replace(cfg, out="memory://mm-bucket/out2"), workers=2)

@@ -280,7 +280,7 @@ def normalize_images_cmd(
     workers: WorkersOpt = 0,
     limit: LimitOpt = None,
     engine: Annotated[str, typer.Option("--engine", metavar="local|ray",
-                                        help="local (process pool) or ray (Ray Data; pip install 'mmprep[ray]').")
+                                        help="local (process pool) or ray (Ray Data; pip install 'mmprep\\[ray]').")
                       ] = "local",
     ray_address: Annotated[str | None, typer.Option(
         "--ray-address", help="Ray cluster for --engine ray (default: $RAY_ADDRESS, else a local Ray).")] = None,

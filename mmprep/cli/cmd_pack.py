@@ -20,8 +20,10 @@ _IN = "Input"
 
 @app.command("pack")
 def pack_cmd(
-    manifest: Annotated[str, typer.Argument(help="JSONL (primary), JSON list, CSV or Parquet manifest; - for stdin.")],
-    out: Annotated[str, typer.Option("--out", "-o", help="Output directory.", rich_help_panel=_OUT)],
+    manifest: Annotated[str, typer.Argument(help="JSONL (primary), JSON list, CSV or Parquet manifest: a path, a URI "
+                                            "(file://, s3://, gs://, ...), or - for stdin.")],
+    out: Annotated[str, typer.Option("--out", "-o", help="Output directory, or a URI such as s3://bucket/prefix.",
+                                     rich_help_panel=_OUT)],
     format: Annotated[str | None, typer.Option(help="Manifest format (default: from name/content).",
                                                rich_help_panel=_IN)] = None,
     id_column: Annotated[str | None, typer.Option(help="Id field (default: id).", rich_help_panel=_IN)] = None,
@@ -30,7 +32,7 @@ def pack_cmd(
     text_column: Annotated[str | None, typer.Option(help="Text field: string, caption list or conversation.",
                                                     rich_help_panel=_IN)] = None,
     tags_column: Annotated[str | None, typer.Option(help="Tags field: names or ids.", rich_help_panel=_IN)] = None,
-    image_root: Annotated[str | None, typer.Option(help="Folder image paths are relative to (default: the "
+    image_root: Annotated[str | None, typer.Option(help="Folder or URI image paths are relative to (default: the "
                                                    "manifest's folder).", rich_help_panel=_IN)] = None,
     allow_outside_root: Annotated[bool, typer.Option(help="Allow image paths that leave --image-root (../, absolute,"
                                                      " symlinks).", rich_help_panel=_IN)] = False,
@@ -102,7 +104,7 @@ def pack_cmd(
                                          rich_help_panel=_OUT)] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace mmprep's files from an earlier run in --out.",
                                             rich_help_panel=_OUT)] = False,
-    engine: Annotated[str, typer.Option(help="local (process pool) or ray (Ray Data; pip install 'mmprep[ray]').",
+    engine: Annotated[str, typer.Option(help="local (process pool) or ray (Ray Data; pip install 'mmprep\\[ray]').",
                                         rich_help_panel=_OUT)] = "local",
     ray_address: Annotated[str | None, typer.Option(help="Ray cluster for --engine ray, e.g. ray://head:10001 "
                                                     "(default: $RAY_ADDRESS, else a local Ray on this machine).",

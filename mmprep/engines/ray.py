@@ -71,8 +71,8 @@ def ray_session(workers: int | None, address: str | None = None) -> Iterator[tup
     if workers is not None and workers < 1:
         raise UsageError(f"--workers must be at least 1, got {workers}")
     saved = {name: logging.getLogger(name).level for name in _QUIET_LOGGERS}
-    for name in _QUIET_LOGGERS:
-        logging.getLogger(name).setLevel(logging.ERROR)
+    for name in _QUIET_LOGGERS:  # failures reach the user as one RunFailed line, not as Ray's stack traces
+        logging.getLogger(name).setLevel(logging.CRITICAL)
     started = False
     t0 = time.perf_counter()
     try:
@@ -163,9 +163,14 @@ def _failure(exc: BaseException, what: str, hint: str) -> MmprepError:
 
 
 def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    lines = [ln for ln in text.splitlines() if ln.strip()]
-    return lines[-1] if lines else type(exc).__name__
+    """A short reason: a lost worker process in plain words, else the last line of Ray's text (at most 300 chars)."""
+    chain: list[BaseException | None] = [exc, exc.__cause__, getattr(exc, "cause", None)]
+    if any(e is not None and type(e).__name__ in ("ActorDiedError", "WorkerCrashedError", "NodeDiedError",
+                                                   "ActorUnavailableError") for e in chain):
+        return "a worker process died (killed, out of memory, or crashed)"
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    text = lines[-1] if lines else type(exc).__name__
+    return text if len(text) <= 300 else text[:297] + "..."
 
 
 def run_chunks_ray(
