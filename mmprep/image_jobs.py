@@ -535,6 +535,8 @@ def normalize_images(
     rejects_path: str | os.PathLike[str] | None = None,
     overwrite: bool = False,
     on_progress: Callable[[int], None] | None = None,
+    engine: str = "local",
+    ray_address: str | None = None,
 ) -> NormalizeReport:
     """Write a decoded, resized copy of every image under ``out_dir`` at the same relative path.
 
@@ -557,8 +559,17 @@ def normalize_images(
         rejects_path: where the rejects go.
         overwrite: redo outputs that already exist.
         on_progress: called with the number of images finished.
+        engine: ``local`` (process pool) or ``ray`` (the same per-file work as Ray Data tasks; workers on other
+            nodes write under ``out_dir`` on their own machine, so on a cluster it must be a shared folder).
+        ray_address: the Ray cluster for ``engine="ray"`` (default: ``$RAY_ADDRESS``, else a local Ray).
     """
     cfg.validate()
+    if engine not in ("local", "ray"):
+        raise UsageError(f"--engine must be local or ray, got '{engine}'")
+    if engine == "ray":
+        from mmprep.engines.ray import require_ray
+
+        require_ray()
     fmt = fmt.lower()
     fmt = "jpeg" if fmt == "jpg" else fmt
     if fmt not in OUTPUT_FORMATS:
@@ -605,9 +616,15 @@ def normalize_images(
         if target:
             claimed[target] = item.ref
         tasks.append((item, target))
-    job = _NormalizeJob(str(out), cfg, fmt, quality, norm, overwrite)
+    job = _NormalizeJob(str(out.resolve()) if engine == "ray" else str(out), cfg, fmt, quality, norm, overwrite)
+    if engine == "ray":
+        from mmprep.engines.ray import ray_map
+
+        results = ray_map(_normalize_one, tasks, job, workers=workers or None, address=ray_address)
+    else:
+        results = parallel_map(_normalize_one, tasks, job, workers=workers)
     try:
-        for status, ref, _rel, reason, detail in parallel_map(_normalize_one, tasks, job, workers=workers):
+        for status, ref, _rel, reason, detail in results:
             if status == "written":
                 report.written += 1
             elif status == "skipped":

@@ -54,9 +54,14 @@ class RawRecord:
 
 
 def open_binary(path: str | Path) -> IO[bytes]:
-    """Open a file for binary reading; ``-`` is standard input. Raises InputError naming the file."""
+    """Open a file for binary reading; ``-`` is standard input. Raises InputError naming the file.
+
+    ``path`` may also be an opened remote location (anything with ``open_input()``, e.g. ``storage.Location``).
+    """
     if str(path) == "-":
         return sys.stdin.buffer
+    if hasattr(path, "open_input"):
+        return path.open_input()  # type: ignore[no-any-return]
     p = Path(path)
     try:
         if p.is_dir():

@@ -16,10 +16,10 @@ import os
 import resource
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mmprep.errors import RunFailed, UsageError
 from mmprep.manifest import iter_samples
@@ -30,11 +30,13 @@ from mmprep.shards import (
     REJECTS_NAME,
     RUN_STATS_NAME,
     OutputDir,
-    atomic_write_bytes,
     shard_name,
-    write_json,
     write_shard,
 )
+from mmprep.storage import PackLocations, read_parquet_schema, staged_file, write_file, write_json_file
+
+if TYPE_CHECKING:
+    from mmprep.storage import Location, RemoteOutputDir
 
 __all__ = ["DEFAULT_SHARD_SIZE", "PackReport", "iter_items", "pack", "pack_chunk", "plan_rows_per_shard"]
 
@@ -70,10 +72,13 @@ class PackReport:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def iter_items(cfg: PackConfig) -> Iterator[Sample | Rejected]:
-    """Manifest items in input order; later duplicates of an id are rejected (``duplicate_id``)."""
+def iter_items(cfg: PackConfig, source: str | Location | None = None) -> Iterator[Sample | Rejected]:
+    """Manifest items in input order; later duplicates of an id are rejected (``duplicate_id``).
+
+    ``source`` is where to read the manifest when it is not ``cfg.manifest`` itself (an opened remote location).
+    """
     seen: dict[str, int] = {}
-    for item in iter_samples(cfg.manifest, cfg.columns, fmt=cfg.format):
+    for item in iter_samples(source if source is not None else cfg.manifest, cfg.columns, fmt=cfg.format):
         if isinstance(item, Sample):
             first = seen.setdefault(item.id, item.line)
             if first != item.line:
@@ -83,11 +88,14 @@ def iter_items(cfg: PackConfig) -> Iterator[Sample | Rejected]:
         yield item
 
 
-def plan_rows_per_shard(cfg: PackConfig, head: list[Sample | Rejected]) -> int:
+def plan_rows_per_shard(
+    cfg: PackConfig, head: list[Sample | Rejected], image_bytes: Callable[[str], int] | None = None
+) -> int:
     """Rows per shard from ``--rows-per-shard``, or ``--shard-size`` divided by the bytes of a row.
 
     Padded rows have a fixed size, so the byte limit holds (before compression). For ``--pad none`` the row
-    size is estimated from the image files of the first samples, so the limit is a target.
+    size is estimated from the image files of the first samples (``image_bytes(ref)`` sizes a reference on
+    remote storage), so the limit is a target.
     """
     if cfg.rows_per_shard:
         return cfg.rows_per_shard
@@ -102,6 +110,9 @@ def plan_rows_per_shard(cfg: PackConfig, head: list[Sample | Rejected]) -> int:
             if isinstance(item, Sample):
                 total = 0
                 for ref in item.images[: cfg.limit_images]:
+                    if image_bytes is not None:
+                        total += image_bytes(ref)
+                        continue
                     with contextlib.suppress(OSError):
                         total += (root / ref).stat().st_size
                 sizes.append(total)
@@ -109,9 +120,13 @@ def plan_rows_per_shard(cfg: PackConfig, head: list[Sample | Rejected]) -> int:
     return max(1, limit // max(1, row))
 
 
-def _identity(cfg: PackConfig, rows_per_shard: int) -> dict[str, Any]:
+def _identity(cfg: PackConfig, rows_per_shard: int, source: str | Location | None = None) -> dict[str, Any]:
     manifest_hash = None
-    if cfg.manifest != "-":
+    if source is not None and not isinstance(source, str):
+        from mmprep.storage import file_digest
+
+        manifest_hash = file_digest(source)
+    elif cfg.manifest != "-":
         h = hashlib.sha256()
         with open(cfg.manifest, "rb") as f:
             for block in iter(lambda: f.read(1 << 22), b""):
@@ -126,12 +141,15 @@ def _identity(cfg: PackConfig, rows_per_shard: int) -> dict[str, Any]:
 
 def pack_chunk(
     processor: SampleProcessor,
-    out_dir: Path,
+    out_dir: Path | Location,
     index: int,
     items: list[Sample | Rejected],
     progress: ProgressFn | None = None,
 ) -> dict[str, Any]:
-    """Process one chunk and write its shard; returns the chunk record (also the resume record)."""
+    """Process one chunk and write its shard; returns the chunk record (also the resume record).
+
+    ``out_dir`` is a local folder, or a remote location (the shard is staged locally, then uploaded).
+    """
     cfg = processor.cfg
     state: dict[str, Any] = {}
     done = [0, 0]
@@ -152,8 +170,9 @@ def pack_chunk(
                                             "first_line": res.first_line, "last_line": res.last_line},
                                            sort_keys=True)}
 
-    info = write_shard(out_dir / shard_name(index), processor.schema, batches(),
-                       compression=cfg.compression, extra_metadata=shard_meta)
+    with staged_file(out_dir, shard_name(index)) as target:
+        info = write_shard(target, processor.schema, batches(),
+                           compression=cfg.compression, extra_metadata=shard_meta)
     res = state["res"]
     if progress is not None:
         progress(len(items) - done[0], res.images_written - done[1])
@@ -195,6 +214,8 @@ def pack(
     engine: str = "local",
     progress: ProgressFn | None = None,
     on_total: Callable[[int | None], None] | None = None,
+    ray_address: str | None = None,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> PackReport:
     """Run a pack job and return its report.
 
@@ -206,10 +227,13 @@ def pack(
         engine: ``local`` (process pool) or ``ray``.
         progress: called with (rows, images) increments as work completes.
         on_total: called once with the number of input rows when known (after a shuffle), else None.
+        ray_address: the Ray cluster for ``engine="ray"`` (default: start a local Ray with ``workers`` CPUs).
+        storage_options: fsspec keyword arguments for remote URIs (credentials, endpoint); never recorded.
 
     Raises:
         UsageError: bad configuration or output directory (exit 2).
         RunFailed: a failed run: ``--on-error fail`` met a bad row, a worker died, too many rejects (exit 1).
+        MissingDependencyError: ``engine="ray"`` without Ray installed (exit 2).
     """
     cfg.validate()
     cfg = with_defaults(cfg)
@@ -217,12 +241,20 @@ def pack(
         raise UsageError("--resume needs a manifest file, not stdin")
     if engine not in ("local", "ray"):
         raise UsageError(f"--engine must be local or ray, got '{engine}'")
+    requested_workers = workers
     workers = workers or os.cpu_count() or 1
     if workers < 1:
         raise UsageError(f"--workers must be at least 1, got {workers}")
-    start = time.perf_counter()
+    if engine == "ray":
+        from mmprep.engines.ray import require_ray
 
-    items_iter = iter_items(cfg)
+        require_ray()  # before anything is read or written: fail at once with the install hint
+    start = time.perf_counter()
+    where = PackLocations.open(cfg, storage_options, workers=workers, engine=engine)
+    cfg = where.cfg
+    source = None if isinstance(where.manifest, str) else where.manifest
+
+    items_iter = iter_items(cfg, source)
     if cfg.shuffle:
         import numpy as np
 
@@ -236,7 +268,7 @@ def pack(
         head.append(item)
         if len(head) >= 64:
             break
-    rows_per_shard = plan_rows_per_shard(cfg, head)
+    rows_per_shard = plan_rows_per_shard(cfg, head, where.images.size if where.images is not None else None)
 
     def all_items_iter() -> Iterator[Sample | Rejected]:
         yield from head
@@ -245,14 +277,18 @@ def pack(
     # Built once, before the output is touched: a bad tokenizer or vocabulary fails fast (exit 2), and workers
     # receive this processor pickled (the tokenizer travels as its JSON, so workers do not import transformers).
     processor = SampleProcessor(cfg)
+    processor.store = where.images  # images on remote storage are read through it (None: local files)
+    extra: dict[str, Any] = {}
 
-    with OutputDir(cfg.out, resume=resume, overwrite=overwrite) as out_dir:
-        out_dir.open(_identity(cfg, rows_per_shard))
+    with where.output_dir(resume=resume, overwrite=overwrite) as out_dir:
+        out_dir.open(_identity(cfg, rows_per_shard, source))
         chunks = _chunks(all_items_iter(), rows_per_shard)
         if engine == "ray":
             from mmprep.engines.ray import run_chunks_ray
 
-            records, resumed = run_chunks_ray(processor, out_dir, chunks, workers=workers, progress=progress)
+            records, resumed = run_chunks_ray(processor, out_dir, chunks, workers=requested_workers,
+                                              progress=progress, address=ray_address, stats=extra)
+            workers = extra.get("ray_workers", workers)
         elif workers == 1:
             records, resumed = _run_inline(processor, out_dir, chunks, progress)
         else:
@@ -266,10 +302,11 @@ def pack(
     report.peak_rss_mb = _peak_rss_mb()
     report.resumed_shards = resumed
     report.workers = workers
-    write_json(Path(cfg.out) / RUN_STATS_NAME, {
+    report.extra.update(extra)
+    write_json_file(where.out, RUN_STATS_NAME, {
         "seconds": round(report.seconds, 3), "samples_per_s": round(report.samples_per_s, 2),
         "images_per_s": round(report.images_per_s, 2), "peak_rss_mb": round(report.peak_rss_mb, 1),
-        "workers": workers, "resumed_shards": resumed, "engine": engine,
+        "workers": workers, "resumed_shards": resumed, "engine": engine, **extra,
     })
     if report.reject_rate > cfg.max_reject_rate:
         report.failed = (f"{report.rejected} of {report.read} rows rejected ({report.reject_rate:.1%}), "
@@ -279,7 +316,7 @@ def pack(
 
 def _run_inline(
     processor: SampleProcessor,
-    out_dir: OutputDir,
+    out_dir: OutputDir | RemoteOutputDir,
     chunks: Iterable[tuple[int, list[Sample | Rejected]]],
     progress: ProgressFn | None,
 ) -> tuple[list[dict[str, Any]], int]:
@@ -299,6 +336,19 @@ def _run_inline(
     return records, resumed
 
 
+def finished_record(
+    out_dir: OutputDir | RemoteOutputDir, index: int, items: list[Sample | Rejected], progress: ProgressFn | None
+) -> dict[str, Any] | None:
+    """With ``--resume``: the record of chunk ``index`` when an earlier run finished it intact (its rows and images
+    are reported to ``progress``), else None."""
+    rec = out_dir.finished_chunk(index)
+    if rec is None or rec.get("items") != len(items):
+        return None
+    if progress is not None:
+        progress(len(items), rec["images_written"])
+    return rec
+
+
 def check_fail_fast(cfg: PackConfig, record: dict[str, Any]) -> None:
     """With ``--on-error fail``, stop at the first rejected row (no index is written)."""
     if cfg.on_error == "fail" and record["rejected"]:
@@ -309,7 +359,7 @@ def check_fail_fast(cfg: PackConfig, record: dict[str, Any]) -> None:
         )
 
 
-def _finish(cfg: PackConfig, out: Path, records: list[dict[str, Any]], rows_per_shard: int) -> PackReport:
+def _finish(cfg: PackConfig, out: Path | Location, records: list[dict[str, Any]], rows_per_shard: int) -> PackReport:
     records = sorted(records, key=lambda r: r["index"])
     rejected = sorted((r for rec in records for r in rec["rejected"]), key=lambda r: r["line"])
     by_reason = Counter(r["reason"] for r in rejected)
@@ -339,14 +389,12 @@ def _finish(cfg: PackConfig, out: Path, records: list[dict[str, Any]], rows_per_
         "bytes": sum(s["bytes"] for s in shards),
     }
     lines = "".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in rejected)
-    atomic_write_bytes(out / REJECTS_NAME, lines.encode())
+    write_file(out, REJECTS_NAME, lines.encode())
     schema_meta = None
     if shards:
-        import pyarrow.parquet as pq
-
         from mmprep.schema import read_metadata
 
-        schema_meta = read_metadata(pq.read_schema(out / shards[0]["path"]))
+        schema_meta = read_metadata(read_parquet_schema(out, shards[0]["path"]))
     index = {
         "format": "mmprep-index",
         "format_version": 1,
@@ -357,7 +405,7 @@ def _finish(cfg: PackConfig, out: Path, records: list[dict[str, Any]], rows_per_
         "rejects": REJECTS_NAME,
         "totals": totals,
     }
-    write_json(out / INDEX_NAME, index)  # last: its presence means the dataset is complete
+    write_json_file(out, INDEX_NAME, index)  # last: its presence means the dataset is complete
     return PackReport(
         out=str(out),
         shards=shards,

@@ -174,6 +174,7 @@ class SampleProcessor:
 
         self.cfg = cfg
         self.root = cfg.root.resolve()
+        self.store: Any = None  # a storage.ImageStore when the images live on remote storage
         self.encoder = None
         if cfg.tokenizer:
             from mmprep.text import TextEncoder
@@ -222,6 +223,10 @@ class SampleProcessor:
         keep_bytes = self.cfg.pad == "none" and self.cfg.encode_format == "original"
         for k, ref in enumerate(refs):
             try:
+                if self.store is not None:
+                    img, data = self.store.load(ref, self.cfg.image)
+                    out.append((img, data if keep_bytes else None))
+                    continue
                 path = resolve_image_path(ref, self.root, self.cfg.allow_outside_root)
                 if keep_bytes:
                     data = _read_bytes(path)

@@ -287,6 +287,11 @@ def normalize_images_cmd(
                                                  help="Exit 1 when any image was rejected.")] = False,
     workers: WorkersOpt = 0,
     limit: LimitOpt = None,
+    engine: Annotated[str, typer.Option("--engine", metavar="local|ray",
+                                        help="local (process pool) or ray (Ray Data; pip install 'mmprep\\[ray]').")
+                      ] = "local",
+    ray_address: Annotated[str | None, typer.Option(
+        "--ray-address", help="Ray cluster for --engine ray (default: $RAY_ADDRESS, else a local Ray).")] = None,
     json_: JsonOpt = False,
     quiet: QuietOpt = False,
     verbose: VerboseOpt = False,
@@ -321,7 +326,8 @@ def normalize_images_cmd(
                 raise UsageError(f"{', '.join(npy_only)} only apply to --format npy",
                                  hint=f"--format {out_fmt} stores 8-bit RGB pixels as they are")
             normalization = Normalization(layout="HWC")
-        n_workers = _workers(workers)
+        # with --engine ray on a cluster, 0 workers means all of the cluster's CPUs
+        n_workers = workers if (engine == "ray" and ray_address and not workers) else _workers(workers)
         dest = Path(out)
         if Path(src).is_dir() and dest.exists() and os.path.samefile(src, dest):
             raise UsageError("--out is the source folder", hint="write the copies to a different folder")
@@ -332,7 +338,8 @@ def normalize_images_cmd(
         with ui.progress(len(images.items), "normalize-images", unit="img") as bar:
             report = normalize_images(
                 images, dest, cfg, fmt=out_fmt, quality=quality, norm=normalization, workers=n_workers,
-                rejects_path=rejects, overwrite=overwrite, on_progress=bar.update,
+                rejects_path=rejects, overwrite=overwrite, on_progress=bar.update, engine=engine,
+                ray_address=ray_address,
             )
         summary = report.to_dict()
         _write_text(dest / "normalize-images.json", json.dumps(to_jsonable(summary), indent=2) + "\n")

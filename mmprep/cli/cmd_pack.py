@@ -33,8 +33,10 @@ _IN = "Input"
 
 @app.command("pack")
 def pack_cmd(
-    manifest: Annotated[str, typer.Argument(help="JSONL (primary), JSON list, CSV or Parquet manifest; - for stdin.")],
-    out: Annotated[str, typer.Option("--out", "-o", help="Output directory.", rich_help_panel=_OUT)],
+    manifest: Annotated[str, typer.Argument(help="JSONL (primary), JSON list, CSV or Parquet manifest: a path, a URI "
+                                            "(file://, s3://, gs://, ...), or - for stdin.")],
+    out: Annotated[str, typer.Option("--out", "-o", help="Output directory, or a URI such as s3://bucket/prefix.",
+                                     rich_help_panel=_OUT)],
     format: Annotated[str | None, typer.Option(help="Manifest format (default: from name/content).",
                                                rich_help_panel=_IN)] = None,
     id_column: Annotated[str | None, typer.Option(help="Id field (default: id).", rich_help_panel=_IN)] = None,
@@ -43,7 +45,7 @@ def pack_cmd(
     text_column: Annotated[str | None, typer.Option(help="Text field: string, caption list or conversation.",
                                                     rich_help_panel=_IN)] = None,
     tags_column: Annotated[str | None, typer.Option(help="Tags field: names or ids.", rich_help_panel=_IN)] = None,
-    image_root: Annotated[str | None, typer.Option(help="Folder image paths are relative to (default: the "
+    image_root: Annotated[str | None, typer.Option(help="Folder or URI image paths are relative to (default: the "
                                                    "manifest's folder).", rich_help_panel=_IN)] = None,
     allow_outside_root: Annotated[bool, typer.Option(help="Allow image paths that leave --image-root (../, absolute,"
                                                      " symlinks).", rich_help_panel=_IN)] = False,
@@ -100,7 +102,8 @@ def pack_cmd(
     compression: Annotated[str, typer.Option(help="zstd|lz4|snappy|none.", rich_help_panel=_OUT)] = "zstd",
     shuffle: Annotated[bool, typer.Option(help="Shuffle rows deterministically by --seed (the line column maps "
                                           "back).", rich_help_panel=_OUT)] = False,
-    workers: Annotated[int | None, typer.Option(help="Worker processes (default: all cores).",
+    workers: Annotated[int | None, typer.Option(help="Worker processes, or Ray actors with --engine ray (default: "
+                                                "all cores; the cluster's CPUs with --ray-address).",
                                                 rich_help_panel=_OUT)] = None,
     on_error: Annotated[str, typer.Option(help="skip: bad rows go to rejected.jsonl; fail: stop at the first.",
                                           rich_help_panel=_OUT)] = "skip",
@@ -110,7 +113,15 @@ def pack_cmd(
                                          rich_help_panel=_OUT)] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace mmprep's files from an earlier run in --out.",
                                             rich_help_panel=_OUT)] = False,
-    engine: Annotated[str, typer.Option(help="local (process pool) or ray.", rich_help_panel=_OUT)] = "local",
+    engine: Annotated[str, typer.Option(help="local (process pool) or ray (Ray Data; pip install 'mmprep\\[ray]').",
+                                        rich_help_panel=_OUT)] = "local",
+    ray_address: Annotated[str | None, typer.Option(help="Ray cluster for --engine ray, e.g. ray://head:10001 "
+                                                    "(default: $RAY_ADDRESS, else a local Ray on this machine).",
+                                                    rich_help_panel=_OUT)] = None,
+    storage_option: Annotated[list[str] | None, typer.Option(
+        "--storage-option", metavar="KEY=VALUE",
+        help="fsspec option for remote URIs (s3://, gs://, ...), repeatable; never recorded. Prefer credentials "
+             "from the environment.", rich_help_panel=_OUT)] = None,
     json_: JsonOpt = False,
     quiet: QuietOpt = False,
     verbose: VerboseOpt = False,
@@ -124,7 +135,10 @@ def pack_cmd(
         from mmprep.manifest import ColumnMap
         from mmprep.pack import pack
         from mmprep.process import PackConfig
+        from mmprep.storage import parse_storage_options
         from mmprep.text import TextConfig
+
+        storage_options = parse_storage_options(storage_option)
 
         cfg = PackConfig(
             manifest=manifest,
@@ -187,7 +201,7 @@ def pack_cmd(
                 bar.set_postfix(images=images[0], img_per_s=f"{images[0] / elapsed:.1f}")
 
             report = pack(cfg, workers=workers, resume=resume, overwrite=overwrite, engine=engine,
-                          progress=progress)
+                          progress=progress, ray_address=ray_address, storage_options=storage_options)
         _render(output, report)
         if report.failed:
             output.error(report.failed, "see rejected.jsonl for every rejected row and its reason")
@@ -201,8 +215,12 @@ def _count_rows(manifest: str) -> int | None:
     """A quick row estimate for the progress bar (newlines of a JSONL/CSV file under 2 GB)."""
     import os
 
-    if manifest == "-" or not manifest.lower().endswith((".jsonl", ".ndjson", ".csv", ".tsv")):
+    from mmprep.storage import is_local, local_path
+
+    if manifest == "-" or not is_local(manifest) or not manifest.lower().endswith((".jsonl", ".ndjson", ".csv",
+                                                                                    ".tsv")):
         return None
+    manifest = local_path(manifest)
     try:
         if os.path.getsize(manifest) > 2 << 30:
             return None

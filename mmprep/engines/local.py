@@ -21,6 +21,7 @@ from mmprep.errors import RunFailed
 from mmprep.process import SampleProcessor
 from mmprep.records import Rejected, Sample
 from mmprep.shards import OutputDir
+from mmprep.storage import Location, RemoteOutputDir
 
 __all__ = ["run_chunks_pool"]
 
@@ -35,7 +36,7 @@ def _init(processor: SampleProcessor, progress_q: Any) -> None:
     _progress_q = progress_q
 
 
-def _work(out_dir: str, index: int, items: list[Sample | Rejected]) -> dict[str, Any]:
+def _work(out_dir: Path | Location, index: int, items: list[Sample | Rejected]) -> dict[str, Any]:
     from mmprep.pack import pack_chunk
 
     assert _processor is not None
@@ -45,12 +46,12 @@ def _work(out_dir: str, index: int, items: list[Sample | Rejected]) -> dict[str,
         if q is not None and (rows or images):
             q.put((rows, images))
 
-    return pack_chunk(_processor, Path(out_dir), index, items, progress)
+    return pack_chunk(_processor, out_dir, index, items, progress)
 
 
 def run_chunks_pool(
     processor: SampleProcessor,
-    out_dir: OutputDir,
+    out_dir: OutputDir | RemoteOutputDir,
     chunks: Iterable[tuple[int, list[Sample | Rejected]]],
     *,
     workers: int,
@@ -110,7 +111,7 @@ def run_chunks_pool(
             while len(inflight) >= 2 * workers:
                 done, _ = wait(inflight, return_when=FIRST_COMPLETED)
                 collect(done)
-            inflight[executor.submit(_work, str(out_dir.path), index, items)] = index
+            inflight[executor.submit(_work, out_dir.path, index, items)] = index
         while inflight:
             done, _ = wait(inflight, return_when=FIRST_COMPLETED)
             collect(done)
