@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import resource
+import stat
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
@@ -109,9 +110,17 @@ def plan_rows_per_shard(cfg: PackConfig, head: list[Sample | Rejected]) -> int:
     return max(1, limit // max(1, row))
 
 
+def _rereadable(manifest: str) -> bool:
+    """A regular file (not stdin, a FIFO or ``<(process substitution)``), which can be read twice."""
+    try:
+        return manifest != "-" and stat.S_ISREG(os.stat(manifest).st_mode)
+    except OSError:
+        return False
+
+
 def _identity(cfg: PackConfig, rows_per_shard: int) -> dict[str, Any]:
     manifest_hash = None
-    if cfg.manifest != "-":
+    if _rereadable(cfg.manifest):  # hashing a pipe would consume the rows the run has not read yet
         h = hashlib.sha256()
         with open(cfg.manifest, "rb") as f:
             for block in iter(lambda: f.read(1 << 22), b""):
@@ -213,8 +222,8 @@ def pack(
     """
     cfg.validate()
     cfg = with_defaults(cfg)
-    if resume and cfg.manifest == "-":
-        raise UsageError("--resume needs a manifest file, not stdin")
+    if resume and not _rereadable(cfg.manifest):
+        raise UsageError("--resume needs a manifest file, not stdin or a pipe")
     if engine not in ("local", "ray"):
         raise UsageError(f"--engine must be local or ray, got '{engine}'")
     workers = workers or os.cpu_count() or 1

@@ -382,10 +382,12 @@ def _read_bytes(path: Path) -> bytes:
     except OSError as exc:
         raise ImageError("image_unreadable", f"{path}: {exc.strerror or exc}") from None
     try:
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
-            kind = "a directory" if stat.S_ISDIR(mode) else "not a regular file"
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            kind = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file"
             raise ImageError("image_not_a_file", f"is {kind}: {path}")
+        if st.st_size == 0:
+            raise ImageError("image_unidentified", f"empty file (0 bytes): {path}")
         os.set_blocking(fd, True)
         with open(fd, "rb", closefd=False) as f:
             return f.read()

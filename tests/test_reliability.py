@@ -71,7 +71,7 @@ def by_id(rej: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 # case id -> (image references, expected reason or None when the row must be written, a fragment of the detail)
 IMAGE_CASES: dict[str, tuple[list[str], str | None, str]] = {
     "good": (["good.jpg"], None, ""),
-    "zero_bytes": (["zero.jpg"], "image_unidentified", ""),
+    "zero_bytes": (["zero.jpg"], "image_unidentified", "empty file (0 bytes)"),
     "random_bytes": (["random.jpg"], "image_unidentified", "not a recognised image format"),
     "html_error_page": (["error_page.jpg"], "image_unidentified", "not a recognised image format"),
     "png_named_jpg": (["png_named.jpg"], None, ""),
@@ -484,6 +484,51 @@ def test_disk_full_while_writing_the_index(noise, tmp_path: Path, monkeypatch: p
     monkeypatch.setattr(shards.os, "replace", real_replace)
     report = pack(_noise_cfg(manifest, out), workers=1, resume=True)
     assert report.resumed_shards == len(report.shards)
+    assert digests(out) == digests(ref)
+
+
+@pytest.mark.parametrize("name", ["manifest.jsonl", "63"])  # a named pipe, and what <(zcat m.jsonl.gz) looks like
+def test_manifest_from_a_pipe_is_read_once_and_whole(noise, tmp_path: Path, name: str) -> None:
+    """A FIFO manifest must be read exactly once: counting rows for the progress bar or hashing the manifest for
+    --resume used to consume it (a hang, or rows silently lost after the first 64)."""
+    import threading
+
+    manifest, ref = noise
+    fifo = tmp_path / name
+    os.mkfifo(fifo)
+
+    def feed() -> None:
+        with open(fifo, "wb") as f:
+            f.write(manifest.read_bytes())
+
+    out = tmp_path / "out"
+    writer = threading.Thread(target=feed, daemon=True)
+    writer.start()
+    res = subprocess.run(mmprep_cmd("pack", str(fifo), "--out", str(out), "--image-root", str(manifest.parent),
+                                    "--image-size", "48", "--resize-mode", "stretch", "--limit-images", "1",
+                                    "--rows-per-shard", "8", "--workers", "1", "--json"),
+                         capture_output=True, text=True, env=subprocess_env(), timeout=60, check=False)
+    writer.join(timeout=5)
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["read"] == 120
+    assert {k: v for k, v in digests(out).items() if k.startswith("shard-")} == {
+        k: v for k, v in digests(ref).items() if k.startswith("shard-")}
+    resume = runner.invoke(app, ["pack", str(fifo), "--out", str(out), "--resume"])
+    assert resume.exit_code == 2 and "not stdin or a pipe" in resume.stderr
+
+
+def test_resume_rewrites_a_damaged_shard(noise, tmp_path: Path) -> None:
+    """A shard changed on disk after the run (one flipped byte, or cut short) fails its recorded sha256, so
+    --resume writes it again instead of trusting it."""
+    manifest, ref = noise
+    out = tmp_path / "out"
+    shutil.copytree(ref, out)
+    data = bytearray((out / "shard-00002.parquet").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (out / "shard-00002.parquet").write_bytes(bytes(data))
+    (out / "shard-00005.parquet").write_bytes((ref / "shard-00005.parquet").read_bytes()[:100])
+    report = pack(_noise_cfg(manifest, out), workers=1, resume=True)
+    assert report.resumed_shards == len(report.shards) - 2
     assert digests(out) == digests(ref)
 
 
