@@ -657,3 +657,6 @@ def test_usage_errors_name_the_problem(tmp_path: Path) -> None:
         pack(cfg_for(manifest, out, rows_per_shard=9), workers=1, resume=True)
     with pytest.raises(InputError):
         pack(cfg_for(tmp_path / "absent.jsonl", tmp_path / "o2"), workers=1)
+    with pytest.raises(UsageError, match=r"--image-root .*: no such directory"):
+        pack(cfg_for(manifest, tmp_path / "o3", image_root=str(tmp_path / "nowhere")), workers=1)
+    assert not (tmp_path / "o2").exists() and not (tmp_path / "o3").exists()
