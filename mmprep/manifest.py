@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -112,6 +113,8 @@ def iter_records(path: str | Path, fmt: str | None = None) -> Iterator[RawRecord
         stream = io.BufferedReader(fh, _CHUNK) if not isinstance(fh, io.BufferedReader) else fh  # type: ignore[arg-type]
         head = stream.peek(64)[:64]
         chosen = fmt or detect_format(path, head)
+        if fmt is None and chosen == "jsonl" and str(path).lower().endswith(".json"):
+            _check_json_lines(stream, name)
         if chosen == "jsonl":
             yield from _iter_jsonl(stream, name)
         elif chosen == "json":
@@ -131,6 +134,25 @@ def iter_records(path: str | Path, fmt: str | None = None) -> Iterator[RawRecord
             fh.close()
 
 
+def _check_json_lines(stream: Any, name: str) -> None:
+    """A ``.json`` file that starts with ``{`` is read as JSON Lines only if its first line is a whole object.
+
+    Otherwise it is one JSON document (a dict such as a COCO file), not a list of records: a file-level error
+    rather than every line rejected as invalid JSON.
+    """
+    head = stream.peek(_CHUNK)
+    first = head.lstrip(b"\xef\xbb\xbf \t\r\n").split(b"\n", 1)[0]
+    if b"\n" not in head and len(head) >= _CHUNK:
+        return  # a first line longer than the peek: cannot tell, read it as JSON Lines
+    try:
+        json.loads(first)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise InputError(
+            f"{name}: one JSON object spanning several lines, expected a list of records",
+            hint="write a JSON list [{...}, ...] of records, or one object per line (.jsonl / --format jsonl)",
+        ) from None
+
+
 def _typename(value: Any) -> str:
     return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}.get(
         type(value), "a number"
@@ -145,7 +167,7 @@ def _iter_jsonl(stream: IO[bytes], name: str) -> Iterator[RawRecord]:
         if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
             raw = raw[3:]
         try:
-            text = raw.decode("utf-8")
+            text = raw.rstrip(b"\r\n").decode("utf-8")
         except UnicodeDecodeError as exc:
             yield RawRecord(name, lineno, None, f"not valid UTF-8 (byte {exc.start})")
             continue
@@ -259,11 +281,15 @@ def _incremental_utf8(stream: IO[bytes], name: str) -> Iterator[str]:
 
 
 def _iter_csv(stream: IO[bytes], name: str) -> Iterator[RawRecord]:
-    text = io.TextIOWrapper(stream, encoding="utf-8-sig", errors="strict", newline="")
+    # Undecodable bytes become lone surrogates, so one bad row is rejected with its line instead of failing the file.
+    text = io.TextIOWrapper(stream, encoding="utf-8-sig", errors="surrogateescape", newline="")
     try:
         yield from _csv_rows(text, name)
     finally:
         text.detach()  # the caller owns (and closes) the underlying stream
+
+
+_BAD_UTF8 = re.compile("[\udc80-\udcff]")  # bytes that surrogateescape could not decode
 
 
 def _csv_rows(text: IO[str], name: str) -> Iterator[RawRecord]:
@@ -275,6 +301,8 @@ def _csv_rows(text: IO[str], name: str) -> Iterator[RawRecord]:
         raise InputError(f"{name}: empty CSV file, expected a header row") from None
     except UnicodeDecodeError as exc:
         raise InputError(f"{name}:1: not valid UTF-8 (byte {exc.start})") from None
+    if _BAD_UTF8.search("".join(header)):
+        raise InputError(f"{name}:1: the header row is not valid UTF-8")
     header = [h.strip() for h in header]
     if not any(header) or len(set(header)) != len(header):
         raise InputError(f"{name}:1: the header row must name every column once, got {header}")
@@ -290,6 +318,9 @@ def _csv_rows(text: IO[str], name: str) -> Iterator[RawRecord]:
             yield RawRecord(name, start, None, f"malformed CSV: {exc}")
             continue
         if not row or all(not c.strip() for c in row):
+            continue
+        if _BAD_UTF8.search("".join(row)):
+            yield RawRecord(name, start, None, "not valid UTF-8")
             continue
         if len(row) != len(header):
             yield RawRecord(name, start, None, f"expected {len(header)} fields, got {len(row)}")

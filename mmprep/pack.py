@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import resource
+import stat
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -120,15 +121,31 @@ def plan_rows_per_shard(
     return max(1, limit // max(1, row))
 
 
+def _rereadable(manifest: str) -> bool:
+    """A regular file or a remote object (not stdin, a FIFO or ``<(process substitution)``): readable twice."""
+    from mmprep.storage import is_local, local_path
+
+    if manifest == "-":
+        return False
+    if not is_local(manifest):
+        return True
+    try:
+        return stat.S_ISREG(os.stat(local_path(manifest)).st_mode)
+    except OSError:
+        return False
+
+
 def _identity(cfg: PackConfig, rows_per_shard: int, source: str | Location | None = None) -> dict[str, Any]:
     manifest_hash = None
     if source is not None and not isinstance(source, str):
         from mmprep.storage import file_digest
 
         manifest_hash = file_digest(source)
-    elif cfg.manifest != "-":
+    elif _rereadable(cfg.manifest):  # hashing a pipe would consume the rows the run has not read yet
+        from mmprep.storage import local_path
+
         h = hashlib.sha256()
-        with open(cfg.manifest, "rb") as f:
+        with open(local_path(cfg.manifest), "rb") as f:
             for block in iter(lambda: f.read(1 << 22), b""):
                 h.update(block)
         manifest_hash = h.hexdigest()
@@ -237,8 +254,8 @@ def pack(
     """
     cfg.validate()
     cfg = with_defaults(cfg)
-    if resume and cfg.manifest == "-":
-        raise UsageError("--resume needs a manifest file, not stdin")
+    if resume and not _rereadable(cfg.manifest):
+        raise UsageError("--resume needs a manifest file, not stdin or a pipe")
     if engine not in ("local", "ray"):
         raise UsageError(f"--engine must be local or ray, got '{engine}'")
     requested_workers = workers

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import stat
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
@@ -94,6 +95,8 @@ class PackConfig:
         choice("encode_format", self.encode_format, ENCODE_FORMATS)
         if self.limit_images < 1:
             raise UsageError(f"--limit-images must be at least 1, got {self.limit_images}")
+        if self.image_root and not os.path.isdir(self.image_root):  # else every row would be rejected
+            raise UsageError(f"--image-root {self.image_root}: no such directory")
         if self.pad == "max":
             if self.image.size is None or self.image.resize_mode not in ("stretch", "center-crop", "letterbox"):
                 raise UsageError(
@@ -375,16 +378,30 @@ def _fixed_list(values: Any, size: int, value_type: Any = None) -> Any:
 
 
 def _read_bytes(path: Path) -> bytes:
+    """A regular file's bytes. Anything else is refused before reading: a FIFO would block forever and a device
+    such as ``/dev/zero`` would never end (the file is opened non-blocking and checked with ``fstat``)."""
     try:
-        return path.read_bytes()
-    except FileNotFoundError:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except (FileNotFoundError, NotADirectoryError):
         raise ImageError("image_missing", f"no such file: {path}") from None
-    except IsADirectoryError:
-        raise ImageError("image_not_a_file", f"is a directory: {path}") from None
     except PermissionError:
         raise ImageError("image_unreadable", f"permission denied: {path}") from None
     except OSError as exc:
         raise ImageError("image_unreadable", f"{path}: {exc.strerror or exc}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            kind = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file"
+            raise ImageError("image_not_a_file", f"is {kind}: {path}")
+        if st.st_size == 0:
+            raise ImageError("image_unidentified", f"empty file (0 bytes): {path}")
+        os.set_blocking(fd, True)
+        with open(fd, "rb", closefd=False) as f:
+            return f.read()
+    except OSError as exc:
+        raise ImageError("image_unreadable", f"{path}: {exc.strerror or exc}") from None
+    finally:
+        os.close(fd)
 
 
 def default_row_group_rows(cfg: PackConfig) -> int:

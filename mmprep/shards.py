@@ -35,7 +35,9 @@ INDEX_NAME = "index.json"
 REJECTS_NAME = "rejected.jsonl"
 RUN_STATS_NAME = "run-stats.json"
 STATE_DIR = ".mmprep"
-_OWNED_PREFIXES = ("shard-", ".shard-")
+# Temporary names used by write_shard / atomic_write_bytes (".<final name>.tmp-<pid>") in the output directory.
+_TEMP_PREFIXES = (".shard-", f".{INDEX_NAME}.tmp-", f".{REJECTS_NAME}.tmp-", f".{RUN_STATS_NAME}.tmp-")
+_OWNED_PREFIXES = ("shard-", *_TEMP_PREFIXES)
 _OWNED_NAMES = (INDEX_NAME, REJECTS_NAME, RUN_STATS_NAME, STATE_DIR)
 
 
@@ -211,8 +213,7 @@ class OutputDir:
                 else:
                     target.unlink()
             shutil.rmtree(self.state / "chunks", ignore_errors=True)
-        for p in self.path.glob(".shard-*.tmp-*"):  # temp files left by a killed run
-            p.unlink(missing_ok=True)
+        self._remove_temps()  # left by a killed run
         (self.state / "chunks").mkdir(exist_ok=True)
         write_json(run_file, identity)
 
@@ -234,6 +235,14 @@ class OutputDir:
         os.pwrite(fd, str(os.getpid()).encode(), 0)
         self._lock_fd = fd
 
+    def _remove_temps(self) -> None:
+        """Delete temporary files of mmprep's own (never a final name); only while holding the lock."""
+        for folder in (self.path, self.state, self.state / "chunks"):
+            for p in folder.glob(".*.tmp-*"):
+                if folder != self.path or p.name.startswith(_TEMP_PREFIXES):
+                    with contextlib.suppress(OSError):
+                        p.unlink()
+
     def close(self) -> None:
         if self._lock_fd is not None:
             os.close(self._lock_fd)
@@ -242,7 +251,10 @@ class OutputDir:
     def __enter__(self) -> OutputDir:
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        # A failed or interrupted run (the engine has stopped its workers by now) leaves no temporary files.
+        if exc_type is not None and self._lock_fd is not None:
+            self._remove_temps()
         self.close()
 
     # -- per-chunk records ---------------------------------------------------------------------------------

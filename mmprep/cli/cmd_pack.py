@@ -221,8 +221,11 @@ def _count_rows(manifest: str) -> int | None:
                                                                                     ".tsv")):
         return None
     manifest = local_path(manifest)
+    import stat
+
     try:
-        if os.path.getsize(manifest) > 2 << 30:
+        st = os.stat(manifest)
+        if not stat.S_ISREG(st.st_mode) or st.st_size > 2 << 30:  # a pipe must not be read here (rows lost)
             return None
         with open(manifest, "rb") as f:
             n = sum(block.count(b"\n") for block in iter(lambda: f.read(1 << 22), b""))

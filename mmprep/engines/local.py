@@ -7,11 +7,12 @@ the run with a clear message instead of hanging.
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 import queue
 import signal
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
@@ -32,6 +33,8 @@ _progress_q: Any = None
 def _init(processor: SampleProcessor, progress_q: Any) -> None:
     global _processor, _progress_q
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops the pool
+    if hasattr(signal, "pthread_sigmask"):  # blocked since the parent started this process (_sigint_blocked)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     _processor = processor
     _progress_q = progress_q
 
@@ -87,13 +90,7 @@ def run_chunks_pool(
     def collect(done: Iterable[Future[dict[str, Any]]]) -> None:
         for fut in done:
             inflight.pop(fut)
-            try:
-                rec = fut.result()
-            except BrokenProcessPool:
-                raise RunFailed(
-                    "a worker process died (killed, or out of memory) while packing",
-                    hint="rerun the same command with --resume to continue from the finished shards",
-                ) from None
+            rec = fut.result()
             out_dir.save_chunk(rec["index"], rec)
             records.append(rec)
             check_fail_fast(cfg, rec)
@@ -111,11 +108,17 @@ def run_chunks_pool(
             while len(inflight) >= 2 * workers:
                 done, _ = wait(inflight, return_when=FIRST_COMPLETED)
                 collect(done)
-            inflight[executor.submit(_work, out_dir.path, index, items)] = index
+            with _sigint_blocked():  # submit may start a worker process
+                inflight[executor.submit(_work, out_dir.path, index, items)] = index
         while inflight:
             done, _ = wait(inflight, return_when=FIRST_COMPLETED)
             collect(done)
         ok = True
+    except BrokenProcessPool:  # from a result, or from submit() once the pool knows
+        raise RunFailed(
+            "a worker process died (killed, or out of memory) while packing",
+            hint="rerun the same command with --resume to continue from the finished shards",
+        ) from None
     finally:
         if ok:
             executor.shutdown(wait=True)
@@ -131,6 +134,24 @@ def run_chunks_pool(
                     break
                 progress(rows, images)
     return records, resumed
+
+
+@contextlib.contextmanager
+def _sigint_blocked() -> Iterator[None]:
+    """Hold back Ctrl-C while worker processes may be started.
+
+    A child inherits the signal mask, so it cannot get a SIGINT meant for the whole process group while it is
+    still importing (which would print a traceback from every worker); the parent gets the signal (and stops
+    the pool) as soon as the mask is restored.
+    """
+    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def _terminate(executor: ProcessPoolExecutor) -> None:
