@@ -95,8 +95,11 @@ class PackConfig:
         choice("encode_format", self.encode_format, ENCODE_FORMATS)
         if self.limit_images < 1:
             raise UsageError(f"--limit-images must be at least 1, got {self.limit_images}")
-        if self.image_root and not os.path.isdir(self.image_root):  # else every row would be rejected
-            raise UsageError(f"--image-root {self.image_root}: no such directory")
+        if self.image_root:  # a missing local root would reject every row
+            from mmprep.storage import is_local, local_path
+
+            if is_local(self.image_root) and not os.path.isdir(local_path(self.image_root)):
+                raise UsageError(f"--image-root {self.image_root}: no such directory")
         if self.pad == "max":
             if self.image.size is None or self.image.resize_mode not in ("stretch", "center-crop", "letterbox"):
                 raise UsageError(
