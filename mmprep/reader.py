@@ -194,14 +194,27 @@ def normalize_pixels(
     s = np.asarray(spec.std if std is None else std, dtype=np.float64)
     if m.shape != (3,) or s.shape != (3,) or not (s > 0).all():
         raise UsageError(f"mean and std need three values and a positive std, got {m.tolist()} and {s.tolist()}")
-    scale = (1.0 / (255.0 * s)).astype(np.float32).reshape(spec.channel_shape())
-    offset = (-m / s).astype(np.float32).reshape(spec.channel_shape())
-    out = np.empty(pixels.shape, dtype=np.float32)
-    np.multiply(pixels, scale, out=out)
-    out += offset
+    # The same arithmetic as the pack stage (float32 multiply, then add, then the cast), so results are
+    # bit-identical to a normalised pack. float16 goes through a small float32 scratch a few slots at a time
+    # (cache-sized) instead of a whole float32 batch.
+    cshape = spec.channel_shape()
+    scale = (1.0 / (255.0 * s)).astype(np.float32).reshape(cshape)
+    offset = (-m / s).astype(np.float32).reshape(cshape)
+    out = np.empty(pixels.shape, dtype=dtype)
+    if dtype == "float32":
+        np.multiply(pixels, scale, out=out)
+        out += offset
+    else:
+        src = pixels.reshape(-1, *pixels.shape[-3:])
+        dst = out.reshape(src.shape)
+        step = 4
+        for i in range(0, len(src), step):
+            tmp = np.multiply(src[i:i + step], scale, dtype=np.float32)
+            tmp += offset
+            dst[i:i + step] = tmp
     if image_count is not None:
         out[image_mask(image_count, spec.limit) == 0] = 0.0
-    return out if dtype == "float32" else out.astype(np.float16)
+    return out
 
 
 def denormalize(pixels: np.ndarray, spec: PixelSpec) -> np.ndarray:
@@ -523,18 +536,27 @@ class PackedDataset:
         return read
 
     # -- conversion ----------------------------------------------------------------------------------------
-    def to_numpy(self, batch: Any, columns: Sequence[str] | None = None, *, where: str = "") -> Batch:
-        """Convert an Arrow record batch or table of this dataset's rows to a batch dict."""
+    def to_numpy(self, batch: Any, columns: Sequence[str] | None = None) -> Batch:
+        """Convert an Arrow record batch or table of this dataset's rows to a batch dict.
+
+        ``columns`` (default: all in ``batch``) are returned; normalisation needs ``image_count`` in ``batch``
+        to zero the padding slots.
+        """
         rb = _to_record_batch(batch)
-        cols = list(columns) if columns is not None else [c for c in rb.schema.names]
-        out: Batch = {}
-        where = where or str(self.path)
-        for name in cols:
-            out[name] = _column(name, rb.column(name), self.pixels, where)
+        cols = list(columns) if columns is not None else list(rb.schema.names)
+        return self._finish(self._convert(rb, list(rb.schema.names)), cols)
+
+    def _convert(self, rb: Any, names: list[str]) -> Batch:
+        """Arrow → numpy/lists as stored (no normalisation or decoding)."""
+        return {name: _column(name, rb.column(name), self.pixels, str(self.path)) for name in names}
+
+    def _finish(self, raw: Batch, cols: list[str]) -> Batch:
+        """Apply normalisation and image decoding; keep only ``cols``."""
+        out = {name: raw[name] for name in cols}
         if self.pixels is not None and self.pixels.column in out and self.normalize:
-            counts = _primitive(rb.column("image_count")) if "image_count" in rb.schema.names else None
             out[self.pixels.column] = normalize_pixels(out[self.pixels.column], self.pixels, self.normalize,
-                                                       mean=self.mean, std=self.std, image_count=counts)
+                                                       mean=self.mean, std=self.std,
+                                                       image_count=raw.get("image_count"))
         if "images" in out and self.decode_images:
             out["images"] = _decode_images(out["images"], out.get("id"), self.decode_images)
         return out
@@ -642,24 +664,30 @@ class PackedDataset:
         """Global row index where each row group starts, plus ``len(self)`` at the end (for block shuffles)."""
         return self._rg_table()[0].copy()
 
-    def _read_rg(self, g: int, read: list[str], *, cache: bool = True) -> Any:
-        key = (g, tuple(read))
-        table = self._cache.get(key)
-        if table is not None:
-            self._cache.move_to_end(key)
-            return table
+    def _read_rg(self, g: int, read: list[str]) -> Any:
+        """Row group ``g`` (global numbering) as an Arrow table."""
         _, shard_of, local = self._rg_table()
-        table = self._file(int(shard_of[g])).read_row_group(int(local[g]), columns=read, use_threads=True)
-        if cache and self.cache_row_groups:
-            self._cache[key] = table
+        return self._file(int(shard_of[g])).read_row_group(int(local[g]), columns=read, use_threads=True)
+
+    def _rg_arrays(self, g: int, read: list[str]) -> Batch:
+        """Row group ``g`` converted to numpy as stored (cached: ``cache_row_groups`` of them)."""
+        key = (g, tuple(read))
+        arrays = self._cache.get(key)
+        if arrays is not None:
+            self._cache.move_to_end(key)
+            return arrays
+        arrays = self._convert(_to_record_batch(self._read_rg(g, read)), read)
+        if self.cache_row_groups:
+            self._cache[key] = arrays
             while len(self._cache) > self.cache_row_groups:
                 self._cache.popitem(last=False)
-        return table
+        return arrays
 
     def take(self, indices: Iterable[int] | np.ndarray, *, columns: Sequence[str] | None = None) -> Batch:
         """A batch of the rows at ``indices`` (global, any order, repeats allowed; negative counts from the end).
 
-        Each row group holding requested rows is read once.
+        Each row group holding requested rows is read and converted once (and kept in a small cache); the rows
+        are gathered from it with numpy indexing, so the batch is a fresh copy.
 
         Raises:
             IndexError: an index outside ``[-len, len)``.
@@ -678,13 +706,30 @@ class PackedDataset:
         idx = np.where(idx < 0, idx + self._len, idx)
         starts, _, _ = self._rg_table()
         group = np.searchsorted(starts, idx, side="right") - 1
+        local = idx - starts[group]
         uniq, inverse = np.unique(group, return_inverse=True)
-        tables = [self._read_rg(int(g), read) for g in uniq]
-        sizes = np.asarray([t.num_rows for t in tables], dtype=np.int64)
-        base = np.concatenate([[0], np.cumsum(sizes)[:-1]])
-        positions = base[inverse] + (idx - starts[group])
-        table = tables[0] if len(tables) == 1 else pa.concat_tables(tables)
-        return self.to_numpy(table.take(pa.array(positions)), cols)
+        parts = [self._rg_arrays(int(g), read) for g in uniq]
+        picks = [np.flatnonzero(inverse == j) for j in range(len(parts))]
+        raw: Batch = {}
+        for name in read:
+            first = parts[0][name]
+            if isinstance(first, np.ndarray):
+                if len(parts) == 1:
+                    raw[name] = first[local]
+                else:
+                    out = np.empty((len(idx), *first.shape[1:]), dtype=first.dtype)
+                    for part, pick in zip(parts, picks, strict=True):
+                        out[pick] = part[name][local[pick]]
+                    raw[name] = out
+            else:
+                values: list[Any] = [None] * len(idx)
+                for part, pick in zip(parts, picks, strict=True):
+                    col = part[name]
+                    for pos in pick.tolist():
+                        v = col[local[pos]]
+                        values[pos] = v.copy() if isinstance(v, np.ndarray) else v
+                raw[name] = values
+        return self._finish(raw, cols)
 
     def __getitem__(self, key: int | slice | Sequence[int] | np.ndarray) -> Batch:
         """``ds[i]`` → one row; ``ds[a:b]`` or ``ds[[i, j, ...]]`` → a batch."""
@@ -774,7 +819,7 @@ class PackedDataset:
 
             step = max(1, window) if shuffle_rng is not None else 1
             for w in range(0, len(plan), step):
-                parts = [self._read_rg(g, read, cache=False).slice(a, b - a) for g, a, b in plan[w:w + step]]
+                parts = [self._read_rg(g, read).slice(a, b - a) for g, a, b in plan[w:w + step]]
                 table = parts[0] if len(parts) == 1 else pa.concat_tables(parts)
                 if shuffle_rng is not None:
                     table = table.take(pa.array(shuffle_rng.permutation(table.num_rows)))
