@@ -124,7 +124,7 @@ class SheetInfo:
     ids: list[str]
     width: int
     height: int
-    tag_names: bool
+    tags: str  # "vocabulary names", "ids" (vocabulary not found), "stored names" (packed without --vocab), "none"
 
 
 _BG = (250, 250, 248)
@@ -200,22 +200,24 @@ def contact_sheet(
                         "text", "pixel_values", "images") if c in ds.column_names]
     batch = ds.take(indices, columns=want)
     names = ds.tag_names(vocab) if "tag_ids" in want else None
+    tags = ("vocabulary names" if names is not None else "ids") if "tag_ids" in want else (
+        "stored names" if "tags" in want else "none")
     font, small, title_font = _font(13), _font(11), _font(15)
 
-    if ds.pixels is not None:
-        slot_px = round(max(ds.pixels.image_size) * _slot_scale(ds.pixels.image_size, slot_px))
-    slots = _slot_images(ds, batch, slot_px)  # per row: list of (PIL image or None for padding, box or None)
+    slots = _slot_images(ds, batch, slot_px)  # per row: list of (image, content box or None, real?)
+    slot_w = max(img.width for row in slots for img, _, _ in row)  # the displayed slot size
+    slot_h = max(img.height for row in slots for img, _, _ in row)
     limit = max(len(s) for s in slots)
     gap, margin = 6, 12
-    card_w = limit * (slot_px + gap) - gap
+    card_w = limit * (slot_w + gap) - gap
     scratch = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     text_blocks = [_card_text(batch, i, names, ds, scratch, font, small, card_w) for i in range(len(indices))]
     line_h = 16
-    card_h = [slot_px + 8 + len(tb) * line_h for tb in text_blocks]
+    card_h = [slot_h + 8 + len(tb) * line_h for tb in text_blocks]
     cols = columns or (1 if len(indices) <= 2 else 2)
     rows_n = -(-len(indices) // cols)
     row_h = [max(card_h[r * cols:(r + 1) * cols]) for r in range(rows_n)]
-    header = _header(ds, names is not None)
+    header = _header(ds, tags)
     head_h = 10 + line_h * len(header) + 8
     width = margin * 2 + cols * card_w + (cols - 1) * 24
     height = head_h + sum(row_h) + margin * (rows_n + 1)
@@ -232,7 +234,7 @@ def contact_sheet(
             if i >= len(indices):
                 break
             x = margin + c * (card_w + 24)
-            _draw_card(sheet, draw, x, y, slots[i], slot_px, gap, text_blocks[i], line_h)
+            _draw_card(sheet, draw, x, y, slots[i], (slot_w, slot_h), gap, text_blocks[i], line_h)
         y += row_h[r] + margin
     buf = io.BytesIO()
     sheet.save(buf, format="PNG", optimize=True)
@@ -241,10 +243,10 @@ def contact_sheet(
         raise UsageError(f"{target}: folder {target.parent} does not exist")
     atomic_write_bytes(target, buf.getvalue())
     return SheetInfo(path=str(target), indices=list(indices), ids=list(batch["id"]), width=sheet.width,
-                     height=sheet.height, tag_names=names is not None)
+                     height=sheet.height, tags=tags)
 
 
-def _header(ds: PackedDataset, named: bool) -> list[tuple[str, bool]]:
+def _header(ds: PackedDataset, tags: str) -> list[tuple[str, bool]]:
     lines = [(f"{ds.path}  ·  {len(ds):,} rows in {len(ds.shards)} shards ({ds.layout} layout)", True)]
     if ds.pixels is not None:
         px = ds.metadata["pixels"]
@@ -256,7 +258,9 @@ def _header(ds: PackedDataset, named: bool) -> list[tuple[str, bool]]:
                       "empty slot (image_mask = 0, zeros in the tensor)", False))
     else:
         lines.append(("encoded layout: images as stored, decoded and scaled to fit (no padding slots)", False))
-    lines.append((f"tags: {'names from the vocabulary' if named else 'ids (vocabulary file not found)'}", False))
+    how = {"vocabulary names": "names from the vocabulary file", "ids": "ids (vocabulary file not found; --vocab)",
+           "stored names": "names as written in the manifest (packed without --vocab)", "none": "none stored"}
+    lines.append((f"tags: {how[tags]}", False))
     return lines
 
 
@@ -315,7 +319,7 @@ def _card_text(batch: dict[str, Any], i: int, names: list[str] | None, ds: Packe
         parts.append(f"{nt} tokens" + (f" (TRUNCATED to {ml})" if bool(batch["truncated"][i]) else f" of {ml}"))
     lines: list[tuple[str, Any, tuple[int, int, int]]] = [("  ·  ".join(parts), font, _INK)]
     caption = str(batch["text"][i]) if "text" in batch else ""
-    for ln in _wrap(draw, caption.replace("\n", " ⏎ "), small, width, 4):
+    for ln in _wrap(draw, caption.replace("\n", " | "), small, width, 4):
         lines.append((ln, small, _INK))
     if "tag_ids" in batch:
         ids = np.asarray(batch["tag_ids"][i]).tolist()
@@ -329,10 +333,10 @@ def _card_text(batch: dict[str, Any], i: int, names: list[str] | None, ds: Packe
     return lines
 
 
-def _draw_card(sheet: Any, draw: Any, x: int, y: int, slots: list[tuple[Any, Any, bool]], slot_px: int, gap: int,
-               text: list[tuple[str, Any, tuple[int, int, int]]], line_h: int) -> None:
+def _draw_card(sheet: Any, draw: Any, x: int, y: int, slots: list[tuple[Any, Any, bool]], slot: tuple[int, int],
+               gap: int, text: list[tuple[str, Any, tuple[int, int, int]]], line_h: int) -> None:
     for s, (img, box, real) in enumerate(slots):
-        sx = x + s * (slot_px + gap)
+        sx = x + s * (slot[0] + gap)
         sheet.paste(img, (sx, y))
         w, h = img.size
         if not real:
@@ -346,7 +350,7 @@ def _draw_card(sheet: Any, draw: Any, x: int, y: int, slots: list[tuple[Any, Any
             x0, y0, x1, y1 = (float(v) for v in box)
             if (x0, y0, x1, y1) != (0.0, 0.0, float(w), float(h)):
                 draw.rectangle([sx + x0, y + y0, sx + x1 - 1, y + y1 - 1], outline=_BOX, width=2)
-    ty = y + slot_px + 6
+    ty = y + slot[1] + 6
     for ln, f, colour in text:
         draw.text((x, ty), ln, fill=colour, font=f)
         ty += line_h

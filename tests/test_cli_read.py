@@ -51,7 +51,7 @@ def test_inspect_sheet_draws_what_the_model_sees(tmp_path: Path) -> None:
                                  "--seed", "1", "--json"])
     assert result.exit_code == 0, result.stderr
     info = json.loads(result.stdout)["sheet"]
-    assert info["path"] == str(out) and len(info["indices"]) == 4 and info["tag_names"] is True
+    assert info["path"] == str(out) and len(info["indices"]) == 4 and info["tags"] == "vocabulary names"
     img = np.asarray(Image.open(out).convert("RGB"))
     assert img.shape[:2] == (info["height"], info["width"])
     colours = {tuple(c) for c in img.reshape(-1, 3)[:: 7]}

@@ -114,8 +114,8 @@ def _render_summary(output: Output, s: DatasetSummary, info: SheetInfo | None) -
     if output.verbose:
         output.table("shards", ["shard", "rows", "bytes"], [(x["path"], x["rows"], x["bytes"]) for x in s.shard_list])
     if info is not None:
-        output.info(f"contact sheet: {info.path} ({len(info.indices)} rows, {info.width}x{info.height} px, tags as "
-                    f"{'names' if info.tag_names else 'ids'})")
+        output.info(f"contact sheet: {info.path} ({len(info.indices)} rows, {info.width}x{info.height} px, tags: "
+                    f"{info.tags})")
 
 
 def _render_verify(output: Output, r: VerifyReport) -> None:
