@@ -828,6 +828,24 @@ class PackedDataset:
         for rb in _rebatch(windows(), batch_size, drop_last):
             yield self.to_numpy(rb, cols)
 
+    # -- masks and PyTorch ------------------------------------------------------------------------------------
+    def patch_mask(self, batch: Batch, patch_size: int | tuple[int, int], *, rule: str = "any") -> np.ndarray:
+        """:func:`patch_mask` of a batch's ``content_boxes`` for this dataset's image size."""
+        if self.pixels is None:
+            raise UsageError(f"{self.path}: patch masks need padded pixel tensors; this dataset stores "
+                             f"{self.layout} images")
+        if "content_boxes" not in batch:
+            raise UsageError("the batch has no content_boxes column", hint="read it along with the pixels")
+        return patch_mask(batch["content_boxes"], self.pixels.image_size, patch_size, rule=rule)
+
+    def torch_iterable(self, **kwargs: Any) -> Any:
+        """A :class:`mmprep.reader_torch.PackedIterableDataset` over this dataset (needs torch)."""
+        return _torch_module().PackedIterableDataset(self, **kwargs)
+
+    def torch_dataset(self, **kwargs: Any) -> Any:
+        """A map-style :class:`mmprep.reader_torch.PackedTorchDataset` over this dataset (needs torch)."""
+        return _torch_module().PackedTorchDataset(self, **kwargs)
+
     # -- vocabulary --------------------------------------------------------------------------------------------
     def tag_names(self, vocab: str | os.PathLike[str] | None = None) -> list[str] | None:
         """Tag names by id, from ``vocab`` or the vocabulary file recorded at pack time when reachable.
@@ -859,6 +877,18 @@ class PackedDataset:
                 continue
             return list(v.names)
         return None
+
+
+def _torch_module() -> Any:
+    try:
+        import mmprep.reader_torch as rt
+    except ImportError as exc:
+        if getattr(exc, "name", "") and not str(exc.name).startswith("torch"):
+            raise
+        from mmprep.errors import MissingDependencyError
+
+        raise MissingDependencyError("torch", "embed", purpose="the PyTorch dataset") from None
+    return rt
 
 
 def _rows(batch: Batch) -> Iterator[Batch]:

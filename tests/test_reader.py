@@ -367,3 +367,19 @@ def test_tag_names_from_the_recorded_vocabulary_or_none(ds: PackedDataset, tmp_p
     assert PackedDataset(moved).tag_names(other) is None  # a different vocabulary (hash differs) is not used
     shutil.copy(VOCAB, moved / "ram_tag_list.txt")  # next to the data: found by file name
     assert PackedDataset(moved).tag_names() == names
+
+
+def test_dataset_patch_mask_and_torch_without_torch(ds: PackedDataset, monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    from mmprep.errors import MissingDependencyError
+
+    b = ds.take([0, 1])
+    assert np.array_equal(ds.patch_mask(b, 16), patch_mask(b["content_boxes"], (32, 48), 16))
+    with pytest.raises(UsageError, match="no content_boxes"):
+        ds.patch_mask({"id": b["id"]}, 16)
+    monkeypatch.setitem(sys.modules, "torch", None)  # as if torch were not installed
+    monkeypatch.delitem(sys.modules, "mmprep.reader_torch", raising=False)
+    with pytest.raises(MissingDependencyError, match="needs the 'torch' package") as exc:
+        ds.torch_iterable(batch_size=4)
+    assert "pip install" in (exc.value.hint or "")

@@ -4,6 +4,7 @@ as PackedDataset (pixels compared byte for byte, after PackedDataset's reshape).
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -81,9 +82,17 @@ def test_datasets(expected, tmp_path: Path) -> None:
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_ray_data(expected) -> None:
+def test_ray_data(expected, monkeypatch: pytest.MonkeyPatch) -> None:
     ray = pytest.importorskip("ray")
     pytest.importorskip("ray.data")
+    # Ray Data probes fsspec's HTTP filesystem while resolving paths, from more than one thread of this process.
+    # Where that module cannot be imported (no aiohttp), two threads importing it at once can leave one of them
+    # with the half-initialised module and an ImportError Ray does not catch (seen in about 1 run in 5). Marking
+    # the module as unavailable up front gives the ModuleNotFoundError Ray expects, every time.
+    try:
+        import fsspec.implementations.http  # noqa: F401
+    except ImportError:
+        monkeypatch.setitem(sys.modules, "fsspec.implementations.http", None)
     ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False, configure_logging=False,
              ignore_reinit_error=True)
     try:

@@ -80,3 +80,11 @@ def test_pickles_without_open_files_and_to_torch_copies_read_only_arrays() -> No
     ro.flags.writeable = False
     t = to_torch({"x": ro, "s": ["a"]})["x"]  # no "non-writable array" warning (warnings are errors here)
     assert t.tolist() == list(range(6))
+
+
+def test_convenience_constructors() -> None:
+    ds = PackedDataset(packed("uint8"), columns=["id", "image_count"])
+    it = ds.torch_iterable(batch_size=5, shuffle=False, rank=0, world_size=1)
+    assert [len(b["id"]) for b in it] == [5, 5, 5] and next(iter(it))["id"] == ["s001", "s002", "s003", "s004", "s005"]
+    mp = ds.torch_dataset()
+    assert len(mp) == 15 and mp[3]["id"] == "s004" and mp[3]["image_count"].item() == 1
