@@ -14,6 +14,7 @@ from mmprep.cli import cmd_embed  # noqa: F401  isort: skip
 from mmprep.cli import cmd_images  # noqa: F401  isort: skip
 from mmprep.cli import cmd_text  # noqa: F401  isort: skip
 from mmprep.cli import cmd_pack  # noqa: F401  isort: skip
+from mmprep.cli import cmd_read  # noqa: F401  isort: skip
 
 __all__ = ["app", "main"]
 

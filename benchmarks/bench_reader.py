@@ -1,0 +1,289 @@
+"""Samples/s of the packed-data reader into numpy batches against raw pyarrow column reading, in the same run.
+
+Data: the benchmark corpus (``benchmarks/corpus.py``: real photographs, captions and RAM tags; needs
+``../shared/realdata``), else ``sample_data``'s 15 good rows repeated, packed once with the real ``pack``
+(CLIP tokenizer, RAM vocabulary, letterbox, ``--limit-images 4 --too-many-images truncate``, zstd) into
+``.bench/reader-*/`` and reused while the parameters are unchanged.
+
+Methods (same shards, same batch size, every column of the shards, warm page cache):
+
+- ``raw pyarrow`` (baseline): ``ParquetFile.iter_batches(batch_size, columns)`` per shard, then each column to
+  numpy the cheapest way pyarrow allows: ``np.frombuffer`` of the ``fixed_size_binary`` pixel buffer (flat bytes,
+  no reshape), ``flatten().to_numpy()`` of fixed-size lists, ``to_numpy()`` of scalars, ``to_pylist()`` of strings
+  and variable-length lists.
+- ``reader``: ``PackedDataset.iter_batches(batch_size)``: the same columns as a batch dict, pixels viewed as
+  ``[B, limit, C, H, W]`` in the stored dtype, fixed-size lists reshaped, batches cut exactly across shards.
+- ``reader + normalize float32`` / ``float16``: the same with normalisation on load, compared with
+  ``raw pyarrow + numpy normalize``: the raw baseline plus the normalisation a training script would write
+  (``(px.astype(float32) / 255 - mean) / std``, cast), which produces the same output.
+- ``reader take (block shuffle)``: random access by ``TokenBudgetBatchSampler`` batches shuffled within windows
+  of row groups (for information).
+- ``naive pyarrow to_numpy``: ``to_numpy(zero_copy_only=False)`` on every column (object arrays; for information).
+
+Each method runs once per round in a rotated order, for ``--repeats`` rounds after a warm-up pass; figures are
+medians over rounds and the ratio column is the median of per-round ratios to the baseline (robust to drift on a
+shared machine). Target: reader >= 0.8 x raw.
+
+    python benchmarks/bench_reader.py [--quick] [--samples N] [--size PX] [--batch-size B] [--repeats R]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shlex
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+SAMPLE = REPO_ROOT / "sample_data"
+
+
+def _sample_manifest(out: Path, n: int, seed: int) -> Path:
+    """``n`` rows built from sample_data's 15 good rows (real images, captions, tags), ids made unique."""
+    good = [json.loads(line) for line in (SAMPLE / "manifest.jsonl").read_text().splitlines()][:15]
+    rng = random.Random(seed)
+    out.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for i in range(n):
+        row = dict(rng.choice(good))
+        row["id"] = f"b{i:06d}"
+        row["images"] = [str(SAMPLE / p) for p in row["images"]]
+        lines.append(json.dumps(row))
+    path = out / "manifest.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def prepare(samples: int, size: int, seed: int, workers: int) -> tuple[Path, str]:
+    """Pack (or reuse) the benchmark data; returns the packed directory and a description of the source."""
+    from mmprep.images import ImageConfig
+    from mmprep.pack import pack
+    from mmprep.process import PackConfig
+    from mmprep.text import TextConfig
+
+    try:
+        from benchmarks.corpus import find_realdata, make_corpus
+
+        find_realdata()
+        corpus_dir = REPO_ROOT / ".bench" / f"corpus-{samples}-{seed}"
+        manifest = make_corpus(corpus_dir, samples, seed)
+        source = f"benchmark corpus {corpus_dir.relative_to(REPO_ROOT)} (real photos, captions, RAM tags)"
+    except FileNotFoundError:
+        corpus_dir = REPO_ROOT / ".bench" / f"reader-sample-manifest-{samples}-{seed}"
+        manifest = _sample_manifest(corpus_dir, samples, seed)
+        source = f"sample_data rows repeated ({corpus_dir.relative_to(REPO_ROOT)}; ../shared/realdata not found)"
+    out = REPO_ROOT / ".bench" / f"reader-packed-{samples}-{seed}-{size}"
+    stamp = out / "bench-params.json"
+    params = {"samples": samples, "seed": seed, "size": size, "manifest": str(manifest), "version": 1}
+    if (out / "index.json").exists() and stamp.exists() and json.loads(stamp.read_text()) == params:
+        return out, source
+    cfg = PackConfig(
+        manifest=str(manifest), out=str(out), image=ImageConfig(size=(size, size), resize_mode="letterbox"),
+        limit_images=4, too_many_images="truncate", tokenizer=str(SAMPLE / "tokenizers" / "clip"),
+        text=TextConfig(max_length=77), vocab=str(SAMPLE / "ram_tag_list.txt"), unknown_tags="drop",
+        rows_per_shard=max(16, samples // 4),
+    )
+    t0 = time.perf_counter()
+    report = pack(cfg, workers=workers, overwrite=True)
+    if report.failed or not report.written:
+        raise SystemExit(f"packing the benchmark data failed: {report.failed or 'no rows written'}")
+    stamp.write_text(json.dumps(params))
+    print(f"packed {report.written} rows into {out.relative_to(REPO_ROOT)} in {time.perf_counter() - t0:.1f}s")
+    return out, source
+
+
+# -- methods: each reads the whole dataset once and returns the rows it produced --------------------------------
+
+
+def raw_pyarrow(files: list[Path], columns: list[str], batch_size: int) -> int:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = 0
+    for path in files:
+        f = pq.ParquetFile(path)
+        for rb in f.iter_batches(batch_size=batch_size, columns=columns, use_threads=True):
+            out = {}
+            for name in columns:
+                col = rb.column(name)
+                t = col.type
+                if pa.types.is_fixed_size_binary(t):
+                    w = t.byte_width
+                    out[name] = np.frombuffer(col.buffers()[1], np.uint8, len(col) * w, col.offset * w)
+                elif pa.types.is_fixed_size_list(t):
+                    v = col.flatten()
+                    while pa.types.is_fixed_size_list(v.type):
+                        v = v.flatten()
+                    out[name] = v.to_numpy(zero_copy_only=False)
+                elif pa.types.is_list(t) or pa.types.is_string(t):
+                    out[name] = col.to_pylist()
+                else:
+                    out[name] = col.to_numpy(zero_copy_only=False)
+            rows += rb.num_rows
+        f.close()
+    return rows
+
+
+def raw_normalized(files: list[Path], columns: list[str], batch_size: int, spec: object, dtype: str) -> int:
+    """The raw baseline plus the normalisation a training script would write: reshape, /255, -mean, /std."""
+    import pyarrow.parquet as pq
+
+    mean = np.asarray(spec.mean, dtype=np.float32).reshape(spec.channel_shape())  # type: ignore[attr-defined]
+    std = np.asarray(spec.std, dtype=np.float32).reshape(spec.channel_shape())  # type: ignore[attr-defined]
+    shape = spec.shape  # type: ignore[attr-defined]
+    rows = 0
+    for path in files:
+        f = pq.ParquetFile(path)
+        for rb in f.iter_batches(batch_size=batch_size, columns=columns, use_threads=True):
+            col = rb.column("pixel_values")
+            w = col.type.byte_width
+            px = np.frombuffer(col.buffers()[1], np.uint8, len(col) * w, col.offset * w).reshape(len(col), *shape)
+            _ = ((px.astype(np.float32) / 255.0 - mean) / std).astype(dtype, copy=False)
+            rows += rb.num_rows
+        f.close()
+    return rows
+
+
+def naive_pyarrow(files: list[Path], columns: list[str], batch_size: int) -> int:
+    import pyarrow.parquet as pq
+
+    rows = 0
+    for path in files:
+        f = pq.ParquetFile(path)
+        for rb in f.iter_batches(batch_size=batch_size, columns=columns, use_threads=True):
+            _ = {name: rb.column(name).to_numpy(zero_copy_only=False) for name in columns}
+            rows += rb.num_rows
+        f.close()
+    return rows
+
+
+def reader_batches(path: Path, batch_size: int, normalize: str | None = None) -> int:
+    from mmprep.reader import PackedDataset
+
+    ds = PackedDataset(path, normalize=normalize)
+    rows = 0
+    for b in ds.iter_batches(batch_size):
+        assert b["pixel_values"].ndim == 5
+        rows += len(b["id"])
+    return rows
+
+
+def reader_take(path: Path, batch_size: int, epoch: int) -> int:
+    from mmprep.reader import PackedDataset
+    from mmprep.samplers import TokenBudgetBatchSampler
+
+    ds = PackedDataset(path, cache_row_groups=8)
+    costs = np.ones(len(ds), dtype=np.int64)  # a fixed batch size through the budget sampler
+    sampler = TokenBudgetBatchSampler(costs, batch_size, seed=1, blocks=ds.row_group_bounds(), window=4)
+    sampler.set_epoch(epoch)
+    rows = 0
+    for idx in sampler:
+        rows += len(ds.take(idx)["id"])
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--samples", type=int, default=None, help="manifest rows (default 1024; 96 with --quick)")
+    ap.add_argument("--size", type=int, default=None, help="image size (default 224; 64 with --quick)")
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=None, help="rounds (default 5; 3 with --quick)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="pack workers (data preparation)")
+    ap.add_argument("--json", dest="json_out", default=None, help="also write the results to this file")
+    ap.add_argument("--quick", action="store_true", help="tiny run for CI smoke")
+    args = ap.parse_args(argv)
+    samples = args.samples or (96 if args.quick else 1024)
+    size = args.size or (64 if args.quick else 224)
+    repeats = max(3, args.repeats or (3 if args.quick else 5))
+    cmd = ["benchmarks/bench_reader.py", *(sys.argv[1:] if argv is None else argv)]
+    print("command: python " + shlex.join(cmd))
+
+    path, source = prepare(samples, size, args.seed, args.workers)
+    from mmprep.reader import PackedDataset
+
+    ds = PackedDataset(path)
+    files = [s.path for s in ds.shards]
+    columns = ds.column_names
+    assert ds.pixels is not None
+    data_bytes = sum(s.bytes for s in ds.shards)
+    print(f"data: {source}")
+    print(f"packed: {path.relative_to(REPO_ROOT)}: {len(ds):,} rows, {len(files)} shards, {data_bytes / 1e6:,.1f} MB "
+          f"on disk; pixels {ds.pixels.dtype.name} {list(ds.pixels.shape)} = {ds.pixels.row_bytes / 1e3:,.0f} kB a "
+          f"row; batch size {args.batch_size}; all {len(columns)} columns")
+    print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} at start (shared with other "
+          f"work: compare ratios, not absolute numbers); medians of {repeats} rotated rounds after a warm-up")
+
+    b = args.batch_size
+    epoch = [0]
+
+    def take() -> int:
+        epoch[0] += 1
+        return reader_take(path, b, epoch[0])
+
+    spec = ds.pixels
+    methods: dict[str, Callable[[], int]] = {
+        "raw pyarrow (baseline)": lambda: raw_pyarrow(files, columns, b),
+        "reader": lambda: reader_batches(path, b),
+        "reader take (block shuffle)": take,
+        "naive pyarrow to_numpy": lambda: naive_pyarrow(files, columns, b),
+        "raw pyarrow + numpy normalize float32": lambda: raw_normalized(files, columns, b, spec, "float32"),
+        "reader + normalize float32": lambda: reader_batches(path, b, "float32"),
+        "raw pyarrow + numpy normalize float16": lambda: raw_normalized(files, columns, b, spec, "float16"),
+        "reader + normalize float16": lambda: reader_batches(path, b, "float16"),
+    }
+    # the baseline that produces the same output, for the second ratio column
+    same = {"reader + normalize float32": "raw pyarrow + numpy normalize float32",
+            "reader + normalize float16": "raw pyarrow + numpy normalize float16"}
+    names = list(methods)
+    for name in names:  # warm-up: page cache, imports, first-call costs
+        got = methods[name]()
+        assert got == len(ds), (name, got, len(ds))
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(repeats):
+        order = names[r % len(names):] + names[: r % len(names)]
+        for name in order:
+            t0 = time.perf_counter()
+            methods[name]()
+            times[name].append(time.perf_counter() - t0)
+    base = names[0]
+    print()
+    print(f"| method | samples/s (median of {repeats}) | stored pixel MB/s | vs raw pyarrow | vs same-output "
+          "baseline |")
+    print("|---|---|---|---|---|")
+    results = {}
+
+    def ratio_to(ref: str, name: str) -> float:
+        return statistics.median(tb / tm for tb, tm in zip(times[ref], times[name], strict=True))
+
+    for name in names:
+        med = statistics.median(times[name])
+        sps = len(ds) / med
+        ratio = ratio_to(base, name)
+        alike = ratio_to(same[name], name) if name in same else None
+        results[name] = {"median_s": med, "samples_per_s": sps, "ratio_vs_raw": ratio,
+                         "ratio_vs_same_output": alike, "runs_s": times[name]}
+        print(f"| {name} | {sps:,.0f} | {sps * ds.pixels.row_bytes / 1e6:,.0f} | {ratio:.2f} | "
+              f"{'-' if alike is None else f'{alike:.2f}'} |")
+    print(f"\nload average at end: {os.getloadavg()[0]:.2f}")
+    ratio = results["reader"]["ratio_vs_raw"]
+    print(f"reader / raw pyarrow = {ratio:.2f} (target >= 0.8: {'met' if ratio >= 0.8 else 'NOT met'})")
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps({"command": cmd, "rows": len(ds), "results": results},
+                                                  indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

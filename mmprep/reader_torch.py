@@ -1,0 +1,179 @@
+"""PyTorch datasets over packed data (this module imports torch; import it only where torch is wanted).
+
+- :class:`PackedIterableDataset`: streams batches (or rows). Each epoch's rows are split over the ranks of a
+  distributed job and over the ``DataLoader`` workers of each rank, every row exactly once per epoch
+  (:meth:`mmprep.reader.PackedDataset.epoch_plan`), shuffled by ``seed`` and the epoch set with ``set_epoch``:
+  row groups in a shuffled order, rows shuffled within windows of a few row groups. Use it with
+  ``DataLoader(ds, batch_size=None, num_workers=N)`` when it yields batches.
+- :class:`PackedTorchDataset`: map-style, for samplers (``DistributedSampler``, or the batch samplers of
+  :mod:`mmprep.samplers` via ``batch_sampler=``; ``__getitems__`` fetches a whole batch with one read per row
+  group). Use ``collate_fn=PackedTorchDataset.collate``.
+
+Batches become tensors: numeric arrays via ``torch.from_numpy`` (copied when the array is a read-only view of a
+Parquet buffer), strings and ragged columns stay lists (``tag_ids``: a list of int32 tensors; pass
+``multi_hot=V`` for ``[B, V]`` targets).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, IterableDataset, get_worker_info
+
+from mmprep.errors import UsageError
+from mmprep.reader import Batch, PackedDataset, multi_hot
+
+__all__ = ["PackedIterableDataset", "PackedTorchDataset", "default_rank", "to_torch"]
+
+
+def to_torch(batch: Batch, *, multi_hot_size: int | None = None) -> dict[str, Any]:
+    """Numpy arrays → tensors (copying read-only views), lists stay lists; optional multi-hot ``tag_ids``."""
+    out: dict[str, Any] = {}
+    for k, v in batch.items():
+        if isinstance(v, np.ndarray) and v.dtype != object:
+            out[k] = torch.from_numpy(v if v.flags.writeable and v.flags.c_contiguous else np.array(v))
+        elif k == "tag_ids" and multi_hot_size is not None:
+            out[k] = torch.from_numpy(multi_hot(v, multi_hot_size))
+        elif isinstance(v, list) and v and isinstance(v[0], np.ndarray):
+            out[k] = [torch.from_numpy(np.array(x)) for x in v]
+        else:
+            out[k] = v
+    return out
+
+
+def default_rank() -> tuple[int, int]:
+    """(rank, world_size) from ``torch.distributed`` when initialised, else ``RANK``/``WORLD_SIZE``, else (0, 1)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def _open(ds: PackedDataset | str | os.PathLike[str], kwargs: dict[str, Any]) -> PackedDataset:
+    if isinstance(ds, PackedDataset):
+        if kwargs:
+            raise UsageError("give reader options when opening the path, or pass an opened PackedDataset alone")
+        return ds
+    return PackedDataset(ds, **kwargs)
+
+
+class PackedIterableDataset(IterableDataset):  # type: ignore[type-arg]
+    """Stream a packed dataset, split over ranks and DataLoader workers, each row exactly once per epoch.
+
+    Args:
+        ds: a :class:`PackedDataset` or a path (then ``reader_kwargs`` are its options: columns, normalize, ...).
+        batch_size: yield batches of this many rows (use ``DataLoader(batch_size=None)``), or rows when None.
+        shuffle: shuffle row groups and rows within windows, by ``seed`` and epoch.
+        seed: shuffle seed (the same on every rank).
+        window: row groups shuffled together (memory: about ``window`` × 32 MB of pixels per worker).
+        drop_last: each worker drops its last partial batch.
+        rank: this process's rank (default: :func:`default_rank`).
+        world_size: number of ranks (default: :func:`default_rank`).
+        multi_hot_size: turn ``tag_ids`` into ``[B, V]`` float targets of this vocabulary size.
+
+    Call :meth:`set_epoch` before each epoch (DataLoader workers get a fresh copy each epoch unless
+    ``persistent_workers=True``, in which case the epoch they see does not change).
+    """
+
+    def __init__(
+        self,
+        ds: PackedDataset | str | os.PathLike[str],
+        *,
+        batch_size: int | None = None,
+        shuffle: bool = True,
+        seed: int = 0,
+        window: int = 4,
+        drop_last: bool = False,
+        rank: int | None = None,
+        world_size: int | None = None,
+        multi_hot_size: int | None = None,
+        **reader_kwargs: Any,
+    ) -> None:
+        super().__init__()
+        self.ds = _open(ds, reader_kwargs)
+        if batch_size is not None and batch_size < 1:
+            raise UsageError(f"batch size must be at least 1, got {batch_size}")
+        r, w = default_rank()
+        self.rank = r if rank is None else rank
+        self.world_size = w if world_size is None else world_size
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.seed = seed
+        self.window = window
+        self.drop_last = drop_last
+        self.multi_hot_size = multi_hot_size
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Use this epoch's order."""
+        self.epoch = int(epoch)
+
+    def plan(self, worker: int = 0, num_workers: int = 1) -> list[tuple[int, int, int]]:
+        """The row-group ranges this rank's ``worker`` reads in the current epoch."""
+        return self.ds.epoch_plan(epoch=self.epoch, seed=self.seed, shuffle=self.shuffle, rank=self.rank,
+                                  world_size=self.world_size, worker=worker, num_workers=num_workers)
+
+    def __iter__(self) -> Iterator[Any]:
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        plan = self.plan(worker, num_workers)
+        rng = None
+        if self.shuffle:
+            rng = np.random.default_rng([self.seed, self.epoch, self.rank * max(1, num_workers) + worker, 1])
+        batches = self.ds.iter_plan(plan, self.batch_size or 256, shuffle_rng=rng, window=self.window,
+                                    drop_last=self.drop_last and self.batch_size is not None)
+        for batch in batches:
+            tb = to_torch(batch, multi_hot_size=self.multi_hot_size)
+            if self.batch_size is not None:
+                yield tb
+            else:
+                n = len(next(iter(tb.values())))
+                for i in range(n):
+                    yield {k: v[i] for k, v in tb.items()}
+
+
+class PackedTorchDataset(Dataset):  # type: ignore[type-arg]
+    """Map-style access to a packed dataset: ``ds[i]`` is a row of tensors, ``ds.__getitems__(idx)`` a batch.
+
+    Args:
+        ds: a :class:`PackedDataset` or a path (then ``reader_kwargs`` are its options).
+        multi_hot_size: turn ``tag_ids`` into ``[B, V]`` float targets of this vocabulary size.
+    """
+
+    def __init__(
+        self,
+        ds: PackedDataset | str | os.PathLike[str],
+        *,
+        multi_hot_size: int | None = None,
+        **reader_kwargs: Any,
+    ) -> None:
+        self.ds = _open(ds, reader_kwargs)
+        self.multi_hot_size = multi_hot_size
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        batch = self.__getitems__([int(index)])
+        return {k: v[0] for k, v in batch.items()}
+
+    def __getitems__(self, indices: Sequence[int]) -> dict[str, Any]:
+        return to_torch(self.ds.take(list(indices)), multi_hot_size=self.multi_hot_size)
+
+    @staticmethod
+    def collate(batch: Any) -> dict[str, Any]:
+        """``collate_fn`` for this dataset: passes a fetched batch through; stacks a list of rows."""
+        if isinstance(batch, dict):
+            return batch
+        keys = batch[0].keys()
+        out: dict[str, Any] = {}
+        for k in keys:
+            vals = [row[k] for row in batch]
+            out[k] = torch.stack(vals) if isinstance(vals[0], torch.Tensor) and vals[0].dim() >= 0 and all(
+                v.shape == vals[0].shape for v in vals) else vals
+        return out

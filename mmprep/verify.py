@@ -1,0 +1,375 @@
+"""``verify``: check a packed directory against its index, shard by shard, and its row accounting.
+
+Every check that fails becomes a :class:`Finding` naming the shard (or the index/rejects file) and what differs;
+nothing raises for a damaged dataset except a directory that is not an mmprep pack at all (InputError).
+
+Checks, per shard listed in ``index.json``: the file exists, its size and sha256 match the index, it opens as
+Parquet, its row count, schema and ``mmprep`` metadata match the index (and the first shard), its
+``mmprep.shard`` record (position, rows, image-count histogram, first/last line) matches the index entry, and its
+small columns are consistent: ``image_count`` histogram, ``image_mask`` against ``image_count``, sizes and content
+boxes zero exactly for empty slots and inside the image, ``attention_mask``/``truncated`` against ``n_tokens``,
+tag ids inside the vocabulary. With ``deep``: padding slots hold all-zero pixel bytes (padded layout) or every
+encoded image decodes and the image lists match ``image_count`` (encoded layout).
+
+Dataset-wide: no unlisted ``shard-*.parquet`` files, unique ids and input lines, no line both written and
+rejected, and the totals: ``read == written + rejected``, written equals the shards' rows, the image-count
+histogram adds up, ``rejected.jsonl`` has as many lines as ``rejected`` with the same counts per reason.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mmprep.reader import INDEX_NAME, PixelSpec, load_index
+
+__all__ = ["Finding", "VerifyReport", "verify"]
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One mismatch: where (a shard's file name, ``index.json`` or ``rejected.jsonl``), which check, what."""
+
+    where: str
+    check: str
+    message: str
+
+
+@dataclass
+class VerifyReport:
+    """The outcome of :func:`verify` (the ``--json`` report)."""
+
+    path: str
+    ok: bool = True
+    shards: int = 0
+    shards_ok: int = 0
+    rows: int = 0
+    bytes: int = 0
+    deep: bool = False
+    findings: list[Finding] = field(default_factory=list)
+
+
+def verify(
+    path: str | os.PathLike[str],
+    *,
+    deep: bool = False,
+    progress: Callable[[int], None] | None = None,
+) -> VerifyReport:
+    """Verify a packed directory; see the module docstring for the checks.
+
+    Args:
+        path: the packed directory.
+        deep: also check pixel padding bytes (padded) or decode every image (encoded).
+        progress: called with the bytes of each shard once checked.
+
+    Raises:
+        InputError: ``path`` is not an mmprep packed directory (no readable index).
+    """
+    root, index = load_index(path)
+    report = VerifyReport(path=str(root), deep=deep)
+    found: list[Finding] = report.findings
+
+    def add(where: str, check: str, message: str) -> None:
+        found.append(Finding(where, check, message))
+
+    meta = index.get("metadata") or {}
+    entries = index["shards"]
+    report.shards = len(entries)
+    listed = {str(e.get("path")) for e in entries if isinstance(e, dict)}
+    for p in sorted(root.glob("shard-*.parquet")):
+        if p.name not in listed:
+            add(p.name, "unlisted", f"{p.name} is in the directory but not in {INDEX_NAME}")
+    ids: Counter[str] = Counter()
+    lines: list[np.ndarray] = []
+    hist_total: Counter[str] = Counter()
+    images_total = 0
+    ref_schema: Any = None
+    for k, entry in enumerate(entries):
+        before = len(found)
+        facts = _check_shard(root, k, entry, meta, deep, add, ref_schema)
+        if facts is not None:
+            ref_schema = ref_schema if ref_schema is not None else facts["schema"]
+            ids.update(facts["ids"])
+            lines.append(facts["lines"])
+            images_total += facts["images"]
+            report.rows += facts["rows"]
+        if isinstance(entry, dict):
+            hist_total.update({str(h): int(c) for h, c in (entry.get("image_count_histogram") or {}).items()})
+            report.bytes += int(entry.get("bytes", 0) or 0)
+        if len(found) == before:
+            report.shards_ok += 1
+        if progress is not None:
+            progress(int(entry.get("bytes", 0) or 0) if isinstance(entry, dict) else 0)
+    dup = [i for i, c in ids.items() if c > 1]
+    if dup:
+        add(INDEX_NAME, "duplicate_id", f"{len(dup)} ids appear more than once (first: '{sorted(dup)[0]}')")
+    all_lines = np.concatenate(lines) if lines else np.zeros(0, dtype=np.int64)
+    uniq, counts = np.unique(all_lines, return_counts=True)
+    if (counts > 1).any():
+        add(INDEX_NAME, "duplicate_line", f"input line {int(uniq[counts > 1][0])} is written more than once")
+    _check_totals(root, index, report.rows, hist_total, images_total, set(uniq.tolist()), add)
+    report.ok = not found
+    return report
+
+
+def _check_shard(
+    root: Path,
+    k: int,
+    entry: Any,
+    meta: dict[str, Any],
+    deep: bool,
+    add: Callable[[str, str, str], None],
+    ref_schema: Any,
+) -> dict[str, Any] | None:
+    """Check one shard; returns its facts (ids, lines, rows, images) when it could be read."""
+    import pyarrow.parquet as pq
+
+    from mmprep.shards import file_sha256
+
+    if not isinstance(entry, dict) or "path" not in entry or "rows" not in entry:
+        add(INDEX_NAME, "index", f"shard entry {k} lacks path or rows")
+        return None
+    name = str(entry["path"])
+    p = root / name
+    if not p.is_file():
+        add(name, "missing", f"{name} is listed in {INDEX_NAME} but missing")
+        return None
+    size = p.stat().st_size
+    if size != entry.get("bytes"):
+        add(name, "size", f"{name}: {size} bytes, {INDEX_NAME} says {entry.get('bytes')}")
+    digest = file_sha256(p)
+    if digest != entry.get("sha256"):
+        add(name, "sha256",
+            f"{name}: sha256 {digest[:16]}… differs from {INDEX_NAME} ({str(entry.get('sha256'))[:16]}…)")
+    try:
+        f = pq.ParquetFile(p)
+        schema = f.schema_arrow
+    except Exception as exc:  # a damaged footer raises ArrowInvalid/OSError
+        add(name, "parquet", f"{name}: not readable as Parquet ({str(exc).splitlines()[0]})")
+        return None
+    with f:
+        rows = f.metadata.num_rows
+        if rows != entry["rows"]:
+            add(name, "rows", f"{name}: {rows} rows, {INDEX_NAME} says {entry['rows']}")
+        kv = {**(f.metadata.metadata or {}), **(schema.metadata or {})}
+        try:
+            shard_meta = json.loads(kv[b"mmprep"])
+        except (KeyError, ValueError):
+            add(name, "metadata", f"{name}: no readable 'mmprep' metadata")
+            return None
+        if shard_meta != meta:
+            diff = sorted(key for key in set(shard_meta) | set(meta) if shard_meta.get(key) != meta.get(key))
+            add(name, "metadata", f"{name}: 'mmprep' metadata differs from {INDEX_NAME} in {', '.join(diff)}")
+        if ref_schema is not None and not schema.remove_metadata().equals(ref_schema.remove_metadata()):
+            add(name, "schema", f"{name}: columns or types differ from the first shard's")
+        _check_shard_record(name, k, entry, kv, add)
+        try:
+            facts = _check_columns(name, f, entry, meta, deep, add)
+        except Exception as exc:  # damaged pages surface as ArrowInvalid/OSError while reading
+            add(name, "read", f"{name}: reading the columns failed ({str(exc).splitlines()[0]})")
+            return None
+    facts["schema"] = schema
+    facts["rows"] = rows
+    return facts
+
+
+def _check_shard_record(name: str, k: int, entry: dict[str, Any], kv: dict[bytes, bytes],
+                        add: Callable[[str, str, str], None]) -> None:
+    try:
+        rec = json.loads(kv[b"mmprep.shard"])
+    except (KeyError, ValueError):
+        add(name, "shard_record", f"{name}: no readable 'mmprep.shard' metadata")
+        return
+    expect = {"index": k, "rows": entry.get("rows"), "image_count_histogram": entry.get("image_count_histogram"),
+              "first_line": entry.get("first_line"), "last_line": entry.get("last_line")}
+    bad = [key for key, v in expect.items() if rec.get(key) != v]
+    if bad:
+        add(name, "shard_record", f"{name}: its 'mmprep.shard' record differs from {INDEX_NAME} in {', '.join(bad)}")
+
+
+def _check_columns(name: str, f: Any, entry: dict[str, Any], meta: dict[str, Any], deep: bool,
+                   add: Callable[[str, str, str], None]) -> dict[str, Any]:
+    names = set(f.schema_arrow.names)
+    small = [c for c in ("id", "line", "image_count", "image_mask", "image_sizes", "content_boxes", "attention_mask",
+                         "n_tokens", "truncated", "tag_ids") if c in names]
+    table = f.read(columns=small)
+    cols = {c: table.column(c).combine_chunks() for c in small}
+    count = np.asarray(cols["image_count"].to_numpy(zero_copy_only=False), dtype=np.int64)
+    n = len(count)
+    hist = {str(h): int(c) for h, c in sorted(Counter(count.tolist()).items())}
+    if hist != (entry.get("image_count_histogram") or {}):
+        add(name, "histogram",
+            f"{name}: image counts {hist} differ from {INDEX_NAME} {entry.get('image_count_histogram')}")
+    limit = int(meta.get("limit_images", 0) or 0)
+    if n and (count.min() < 1 or (limit and count.max() > limit)):
+        add(name, "image_count", f"{name}: image_count outside 1..{limit}")
+    lines = np.asarray(cols["line"].to_numpy(), dtype=np.int64)
+    if n and (int(lines[0]) != entry.get("first_line") or int(lines[-1]) != entry.get("last_line")):
+        add(name, "lines", f"{name}: lines {int(lines[0])}..{int(lines[-1])}, {INDEX_NAME} says "
+                           f"{entry.get('first_line')}..{entry.get('last_line')}")
+    if "image_mask" in cols and limit:
+        mask = _fixed(cols["image_mask"], n)
+        want = np.arange(limit)[None, :] < count[:, None]
+        if mask.shape != want.shape or (mask != want).any():
+            add(name, "image_mask", f"{name}: image_mask disagrees with image_count in {_first_bad(mask != want)}")
+        pixels = meta.get("pixels") or {}
+        if "content_boxes" in cols and pixels.get("image_size"):
+            h, w = pixels["image_size"]
+            boxes = _fixed(cols["content_boxes"], n)
+            x0, y0, x1, y1 = (boxes[..., i] for i in range(4))
+            real_ok = (x0 >= 0) & (y0 >= 0) & (x1 <= w) & (y1 <= h) & (x1 > x0) & (y1 > y0)
+            empty_ok = (boxes == 0).all(axis=-1)
+            bad = np.where(want, ~real_ok, ~empty_ok)
+            if bad.any():
+                add(name, "content_boxes", f"{name}: content box outside the image or set on an empty slot in "
+                                           f"{_first_bad(bad)}")
+        if "image_sizes" in cols:
+            sizes = _fixed(cols["image_sizes"], n)
+            bad = np.where(want, ~(sizes > 0).all(axis=-1), ~(sizes == 0).all(axis=-1))
+            if bad.any():
+                add(name, "image_sizes", f"{name}: image size missing on a real slot or set on an empty one in "
+                                         f"{_first_bad(bad)}")
+    text = meta.get("text")
+    if text and "attention_mask" in cols and "n_tokens" in cols:
+        length = int(text["max_length"])
+        am = _fixed(cols["attention_mask"], n)
+        nt = np.asarray(cols["n_tokens"].to_numpy(), dtype=np.int64)
+        if (am.sum(axis=1) != np.minimum(nt, length)).any():
+            add(name, "attention_mask", f"{name}: attention_mask sums differ from n_tokens in "
+                                        f"{_first_bad(am.sum(axis=1) != np.minimum(nt, length))}")
+        if "truncated" in cols:
+            tr = cols["truncated"].to_numpy(zero_copy_only=False)
+            if (tr != (nt > length)).any():
+                add(name, "truncated", f"{name}: truncated disagrees with n_tokens > {length}")
+    vocab = meta.get("vocab")
+    if vocab and "tag_ids" in cols:
+        values = cols["tag_ids"].flatten().to_numpy(zero_copy_only=False)
+        if values.size and (values.min() < 0 or values.max() >= int(vocab["size"])):
+            add(name, "tag_ids", f"{name}: tag id outside the vocabulary (size {vocab['size']})")
+    if deep:
+        _check_deep(name, f, count, meta, add)
+    ids = cols["id"].to_pylist() if "id" in cols else []
+    return {"ids": ids, "lines": lines, "images": int(count.sum())}
+
+
+def _check_deep(name: str, f: Any, count: np.ndarray, meta: dict[str, Any],
+                add: Callable[[str, str, str], None]) -> None:
+    if meta.get("layout", "padded") == "padded" and meta.get("pixels"):
+        spec = PixelSpec.from_metadata(meta)
+        pos = 0
+        for rb in f.iter_batches(batch_size=256, columns=[spec.column, "image_count"]):
+            arr = rb.column(spec.column)
+            n = len(arr)
+            if arr.null_count:
+                add(name, "pixels", f"{name}: {arr.null_count} rows have no pixel value")
+                return
+            if arr.type.byte_width != spec.row_bytes:
+                add(name, "pixels", f"{name}: {arr.type.byte_width} pixel bytes per row, metadata gives "
+                                    f"{spec.row_bytes}")
+                return
+            raw = np.frombuffer(arr.buffers()[1], np.uint8, n * spec.row_bytes, arr.offset * spec.row_bytes)
+            slots = raw.reshape(n, spec.limit, -1)
+            empty = np.arange(spec.limit)[None, :] >= count[pos:pos + n, None]
+            dirty = empty & slots.any(axis=2)
+            if dirty.any():
+                r, s = np.argwhere(dirty)[0]
+                add(name, "padding", f"{name}: row {pos + int(r)} slot {int(s)} is padding but holds non-zero bytes")
+                return
+            pos += n
+        return
+    from mmprep.images import ImageConfig, ImageError, load_image
+
+    cfg = ImageConfig(size=None, resize_mode="none")
+    pos = 0
+    for rb in f.iter_batches(batch_size=64, columns=["images", "image_sizes", "id"]):
+        images, sizes, ids = rb.column("images").to_pylist(), rb.column("image_sizes").to_pylist(), rb.column("id")
+        for r, (imgs, sz) in enumerate(zip(images, sizes, strict=True)):
+            if len(imgs) != count[pos + r] or len(sz) != count[pos + r]:
+                add(name, "images", f"{name}: sample {ids[r]} has {len(imgs)} images, image_count {count[pos + r]}")
+                return
+            for j, img in enumerate(imgs):
+                try:
+                    dec = load_image(img["bytes"], cfg)
+                except ImageError as exc:
+                    add(name, "images", f"{name}: sample {ids[r]} image {j + 1} does not decode: {exc.detail}")
+                    return
+                if list(dec.original_size) != list(sz[j]):
+                    add(name, "images", f"{name}: sample {ids[r]} image {j + 1} is {dec.original_size}, "
+                                        f"image_sizes says {sz[j]}")
+                    return
+        pos += rb.num_rows
+
+
+def _fixed(arr: Any, n: int) -> np.ndarray:
+    import pyarrow as pa
+
+    dims = []
+    values = arr
+    while pa.types.is_fixed_size_list(values.type):
+        dims.append(values.type.list_size)
+        values = values.flatten()
+    return values.to_numpy(zero_copy_only=False).reshape(n, *dims)
+
+
+def _first_bad(bad: np.ndarray) -> str:
+    r = np.argwhere(bad.reshape(len(bad), -1).any(axis=1) if bad.ndim > 1 else bad)
+    return f"row {int(r[0][0])}" if len(r) else "a row"
+
+
+def _check_totals(root: Path, index: dict[str, Any], rows: int, hist_total: Counter[str], images_total: int,
+                  written_lines: set[int], add: Callable[[str, str, str], None]) -> None:
+    t = index.get("totals") or {}
+    read, written, rejected = t.get("read"), t.get("written"), t.get("rejected")
+    if not all(isinstance(v, int) for v in (read, written, rejected)):
+        add(INDEX_NAME, "totals", f"{INDEX_NAME}: totals lack read/written/rejected")
+        return
+    if read != written + rejected:
+        add(INDEX_NAME, "accounting", f"{INDEX_NAME}: read {read} != written {written} + rejected {rejected}")
+    listed_rows = sum(int(e.get("rows", 0)) for e in index["shards"] if isinstance(e, dict))
+    if listed_rows != written:
+        add(INDEX_NAME, "accounting", f"{INDEX_NAME}: shards list {listed_rows} rows, totals say written {written}")
+    if rows != written:
+        add(INDEX_NAME, "accounting", f"the shards hold {rows} rows, {INDEX_NAME} says written {written}")
+    hist = {k: hist_total[k] for k in sorted(hist_total, key=int)}
+    if hist != (t.get("image_count_histogram") or {}):
+        add(INDEX_NAME, "histogram", f"{INDEX_NAME}: shard histograms add up to {hist}, totals say "
+                                     f"{t.get('image_count_histogram')}")
+    if sum(hist.values()) != written:
+        add(INDEX_NAME, "histogram", f"{INDEX_NAME}: the image-count histogram counts {sum(hist.values())} rows, "
+                                     f"written is {written}")
+    if "images_written" in t and t["images_written"] != images_total:
+        add(INDEX_NAME, "images", f"{INDEX_NAME}: images_written {t['images_written']}, the shards hold "
+                                  f"{images_total}")
+    rej_name = str(index.get("rejects") or "rejected.jsonl")
+    rej_path = root / rej_name
+    if not rej_path.is_file():
+        add(rej_name, "missing", f"{rej_name} is missing (index says {rejected} rejected)")
+        return
+    reasons: Counter[str] = Counter()
+    n_lines = 0
+    with open(rej_path, encoding="utf-8") as fh:
+        for no, text in enumerate(fh, 1):
+            if not text.strip():
+                continue
+            n_lines += 1
+            try:
+                rec = json.loads(text)
+                reasons[str(rec["reason"])] += 1
+                line = rec.get("line")
+            except (ValueError, KeyError, TypeError):
+                add(rej_name, "rejects", f"{rej_name}:{no}: not a JSON reject record")
+                continue
+            if line in written_lines:
+                add(rej_name, "rejects", f"{rej_name}:{no}: input line {line} is rejected but also written")
+    if n_lines != rejected:
+        add(rej_name, "accounting", f"{rej_name}: {n_lines} lines, {INDEX_NAME} says rejected {rejected}")
+    if dict(sorted(reasons.items())) != (t.get("rejected_by_reason") or {}):
+        add(rej_name, "accounting", f"{rej_name}: reasons {dict(sorted(reasons.items()))} differ from "
+                                    f"{INDEX_NAME} {t.get('rejected_by_reason')}")
