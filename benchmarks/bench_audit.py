@@ -165,7 +165,7 @@ def pyarrow_note(path: Path) -> str:
     return "pyarrow.json read the probe (unexpected)"
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="100k samples (CI smoke)")
     ap.add_argument("--samples", type=int, default=None, help="number of records (default 4,000,000)")
@@ -173,7 +173,8 @@ def main() -> None:
     ap.add_argument("--bench-dir", default=str(ROOT / ".bench"), help="where the generated file lives")
     ap.add_argument("--skip-gc-on", action="store_true",
                     help="skip the orjson run with Python's GC on (slow; run once unless --quick)")
-    args = ap.parse_args()
+    ap.add_argument("--json", dest="json_out", default=None, help="also write the results to this file")
+    args = ap.parse_args(argv)
     n = args.samples or (100_000 if args.quick else 4_000_000)
     print("command: " + " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]))
     path = ensure_file(Path(args.bench_dir), n)
@@ -225,7 +226,15 @@ def main() -> None:
     print("seconds: parse = read + orjson.loads in the child; audit = CLI import + audit + JSON report; "
           "proc wall / proc cpu (user + sys) = the whole child process; the machine may be shared, so compare "
           "ratios from one run")
+    if args.json_out:
+        table = {label: {"median_s": statistics.median(r[0] for r in rows), "peak_rss_mb": max(r[2] for r in rows),
+                         "runs_s": [r[0] for r in rows]} for label, rows in results.items()}
+        headline = [{"name": f"audit / bare parse ({n:,} samples)", "value": ratio, "target": 2.0, "op": "<="},
+                    {"name": f"audit peak RSS MB ({n:,} samples)", "value": rss, "target": 1536, "op": "<="}]
+        Path(args.json_out).write_text(json.dumps({"samples": n, "file_mb": size_mb, "baseline": base_label,
+                                                   "results": table, "headline": headline}, indent=2) + "\n")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -135,8 +135,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nshards and index identical across engines and runs: {'yes' if identical else 'NO'}")
     print(f"load average at end: {os.getloadavg()[0]:.2f}")
     if args.json_out:
+        headline = [{"name": f"ray engine time / local engine time ({m})", "value": summary[m]["time_vs_local"],
+                     "target": None, "op": "info"} for m in METHODS if m != "local"]
+        headline.append({"name": "ray and local shards byte-identical", "value": 1.0 if identical else 0.0,
+                         "target": 1.0, "op": ">="})
         Path(args.json_out).write_text(json.dumps({"args": vars(args), "corpus": info, "results": summary,
-                                                   "identical": identical}, indent=2) + "\n")
+                                                   "identical": identical, "headline": headline}, indent=2) + "\n")
     return 0 if identical else 1
 
 

@@ -10,6 +10,10 @@
 Samples hold 1-5 images with quotas 40/25/15/10/10% (2,000 samples -> 4,500 images, every reference a distinct
 file). The same arguments give the same bytes (with the same Pillow); a finished corpus is reused
 (``corpus.json`` records its parameters). Command line: ``python benchmarks/corpus.py OUT_DIR --samples N [--seed S]``.
+
+Without ``shared/realdata`` (a clean clone, CI), the sources are the repository's own real photographs
+(``sample_data/images``) and captions (``sample_data/manifest.jsonl``, ``tests/data/text``): the same sizes,
+formats and quotas, fewer distinct scenes. ``corpus.json`` says which source set was used (``source``).
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import shutil
 import sys
 from pathlib import Path
 
-__all__ = ["find_realdata", "make_corpus"]
+__all__ = ["find_realdata", "make_corpus", "realdata_or_none"]
 
 CORPUS_VERSION = 1
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -55,6 +59,30 @@ def find_realdata(start: Path = REPO_ROOT) -> Path:
     raise FileNotFoundError(
         f"shared/realdata not found next to {start} or above it; set MMPREP_REALDATA to its location"
     )
+
+
+# The fallback: real photographs that ship with the repository (see sample_data/ATTRIBUTION.md).
+REPO_PHOTOS = (
+    "astronaut.jpg", "chelsea.jpg", "coffee.jpg", "rocket.jpg", "hubble_deep_field.jpg", "retina.jpg",
+    "camera.png", "brick.png", "coins.png", "landscape_exif6.jpg", "sample_cmyk.jpg",
+)
+
+
+def realdata_or_none() -> Path | None:
+    """``find_realdata()``, or None when it is not there (the repository's own sources are used then)."""
+    try:
+        return find_realdata()
+    except FileNotFoundError:
+        return None
+
+
+def _repo_captions() -> list[str]:
+    out = [json.loads(line)["text"] for line in (REPO_ROOT / "sample_data" / "manifest.jsonl").read_text(
+        encoding="utf-8").splitlines() if line.strip()]
+    coco = json.loads((REPO_ROOT / "tests" / "data" / "text" / "coco_fakecap_results_60.json").read_text(
+        encoding="utf-8"))
+    out.extend(r["caption"].strip() for r in coco if r.get("caption", "").strip())
+    return [c for c in out if isinstance(c, str) and c.strip()]
 
 
 def _captions(realdata: Path) -> list[str]:
@@ -89,12 +117,14 @@ def _images_per_sample(n_samples: int, rng: random.Random) -> list[int]:
     return counts
 
 
-def _load_sources(realdata: Path) -> list[object]:
+def _load_sources(realdata: Path | None) -> list[object]:
     from PIL import Image, ImageOps
 
     sources = []
-    for name in PHOTOS:
-        with Image.open(realdata / "images" / name) as im:
+    files = ([realdata / "images" / n for n in PHOTOS] if realdata is not None
+             else [REPO_ROOT / "sample_data" / "images" / n for n in REPO_PHOTOS])
+    for path in files:
+        with Image.open(path) as im:
             im.load()
             sources.append(ImageOps.exif_transpose(im).convert("RGB"))
     return sources
@@ -133,7 +163,9 @@ def make_corpus(out_dir: str | os.PathLike[str], n_samples: int, seed: int = 0) 
     out = Path(out_dir)
     manifest = out / "manifest.jsonl"
     stamp = out / "corpus.json"
-    params = {"version": CORPUS_VERSION, "n_samples": n_samples, "seed": seed}
+    realdata = realdata_or_none()
+    source = "shared/realdata" if realdata is not None else "repository"
+    params = {"version": CORPUS_VERSION, "n_samples": n_samples, "seed": seed, "source": source}
     if stamp.exists() and manifest.exists():
         try:
             if json.loads(stamp.read_text())["params"] == params:
@@ -145,9 +177,8 @@ def make_corpus(out_dir: str | os.PathLike[str], n_samples: int, seed: int = 0) 
         if not stamp.exists():
             raise FileExistsError(f"{images_dir} holds files that are not a corpus made here; choose another folder")
         shutil.rmtree(images_dir)  # an older corpus with other parameters
-    realdata = find_realdata()
     rng = random.Random(seed)
-    captions = _captions(realdata)
+    captions = _captions(realdata) if realdata is not None else _repo_captions()
     tags = _tags()
     sources = _load_sources(realdata)
     sizes = [*SIZES, *((h, w) for w, h in SIZES if w != h)]
@@ -179,7 +210,9 @@ def make_corpus(out_dir: str | os.PathLike[str], n_samples: int, seed: int = 0) 
     tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     os.replace(tmp, manifest)
     stamp.write_text(json.dumps({"params": params, "samples": n_samples, "images": n_images, "jpeg": n_jpeg,
-                                 "png": n_images - n_jpeg, "sources": list(PHOTOS)}, indent=2) + "\n")
+                                 "png": n_images - n_jpeg, "source": source,
+                                 "sources": list(PHOTOS if realdata is not None else REPO_PHOTOS)},
+                                indent=2) + "\n")
     return manifest
 
 
