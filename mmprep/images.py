@@ -842,40 +842,35 @@ def _lut(mean: tuple[float, float, float], std: tuple[float, float, float], dtyp
     return np.ascontiguousarray(table.astype(dtype))
 
 
-def to_output(array_uint8_hwc: np.ndarray, norm: Normalization) -> np.ndarray:
-    """Apply the normalisation's dtype and layout to a uint8 ``(H, W, 3)`` array (returns a new C array).
+def to_output(array_uint8_hwc: np.ndarray, norm: Normalization, out: np.ndarray | None = None) -> np.ndarray:
+    """Apply the normalisation's dtype and layout to a uint8 ``(H, W, 3)`` array.
+
+    Returns a new C array, or fills ``out`` (an array of the output's shape and dtype, such as one slot of a
+    padded batch) and returns it, so no intermediate copy is made.
 
     float16 values are looked up in a per-level table computed in float64 (exactly rounded, and faster than
     arithmetic plus a cast); float32 values are computed as ``pixel * (1 / (255 std)) - mean / std``.
     """
     arr = array_uint8_hwc
+    src = arr.transpose(2, 0, 1) if norm.layout == "CHW" else arr
+    if out is None:
+        out = np.empty(src.shape, dtype=np.dtype(norm.dtype))
+    elif out.shape != src.shape or out.dtype != np.dtype(norm.dtype):
+        raise ValueError(f"out has shape {out.shape} {out.dtype}, expected {src.shape} {norm.dtype}")
     if norm.dtype == "uint8":
-        if norm.layout == "CHW":
-            return np.ascontiguousarray(arr.transpose(2, 0, 1))
-        return np.array(arr, copy=True, order="C")
+        np.copyto(out, src)
+        return out
+    chans = (lambda a, c: a[c]) if norm.layout == "CHW" else (lambda a, c: a[..., c])
     if norm.dtype == "float16":
         lut = _lut(tuple(norm.mean), tuple(norm.std), "float16")
-        if norm.layout == "CHW":
-            src = arr.transpose(2, 0, 1)
-            out16 = np.empty(src.shape, dtype=np.float16)
-            for c in range(3):
-                np.take(lut[c], src[c], out=out16[c])
-        else:
-            out16 = np.empty(arr.shape, dtype=np.float16)
-            for c in range(3):
-                np.take(lut[c], arr[..., c], out=out16[..., c])
-        return out16
+        for c in range(3):
+            np.take(lut[c], chans(src, c), out=chans(out, c))
+        return out
     scale = (1.0 / (255.0 * np.asarray(norm.std, dtype=np.float64))).astype(np.float32)
     offset = (-np.asarray(norm.mean, dtype=np.float64) / np.asarray(norm.std, dtype=np.float64)).astype(np.float32)
-    if norm.layout == "CHW":
-        src = arr.transpose(2, 0, 1)
-        out = np.empty(src.shape, dtype=np.float32)
-        np.multiply(src, scale[:, None, None], out=out)
-        out += offset[:, None, None]
-    else:
-        out = np.empty(arr.shape, dtype=np.float32)
-        np.multiply(arr, scale, out=out)
-        out += offset
+    shape = (3, 1, 1) if norm.layout == "CHW" else (3,)
+    np.multiply(src, scale.reshape(shape), out=out)
+    out += offset.reshape(shape)
     return out
 
 

@@ -330,7 +330,7 @@ class SampleProcessor:
             boxes = np.zeros((n, limit, 4), dtype=np.int32)
             for i, r in enumerate(rows):
                 for k, (img, _) in enumerate(r["images"]):
-                    pixels[i, k] = to_output(img.array, cfg.norm)
+                    to_output(img.array, cfg.norm, out=pixels[i, k])
                     mask[i, k] = True
                     sizes[i, k] = img.original_size
                     boxes[i, k] = img.content_box
@@ -339,7 +339,7 @@ class SampleProcessor:
             cols["image_sizes"] = _fixed_list(_fixed_list(sizes.reshape(-1), 2, pa.int32()), limit)
             cols["content_boxes"] = _fixed_list(_fixed_list(boxes.reshape(-1), 4, pa.int32()), limit)
             cols["pixel_values"] = pa.FixedSizeBinaryArray.from_buffers(
-                pa.binary(width), n, [None, pa.py_buffer(pixels.tobytes())]
+                pa.binary(width), n, [None, pa.py_buffer(pixels)]  # a view: the buffer keeps the array alive
             )
         else:
             structs = []
@@ -357,12 +357,10 @@ class SampleProcessor:
         if self.encoder is not None:
             tb = self.encoder.encode_batch([r["text"] for r in rows])
             length = cfg.text.max_length
-            cols["input_ids"] = _fixed_list(np.ascontiguousarray(tb.input_ids, dtype=np.int32).reshape(-1), length)
-            cols["attention_mask"] = _fixed_list(
-                np.ascontiguousarray(tb.attention_mask, dtype=np.int8).reshape(-1), length
-            )
-            cols["n_tokens"] = pa.array(np.asarray(tb.n_tokens, dtype=np.int32))
-            cols["truncated"] = pa.array(np.asarray(tb.truncated, dtype=bool))
+            cols["input_ids"] = _fixed_list(np.asarray(tb.input_ids).reshape(-1), length, pa.int32())
+            cols["attention_mask"] = _fixed_list(np.asarray(tb.attention_mask).reshape(-1), length, pa.int8())
+            cols["n_tokens"] = _from_numpy(np.asarray(tb.n_tokens), pa.int32())
+            cols["truncated"] = _from_numpy(np.asarray(tb.truncated), pa.bool_())
             res.text_truncated += int(np.count_nonzero(tb.truncated))
         if self.vocab is not None:
             cols["tag_ids"] = pa.array([r["tags"] for r in rows], pa.list_(pa.int32()))
@@ -376,8 +374,23 @@ class SampleProcessor:
 def _fixed_list(values: Any, size: int, value_type: Any = None) -> Any:
     import pyarrow as pa
 
-    arr = values if isinstance(values, pa.Array) else pa.array(values, type=value_type)
+    arr = values if isinstance(values, pa.Array) else _from_numpy(values, value_type)
     return pa.FixedSizeListArray.from_arrays(arr, size)
+
+
+def _from_numpy(values: np.ndarray, value_type: Any) -> Any:
+    """A 1-D numpy array as an Arrow array of ``value_type``, without copying numbers.
+
+    (``pa.array(ndarray)`` would also work, but it imports pandas on first use: a fifth of a second in every
+    worker.)
+    """
+    import pyarrow as pa
+
+    if pa.types.is_boolean(value_type):
+        bits = np.packbits(np.asarray(values, dtype=bool), bitorder="little")
+        return pa.Array.from_buffers(value_type, len(values), [None, pa.py_buffer(bits)])
+    arr = np.ascontiguousarray(values, dtype=value_type.to_pandas_dtype())
+    return pa.Array.from_buffers(value_type, len(arr), [None, pa.py_buffer(arr)])
 
 
 def _read_bytes(path: Path) -> bytes:

@@ -113,12 +113,14 @@ def write_shard(
     tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}")
     rows = 0
     try:
-        with open(tmp, "wb") as sink:
+        with open(tmp, "wb") as raw:
+            sink = _HashingWriter(raw)
             writer = pq.ParquetWriter(
                 sink,
                 schema,
                 compression=None if compression == "none" else compression,
                 write_statistics=["id", "line", "image_count"],
+                use_dictionary=_dictionary_columns(schema),
                 store_schema=True,
             )
             try:
@@ -131,10 +133,9 @@ def write_shard(
                     writer.add_key_value_metadata(extra_metadata())
             finally:
                 writer.close()
-            sink.flush()
-            os.fsync(sink.fileno())
-        digest = file_sha256(tmp)
-        size = tmp.stat().st_size
+            raw.flush()
+            os.fsync(raw.fileno())
+        digest, size = sink.sha.hexdigest(), sink.size
         os.replace(tmp, p)
     except OSError as exc:
         with contextlib.suppress(OSError):
@@ -147,6 +148,53 @@ def write_shard(
         raise
     _fsync_dir(p.parent)
     return ShardInfo(path=p.name, rows=rows, bytes=size, sha256=digest)
+
+
+class _HashingWriter:
+    """A write-only file object that hashes what passes through it (the shard is never read back to hash it)."""
+
+    def __init__(self, raw: Any) -> None:
+        self.raw = raw
+        self.sha = hashlib.sha256()
+        self.size = 0
+        self.closed = False
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data)
+        self.sha.update(view)
+        self.size += view.nbytes
+        return self.raw.write(view)
+
+    def flush(self) -> None:
+        self.raw.flush()
+
+    def tell(self) -> int:
+        return self.size
+
+    def writable(self) -> bool:
+        return True
+
+    def close(self) -> None:  # the caller closes the real file
+        self.closed = True
+
+
+# Columns never worth a dictionary: one large, distinct value per row (hashing them only costs time).
+_NO_DICTIONARY = frozenset({"pixel_values", "images"})
+
+
+def _dictionary_columns(schema: Any) -> list[str]:
+    """Parquet leaf paths of every column but the large binary ones, for ``use_dictionary``."""
+    import pyarrow as pa
+
+    def leaves(prefix: str, typ: Any) -> list[str]:
+        if pa.types.is_struct(typ):
+            return [leaf for i in range(typ.num_fields)
+                    for leaf in leaves(f"{prefix}.{typ.field(i).name}", typ.field(i).type)]
+        if pa.types.is_list(typ) or pa.types.is_large_list(typ) or pa.types.is_fixed_size_list(typ):
+            return leaves(f"{prefix}.list.element", typ.value_type)
+        return [prefix]
+
+    return [leaf for f in schema if f.name not in _NO_DICTIONARY for leaf in leaves(f.name, f.type)]
 
 
 class OutputDir:
