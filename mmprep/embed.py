@@ -9,8 +9,9 @@ Recognize-Anything (RAM) freezes a ``[4585, 512]`` CLIP text-embedding matrix wi
   token, multiplied by ``text_projection``. Other encoders (BERT, sentence-transformers, ...) use the pooling their
   folder declares in ``1_Pooling/config.json`` (sentence-transformers layout), else mean pooling over the attention
   mask (the documented default); ``pooling=`` overrides.
-* **Text.** Tag names are cleaned (see :func:`clean_tag`) and put into prompt templates: none (the bare tag), one,
-  several (a file) or the built-in ``ram`` ensemble (:data:`RAM_TEMPLATES`). With more than one template each
+* **Text.** Tag names are cleaned (see :func:`clean_tag`) and put into prompt templates (see :func:`tag_texts`):
+  none (the bare tag), one, several (a file) or the built-in ``ram`` ensemble (:data:`RAM_TEMPLATES`), which
+  renders exactly the texts of RAM's open-set builder. With more than one template each
   template's embedding is L2-normalised, the template embeddings are averaged and the mean is re-normalised (RAM's
   open-set builder). Description sets (RAM++ ``{tag: [descriptions]}``) give ``K`` rows per tag instead.
 * **Order.** Row ``i`` (or rows ``i*K .. i*K+K-1``) always belongs to tag id ``i``. Texts are deduplicated and
@@ -71,6 +72,7 @@ __all__ = [
     "save_embeddings",
     "set_torch_threads",
     "sidecar_path",
+    "tag_texts",
 ]
 
 #: Pooling modes. ``eos``: the last non-padding token (for CLIP: the EOS token followed by ``text_projection``);
@@ -93,7 +95,9 @@ SAFETENSORS_KEY = "embedding"
 # The 63 prompt templates of Recognize-Anything's open-set label-embedding builder
 # (github.com/xinyu1205/recognize-anything, ram/utils/openset_utils.py, ``multiple_templates``; Apache-2.0), themselves
 # adapted from the CLIP / ViLD prompt-ensembling lists. RAM prefixes every rendered text that starts with "a" or "the"
-# with "This is "; that prefix is written into the templates here, so rendering them reproduces RAM's texts.
+# with "This is "; that prefix is written into the templates here. RAM fills ``{}`` with ``processed_name(name)``
+# (``clean="ram"``) and ``{article}`` with ``article(name)``: "an" when the *raw* name starts with a lower-case
+# vowel (so "Aerial photography" gets "a"). :func:`tag_texts` does both for these templates, so its texts are RAM's.
 _RAM_BASE_TEMPLATES: tuple[str, ...] = (
     "There is {article} {} in the scene.",
     "There is the {} in the scene.",
@@ -161,7 +165,7 @@ _RAM_BASE_TEMPLATES: tuple[str, ...] = (
 )
 
 #: RAM's open-set template ensemble (63 templates, "This is " prefix applied as RAM does). ``{}`` is the cleaned tag,
-#: ``{article}`` is "an" before a vowel and "a" otherwise.
+#: ``{article}`` follows RAM's rule (see :func:`tag_texts`).
 RAM_TEMPLATES: tuple[str, ...] = tuple(
     "This is " + t if t.startswith(("a", "the")) else t for t in _RAM_BASE_TEMPLATES
 )
@@ -191,8 +195,8 @@ def clean_tag(name: str, mode: str = "default") -> str:
     Modes:
         ``default``: ``_`` → space, runs of whitespace collapsed to one space, stripped; case kept (CLIP and
         uncased BERT tokenizers lower-case anyway).
-        ``ram``: RAM's ``processed_name``: ``_`` → space, ``/`` → `` or ``, lower-cased, trailing ``.`` removed
-        (and whitespace collapsed).
+        ``ram``: exactly RAM's ``processed_name(name, rm_dot=True)``: ``_`` → space, ``/`` → `` or ``,
+        lower-cased, trailing ``.`` removed (whitespace is left as it is).
         ``none``: the name as loaded (surrounding whitespace already stripped by the vocabulary loader).
     """
     if mode == "none":
@@ -200,8 +204,7 @@ def clean_tag(name: str, mode: str = "default") -> str:
     if mode == "default":
         return _WS.sub(" ", name.replace("_", " ")).strip()
     if mode == "ram":
-        text = name.replace("_", " ").replace("/", " or ").lower()
-        return _WS.sub(" ", text).strip().rstrip(".")
+        return name.replace("_", " ").replace("/", " or ").lower().rstrip(".")
     raise UsageError(f"unknown tag cleaning mode '{mode}'", hint=f"use one of: {', '.join(CLEAN_MODES)}")
 
 
@@ -209,9 +212,32 @@ def _article(text: str) -> str:
     return "an" if text[:1].casefold() in ("a", "e", "i", "o", "u") else "a"
 
 
-def render_template(template: str, tag_text: str) -> str:
-    """Fill a template: every ``{}`` becomes ``tag_text`` and ``{article}`` becomes "a"/"an" (vowel rule)."""
-    return template.replace("{article}", _article(tag_text)).replace("{}", tag_text)
+def _ram_article(name: str) -> str:
+    # RAM's ``article(name)``: ``"an" if name[0] in "aeiou" else "a"``, on the raw name, case-sensitive.
+    return "an" if name[:1] in ("a", "e", "i", "o", "u") else "a"
+
+
+def render_template(template: str, tag_text: str, *, article: str | None = None) -> str:
+    """Fill a template: every ``{}`` becomes ``tag_text`` and ``{article}`` becomes ``article`` if given, else "an"
+    when ``tag_text`` starts with a vowel (either case) and "a" otherwise."""
+    return template.replace("{article}", article or _article(tag_text)).replace("{}", tag_text)
+
+
+def _is_ram(templates: Sequence[str]) -> bool:
+    return tuple(templates) == RAM_TEMPLATES
+
+
+def tag_texts(name: str, templates: Sequence[str], clean: str | None = None) -> list[str]:
+    """The prompt texts of one tag, one per template: ``name`` cleaned with :func:`clean_tag` and put into each.
+
+    With :data:`RAM_TEMPLATES` the texts are RAM's: ``clean`` defaults to ``ram`` and ``{article}`` follows RAM's
+    rule on the raw name ("an" only before a lower-case vowel: "There is a aerial photography in the scene.").
+    With other templates ``clean`` defaults to ``default`` and ``{article}`` is "an" before a vowel of either case.
+    """
+    ram = _is_ram(templates)
+    text = clean_tag(name, clean or ("ram" if ram else "default"))
+    article = _ram_article(name) if ram else None
+    return [render_template(t, text, article=article) for t in templates]
 
 
 def load_templates(spec: str | Path) -> tuple[str, ...]:
@@ -353,6 +379,7 @@ class EncoderInfo:
         lowercase: texts are lower-cased first (sentence-transformers ``do_lower_case``).
         device: torch device the model runs on.
         dtype: compute dtype (pooling and outputs are float32).
+        declared_normalize: the folder's ``modules.json`` declares a sentence-transformers ``Normalize`` module.
         warnings: things the user should know (e.g. sentence-transformers modules that are not applied).
     """
 
@@ -367,6 +394,7 @@ class EncoderInfo:
     lowercase: bool
     device: str
     dtype: str
+    declared_normalize: bool = False
     warnings: tuple[str, ...] = ()
 
 
@@ -531,9 +559,22 @@ def _st_transformer_dir(d: Path) -> Path | None:
     return None
 
 
-def _st_layout(d: Path) -> tuple[str | None, str, list[str], int | None, bool]:
-    """sentence-transformers folder facts: (pooling or None, where it came from, warnings, max_seq_length, lower)."""
+@dataclass(frozen=True)
+class _STLayout:
+    """sentence-transformers folder facts."""
+
+    pooling: str | None  # declared pooling, None if none
+    source: str  # where the pooling came from
+    warnings: list[str]
+    max_seq: int | None  # sentence_bert_config.json max_seq_length
+    lower: bool  # do_lower_case
+    normalize: bool  # modules.json declares a Normalize module
+
+
+def _st_layout(d: Path) -> _STLayout:
+    """What a sentence-transformers folder declares (all defaults for a plain transformers folder)."""
     warnings: list[str] = []
+    normalize = False
     pool_dir = d / "1_Pooling"
     modules_file = d / "modules.json"
     if modules_file.is_file():
@@ -546,7 +587,9 @@ def _st_layout(d: Path) -> tuple[str | None, str, list[str], int | None, bool]:
                 short = mtype.rsplit(".", 1)[-1]
                 if short == "Pooling" and mod.get("path"):
                     pool_dir = d / str(mod["path"])
-                elif short not in ("Transformer", "Pooling", "Normalize"):
+                elif short == "Normalize":
+                    normalize = True
+                elif short not in ("Transformer", "Pooling"):
                     warnings.append(
                         f"modules.json declares {mtype} ({mod.get('path')}), which mmprep does not apply: the "
                         "vectors are the pooled transformer outputs"
@@ -577,7 +620,7 @@ def _st_layout(d: Path) -> tuple[str | None, str, list[str], int | None, bool]:
             if isinstance(sbc.get("max_seq_length"), int) and sbc["max_seq_length"] > 0:
                 max_seq = sbc["max_seq_length"]
             lower = bool(sbc.get("do_lower_case", False))
-    return pooling, source, warnings, max_seq, lower
+    return _STLayout(pooling, source, warnings, max_seq, lower, normalize)
 
 
 def set_torch_threads(threads: int) -> int:
@@ -677,14 +720,15 @@ def load_encoder(
     kind = "clip" if model_type in _CLIP_TYPES else "encoder"
     dev = _resolve_device(device)
     dt = _resolve_dtype(dtype, dev)
-    st_pool, st_source, warnings, st_max, st_lower = _st_layout(d)
+    st = _st_layout(d)
+    warnings = list(st.warnings)
     if kind == "clip":
         if pooling == "cls":
             raise UsageError("--pooling cls does not apply to CLIP: its first token never sees the text (causal mask)",
                              hint="use eos (the projected CLIP embedding, default), mean or max")
         chosen, source = (pooling, "--pooling") if pooling else ("eos", "clip")
     else:
-        chosen, source = (pooling, "--pooling") if pooling else (st_pool or DEFAULT_POOLING, st_source)
+        chosen, source = (pooling, "--pooling") if pooling else (st.pooling or DEFAULT_POOLING, st.source)
 
     tok_dir = Path(tokenizer) if tokenizer is not None else model_dir
     if not tok_dir.is_dir():
@@ -720,7 +764,7 @@ def load_encoder(
     torch_dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dt]
     model = model.to(device=dev, dtype=torch_dtype).eval()
 
-    limits = [x for x in (st_max, _int_or_none(getattr(tok, "model_max_length", None)),
+    limits = [x for x in (st.max_seq, _int_or_none(getattr(tok, "model_max_length", None)),
                           _int_or_none(getattr(_text_config(model.config), "max_position_embeddings", None)))
               if x is not None and 0 < x < 1_000_000]
     if max_length is not None:
@@ -733,7 +777,8 @@ def load_encoder(
     info = EncoderInfo(
         path=str(d), model_type=model_type, kind=kind, pooling=chosen, pooling_source=source,
         projection=projection and chosen == "eos", config_sha256=hashlib.sha256(cfg_bytes).hexdigest(),
-        max_length=limit, lowercase=st_lower, device=dev, dtype=dt, warnings=tuple(warnings),
+        max_length=limit, lowercase=st.lower, device=dev, dtype=dt, declared_normalize=st.normalize,
+        warnings=tuple(warnings),
     )
     if kind == "clip" and chosen == "eos" and not projection:
         info = replace(info, warnings=(*info.warnings, f"{d}: the checkpoint has no text_projection; using the "
@@ -939,7 +984,11 @@ class VerifyReport:
 
 @dataclass(frozen=True)
 class ReuseReport:
-    """What reuse kept, computed and dropped."""
+    """What reuse kept, computed and dropped.
+
+    ``kept`` and ``new`` count ids of the new vocabulary (old row copied / row computed); ``dropped`` counts ids of
+    the old vocabulary whose normalised name is in no new tag, and ``dropped_tags`` holds their names, one per id.
+    """
 
     old_path: str
     old_vocab: str
@@ -1061,7 +1110,7 @@ def embed_labels(
     template_source: str | None = None,
     descriptions: str | Path | None = None,
     reduce: str = "none",
-    clean: str = "default",
+    clean: str | None = None,
     normalize: bool = True,
     pooling: str | None = None,
     device: str = "auto",
@@ -1082,13 +1131,14 @@ def embed_labels(
         vocab: the vocabulary (row ``i`` is tag id ``i``).
         model: a model directory or an already loaded :class:`TextEncoder`.
         out: where to write (``.pth``/``.pt``/``.npy``/``.safetensors``) plus ``<out>.json``; None: don't write.
-        templates: prompt templates (``{}`` = cleaned tag, ``{article}`` = a/an); None or ``["{}"]``: the bare tag.
-            More than one: per-template L2-normalise, average, re-normalise.
+        templates: prompt templates (``{}`` = cleaned tag, ``{article}`` = a/an, see :func:`tag_texts`); None or
+            ``["{}"]``: the bare tag. More than one: per-template L2-normalise, average, re-normalise (without
+            ``normalize``: average only).
         template_source: where the templates came from (recorded), e.g. ``ram`` or a file name.
         descriptions: a description-set JSON (RAM++); rows become ``[N * K, D]`` (tag ``i`` owns rows
             ``i*K .. i*K+K-1``), or ``[N, D]`` with ``reduce="mean"``. Excludes ``templates``.
         reduce: ``none`` or ``mean`` (descriptions only: average the K descriptions like RAM++'s open-set builder).
-        clean: tag cleaning mode (:func:`clean_tag`).
+        clean: tag cleaning mode (:func:`clean_tag`); None: ``ram`` with :data:`RAM_TEMPLATES`, else ``default``.
         normalize: L2-normalise every output row.
         pooling, device, dtype, max_length, tokenizer: see :func:`load_encoder`.
         batch_size: texts per forward pass.
@@ -1115,6 +1165,11 @@ def embed_labels(
         lines = ", ".join(str(i + voc.first_line) for i in empty[:8])
         raise InputError(f"{voc.path}: {len(empty)} empty tag names (line {lines})",
                          hint="every id needs a name; fix the lines (removing them would shift the ids)")
+    if batch_size < 1:
+        raise UsageError(f"--batch-size must be at least 1, got {batch_size}")
+    tmpl = tuple(templates) if templates else ("{}",)
+    if clean is None:
+        clean = "ram" if _is_ram(tmpl) else "default"
     if clean not in CLEAN_MODES:
         raise UsageError(f"unknown --clean mode '{clean}'", hint=f"use one of: {', '.join(CLEAN_MODES)}")
     if reduce not in ("none", "mean"):
@@ -1136,10 +1191,8 @@ def embed_labels(
     if reuse is not None:
         _suffix(Path(reuse), "embedding")
 
-    tmpl = tuple(templates) if templates else ("{}",)
     for t in tmpl:
         _check_template(t, "template")
-    cleaned = [clean_tag(n, clean) for n in voc.names]
     unused: list[str] = []
     desc_info: dict[str, Any] | None = None
     if descriptions is not None:
@@ -1149,7 +1202,7 @@ def embed_labels(
         rows_per_tag = 1 if reduce == "mean" else k
         desc_info = {"path": str(dpath), "sha256": _file_sha256(dpath), "per_tag": k, "reduce": reduce}
     else:
-        per_tag = [[render_template(t, c) for t in tmpl] for c in cleaned]
+        per_tag = [tag_texts(n, tmpl, clean) for n in voc.names]
         rows_per_tag = 1
     plan = _Plan(per_tag, rows_per_tag, normalize)
 
@@ -1159,6 +1212,9 @@ def embed_labels(
     )
     load_seconds = time.perf_counter() - load_started
     warnings = list(encoder.info.warnings)
+    if not normalize and encoder.info.declared_normalize:
+        warnings.append(f"{encoder.info.path}: modules.json declares a Normalize module; --no-normalize leaves the "
+                        "rows unnormalised, unlike the model's sentence-transformers output")
     if unused:
         warnings.append(f"{len(unused)} description tags are not in the vocabulary and were ignored: {_some(unused)}")
 
@@ -1182,7 +1238,6 @@ def embed_labels(
     dim = int(matrix.shape[1])
     sidecar = {
         "mmprep_version": __version__,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "shape": [int(matrix.shape[0]), dim],
         "rows_per_tag": rows_per_tag,
         "dim": dim,
@@ -1207,8 +1262,11 @@ def embed_labels(
             "clean": clean if desc_info is None else None,
             "templates": None if desc_info else list(tmpl),
             "template_source": None if desc_info else (template_source or ("none" if tmpl == ("{}",) else "inline")),
-            "ensemble": ("l2-normalise each, mean, re-normalise" if (desc_info is None and len(tmpl) > 1)
-                         or (desc_info is not None and reduce == "mean") else None),
+            "article": (None if desc_info or not any("{article}" in t for t in tmpl)
+                        else "ram" if _is_ram(tmpl) else "vowel"),
+            "ensemble": (("l2-normalise each, mean, re-normalise" if normalize else "l2-normalise each, mean")
+                         if (desc_info is None and len(tmpl) > 1) or (desc_info is not None and reduce == "mean")
+                         else None),
             "descriptions": desc_info,
         },
         "normalize": "l2" if normalize else "none",
@@ -1291,8 +1349,10 @@ def _with_reuse(
     old_ids = [ov.normalized_to_id.get(normalize_tag(nm)) for nm in voc.names]
     kept_new = [i for i, o in enumerate(old_ids) if o is not None]
     new_ids = [i for i, o in enumerate(old_ids) if o is None]
-    matched_old = {o for o in old_ids if o is not None}
-    dropped = [nm for j, nm in enumerate(ov.names) if j not in matched_old]
+    # An old id is dropped when its normalised name is in no new tag; with duplicate names in the old vocabulary
+    # every duplicate id counts as kept, not only the one ``normalized_to_id`` returns.
+    new_names = {normalize_tag(nm) for nm in voc.names}
+    dropped = [nm for nm in ov.names if normalize_tag(nm) not in new_names]
 
     # Consistency check: recompute a sample of kept tags and compare with their old rows.
     if verify_all or len(kept_new) <= verify_sample:

@@ -28,6 +28,7 @@ from mmprep.embed import (
     load_templates,
     render_template,
     sidecar_path,
+    tag_texts,
 )
 from mmprep.errors import EXIT_FAILED, EXIT_USAGE, InputError, RunFailed, UsageError
 from mmprep.vocab import load_vocab
@@ -324,6 +325,22 @@ def test_device_and_dtype_errors(bert_dir, tmp_path) -> None:
     assert np.min(np.sum(res32.embeddings * res16.embeddings, axis=1)) > 0.98
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "auto"])
+def test_cuda_half_precision_matches_float32(clip, bert_dir, dtype) -> None:
+    """fp16/bf16 on the GPU: float32 rows out, within cosine 0.99 of the float32 CPU rows (CLIP and BERT)."""
+    vocab = load_vocab_from(RAM_TAGS[:300])
+    for model_dir, templates in ((clip[0], ["a photo of {article} {}."]), (bert_dir, None)):
+        ref = embed_labels(vocab, model_dir, templates=templates, device="cpu", dtype="float32")
+        res = embed_labels(vocab, model_dir, templates=templates, device="cuda", dtype=dtype, batch_size=64)
+        assert res.encoder.device.startswith("cuda")
+        assert res.encoder.dtype == ("float16" if dtype == "auto" else dtype)
+        assert res.embeddings.dtype == np.float32 and res.embeddings.shape == ref.embeddings.shape
+        assert np.isfinite(res.embeddings).all()
+        cos = np.sum(res.embeddings * ref.embeddings, axis=1)
+        assert cos.min() >= 0.99, (model_dir, dtype, float(cos.min()))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Row order
 # ---------------------------------------------------------------------------------------------------------------
@@ -394,6 +411,59 @@ def test_ram_templates_match_rams_rendering() -> None:
     assert "This is the embroidered apple." in rendered
     assert "This is an embroidered apple." in rendered
     assert render_template("a {article} {}", "dog") == "a a dog"
+    assert render_template("a {article} {}", "Owl", article="a") == "a a Owl"
+
+
+# RAM's own rendering, verbatim from ram/utils/openset_utils.py (github.com/xinyu1205/recognize-anything, Apache-2.0).
+def _ram_article(name):
+    return "an" if name[0] in "aeiou" else "a"
+
+
+def _ram_processed_name(name, rm_dot=False):
+    res = name.replace("_", " ").replace("/", " or ").lower()
+    if rm_dot:
+        res = res.rstrip(".")
+    return res
+
+
+def _ram_texts(category: str) -> list[str]:
+    from mmprep.embed import _RAM_BASE_TEMPLATES  # RAM's multiple_templates, without the "This is " prefix
+
+    texts = [t.format(_ram_processed_name(category, rm_dot=True), article=_ram_article(category))
+             for t in _RAM_BASE_TEMPLATES]
+    return ["This is " + text if text.startswith("a") or text.startswith("the") else text for text in texts]
+
+
+RAM_RENDER_NAMES = ["Aerial photography", "apple", "Ale/Beer.", "umbrella", "Orange juice", "hot_air  balloon",
+                    "Ice", "elephant", "Zeppelin", "x-ray", "Eagle_ray"]
+
+
+def test_ram_templates_render_rams_exact_texts() -> None:
+    for name in RAM_RENDER_NAMES:
+        assert tag_texts(name, RAM_TEMPLATES) == _ram_texts(name), name
+    # RAM's article looks at the raw, case-sensitive name: a capitalised vowel gets "a".
+    aerial = tag_texts("Aerial photography", RAM_TEMPLATES)
+    assert aerial[0] == "There is a aerial photography in the scene."
+    assert "This is a photo of a aerial photography." in aerial
+    assert tag_texts("apple", RAM_TEMPLATES)[0] == "There is an apple in the scene."
+    # Other templates: the vowel rule of either case, on the (default-)cleaned text, case kept.
+    assert tag_texts("Aerial photography", ["a photo of {article} {}."]) == ["a photo of an Aerial photography."]
+    assert tag_texts("Aerial_photography", RAM_TEMPLATES, clean="default")[0] == (
+        "There is a Aerial photography in the scene.")
+
+
+def test_cli_templates_ram_embeds_rams_texts(clip, clip_encoder, tmp_path) -> None:
+    names = ["Aerial photography", "umbrella", "Ale/Beer.", "Orange juice"]
+    vocab = _write_vocab(tmp_path / "v.txt", names)
+    out = tmp_path / "ram.npy"
+    r = runner.invoke(app, ["embed-labels", str(vocab), "-m", str(clip[0]), "-o", str(out), "--templates", "ram",
+                            "--device", "cpu", "--json"])
+    assert r.exit_code == 0, r.stderr
+    text = json.loads(r.stdout)["text"]
+    assert text["clean"] == "ram" and text["article"] == "ram" and text["template_source"] == "ram"
+    per = embed_labels(load_vocab_from([t for n in names for t in _ram_texts(n)]), clip_encoder,
+                       clean="none").embeddings.reshape(len(names), 63, 16)
+    np.testing.assert_allclose(np.load(out), _l2(_l2(per).mean(axis=1)), atol=1e-5)
 
 
 def test_ram_ensemble_is_normalised_mean_of_normalised_templates(clip_encoder, tmp_path) -> None:
@@ -403,7 +473,29 @@ def test_ram_ensemble_is_normalised_mean_of_normalised_templates(clip_encoder, t
     per = embed_labels(load_vocab_from([render_template(t, c) for c in tags for t in RAM_TEMPLATES]),
                        clip_encoder, clean="none").embeddings.reshape(3, 63, 16)
     np.testing.assert_allclose(res.embeddings, _l2(_l2(per).mean(axis=1)), atol=1e-5)
-    assert res.sidecar_data["text"]["ensemble"].startswith("l2-normalise each")
+    assert res.sidecar_data["text"]["ensemble"] == "l2-normalise each, mean, re-normalise"
+
+
+def test_no_normalize_is_recorded_and_a_declared_normalize_module_warns(tmp_path) -> None:
+    root = _save_bert(tmp_path / "st", seed=6, pooling="mean")
+    modules = [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+        {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"},
+    ]
+    (root / "modules.json").write_text(json.dumps(modules))
+    vocab = load_vocab_from(["cat", "hot air balloon", "sea"])
+    tmpl = ["a photo of a {}.", "the {}"]
+    raw = embed_labels(vocab, root, templates=tmpl, normalize=False, device="cpu")
+    assert raw.encoder.declared_normalize
+    assert raw.sidecar_data["text"]["ensemble"] == "l2-normalise each, mean"
+    assert raw.sidecar_data["normalize"] == "none"
+    assert np.linalg.norm(raw.embeddings, axis=1).max() < 0.9999  # a mean of unit vectors, not re-normalised
+    assert any("declares a Normalize module" in w and "--no-normalize" in w for w in raw.warnings)
+    normed = embed_labels(vocab, root, templates=tmpl, device="cpu")
+    assert normed.sidecar_data["text"]["ensemble"] == "l2-normalise each, mean, re-normalise"
+    assert not any("Normalize" in w for w in normed.warnings)
+    np.testing.assert_allclose(normed.embeddings, _l2(raw.embeddings), atol=1e-6)
 
 
 def test_template_file_and_errors(tmp_path, bert_dir) -> None:
@@ -526,7 +618,24 @@ def test_bad_flags_are_usage_errors(bert_dir, tmp_path) -> None:
     assert r.exit_code == EXIT_USAGE and "--threads must be 0" in r.stderr
     r = runner.invoke(app, [*base, "-o", str(tmp_path / "o.npy"), "--reduce", "mean"])
     assert r.exit_code == EXIT_USAGE and "--reduce applies to --descriptions only" in r.stderr
+    # --batch-size is checked before the model is loaded: the missing model is not reached.
+    r = runner.invoke(app, ["embed-labels", str(vocab), "-m", str(tmp_path / "no_model"), "-o",
+                            str(tmp_path / "o.npy"), "--batch-size", "0"])
+    assert r.exit_code == EXIT_USAGE and "--batch-size must be at least 1, got 0" in r.stderr
+    assert "no_model" not in r.stderr
     assert not (tmp_path / "o.npy").exists()
+
+
+def test_same_inputs_give_byte_identical_outputs(clip, tmp_path) -> None:
+    vocab = _write_vocab(tmp_path / "tags.txt", RAM_TAGS[:10])
+    blobs = []
+    for run in range(2):
+        out = tmp_path / f"run{run}" / "emb.pth"
+        r = runner.invoke(app, ["embed-labels", str(vocab), "-m", str(clip[0]), "-o", str(out), "--device", "cpu"])
+        assert r.exit_code == 0, r.stderr
+        blobs.append((out.read_bytes(), sidecar_path(out).read_bytes()))
+    assert blobs[0] == blobs[1]
+    assert "created" not in json.loads(blobs[0][1])
 
 
 def test_human_output_goes_to_stderr(bert_dir, tmp_path) -> None:
@@ -577,6 +686,24 @@ def test_reuse_keeps_old_rows_at_new_ids(bert_dir, tmp_path) -> None:
     np.testing.assert_allclose(new, full, atol=1e-5)
     side = json.loads(sidecar_path(out).read_text())
     assert side["reuse"]["kept"] == 25 and side["vocab_sha256"] == load_vocab(new_vocab).sha256
+
+
+def test_reuse_counts_duplicate_old_names_as_kept(bert_dir, tmp_path) -> None:
+    """An old vocabulary with duplicate names (RAM's Tag2Text tag_list.txt has 114): every id of a name that is
+    still in the new vocabulary is kept, only names that are really gone are dropped."""
+    base = list(RAM_TAGS[:20])
+    old_tags = [*base, base[3], base[7].upper(), base[17], base[18]]  # ids 20-23 repeat names (one by normalised name)
+    new_tags = [base[i] for i in np.random.default_rng(3).permutation(15)] + list(RAM_TAGS[40:43])
+    old_vocab = _write_vocab(tmp_path / "old.txt", old_tags)
+    new_vocab = _write_vocab(tmp_path / "new.txt", new_tags)
+    old = tmp_path / "old.npy"
+    embed_labels(old_vocab, bert_dir, old, device="cpu")
+    res = embed_labels(new_vocab, bert_dir, tmp_path / "new.npy", reuse=old, old_vocab=old_vocab, device="cpu")
+    r = res.reuse
+    assert (r.kept, r.new, r.dropped) == (15, 3, 7)  # ids 15-19 and their repeats 22, 23 are gone; 20, 21 are kept
+    assert r.dropped_tags == (*base[15:20], base[17], base[18])
+    assert base[3] not in r.dropped_tags and base[7].upper() not in r.dropped_tags
+    assert res.sidecar_data["reuse"]["dropped"] == 7
 
 
 def test_reuse_refuses_a_matrix_from_another_model(bert_dir, tmp_path) -> None:

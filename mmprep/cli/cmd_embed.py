@@ -42,15 +42,16 @@ def embed_labels_cmd(
         'a {}." Repeat for an ensemble.')] = None,
     templates: Annotated[str | None, typer.Option(
         "--templates", help="A file of templates (one per line) or a built-in set: none, photo, ram (RAM's 63-"
-        "template open-set ensemble).")] = None,
+        "template open-set ensemble, rendered exactly as RAM does).")] = None,
     descriptions: Annotated[str | None, typer.Option(
         "--descriptions", help="Description-set JSON (RAM++: a list of one-key objects tag -> list of K "
         "descriptions, or one object): K rows per tag, N*K rows in all.")] = None,
     reduce: Annotated[str, typer.Option(
         "--reduce", help="With --descriptions: none (N*K rows) or mean (average the K, N rows).")] = "none",
-    clean: Annotated[str, typer.Option(
-        "--clean", help="Tag cleaning: default (_ -> space, whitespace collapsed), ram (also / -> ' or ', "
-        "lower-case, trailing . removed), none.")] = "default",
+    clean: Annotated[str | None, typer.Option(
+        "--clean", help="Tag cleaning: default (_ -> space, whitespace collapsed), ram (RAM's processed_name: _ -> "
+        "space, / -> ' or ', lower-case, trailing . removed), none. Default: ram with --templates ram (RAM's exact "
+        "texts), else default.")] = None,
     pooling: Annotated[str | None, typer.Option(
         "--pooling", help="Override pooling: eos, mean, cls, max, mean_sqrt_len. Default: CLIP -> eos + "
         "text_projection; others -> 1_Pooling/config.json, else mean.")] = None,
