@@ -52,6 +52,7 @@ class RawRecord:
     line: int
     data: dict[str, Any] | None
     error: str | None = None
+    fmt: str = ""  # the format it was read as; CSV cells may hold a list as JSON or as ``a|b``
 
 
 def open_binary(path: str | Path) -> IO[bytes]:
@@ -153,6 +154,20 @@ def _check_json_lines(stream: Any, name: str) -> None:
         ) from None
 
 
+# JSON may spell a lone UTF-16 surrogate (``"\\ud800"``): valid JSON, but not text that UTF-8 (Parquet, tokenizers,
+# file systems) can hold. The escape is searched in the raw text first, so ordinary rows pay one regex scan.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+_SURROGATE_ERROR = "not valid UTF-8: a \\uXXXX escape encodes a lone surrogate"
+
+
+def _valid_unicode(value: Any) -> bool:
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _typename(value: Any) -> str:
     return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}.get(
         type(value), "a number"
@@ -176,6 +191,12 @@ def _iter_jsonl(stream: IO[bytes], name: str) -> Iterator[RawRecord]:
         except json.JSONDecodeError as exc:
             yield RawRecord(name, lineno, None, f"invalid JSON: {exc.msg} at column {exc.colno}")
             continue
+        except RecursionError:
+            yield RawRecord(name, lineno, None, "invalid JSON: nested too deeply to read")
+            continue
+        if _SURROGATE_ESCAPE.search(text) and not _valid_unicode(value):
+            yield RawRecord(name, lineno, None, _SURROGATE_ERROR)
+            continue
         if not isinstance(value, dict):
             yield RawRecord(name, lineno, None, f"expected a JSON object, got {_typename(value)}")
             continue
@@ -186,7 +207,8 @@ def iter_json_array(stream: IO[bytes], name: str) -> Iterator[tuple[int, Any, st
     """Parse a JSON array one element at a time: yields ``(line, value, error)``.
 
     Memory holds one chunk plus one element. A malformed element is a file-level error (the rest of the
-    document cannot be trusted), raised as InputError with the line.
+    document cannot be trusted), raised as InputError with the line. A well-formed element that is not valid
+    Unicode (a lone surrogate escape) comes back with ``error`` set and ``value`` None.
     """
     decoder = json.JSONDecoder()
     raw_decode = decoder.raw_decode
@@ -243,6 +265,8 @@ def iter_json_array(stream: IO[bytes], name: str) -> Iterator[tuple[int, Any, st
         while True:
             try:
                 value, end = raw_decode(buf, pos)
+            except RecursionError:
+                raise InputError(f"{name}:{start_line}: invalid JSON: an element nested too deeply to read") from None
             except json.JSONDecodeError as exc:
                 # Maybe the element continues in the next chunk.
                 if fill():
@@ -254,9 +278,10 @@ def iter_json_array(stream: IO[bytes], name: str) -> Iterator[tuple[int, Any, st
             if end >= len(buf) and not eof and not isinstance(value, (dict, list, str)) and fill():
                 continue
             break
+        bad = _SURROGATE_ESCAPE.search(buf, pos, end) is not None and not _valid_unicode(value)
         line += buf.count("\n", pos, end)
         pos = end
-        yield start_line, value, None
+        yield (start_line, None, _SURROGATE_ERROR) if bad else (start_line, value, None)
         if pos > _CHUNK:
             buf = buf[pos:]
             pos = 0
@@ -325,7 +350,7 @@ def _csv_rows(text: IO[str], name: str) -> Iterator[RawRecord]:
         if len(row) != len(header):
             yield RawRecord(name, start, None, f"expected {len(header)} fields, got {len(row)}")
             continue
-        yield RawRecord(name, start, dict(zip(header, row, strict=True)))
+        yield RawRecord(name, start, dict(zip(header, row, strict=True)), fmt="csv")
 
 
 def _iter_parquet(stream: IO[bytes], name: str) -> Iterator[RawRecord]:
@@ -343,7 +368,7 @@ def _iter_parquet(stream: IO[bytes], name: str) -> Iterator[RawRecord]:
     for batch in pf.iter_batches(batch_size=1024):
         for rec in batch.to_pylist():
             row += 1
-            yield RawRecord(name, row, rec)
+            yield RawRecord(name, row, rec, fmt="parquet")
 
 
 # -- mapping records onto Sample ---------------------------------------------------------------------------
@@ -401,6 +426,11 @@ def _as_list(value: Any, *, csv_cell: bool) -> list[Any] | None:
     return None
 
 
+def _is_list_cell(cell: str) -> bool:
+    """A CSV cell that holds several values: a JSON list, or values separated by ``|``."""
+    return cell.strip()[:1] == "[" or "|" in cell
+
+
 def _image_ref(value: Any) -> str | None:
     if isinstance(value, str) and value.strip():
         return value
@@ -437,7 +467,7 @@ def to_sample(rec: RawRecord, cmap: ColumnMap, *, csv_cells: bool = False) -> Sa
         raw = data[cmap.images]
         if raw is None:
             images = ()
-        elif isinstance(raw, (str, dict)) and not (csv_cells and isinstance(raw, str) and raw.strip()[:1] == "["):
+        elif isinstance(raw, dict) or (isinstance(raw, str) and not (csv_cells and _is_list_cell(raw))):
             ref = _image_ref(raw)
             if ref is None:
                 return Rejected(rec.line, sid, "manifest", "bad_type", f"{loc}: '{cmap.images}' is empty")
@@ -492,24 +522,35 @@ def iter_samples(
     cmap: ColumnMap | None = None,
     *,
     fmt: str | None = None,
+    require_images: bool = False,
 ) -> Iterator[Sample | Rejected]:
     """Read a manifest and map each record to a Sample or a manifest-stage Rejected.
 
     The column map is resolved against the first readable record; an explicitly named column that the first
-    record lacks is a file-level error (exit 2), since every row would be rejected.
+    record lacks is a file-level error (exit 2), since every row would be rejected. With ``require_images``, a
+    CSV or Parquet manifest without an image column is one too.
     """
     cmap = cmap or ColumnMap()
     checked = False
     name = "<stdin>" if str(path) == "-" else str(path)
-    chosen_csv = (fmt == "csv") or (fmt is None and str(path).lower().endswith((".csv", ".tsv")))
     for rec in iter_records(path, fmt):
         if rec.data is not None and not checked:
             checked = True
-            for field_name in ("id", "images", "text", "tags"):
+            for field_name, flag in _COLUMN_FLAGS.items():
                 explicit = getattr(cmap, field_name)
                 if explicit is not None and explicit not in rec.data:
                     raise InputError(
-                        f"{name}:{rec.line}: column '{explicit}' (--{field_name.rstrip('s')}-column) not found",
+                        f"{name}:{rec.line}: column '{explicit}' ({flag}) not found",
                         hint="columns present: " + ", ".join(sorted(rec.data)),
                     )
-        yield to_sample(rec, cmap, csv_cells=chosen_csv)
+            if require_images and rec.fmt in ("csv", "parquet") and cmap.resolve(list(rec.data)).images is None:
+                # A CSV header or Parquet schema is the same for every row: all of them would be rejected.
+                raise InputError(
+                    f"{name}: no image column (looked for {', '.join(_IMAGE_CANDIDATES)})",
+                    hint="name it with --image-column; columns present: " + ", ".join(sorted(rec.data)),
+                )
+        yield to_sample(rec, cmap, csv_cells=rec.fmt == "csv")
+
+
+_COLUMN_FLAGS = {"id": "--id-column", "images": "--image-column", "text": "--text-column", "tags": "--tags-column"}
+

@@ -79,7 +79,8 @@ def iter_items(cfg: PackConfig, source: str | Location | None = None) -> Iterato
     ``source`` is where to read the manifest when it is not ``cfg.manifest`` itself (an opened remote location).
     """
     seen: dict[str, int] = {}
-    for item in iter_samples(source if source is not None else cfg.manifest, cfg.columns, fmt=cfg.format):
+    for item in iter_samples(source if source is not None else cfg.manifest, cfg.columns, fmt=cfg.format,
+                             require_images=True):
         if isinstance(item, Sample):
             first = seen.setdefault(item.id, item.line)
             if first != item.line:
@@ -135,6 +136,9 @@ def _rereadable(manifest: str) -> bool:
         return False
 
 
+_POLICIES = ("on_error", "max_reject_rate")
+
+
 def _identity(cfg: PackConfig, rows_per_shard: int, source: str | Location | None = None) -> dict[str, Any]:
     manifest_hash = None
     if source is not None and not isinstance(source, str):
@@ -149,8 +153,11 @@ def _identity(cfg: PackConfig, rows_per_shard: int, source: str | Location | Non
             for block in iter(lambda: f.read(1 << 22), b""):
                 h.update(block)
         manifest_hash = h.hexdigest()
+    config = json.loads(json.dumps(cfg.to_dict(), sort_keys=True))
+    for policy in _POLICIES:  # they decide whether the run fails, not what the shards hold
+        config.pop(policy, None)
     return {
-        "config": json.loads(json.dumps(cfg.to_dict(), sort_keys=True)),
+        "config": config,
         "manifest_sha256": manifest_hash,
         "rows_per_shard": rows_per_shard,
     }
@@ -258,19 +265,58 @@ def pack(
         raise UsageError("--resume needs a manifest file, not stdin or a pipe")
     if engine not in ("local", "ray"):
         raise UsageError(f"--engine must be local or ray, got '{engine}'")
+    if workers is not None and workers < 1:
+        raise UsageError(f"--workers must be at least 1, got {workers}", hint="leave it out to use every core")
     requested_workers = workers
     workers = workers or os.cpu_count() or 1
-    if workers < 1:
-        raise UsageError(f"--workers must be at least 1, got {workers}")
     if engine == "ray":
         from mmprep.engines.ray import require_ray
 
         require_ray()  # before anything is read or written: fail at once with the install hint
     start = time.perf_counter()
     where = PackLocations.open(cfg, storage_options, workers=workers, engine=engine)
+    with contextlib.ExitStack() as stack:
+        pool = None
+        if engine == "local" and workers > 1:
+            from mmprep.engines.local import WorkerPool
+
+            # Started now, so the workers import while this process reads the manifest and loads the tokenizer.
+            pool = stack.enter_context(WorkerPool(workers, with_progress=progress is not None))
+        report, resumed, workers, extra = _pack_run(cfg, where, pool, workers, requested_workers, resume=resume,
+                                                    overwrite=overwrite, engine=engine, progress=progress,
+                                                    on_total=on_total, ray_address=ray_address)
+    report.seconds = time.perf_counter() - start
+    report.samples_per_s = report.written / report.seconds if report.seconds else 0.0
+    report.images_per_s = report.images_written / report.seconds if report.seconds else 0.0
+    report.peak_rss_mb = _peak_rss_mb()
+    report.resumed_shards = resumed
+    report.workers = workers
+    report.extra.update(extra)
+    write_json_file(where.out, RUN_STATS_NAME, {
+        "seconds": round(report.seconds, 3), "samples_per_s": round(report.samples_per_s, 2),
+        "images_per_s": round(report.images_per_s, 2), "peak_rss_mb": round(report.peak_rss_mb, 1),
+        "workers": workers, "resumed_shards": resumed, "engine": engine, **extra,
+    })
+    return report
+
+
+def _pack_run(
+    cfg: PackConfig,
+    where: PackLocations,
+    pool: Any,
+    workers: int,
+    requested_workers: int | None,
+    *,
+    resume: bool,
+    overwrite: bool,
+    engine: str,
+    progress: ProgressFn | None,
+    on_total: Callable[[int | None], None] | None,
+    ray_address: str | None,
+) -> tuple[PackReport, int, int, dict[str, Any]]:
+    """Read, process and write; returns (report without timings, resumed shards, workers used, engine stats)."""
     cfg = where.cfg
     source = None if isinstance(where.manifest, str) else where.manifest
-
     items_iter = iter_items(cfg, source)
     if cfg.shuffle:
         import numpy as np
@@ -311,24 +357,10 @@ def pack(
         else:
             from mmprep.engines.local import run_chunks_pool
 
-            records, resumed = run_chunks_pool(processor, out_dir, chunks, workers=workers, progress=progress)
+            records, resumed = run_chunks_pool(processor, out_dir, chunks, workers=workers, progress=progress,
+                                               pool=pool)
         report = _finish(cfg, out_dir.path, records, rows_per_shard)
-    report.seconds = time.perf_counter() - start
-    report.samples_per_s = report.written / report.seconds if report.seconds else 0.0
-    report.images_per_s = report.images_written / report.seconds if report.seconds else 0.0
-    report.peak_rss_mb = _peak_rss_mb()
-    report.resumed_shards = resumed
-    report.workers = workers
-    report.extra.update(extra)
-    write_json_file(where.out, RUN_STATS_NAME, {
-        "seconds": round(report.seconds, 3), "samples_per_s": round(report.samples_per_s, 2),
-        "images_per_s": round(report.images_per_s, 2), "peak_rss_mb": round(report.peak_rss_mb, 1),
-        "workers": workers, "resumed_shards": resumed, "engine": engine, **extra,
-    })
-    if report.reject_rate > cfg.max_reject_rate:
-        report.failed = (f"{report.rejected} of {report.read} rows rejected ({report.reject_rate:.1%}), "
-                         f"above --max-reject-rate {cfg.max_reject_rate:.1%}")
-    return report
+    return report, resumed, workers, extra
 
 
 def _run_inline(
@@ -422,8 +454,10 @@ def _finish(cfg: PackConfig, out: Path | Location, records: list[dict[str, Any]]
         "rejects": REJECTS_NAME,
         "totals": totals,
     }
-    write_json_file(out, INDEX_NAME, index)  # last: its presence means the dataset is complete
-    return PackReport(
+    failed = _failure(cfg, read, written, len(rejected), by_reason)
+    if failed is None:
+        write_json_file(out, INDEX_NAME, index)  # last: its presence means the dataset is complete
+    report = PackReport(
         out=str(out),
         shards=shards,
         read=read,
@@ -439,6 +473,20 @@ def _finish(cfg: PackConfig, out: Path | Location, records: list[dict[str, Any]]
         bytes_written=totals["bytes"],
         reject_rate=(len(rejected) / read) if read else 0.0,
     )
+    report.failed = failed
+    return report
+
+
+def _failure(cfg: PackConfig, read: int, written: int, rejected: int, by_reason: Counter[str]) -> str | None:
+    """Why a finished run failed (then no index is written), or None."""
+    if read and not written:
+        top = ", ".join(f"{reason} {n}" for reason, n in by_reason.most_common(3))
+        return f"no row was written: all {read} rows were rejected ({top})"
+    rate = rejected / read if read else 0.0
+    if rate > cfg.max_reject_rate:
+        return (f"{rejected} of {read} rows rejected ({rate:.1%}), above --max-reject-rate {cfg.max_reject_rate:.1%}; "
+                "no index.json was written")
+    return None
 
 
 def _peak_rss_mb() -> float:

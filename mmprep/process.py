@@ -109,6 +109,12 @@ class PackConfig:
                 )
         elif self.norm.dtype != "uint8":
             raise UsageError("--pad none stores encoded images; --dtype must stay uint8")
+        elif self.encode_format == "original" and self.image.resize_mode != "none":
+            raise UsageError(
+                f"--encode-format original stores the image files as they are: --resize-mode "
+                f"{self.image.resize_mode} would be ignored",
+                hint="use --encode-format png|jpeg|webp to store resized images, or --resize-mode none",
+            )
         if self.shard_size is not None and self.shard_size <= 0:
             raise UsageError("--shard-size must be positive")
         if self.rows_per_shard is not None and self.rows_per_shard <= 0:
@@ -267,7 +273,16 @@ class SampleProcessor:
             if isinstance(item, Rejected):
                 res.rejected.append(item)
                 continue
-            row, rej = self._process(item, res)
+            try:
+                row, rej = self._process(item, res)
+            except MemoryError:
+                raise
+            except Exception as exc:  # one odd row must never take the run (and every other row) down
+                if os.environ.get("MMPREP_DEBUG"):
+                    raise
+                row, rej = {}, Rejected(item.line, item.id, "internal", "unexpected_error",
+                                        f"{item.source}:{item.line}: {type(exc).__name__}: {exc} (a bug in mmprep: "
+                                        "please report it with this row)")
             if rej is not None:
                 res.rejected.append(rej)
                 continue
@@ -295,9 +310,13 @@ class SampleProcessor:
         tags, rej = self._tags(s, res)
         if rej is not None:
             return {}, rej
-        text, rej = self._text(s, len(refs))
+        # A conversation holds one placeholder per original image: it is checked against that count, then the
+        # placeholders of the dropped images are removed, so text and image slots stay paired.
+        text, rej = self._text(s, len(refs) + dropped)
         if rej is not None:
             return {}, rej
+        if dropped and self.encoder is not None:
+            text = _keep_placeholders(text, cfg.text.image_placeholder, len(refs))
         images, rej = self._images(s, refs)
         if rej is not None:
             return {}, rej
@@ -369,6 +388,14 @@ class SampleProcessor:
         cols["text"] = pa.array([r["text"] for r in rows], pa.string())
         cols["image_paths"] = pa.array([r["refs"] for r in rows], pa.list_(pa.string()))
         return pa.RecordBatch.from_arrays([cols[f.name] for f in self.schema], schema=self.schema)
+
+
+def _keep_placeholders(text: str, placeholder: str, keep: int) -> str:
+    """``text`` with every occurrence of ``placeholder`` after the first ``keep`` removed."""
+    parts = text.split(placeholder)
+    if len(parts) <= keep + 1:
+        return text
+    return placeholder.join(parts[: keep + 1]) + "".join(parts[keep + 1 :])
 
 
 def _fixed_list(values: Any, size: int, value_type: Any = None) -> Any:

@@ -216,6 +216,14 @@ class OutputDir:
     # -- lifecycle ----------------------------------------------------------------------------------------
     def open(self, identity: dict[str, Any]) -> None:
         """Create/lock the directory and check (or record) the run identity."""
+        try:
+            self._open(identity)
+        except OSError as exc:  # e.g. a disk that is full before the run starts
+            self.close()
+            raise RunFailed(f"{self.path}: cannot prepare the output directory: {exc.strerror or exc}",
+                            hint="check free disk space and permissions of the output directory") from None
+
+    def _open(self, identity: dict[str, Any]) -> None:
         if self.resume and self.overwrite:
             raise UsageError("--resume and --overwrite exclude each other")
         try:

@@ -108,6 +108,25 @@ def test_kill_9_then_resume_is_byte_identical(corpus, tmp_path: Path) -> None:
     assert not temp_files(out)  # whatever the killed workers left was cleaned up by the resumed run
 
 
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_workers_do_not_outlive_a_killed_parent(corpus, tmp_path: Path, sig: signal.Signals) -> None:
+    """Only the parent is killed (not its group): the pool workers notice and exit within seconds instead of
+    running on (and holding the caller's pipes open); the output resumes byte-identical."""
+    manifest, ref = corpus
+    out = tmp_path / "out"
+    proc = start(manifest, out, 2)
+    wait_for(first_shard_done(out), proc, "the first shard")
+    workers = [p for p in psutil.Process(proc.pid).children(recursive=True)
+               if "--multiprocessing-fork" in p.cmdline()]
+    assert len(workers) == 2
+    os.kill(proc.pid, sig)
+    proc.wait(timeout=TIMEOUT)
+    _, alive = psutil.wait_procs(workers, timeout=10)
+    assert not [p for p in alive if p.status() != psutil.STATUS_ZOMBIE], "workers outlived their parent"
+    proc.communicate(timeout=TIMEOUT)  # their copies of the pipes are closed too: this returns
+    resume_and_compare(manifest, out, ref)
+
+
 @pytest.mark.parametrize("workers", [1, 2])
 def test_ctrl_c_exits_130_promptly_and_resumes(corpus, tmp_path: Path, workers: int) -> None:
     manifest, ref = corpus

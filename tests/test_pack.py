@@ -219,9 +219,21 @@ def test_cli_json_report_and_exit_codes(tmp_path) -> None:
     # non-empty output dir: usage error, nothing on stdout
     again = runner.invoke(app, [*args, "--json"])
     assert again.exit_code == 2 and again.stdout == "" and "not empty" in again.stderr
-    # too many rejects: the run completes but fails
+    # too many rejects: the run completes but fails, and publishes no index (its presence means success) ...
     fail = runner.invoke(app, [*args, "--overwrite", "--max-reject-rate", "0.1"])
-    assert fail.exit_code == 1 and "max-reject-rate" in fail.stderr
+    assert fail.exit_code == 1 and "max-reject-rate" in fail.stderr and "--resume" in fail.stderr
+    assert not (out / "index.json").exists() and len((out / "rejected.jsonl").read_text().splitlines()) == 3
+    # ... until a rerun with a higher bound resumes every shard and indexes them
+    again = runner.invoke(app, [*args, "--resume", "--max-reject-rate", "0.5", "--json"])
+    assert again.exit_code == 0, again.stderr
+    assert json.loads(again.stdout)["resumed_shards"] >= 1 and (out / "index.json").exists()
+    # a run that writes nothing at all failed, whatever the bound
+    none_ok = tmp_path / "none.jsonl"
+    none_ok.write_text('{"id": "x", "images": ["missing.jpg"]}\n')
+    empty = runner.invoke(app, ["pack", str(none_ok), "--out", str(tmp_path / "none"), "--image-size", "32",
+                                "--workers", "1"])
+    assert empty.exit_code == 1 and "no row was written" in empty.stderr and "image_missing 1" in empty.stderr
+    assert not (tmp_path / "none" / "index.json").exists()
     # --on-error fail stops at the first bad row
     stop = runner.invoke(app, [*args, "--overwrite", "--on-error", "fail"])
     assert stop.exit_code == 1 and "does_not_exist.jpg" in stop.stderr
@@ -263,3 +275,44 @@ def test_second_run_on_locked_dir_is_refused(tmp_path) -> None:
             pack(sample_cfg(out), workers=1)
     finally:
         os.close(fd)
+
+
+def test_truncating_images_keeps_conversation_placeholders_paired(tmp_path) -> None:
+    """A conversation with one <image> per image, more images than --limit-images: with truncate the row is
+    kept, the surplus images are dropped with their placeholders (text and slots stay paired)."""
+    for name in ("a", "b", "c"):
+        Image.new("RGB", (20, 10), (len(name) * 40, 0, 0)).save(tmp_path / f"{name}.png")
+    conv = [{"from": "human", "value": "<image>\n<image>\n<image>\nWhat changes between these?"},
+            {"from": "gpt", "value": "The colour."}]
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text(json.dumps({"id": "c1", "images": ["a.png", "b.png", "c.png"], "conversations": conv}) + "\n")
+    base = dict(manifest=str(manifest), image=ImageConfig(size=(8, 8), resize_mode="stretch"), limit_images=2,
+                tokenizer=CLIP, text=TextConfig(max_length=64))
+    rejected = pack(PackConfig(out=str(tmp_path / "r"), **base), workers=1)
+    assert rejected.rejected_by_reason == {"too_many_images": 1}
+    report = pack(PackConfig(out=str(tmp_path / "t"), too_many_images="truncate", **base), workers=1)
+    assert report.written == 1 and report.images_dropped == 1
+    row = read_all(tmp_path / "t").to_pylist()[0]
+    assert row["image_count"] == 2 and row["image_paths"] == ["a.png", "b.png"]  # the slots kept
+    assert row["text"].count("<image>") == 2 and "What changes between these?" in row["text"]
+
+
+def test_pad_none_resizing_needs_re_encoding(tmp_path) -> None:
+    """--pad none keeps the original files by default; resizing them needs an encode format (a resize mode with
+    --encode-format original would be silently ignored, so it is refused)."""
+    args = ["pack", str(SAMPLE / "manifest.jsonl"), "--pad", "none", "--workers", "1", "--json"]
+    kept = runner.invoke(app, [*args, "--out", str(tmp_path / "a")])
+    assert kept.exit_code == 0, kept.stderr
+    row = pq.read_table(next((tmp_path / "a").glob("shard-*.parquet"))).to_pylist()[0]
+    assert row["images"][0]["bytes"] == (SAMPLE / "images/astronaut.jpg").read_bytes()
+    refused = runner.invoke(app, [*args, "--out", str(tmp_path / "b"), "--resize-mode", "max-pixels",
+                                  "--max-pixels", "4096"])
+    assert refused.exit_code == 2 and "--encode-format original" in refused.stderr
+    assert "--encode-format png" in refused.stderr and not (tmp_path / "b").exists()
+    small = runner.invoke(app, [*args, "--out", str(tmp_path / "c"), "--resize-mode", "max-pixels",
+                                "--max-pixels", "4096", "--encode-format", "png"])
+    assert small.exit_code == 0, small.stderr
+    for row in pq.read_table(next((tmp_path / "c").glob("shard-*.parquet"))).to_pylist():
+        for img in row["images"]:
+            with Image.open(__import__("io").BytesIO(img["bytes"])) as im:
+                assert im.format == "PNG" and im.width * im.height <= 4096

@@ -8,6 +8,7 @@ Kills, Ctrl-C, dying workers and concurrent runs are in test_kill_resume.py.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -298,6 +299,13 @@ MANIFEST_LINES: list[tuple[bytes, str | None]] = [
     (b'{"id": "a16", "images": ["a.png"], "text": "fine\\u00e9 \xc3\xa9 too"}', None),
     (b'"just a string"', "bad_record"),
     (b'{"id": 17, "images": "a.png", "text": "an integer id and a single path"}', None),
+    # valid JSON, but a lone UTF-16 surrogate is no text: Parquet, tokenizers and file systems cannot hold it
+    (b'{"id": "a19", "images": ["a.png"], "text": "lone \\ud800 surrogate"}', "not_utf8"),
+    (b'{"id": "a20\\udfff", "images": ["a.png"], "text": "in the id"}', "not_utf8"),
+    (b'{"id": "a21", "images": ["a\\udc00.png"], "text": "in a path"}', "not_utf8"),
+    (b'{"id": "a22", "images": ["a.png"], "text": "a pair is fine: \\ud83d\\ude00"}', None),
+    (b'{"id": "a23", "images": ["a.png"], "text": "deep", "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+     "invalid_json"),
 ]
 
 
@@ -324,13 +332,67 @@ def test_row_level_manifest_problems_are_rejects_with_lines(manifest_dir: Path, 
     expected = {_line_of(i): reason for i, (_, reason) in enumerate(MANIFEST_LINES) if reason}
     assert {r["line"]: r["reason"] for r in rej} == expected
     assert [r["line"] for r in rows] == [_line_of(i) for i, (_, reason) in enumerate(MANIFEST_LINES) if not reason]
-    assert [r["id"] for r in rows] == ["a1", "a16", "17"]
+    assert [r["id"] for r in rows] == ["a1", "a16", "17", "a22"]
+    assert "lone surrogate" in got_detail(rej, 20) and "nested too deeply" in got_detail(rej, 24)
     got = {r["line"]: r for r in rej}
     # the column is just past the end of the line (where '}' was expected), not "column 1" of the next line
     assert f"at column {len(MANIFEST_LINES[1][0]) + 1}" in got[2]["detail"]
     assert got[9]["id"] == "a1" and "already used on line 1" in got[9]["detail"]
     assert all(r["detail"].startswith(f"{manifest_dir / 'm.jsonl'}:{r['line']}:") for r in rej)
     assert report.rejected_by_reason["bad_type"] == 5
+
+
+def got_detail(rej: list[dict[str, Any]], line: int) -> str:
+    return next(r["detail"] for r in rej if r["line"] == line)
+
+
+def test_lone_surrogates_and_deep_nesting_in_a_json_list(tmp_path: Path) -> None:
+    """The JSON-list reader rejects a lone-surrogate element with its line; an element nested too deeply to
+    parse is a file-level error naming the line (the end of that element cannot be found)."""
+    (tmp_path / "a.png").write_bytes(png_bytes())
+    (tmp_path / "m.json").write_text('[\n{"id": "ok", "images": ["a.png"]},\n'
+                                     '{"id": "bad", "images": ["a.png"], "text": "\\udbff"},\n'
+                                     '{"id": "ok2", "images": ["a.png"]}\n]\n')
+    out = tmp_path / "out"
+    pack(cfg_for(tmp_path / "m.json", out), workers=1)
+    rows, rej = assert_nothing_lost(out, read=3)
+    assert [r["id"] for r in rows] == ["ok", "ok2"]
+    assert [(r["line"], r["reason"]) for r in rej] == [(3, "not_utf8")]
+    deep = tmp_path / "deep.json"
+    deep.write_text('[\n{"id": "ok", "images": ["a.png"]},\n{"x": ' + "[" * 100_000 + "]" * 100_000 + "}\n]\n")
+    result = runner.invoke(app, ["pack", str(deep), "--out", str(tmp_path / "o2"), "--image-size", "8"])
+    assert result.exit_code == 2 and "deep.json:3: invalid JSON: an element nested too deeply" in result.stderr
+
+
+def test_csv_cells_are_parsed_by_content_not_by_file_name(tmp_path: Path) -> None:
+    """A CSV read from stdin or from a file without a .csv name still splits ``a|b`` list cells."""
+    (tmp_path / "a.png").write_bytes(png_bytes())
+    body = b"id,images,tags\nc1,a.png|a.png,x|y\n"
+    (tmp_path / "manifest").write_bytes(body)  # no extension: the content says CSV
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["pack", str(tmp_path / "manifest"), "--out", str(out), "--image-size", "8",
+                                 "--workers", "1"])
+    assert result.exit_code == 0, result.stderr
+    assert written_rows(out, ("id", "tags", "image_count")) == [{"id": "c1", "tags": ["x", "y"], "image_count": 2}]
+    out2 = tmp_path / "out2"
+    result = runner.invoke(app, ["pack", "-", "--out", str(out2), "--image-size", "8", "--workers", "1",
+                                 "--image-root", str(tmp_path)], input=body)
+    assert result.exit_code == 0, result.stderr
+    assert written_rows(out2, ("id", "tags", "image_count")) == written_rows(out, ("id", "tags", "image_count"))
+
+
+def test_a_table_without_an_image_column_is_a_file_level_error(tmp_path: Path) -> None:
+    """Every row of a CSV (or Parquet) shares its header: no image column means every row would be rejected."""
+    (tmp_path / "m.csv").write_text("id,caption\n1,hello\n2,world\n")
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["pack", str(tmp_path / "m.csv"), "--out", str(out), "--image-size", "8"])
+    assert result.exit_code == 2, result.stderr
+    assert "no image column" in result.stderr and "--image-column" in result.stderr and "caption" in result.stderr
+    assert not out.exists()
+    (tmp_path / "m.jsonl").write_text('{"id": 1, "tags": ["x"]}\n')
+    result = runner.invoke(app, ["pack", str(tmp_path / "m.jsonl"), "--out", str(out), "--image-size", "8",
+                                 "--tags-column", "labels"])
+    assert result.exit_code == 2 and "(--tags-column) not found" in result.stderr, result.stderr
 
 
 def test_without_a_tokenizer_text_is_optional(manifest_dir: Path, tmp_path: Path) -> None:
@@ -459,6 +521,24 @@ def test_disk_full_on_a_real_tiny_filesystem_then_resume(noise, tmp_path: Path, 
         report = pack(_noise_cfg(manifest, out), workers=workers, resume=True)
         assert report.resumed_shards >= 1
         assert digests(out) == digests(ref)
+
+
+def test_a_disk_full_before_the_run_starts(noise, tmp_path: Path) -> None:
+    """No room even for the lock and state files: one clear error (exit 1), not an internal error."""
+    why = _cannot_mount(tmp_path)
+    if why:
+        pytest.skip(f"no tmpfs ({why})")
+    manifest, _ = noise
+    with tmpfs(tmp_path / "full", "64k") as mnt:
+        with contextlib.suppress(OSError), open(mnt / "filler", "wb") as f:
+            while True:
+                f.write(b"\0" * 4096)
+                f.flush()
+        result = runner.invoke(app, ["pack", str(manifest), "--out", str(mnt / "out"), "--image-size", "8",
+                                     "--workers", "1"])
+        assert result.exit_code == 1, result.stderr
+        assert "No space left on device" in result.stderr and "free disk space" in result.stderr
+        assert "internal error" not in result.stderr and "Traceback" not in result.stderr
 
 
 def test_disk_full_while_writing_the_index(noise, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -660,3 +740,33 @@ def test_usage_errors_name_the_problem(tmp_path: Path) -> None:
     with pytest.raises(UsageError, match=r"--image-root .*: no such directory"):
         pack(cfg_for(manifest, tmp_path / "o3", image_root=str(tmp_path / "nowhere")), workers=1)
     assert not (tmp_path / "o2").exists() and not (tmp_path / "o3").exists()
+
+
+def test_an_unexpected_error_in_one_row_is_a_reject_not_a_crash(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bug that raises for one row (injected here into the image stage) costs that row, with the exception
+    named in its reject, and not the run; with MMPREP_DEBUG=1 it propagates so it can be debugged."""
+    import mmprep.process as process
+
+    (tmp_path / "a.png").write_bytes(png_bytes())
+    (tmp_path / "b.png").write_bytes(png_bytes())
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text('{"id": "1", "images": ["a.png"]}\n{"id": "2", "images": ["b.png"]}\n'
+                        '{"id": "3", "images": ["a.png"]}\n')
+    real = process.load_image
+
+    def flaky(path: Any, cfg: Any) -> Any:
+        if str(path).endswith("b.png"):
+            raise ZeroDivisionError("injected")
+        return real(path, cfg)
+
+    monkeypatch.setattr(process, "load_image", flaky)
+    out = tmp_path / "out"
+    pack(cfg_for(manifest, out), workers=1)
+    rows, rej = assert_nothing_lost(out, read=3)
+    assert [r["id"] for r in rows] == ["1", "3"]
+    assert [(r["line"], r["stage"], r["reason"]) for r in rej] == [(2, "internal", "unexpected_error")]
+    assert "ZeroDivisionError: injected" in rej[0]["detail"]
+    monkeypatch.setenv("MMPREP_DEBUG", "1")
+    with pytest.raises(ZeroDivisionError):
+        pack(cfg_for(manifest, tmp_path / "out2"), workers=1)

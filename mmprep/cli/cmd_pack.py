@@ -16,7 +16,6 @@ from mmprep.cli.cmd_images import (
     MinPixelsOpt,
     NoDraftOpt,
     PixelLimitOpt,
-    ResizeModeOpt,
     ShortestEdgeOpt,
     image_config_from_options,
 )
@@ -50,7 +49,10 @@ def pack_cmd(
     allow_outside_root: Annotated[bool, typer.Option(help="Allow image paths that leave --image-root (../, absolute,"
                                                      " symlinks).", rich_help_panel=_IN)] = False,
     image_size: ImageSizeOpt = "224",
-    resize_mode: ResizeModeOpt = "center-crop",
+    resize_mode: Annotated[str | None, typer.Option(
+        "--resize-mode", metavar="stretch|center-crop|letterbox|shortest-edge|max-pixels|none",
+        help="How images are resized (default: center-crop; none with --pad none).", show_default=False,
+        rich_help_panel=_IMG)] = None,
     interpolation: InterpolationOpt = "bicubic",
     background: BackgroundOpt = "255,255,255",
     fill: FillOpt = "0,0,0",
@@ -84,6 +86,10 @@ def pack_cmd(
     special_tokens: Annotated[bool, typer.Option(help="Add the tokenizer's special tokens.",
                                                  rich_help_panel=_TXT)] = True,
     caption: Annotated[str, typer.Option(help="For caption lists: first|all|random.", rich_help_panel=_TXT)] = "first",
+    caption_separator: Annotated[str, typer.Option(help="Joins the captions with --caption all (default: one "
+                                                   "space).", show_default=False, rich_help_panel=_TXT)] = " ",
+    image_placeholder: Annotated[str, typer.Option(help="The image placeholder string in texts.",
+                                                   rich_help_panel=_TXT)] = "<image>",
     seed: Annotated[int, typer.Option(help="Seed for --caption random and --shuffle.")] = 0,
     pad_token: Annotated[str | None, typer.Option(help="Pad token for tokenizers without one (e.g. GPT-2).",
                                                   rich_help_panel=_TXT)] = None,
@@ -148,7 +154,9 @@ def pack_cmd(
             image_root=image_root,
             allow_outside_root=allow_outside_root,
             image=image_config_from_options(
-                resize_mode=resize_mode, image_size=image_size, interpolation=interpolation,
+                # --pad none keeps image sizes unless told otherwise; padded slots need one size
+                resize_mode=resize_mode or ("none" if pad == "none" else "center-crop"), image_size=image_size,
+                interpolation=interpolation,
                 shortest_edge=shortest_edge, max_pixels=max_pixels, min_pixels=min_pixels,
                 background=background, fill=fill, pixel_limit=pixel_limit, no_draft=no_draft,
             ),
@@ -173,7 +181,9 @@ def pack_cmd(
                 add_special_tokens=special_tokens,
                 caption=caption,
                 seed=seed,
+                separator=caption_separator,
                 pad_token=pad_token,
+                image_placeholder=image_placeholder,
                 check_placeholders=placeholder_check,
             ),
             vocab=vocab,
@@ -204,7 +214,10 @@ def pack_cmd(
                           progress=progress, ray_address=ray_address, storage_options=storage_options)
         _render(output, report)
         if report.failed:
-            output.error(report.failed, "see rejected.jsonl for every rejected row and its reason")
+            hint = "see rejected.jsonl for every rejected row and its reason"
+            if report.written:
+                hint += "; to index the shards written anyway, rerun with --resume and a higher --max-reject-rate"
+            output.error(report.failed, hint)
             return 1
         return 0
 
