@@ -7,6 +7,7 @@ results travel back to the parent) and turn every bad file into a reject with a 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import multiprocessing as mp
@@ -39,6 +40,7 @@ from mmprep.records import Rejected
 
 __all__ = [
     "IMAGE_EXTENSIONS",
+    "RECORD_NAME",
     "ImageItem",
     "ImageSet",
     "ImageStats",
@@ -284,7 +286,8 @@ def _stats_one(item: ImageItem, cfg: ImageConfig) -> tuple[Any, ...]:
         dec = load_image(item.path or item.ref, cfg)
     except ImageError as exc:
         return ("err", item.ref, exc.reason, exc.detail)
-    px = dec.array.reshape(-1, 3).astype(np.uint64)
+    x0, y0, x1, y1 = dec.content_box  # letterbox padding is not the dataset's colour
+    px = dec.array[y0:y1, x0:x1].reshape(-1, 3).astype(np.uint64)
     sums = px.sum(axis=0)
     sq = (px * px).sum(axis=0)
     return ("ok", item.ref, [int(v) for v in sums], [int(v) for v in sq], int(px.shape[0]),
@@ -305,7 +308,9 @@ class ImageStats:
     """Dataset statistics, JSON-ready through :meth:`to_dict` (usable as ``--stats-file``).
 
     ``mean``/``std`` are per channel (R, G, B) over every pixel of every decoded image after the resize, with
-    pixels scaled to [0, 1]; with a fixed output size every image weighs the same.
+    pixels scaled to [0, 1]; with a fixed output size every image weighs the same. In ``letterbox`` mode only
+    the content box counts (the padding is not the dataset's colour, so ``--fill`` does not change the result);
+    ``pixels`` is the number of pixels counted.
     """
 
     source: str
@@ -426,6 +431,9 @@ def compute_image_stats(
 
 # -- normalised copies -------------------------------------------------------------------------------------------------
 
+#: The per-output record ``normalize_images`` keeps in the output folder (see :func:`normalize_images`).
+RECORD_NAME = "normalize-images.outputs.jsonl"
+
 
 @dataclass(frozen=True)
 class _NormalizeJob:
@@ -435,6 +443,24 @@ class _NormalizeJob:
     quality: int
     norm: Normalization
     overwrite: bool
+    settings_id: str
+
+
+@dataclass(frozen=True)
+class _Task:
+    item: ImageItem
+    output: str
+    previous: dict[str, Any] | None  # the record's entry for this output, if any
+
+
+@dataclass(frozen=True)
+class _Outcome:
+    status: str  # written | skipped | rejected
+    ref: str
+    output: str
+    reason: str = ""
+    detail: str = ""
+    entry: dict[str, Any] | None = None  # the record entry of a written or skipped output
 
 
 def _target(relpath: str, fmt: str) -> str:
@@ -456,25 +482,93 @@ def _write_atomic(path: str, data: bytes) -> None:
         raise
 
 
-def _normalize_one(task: tuple[ImageItem, str], job: _NormalizeJob) -> tuple[str, str, str, str, str]:
-    """-> (status, ref, output relpath, reason, detail); status is written | skipped | rejected."""
-    item, out_rel = task
+def _settings(cfg: ImageConfig, fmt: str, quality: int, norm: Normalization) -> dict[str, Any]:
+    """Everything that decides the bytes of an output (the pixel limit only decides which images are refused)."""
+    config = {k: v for k, v in cfg.to_dict().items() if k != "pixel_limit"}
+    return {"config": config, "format": fmt, "quality": quality if fmt in ("jpeg", "webp") else None,
+            "normalization": norm.to_dict() if fmt == "npy" else None}
+
+
+def _settings_id(settings: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _settings_diff(old: dict[str, Any] | None, new: dict[str, Any]) -> str:
+    """A few words on what changed: ``config.size [224, 224] -> [64, 64]``."""
+    if not old:
+        return "settings not recorded"
+    diffs = []
+    for key in new:
+        a, b = old.get(key), new[key]
+        if isinstance(a, dict) and isinstance(b, dict):
+            diffs += [f"{key}.{k} {a.get(k)!r} -> {b.get(k)!r}" for k in b if a.get(k) != b.get(k)]
+        elif a != b:
+            diffs.append(f"{key} {a!r} -> {b!r}")
+    return ", ".join(diffs[:3]) + (", ..." if len(diffs) > 3 else "") if diffs else "settings not recorded"
+
+
+def _read_record(path: Path) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
+    """-> (settings by id, entry by output). Unparseable lines (a torn last line of a killed run) are ignored:
+    the outputs they described are then redone."""
+    settings: dict[str, dict[str, Any]] = {}
+    entries: dict[str, dict[str, Any]] = {}
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        return settings, entries
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path}: cannot read the output record: {exc}",
+                         hint="delete it to redo every output") from None
+    for line in lines:
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if not isinstance(rec, dict) or not isinstance(rec.get("settings"), str):
+            continue
+        if isinstance(rec.get("output"), str):
+            entries[rec["output"]] = rec
+        elif isinstance(rec.get("values"), dict):
+            settings[rec["settings"]] = rec["values"]
+    return settings, entries
+
+
+def _source_signature(path: str | None) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path) if path else None
+    except (OSError, ValueError):
+        return None
+    return (st.st_size, st.st_mtime_ns) if st is not None else None
+
+
+def _normalize_one(task: _Task, job: _NormalizeJob) -> _Outcome:
+    item, out_rel = task.item, task.output
     if item.error is not None:
-        return ("rejected", item.ref, out_rel, item.error[0], item.error[1])
+        return _Outcome("rejected", item.ref, out_rel, item.error[0], item.error[1])
     dest = os.path.join(job.out_dir, out_rel)
-    if not job.overwrite and os.path.exists(dest):
-        return ("skipped", item.ref, out_rel, "", "")
+    sig = _source_signature(item.path)  # before decoding: a source changed meanwhile is redone next time
+    prev = task.previous
+    if (
+        not job.overwrite and prev is not None and sig is not None and prev.get("path") == item.ref
+        and prev.get("settings") == job.settings_id and prev.get("source_bytes") == sig[0]
+        and prev.get("source_mtime_ns") == sig[1] and os.path.exists(dest)
+    ):
+        return _Outcome("skipped", item.ref, out_rel, entry=prev)
     try:
         dec = load_image(item.path or item.ref, job.cfg)
     except ImageError as exc:
-        return ("rejected", item.ref, out_rel, exc.reason, exc.detail)
+        return _Outcome("rejected", item.ref, out_rel, exc.reason, exc.detail)
     arr = to_output(dec.array, job.norm) if job.fmt == "npy" else dec.array
     data = encode_image(arr, job.fmt, job.quality)
     try:
         _write_atomic(dest, data)
     except OSError as exc:
-        return ("rejected", item.ref, out_rel, "write_failed", f"{dest}: {exc.strerror or exc}")
-    return ("written", item.ref, out_rel, "", "")
+        return _Outcome("rejected", item.ref, out_rel, "write_failed", f"{dest}: {exc.strerror or exc}")
+    h, w = dec.array.shape[:2]
+    entry = {"output": out_rel, "path": item.ref, "settings": job.settings_id,
+             "source_bytes": sig[0] if sig else None, "source_mtime_ns": sig[1] if sig else None,
+             "original_size": list(dec.original_size), "size": [w, h], "content_box": list(dec.content_box)}
+    return _Outcome("written", item.ref, out_rel, entry=entry)
 
 
 @dataclass
@@ -490,9 +584,13 @@ class NormalizeReport:
     written: int = 0
     skipped: int = 0
     rejected: int = 0
+    removed: int = 0
+    stale: int = 0
     reasons: Counter[str] = field(default_factory=Counter)
     renamed: dict[str, str] = field(default_factory=dict)
     rejects_file: str = ""
+    record_file: str = ""
+    settings_id: str = ""
     manifest_rejects: int = 0
     workers: int = 1
     elapsed_s: float = 0.0
@@ -511,8 +609,12 @@ class NormalizeReport:
             "written": self.written,
             "skipped": self.skipped,
             "rejected": self.rejected,
+            "removed": self.removed,
+            "stale": self.stale,
             "reasons": dict(self.reasons.most_common()),
             "rejects_file": self.rejects_file,
+            "record_file": self.record_file,
+            "settings_id": self.settings_id,
             "renamed": self.renamed,
             "manifest_rejects": self.manifest_rejects,
             "workers": self.workers,
@@ -521,6 +623,36 @@ class NormalizeReport:
             "config": self.config,
             "normalization": self.normalization,
         }
+
+
+def _plan_outputs(images: ImageSet, fmt: str, report: NormalizeReport,
+                  rejects: list[dict[str, Any]]) -> list[tuple[ImageItem, str]]:
+    """Decide every output name from the input list alone (never from what the output folder holds)."""
+    planned: list[tuple[ImageItem, str]] = []
+    # a file whose name already fits the format keeps it (photo.png stays photo.png even after photo.gif)
+    claimed: dict[str, str] = {
+        it.relpath: it.ref for it in reversed(images.items) if it.relpath and _target(it.relpath, fmt) == it.relpath
+    }
+    for item in images.items:
+        target = _target(item.relpath, fmt) if item.relpath else ""
+        if target and target == item.relpath and claimed.get(target) == item.ref:
+            planned.append((item, target))
+            continue
+        if target and target in claimed:
+            # photo.jpg and photo.png both want photo.png: the later one keeps its extension (photo.jpg.png)
+            alt = item.relpath + _EXT[fmt]
+            if alt in claimed:
+                report.rejected += 1
+                report.reasons["output_collision"] += 1
+                rejects.append({"path": item.ref, "reason": "output_collision",
+                                "detail": f"{item.ref}: output {target} is already produced from {claimed[target]}"})
+                continue
+            report.renamed[item.ref] = alt
+            target = alt
+        if target:
+            claimed[target] = item.ref
+        planned.append((item, target))
+    return planned
 
 
 def normalize_images(
@@ -540,13 +672,29 @@ def normalize_images(
 ) -> NormalizeReport:
     """Write a decoded, resized copy of every image under ``out_dir`` at the same relative path.
 
-    The extension becomes the output format's (``a/b.jpeg`` -> ``a/b.png``); when two inputs would land on the
-    same output (``a/b.jpg`` and ``a/b.webp``), the later one keeps its own extension too (``a/b.webp.png``) and is
-    listed in :attr:`NormalizeReport.renamed`. Existing outputs are skipped
-    (a rerun resumes) unless ``overwrite``. Each output is written to a temporary name and renamed, so a killed
-    run never leaves a half-written file under the final name. Rejects (with reasons) go to ``rejects_path``
-    (default ``out_dir/rejects.jsonl``) as JSON lines ``{"path", "reason", "detail"}``; the file is rewritten
-    on every run, so it lists exactly what the latest run could not produce.
+    The extension becomes the output format's (``a/b.jpeg`` -> ``a/b.png``). Output names are decided from the
+    input list alone: a file whose name already fits the format keeps it, and when two inputs would land on the
+    same output (``a/b.jpg`` and ``a/b.png``), the other keeps its own extension too (``a/b.jpg.png``) and is
+    listed in :attr:`NormalizeReport.renamed`. Each output is written to a temporary name and renamed, so a killed
+    run never leaves a half-written file under the final name.
+
+    Resuming: ``out_dir/normalize-images.outputs.jsonl`` (:data:`RECORD_NAME`) records every output: JSON lines
+    ``{"output", "path" (the source reference), "settings" (an id of the settings), "source_bytes",
+    "source_mtime_ns", "original_size" [w, h], "size" [w, h], "content_box" [x0, y0, x1, y1]}`` (the content box
+    is where the picture lies in the output: the letterbox padding is outside it), plus one
+    ``{"settings", "values"}`` line per settings id. Lines are appended as outputs are written (a killed run
+    loses at most its last line) and the file is rewritten sorted at the end. A rerun skips an output only
+    when the record says it was made from the same source reference, unchanged (size and mtime), with the same
+    settings; an output whose source changed, or that the record does not know (a file left by a killed run or
+    not made by mmprep), is redone. When outputs of this run already exist from *other* settings, the run is
+    refused (UsageError) unless ``overwrite``, which redoes every output. A recorded output whose source is now
+    rejected is removed, so no output outlives its source; recorded outputs that this run does not produce
+    (their source is gone, or beyond ``--limit``) are kept and counted as :attr:`NormalizeReport.stale`.
+
+    Rejects go to ``rejects_path`` (default ``out_dir/rejects.jsonl``) as JSON lines: first the manifest rows
+    that could not be read, ``{"path" (the manifest), "line", "reason", "detail"}`` in line order, then the
+    images, ``{"path", "reason", "detail"}`` sorted by path. The file is rewritten on every run, so it lists
+    exactly what the latest run could not produce.
 
     Args:
         images: from :func:`collect_images`.
@@ -557,11 +705,14 @@ def normalize_images(
         norm: dtype/layout/normalisation for ``npy`` output (image formats store uint8 HWC pixels).
         workers: processes (1 = in this process).
         rejects_path: where the rejects go.
-        overwrite: redo outputs that already exist.
+        overwrite: redo every output, whatever the record says.
         on_progress: called with the number of images finished.
         engine: ``local`` (process pool) or ``ray`` (the same per-file work as Ray Data tasks; workers on other
             nodes write under ``out_dir`` on their own machine, so on a cluster it must be a shared folder).
         ray_address: the Ray cluster for ``engine="ray"`` (default: ``$RAY_ADDRESS``, else a local Ray).
+
+    Raises:
+        UsageError: bad settings, or existing outputs made with other settings (without ``overwrite``).
     """
     cfg.validate()
     if engine not in ("local", "ray"):
@@ -579,44 +730,38 @@ def normalize_images(
         raise UsageError(f"--format {fmt} stores 8-bit pixels; float dtypes and CHW layout need --format npy")
     start = time.perf_counter()
     out = Path(out_dir)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise RunFailed(f"{out}: cannot create the output folder: {exc.strerror or exc}") from None
+    record_file = out / RECORD_NAME
+    settings = _settings(cfg, fmt, quality, norm)
+    sid = _settings_id(settings)
+    old_settings, entries = _read_record(record_file)
     rejects_file = Path(rejects_path) if rejects_path is not None else out / "rejects.jsonl"
     report = NormalizeReport(
         source=images.source, out_dir=str(out), format=fmt, config=cfg.to_dict(),
         normalization=norm.to_dict() if fmt == "npy" else None, images=len(images.items),
-        rejects_file=str(rejects_file), manifest_rejects=len(images.manifest_rejects), workers=workers,
+        rejects_file=str(rejects_file), record_file=str(record_file), settings_id=sid,
+        manifest_rejects=len(images.manifest_rejects), workers=workers,
     )
-    rejects: list[dict[str, str]] = []
-    tasks: list[tuple[ImageItem, str]] = []
-    # a file whose name already fits the format keeps it (photo.png stays photo.png even after photo.gif)
-    claimed: dict[str, str] = {
-        it.relpath: it.ref for it in reversed(images.items) if it.relpath and _target(it.relpath, fmt) == it.relpath
-    }
-    for item in images.items:
-        target = _target(item.relpath, fmt) if item.relpath else ""
-        if target and target == item.relpath and claimed.get(target) == item.ref:
-            tasks.append((item, target))
-            continue
-        if target and target in claimed:
-            # photo.jpg and photo.png both want photo.png: the later one keeps its extension (photo.png.png)
-            alt = item.relpath + _EXT[fmt]
-            if alt in claimed:
-                report.rejected += 1
-                report.reasons["output_collision"] += 1
-                rejects.append({"path": item.ref, "reason": "output_collision",
-                                "detail": f"{item.ref}: output {target} is already produced from {claimed[target]}"})
-                if on_progress is not None:
-                    on_progress(1)
-                continue
-            report.renamed[item.ref] = alt
-            target = alt
-        if target:
-            claimed[target] = item.ref
-        tasks.append((item, target))
-    job = _NormalizeJob(str(out.resolve()) if engine == "ray" else str(out), cfg, fmt, quality, norm, overwrite)
+    rejects: list[dict[str, Any]] = []
+    planned = _plan_outputs(images, fmt, report, rejects)
+    if not overwrite:
+        clash = [t for _, t in planned if t in entries and entries[t]["settings"] != sid and (out / t).exists()]
+        if clash:
+            raise UsageError(
+                f"{out}: {len(clash)} existing output(s) were made with other settings "
+                f"({_settings_diff(old_settings.get(entries[clash[0]]['settings']), settings)}), e.g. {clash[0]}",
+                hint="pass --overwrite to redo them with these settings, or write to another --out")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise RunFailed(f"{out}: cannot create the output folder: {exc.strerror or exc}") from None
+    for _ in range(report.rejected):  # output collisions, already decided
+        if on_progress is not None:
+            on_progress(1)
+    tasks = [_Task(item, target, entries.get(target)) for item, target in planned]
+    job = _NormalizeJob(str(out.resolve()) if engine == "ray" else str(out), cfg, fmt, quality, norm, overwrite,
+                        sid)
+    produced = {t for _, t in planned if t}
+    confirmed: set[str] = set()  # outputs written or verified by this run
     if engine == "ray":
         from mmprep.engines.ray import ray_map
 
@@ -624,23 +769,50 @@ def normalize_images(
     else:
         results = parallel_map(_normalize_one, tasks, job, workers=workers)
     try:
-        for status, ref, _rel, reason, detail in results:
-            if status == "written":
+        journal = open(record_file, "a", encoding="utf-8")  # noqa: SIM115 - closed in the finally below
+    except OSError as exc:
+        raise RunFailed(f"{record_file}: cannot write the output record: {exc.strerror or exc}") from None
+    try:
+        if sid not in old_settings:
+            journal.write(json.dumps({"settings": sid, "values": settings}, sort_keys=True) + "\n")
+        for res in results:
+            if res.status == "written":
                 report.written += 1
-            elif status == "skipped":
+                assert res.entry is not None
+                entries[res.output] = res.entry
+                confirmed.add(res.output)
+                journal.write(json.dumps(res.entry, ensure_ascii=False) + "\n")
+                journal.flush()
+            elif res.status == "skipped":
                 report.skipped += 1
+                confirmed.add(res.output)
             else:
                 report.rejected += 1
-                report.reasons[reason] += 1
-                rejects.append({"path": ref, "reason": reason, "detail": detail})
+                report.reasons[res.reason] += 1
+                rejects.append({"path": res.ref, "reason": res.reason, "detail": res.detail})
+                if res.output and entries.pop(res.output, None) is not None:
+                    # the recorded output no longer matches its source (or its name now belongs to this one)
+                    with contextlib.suppress(OSError):
+                        os.unlink(out / res.output)
+                        report.removed += 1
             if on_progress is not None:
                 on_progress(1)
     finally:
+        journal.close()
+        old_settings[sid] = settings
+        kept = {o: e for o, e in entries.items() if o in confirmed or (out / o).exists()}
+        report.stale = sum(o not in produced for o in kept)
+        lines = [json.dumps({"settings": s, "values": old_settings[s]}, sort_keys=True)
+                 for s in sorted({e["settings"] for e in kept.values()} | {sid}) if s in old_settings]
+        lines += [json.dumps(kept[o], ensure_ascii=False) for o in sorted(kept)]
         rejects.sort(key=lambda r: r["path"])
-        payload = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rejects).encode("utf-8")
-        try:
-            _write_atomic(str(rejects_file), payload)
-        except OSError as exc:
-            raise RunFailed(f"{rejects_file}: cannot write the rejects file: {exc.strerror or exc}") from None
+        rows = [{"path": images.source, "line": r.line, "reason": r.reason, "detail": r.detail}
+                for r in sorted(images.manifest_rejects, key=lambda r: r.line)]
+        payload = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows + rejects).encode("utf-8")
+        for path, data in ((record_file, "".join(x + "\n" for x in lines).encode("utf-8")), (rejects_file, payload)):
+            try:
+                _write_atomic(str(path), data)
+            except OSError as exc:
+                raise RunFailed(f"{path}: cannot write: {exc.strerror or exc}") from None
     report.elapsed_s = time.perf_counter() - start
     return report

@@ -7,7 +7,10 @@ Whatever the file holds comes out as an 8-bit RGB array:
 - CMYK, YCbCr, palette, 1-bit and grayscale images are converted to RGB;
 - transparency (RGBA, LA, palette or grayscale with a transparent colour) is composited over
   :attr:`ImageConfig.background` (white by default, not black);
-- 16-bit and 32-bit integer images are scaled to 8 bits (``round(v * 255 / 65535)``), not clipped;
+- single-channel 16-bit and 32-bit integer images (``I;16``, ``I``) are scaled to 8 bits
+  (``round(v * 255 / 65535)``), not clipped; float images (``F``) in [0, 1] are scaled by 255 and other float
+  ranges are clipped to 0-255; 16-bit RGB(A) files (TIFF, PNG) are reduced to 8 bits by Pillow itself, which
+  keeps the high byte of each sample (``v >> 8``, also not clipping, but not the rounded formula above);
 - animated files (GIF, APNG, WebP, MPO) give their first frame.
 
 Bad files are data, not crashes: :func:`load_image` raises only :class:`ImageError`, whose ``reason`` is a short
@@ -152,10 +155,16 @@ class ImageConfig:
     - ``letterbox``: scale to fit inside ``size`` keeping the aspect ratio, centre it on a ``fill`` canvas of
       exactly ``size``; :attr:`DecodedImage.content_box` says where the image is, so padding masks can be built.
     - ``shortest-edge``: scale so the shorter side equals ``shortest_edge`` (aspect kept; variable output size).
-    - ``max-pixels``: keep the aspect ratio and scale so that ``min_pixels <= w*h <= max_pixels`` (EasyR1's
-      rule: images over ``max_pixels`` shrink by ``sqrt(max_pixels / (w*h))`` with sizes rounded down, images
-      under ``min_pixels`` grow by ``sqrt(min_pixels / (w*h))`` with sizes rounded *up*, so the bound holds;
-      images inside the budget are not resampled). Variable output size.
+      The longer side is *rounded* to the nearest pixel (640x427 -> 336x224), where torchvision and Hugging Face
+      CLIP processors truncate (335x224): the two can differ by one pixel.
+    - ``max-pixels``: keep the aspect ratio within a pixel budget, with the geometry of EasyR1's
+      ``process_image`` (``verl/utils/dataset.py``): an image over ``max_pixels`` shrinks by
+      ``sqrt(max_pixels / (w*h))``, then an image (still) under ``min_pixels`` grows by
+      ``sqrt(min_pixels / (w*h))``; both steps truncate the sides with ``int()``. So ``w*h <= max_pixels`` always
+      holds, while a grown image may fall just short of ``min_pixels`` (480x360 with ``min_pixels=500000`` ->
+      816x612 = 499,392 pixels, as in EasyR1). One addition where EasyR1 would produce an empty side: a side
+      that truncates to 0 becomes 1, and the other side is then capped at ``max_pixels``. Images inside the
+      budget are not resampled. Variable output size.
     - ``none``: no resampling (orientation and colour conversion still apply).
 
     For every mode except ``letterbox`` the content box is the whole output.
@@ -353,13 +362,16 @@ def plan_resize(width: int, height: int, cfg: ImageConfig) -> ResizePlan:
             nw, nh = max(1, round(w * edge / h)), edge
         return ResizePlan((nw, nh), (nw, nh), full, resample=(nw, nh) != (w, h))
     if mode == "max-pixels":
+        # EasyR1's process_image: shrink, then grow, each step truncating with int() (see ImageConfig)
         nw, nh = w, h
         if cfg.max_pixels is not None and nw * nh > cfg.max_pixels:
             factor = math.sqrt(cfg.max_pixels / (nw * nh))
             nw, nh = max(1, int(nw * factor)), max(1, int(nh * factor))
+            if nw * nh > cfg.max_pixels:  # only when a side was raised from 0 to 1: cap the other one
+                nw, nh = (1, cfg.max_pixels) if nw == 1 else (cfg.max_pixels, 1)
         if cfg.min_pixels is not None and nw * nh < cfg.min_pixels:
             factor = math.sqrt(cfg.min_pixels / (nw * nh))
-            nw, nh = math.ceil(nw * factor), math.ceil(nh * factor)
+            nw, nh = int(nw * factor), int(nh * factor)  # factor > 1, so no side becomes 0
         return ResizePlan((nw, nh), (nw, nh), full, resample=(nw, nh) != (w, h))
     raise UsageError(f"unknown resize mode '{mode}'", hint="choose one of " + ", ".join(RESIZE_MODES))
 
@@ -709,9 +721,13 @@ def _triple(value: Any, what: str) -> tuple[float, float, float]:
         parts: list[Any] = [p for p in value.replace(" ", ",").split(",") if p]
     elif isinstance(value, (int, float)) and not isinstance(value, bool):
         parts = [value]
-    else:
+    elif isinstance(value, (list, tuple)):
         parts = list(value)
+    else:  # None, a bool, an object: not numbers
+        raise UsageError(f"{what} must be 1 or 3 numbers, got {value!r}", hint="e.g. 0.5,0.5,0.5")
     try:
+        if any(isinstance(p, bool) for p in parts):
+            raise TypeError("a bool is not a number")
         floats = [float(p) for p in parts]
     except (TypeError, ValueError):
         raise UsageError(f"{what} must be numbers, got {value!r}", hint="e.g. 0.5,0.5,0.5") from None

@@ -22,7 +22,7 @@ SAMPLE_MANIFEST = REPO / "sample_data" / "manifest.jsonl"
 
 runner = CliRunner()
 
-N_GOOD = 20 + 3  # tests/data/images: 20 good files + 3 broken/ files that still decode
+N_GOOD = 21 + 3  # tests/data/images: 21 good files + 3 broken/ files that still decode
 N_BAD = 9
 BAD_REASONS = {"image_unidentified": 3, "image_truncated": 3, "image_too_large": 1, "image_metadata_too_large": 1,
                "image_invalid": 1}
@@ -43,10 +43,10 @@ def test_image_stats_folder_json() -> None:
     assert r["reasons"] == BAD_REASONS
     assert {u["path"] for u in r["unreadable"]} >= {"broken/pillow_decompression_bomb.gif",
                                                     "broken/pillow_truncated_jpeg.jpg"}
-    assert r["modes"] == {"RGB": 12, "RGBA": 4, "P": 3, "1": 1, "L": 1, "I;16": 1, "LA": 1}
-    assert r["formats"] == {"JPEG": 10, "PNG": 7, "GIF": 2, "WEBP": 2, "MPO": 1, "TIFF": 1}
+    assert r["modes"] == {"RGB": 12, "RGBA": 5, "P": 3, "1": 1, "L": 1, "I;16": 1, "LA": 1}
+    assert r["formats"] == {"JPEG": 10, "PNG": 7, "GIF": 2, "WEBP": 3, "MPO": 1, "TIFF": 1}
     assert r["sizes"]["128x128"] == 7 and r["sizes"]["1x2"] == 1  # upright sizes
-    assert r["multi_frame"] == 3  # GIF (5), APNG (3), MPO (2)
+    assert r["multi_frame"] == 4  # GIF (5), APNG (3), MPO (2), WebP (42)
     assert r["pixels"] == N_GOOD * 224 * 224
     # the aggregate equals an independent per-image computation
     arrays = []
@@ -95,9 +95,30 @@ def test_image_stats_is_the_same_with_a_process_pool() -> None:
 def test_image_stats_other_resize_modes() -> None:
     r = _json(runner.invoke(app, ["image-stats", str(DATA), "--json", "-j", "1", "--resize-mode", "none"]))
     assert r["pixels"] > N_GOOD * 64 * 64 and r["config"]["resize_mode"] == "none"
-    r = _json(runner.invoke(app, ["image-stats", str(DATA), "--json", "-j", "1", "--resize-mode", "letterbox",
-                                  "--image-size", "32x48", "--fill", "black"]))
-    assert r["pixels"] == N_GOOD * 32 * 48 and r["config"]["size"] == [32, 48]
+    boxed = []
+    for fill in ("black", "white"):
+        boxed.append(_json(runner.invoke(app, [
+            "image-stats", str(DATA), "--json", "-j", "1", "--resize-mode", "letterbox", "--image-size", "32x48",
+            "--fill", fill])))
+    black, white = boxed
+    assert black["config"]["size"] == [32, 48]
+    # only the content boxes count: the padding colour changes nothing
+    cfg = ImageConfig(size=(32, 48), resize_mode="letterbox")
+    arrays = []
+    for p in sorted(DATA.rglob("*")):
+        if p.suffix == ".md" or p.is_dir():
+            continue
+        try:
+            d = load_image(p, cfg)
+        except Exception:
+            continue
+        x0, y0, x1, y1 = d.content_box
+        arrays.append(d.array[y0:y1, x0:x1].reshape(-1, 3).astype(np.float64) / 255)
+    px = np.concatenate(arrays)
+    assert len(arrays) == N_GOOD and black["pixels"] == white["pixels"] == px.shape[0] < N_GOOD * 32 * 48
+    assert black["mean"] == white["mean"] and black["std"] == white["std"]
+    assert np.allclose(black["mean"], px.mean(axis=0), atol=1e-9)
+    assert np.allclose(black["std"], px.std(axis=0), atol=1e-9)
 
 
 def test_manifest_paths_may_not_escape_the_root(tmp_path: Path) -> None:
@@ -154,9 +175,11 @@ def test_image_stats_input_errors(tmp_path: Path) -> None:
     bad = tmp_path / "bad"
     bad.mkdir()
     shutil.copy(DATA / "broken" / "pillow_truncated_jpeg.jpg", bad / "x.jpg")
-    result = runner.invoke(app, ["image-stats", str(bad), "--json"])
+    result = runner.invoke(app, ["image-stats", str(bad), "--json", "--out", str(tmp_path / "st.json")])
     assert result.exit_code == EXIT_FAILED and "none of the 1 images could be decoded" in result.stderr
+    assert "st.json was not written" in result.stderr and "the 'unreadable' list of the JSON output" in result.stderr
     assert json.loads(result.stdout)["reasons"] == {"image_truncated": 1}
+    assert not (tmp_path / "st.json").exists()  # no statistics file with null mean/std to feed --stats-file
 
 
 # -- normalize-images -------------------------------------------------------------------------------------------
@@ -175,6 +198,7 @@ def test_normalize_images_folder_resume_and_rejects(tmp_path: Path) -> None:
     files = _outputs(out)
     assert "pillow_flower.png" in files and "broken/pillow_invalid-exif.png" in files
     assert "pillow_hopper_orientation_6.webp.png" in files  # the .jpg of the same name came first
+    assert "pillow_iss634.png" in files
     assert r["renamed"] == {  # pillow_transparent.png keeps its name even though .gif sorts first
         "pillow_hopper_orientation_6.webp": "pillow_hopper_orientation_6.webp.png",
         "pillow_transparent.gif": "pillow_transparent.gif.png",
@@ -192,6 +216,13 @@ def test_normalize_images_folder_resume_and_rejects(tmp_path: Path) -> None:
     assert "pillow_decompression_bomb.gif" in by_path["broken/pillow_decompression_bomb.gif"]["detail"]
     assert all(set(x) == {"path", "reason", "detail"} for x in rejects)
     assert json.loads((out / "normalize-images.json").read_text())["written"] == N_GOOD
+    record = [json.loads(line) for line in (out / "normalize-images.outputs.jsonl").read_text().splitlines()]
+    outputs = {e["output"]: e for e in record if "output" in e}
+    assert set(outputs) == {f for f in files if f.endswith(".png")}
+    assert outputs["pillow_flower.png"]["path"] == "pillow_flower.jpg"
+    assert outputs["pillow_flower.png"]["original_size"] == [480, 360]
+    assert outputs["pillow_flower.png"]["content_box"] == [0, 0, 224, 224]
+    assert outputs["pillow_flower.png"]["source_bytes"] == (DATA / "pillow_flower.jpg").stat().st_size
 
     # a rerun resumes: everything already written is skipped; a deleted output is redone
     (out / "pillow_flower.png").unlink()
@@ -291,3 +322,171 @@ def test_config_file_supplies_defaults(tmp_path: Path) -> None:
         assert im.size == (48, 32)
     r = _json(runner.invoke(app, ["--config", str(cfg), "image-stats", str(src), "--json"]))
     assert r["pixels"] == 480 * 360
+
+
+# -- normalize-images: resuming never keeps an output that disagrees with the settings or the source ------------------
+
+
+def _record(out: Path) -> dict[str, dict]:
+    lines = (out / "normalize-images.outputs.jsonl").read_text().splitlines()
+    return {e["output"]: e for e in map(json.loads, lines) if "output" in e}
+
+
+def _pixels(path: Path) -> np.ndarray:
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+def _two_images(tmp_path: Path) -> tuple[Path, list[str]]:
+    src = tmp_path / "src"
+    src.mkdir()
+    shutil.copy(DATA / "pillow_flower.jpg", src / "a.jpg")
+    shutil.copy(DATA / "pillow_hopper.jpg", src / "b.jpg")
+    return src, ["normalize-images", str(src), "--out", str(tmp_path / "o"), "--json", "-j", "1"]
+
+
+def test_rerun_with_other_settings_is_refused_unless_overwrite(tmp_path: Path) -> None:
+    src, args = _two_images(tmp_path)
+    out = tmp_path / "o"
+    assert _json(runner.invoke(app, args))["written"] == 2
+    result = runner.invoke(app, [*args, "--image-size", "64"])
+    assert result.exit_code == EXIT_USAGE and result.stdout == ""
+    assert "2 existing output(s) were made with other settings" in result.stderr
+    assert "config.size [224, 224] -> [64, 64]" in result.stderr and "--overwrite" in result.stderr
+    assert _pixels(out / "a.png").shape == (224, 224, 3)  # nothing touched
+    assert json.loads((out / "normalize-images.json").read_text())["config"]["size"] == [224, 224]
+    r = _json(runner.invoke(app, [*args, "--image-size", "64", "--overwrite"]))
+    assert (r["written"], r["skipped"]) == (2, 0) and r["config"]["size"] == [64, 64]
+    assert np.array_equal(_pixels(out / "a.png"), load_image(src / "a.jpg", ImageConfig(size=(64, 64))).array)
+    # same settings again: everything is skipped, and the record holds one settings line for both outputs
+    r = _json(runner.invoke(app, [*args, "--image-size", "64"]))
+    assert (r["written"], r["skipped"]) == (0, 2)
+    assert {e["settings"] for e in _record(out).values()} == {r["settings_id"]}
+    # the pixel limit only decides what is refused: changing it is not a change of settings
+    assert _json(runner.invoke(app, [*args, "--image-size", "64", "--pixel-limit", "10000000"]))["skipped"] == 2
+    # PNG output does not depend on --quality, so changing it is no change either
+    assert _json(runner.invoke(app, [*args, "--image-size", "64", "--quality", "50"]))["skipped"] == 2
+
+
+def test_a_new_colliding_source_gets_its_own_pixels(tmp_path: Path) -> None:
+    src, args = _two_images(tmp_path)
+    out = tmp_path / "o"
+    assert _json(runner.invoke(app, args))["written"] == 2  # a.jpg -> a.png
+    with Image.open(DATA / "pillow_hopper_gray.jpg") as im:
+        im.convert("RGB").save(src / "a.png")  # another picture, whose name now claims a.png
+    r = _json(runner.invoke(app, args))
+    assert r["renamed"] == {"a.jpg": "a.jpg.png"}
+    assert (r["written"], r["skipped"]) == (2, 1)  # a.png redone from its own source, a.jpg.png new, b skipped
+    assert np.array_equal(_pixels(out / "a.png"), load_image(src / "a.png", ImageConfig()).array)
+    assert np.array_equal(_pixels(out / "a.jpg.png"), load_image(src / "a.jpg", ImageConfig()).array)
+    rec = _record(out)
+    assert rec["a.png"]["path"] == "a.png" and rec["a.jpg.png"]["path"] == "a.jpg"
+
+
+def test_a_changed_source_is_redone_and_a_broken_one_loses_its_output(tmp_path: Path) -> None:
+    src, args = _two_images(tmp_path)
+    out = tmp_path / "o"
+    assert _json(runner.invoke(app, args))["written"] == 2
+    shutil.copy(DATA / "pillow_flower.jpg", src / "b.jpg")  # b.jpg now holds another picture
+    r = _json(runner.invoke(app, args))
+    assert (r["written"], r["skipped"]) == (1, 1)
+    assert np.array_equal(_pixels(out / "b.png"), load_image(DATA / "pillow_flower.jpg", ImageConfig()).array)
+    shutil.copy(DATA / "broken" / "pillow_truncated_jpeg.jpg", src / "b.jpg")
+    r = _json(runner.invoke(app, args))
+    assert (r["written"], r["skipped"], r["rejected"], r["removed"]) == (0, 1, 1, 1)
+    assert not (out / "b.png").exists() and set(_record(out)) == {"a.png"}
+    assert json.loads((out / "rejects.jsonl").read_text())["reason"] == "image_truncated"
+
+
+def test_outputs_the_record_does_not_know_are_redone(tmp_path: Path) -> None:
+    src, args = _two_images(tmp_path)
+    out = tmp_path / "o"
+    out.mkdir()
+    Image.new("RGB", (5, 5), (1, 2, 3)).save(out / "a.png")  # e.g. left by an older version, or a killed run
+    r = _json(runner.invoke(app, args))
+    assert (r["written"], r["skipped"]) == (2, 0)
+    assert np.array_equal(_pixels(out / "a.png"), load_image(src / "a.jpg", ImageConfig()).array)
+    # a killed run can leave a torn last line: it is ignored and that output is redone
+    record = out / "normalize-images.outputs.jsonl"
+    lines = record.read_text().splitlines()
+    b_line = next(line for line in lines if '"b.png"' in line)
+    record.write_text("\n".join(x for x in lines if x != b_line) + "\n" + b_line[: len(b_line) // 2])
+    r = _json(runner.invoke(app, args))
+    assert (r["written"], r["skipped"]) == (1, 1)
+    assert set(_record(out)) == {"a.png", "b.png"}
+    assert all(json.loads(line) for line in record.read_text().splitlines())  # rewritten whole at the end
+
+
+def test_sources_gone_leave_stale_outputs_counted(tmp_path: Path) -> None:
+    src, args = _two_images(tmp_path)
+    assert _json(runner.invoke(app, args))["written"] == 2
+    (src / "b.jpg").unlink()
+    result = runner.invoke(app, args)
+    r = _json(result)
+    assert (r["images"], r["skipped"], r["stale"]) == (1, 1, 1)
+    assert "1 earlier output(s)" in result.stderr and "b.png" in _record(tmp_path / "o")
+
+
+def test_letterbox_content_boxes_are_recorded(tmp_path: Path) -> None:
+    src, args = _two_images(tmp_path)
+    shutil.copy(REPO / "sample_data" / "images" / "landscape_exif6.jpg", src / "rot.jpg")
+    r = _json(runner.invoke(app, [*args, "--resize-mode", "letterbox", "--format", "npy", "--layout", "HWC"]))
+    assert r["written"] == 3
+    rec = _record(tmp_path / "o")
+    assert rec["a.npy"]["content_box"] == [0, 28, 224, 196] and rec["a.npy"]["original_size"] == [480, 360]
+    assert rec["rot.npy"]["content_box"] == [0, 37, 224, 186] and rec["rot.npy"]["original_size"] == [1800, 1200]
+    assert rec["b.npy"]["content_box"] == [0, 0, 224, 224] and rec["b.npy"]["size"] == [224, 224]
+    arr = np.load(tmp_path / "o" / "rot.npy")
+    assert (arr[:37] == 0).all() and (arr[186:] == 0).all() and arr[37:186].any()
+
+
+def test_unreadable_manifest_rows_go_to_the_rejects_file(tmp_path: Path) -> None:
+    shutil.copy(DATA / "pillow_flower.jpg", tmp_path / "a.jpg")
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text('{"images": ["a.jpg"]}\nnot json at all\n{"images": 3}\n{"images": ["gone.jpg"]}\n')
+    out = tmp_path / "o"
+    args = ["normalize-images", str(manifest), "--out", str(out), "-j", "1"]
+    result = runner.invoke(app, [*args, "--json"])
+    r = _json(result)
+    assert (r["written"], r["rejected"], r["manifest_rejects"]) == (1, 1, 2)
+    rejects = [json.loads(line) for line in (out / "rejects.jsonl").read_text().splitlines()]
+    assert [(x.get("line"), x["reason"]) for x in rejects] == [
+        (2, "invalid_json"), (3, "bad_type"), (None, "image_missing")]
+    assert rejects[0]["path"] == str(manifest) and "m.jsonl:2" in rejects[0]["detail"]
+    assert runner.invoke(app, [*args, "--fail-on-reject", "-q"]).exit_code == EXIT_FAILED
+    manifest.write_text('{"images": ["a.jpg"]}\nnot json at all\n')  # a bad row and no bad image
+    assert runner.invoke(app, [*args, "--fail-on-reject", "-q"]).exit_code == EXIT_FAILED
+    assert runner.invoke(app, [*args, "-q"]).exit_code == 0
+
+
+@pytest.mark.parametrize("where,value", [
+    ("--out", "s3://bucket/norm"), ("--out", "memory://x/y"), ("--rejects", "gs://b/rejects.jsonl"),
+    ("SRC", "s3://bucket/images"), ("--image-root", "memory://root"),
+])
+def test_remote_uris_are_refused_not_written_as_local_folders(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                              where: str, value: str) -> None:
+    monkeypatch.chdir(tmp_path)
+    manifest = tmp_path / "m.jsonl"
+    shutil.copy(DATA / "pillow_flower.jpg", tmp_path / "a.jpg")
+    manifest.write_text('{"images": ["a.jpg"]}\n')
+    opts = {"SRC": str(manifest), "--out": str(tmp_path / "o")}
+    opts[where] = value
+    args = ["normalize-images", opts.pop("SRC")] + [x for kv in opts.items() for x in kv]
+    result = runner.invoke(app, args)
+    assert result.exit_code == EXIT_USAGE, result.stderr
+    assert value in result.stderr and "local files only" in result.stderr and "mmprep pack" in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.jpg", "m.jsonl"]  # no ./s3:/ folder, no output
+    if where in ("SRC", "--out"):
+        stats = ["image-stats", str(manifest)] if where == "--out" else ["image-stats", value]
+        stats += ["--out", value] if where == "--out" else []
+        result = runner.invoke(app, stats)
+        assert result.exit_code == EXIT_USAGE and "local files only" in result.stderr
+
+
+def test_file_uris_are_local_paths(tmp_path: Path) -> None:
+    src, _ = _two_images(tmp_path)
+    out = tmp_path / "o"
+    r = _json(runner.invoke(app, ["normalize-images", src.as_uri(), "--out", out.as_uri(), "--json", "-j", "1"]))
+    assert r["written"] == 2 and (out / "a.png").is_file()
+    r = _json(runner.invoke(app, ["image-stats", src.as_uri(), "--json", "-j", "1"]))
+    assert r["decoded"] == 2

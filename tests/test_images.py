@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import math
 import os
 import shutil
 import struct
@@ -18,6 +19,7 @@ from PIL import Image, ImageFile, ImageOps
 
 from mmprep.errors import InputError, UsageError
 from mmprep.images import (
+    INTERPOLATIONS,
     NORM_PRESETS,
     RESIZE_MODES,
     ImageConfig,
@@ -199,7 +201,7 @@ def test_sixteen_bit_tiff_and_apng() -> None:
 
 
 @pytest.mark.parametrize("name,frames", [("pillow_dispose_bgnd.gif", 5), ("pillow_sugarshack.mpo", 2),
-                                         ("pillow_apng_mode_16bit.png", 3)])
+                                         ("pillow_apng_mode_16bit.png", 3), ("pillow_iss634.webp", 42)])
 def test_multi_frame_files_give_the_first_frame(name: str, frames: int) -> None:
     d = load_image(DATA / name, NONE)
     assert d.n_frames == frames
@@ -352,7 +354,8 @@ def test_decoder_warnings_are_kept_as_notes_not_raised() -> None:
         (ImageConfig(size=(300, 200), resize_mode="letterbox"), (300, 200, 3), (0, 75, 200, 225)),
         (ImageConfig(resize_mode="shortest-edge", shortest_edge=100), (100, 133, 3), (0, 0, 133, 100)),
         (ImageConfig(resize_mode="max-pixels", max_pixels=10_000), (86, 115, 3), (0, 0, 115, 86)),
-        (ImageConfig(resize_mode="max-pixels", min_pixels=500_000), (613, 817, 3), (0, 0, 817, 613)),
+        # EasyR1 truncates when growing too: 816x612 = 499,392 pixels, just under min_pixels
+        (ImageConfig(resize_mode="max-pixels", min_pixels=500_000), (612, 816, 3), (0, 0, 816, 612)),
         (ImageConfig(resize_mode="none"), (360, 480, 3), (0, 0, 480, 360)),
     ],
     ids=lambda v: v.resize_mode if isinstance(v, ImageConfig) else None,
@@ -391,6 +394,29 @@ def test_letterbox_on_the_rotated_photo() -> None:
     assert (d.array[:37] == 0).all() and (d.array[186:] == 0).all()
 
 
+def test_draft_is_engaged_when_shrinking_a_jpeg(monkeypatch: pytest.MonkeyPatch) -> None:
+    from PIL import JpegImagePlugin
+
+    calls: list[tuple[tuple[int, int], tuple[int, int]]] = []
+    real_draft = JpegImagePlugin.JpegImageFile.draft
+
+    def spy(self: Image.Image, mode: str | None, size: tuple[int, int] | None) -> object:
+        result = real_draft(self, mode, size)
+        calls.append((size, self.size))  # requested size, size the decoder will now produce
+        return result
+
+    monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft", spy)
+    d = load_image(LANDSCAPE6, ImageConfig())
+    assert d.array.shape == (224, 224, 3)
+    # stored 1200x1800; the centre crop needs 224 of the 1200 px short side: the DCT decoder scales by 1/4
+    assert calls == [((224, 336), (300, 450))]
+    calls.clear()
+    load_image(LANDSCAPE6, ImageConfig(draft=False))
+    load_image(LANDSCAPE6, ImageConfig(resize_mode="none"))
+    load_image(FLOWER, ImageConfig(resize_mode="max-pixels", min_pixels=500_000))  # growing: nothing to draft
+    assert calls == []
+
+
 def test_draft_fast_path_is_visually_equal_to_full_decode() -> None:
     fast = load_image(LANDSCAPE6, ImageConfig())
     slow = load_image(LANDSCAPE6, ImageConfig(draft=False, reducing_gap=None))
@@ -405,11 +431,23 @@ def test_photo_statistics_after_center_crop() -> None:
     assert np.allclose(px.std(axis=0), [0.2253, 0.2450, 0.2879], atol=0.005)
 
 
-@pytest.mark.parametrize("interp", ["nearest", "bilinear", "bicubic", "lanczos", "box", "hamming"])
-def test_every_interpolation(interp: str) -> None:
-    d = load_image(FLOWER, ImageConfig(size=(64, 64), interpolation=interp))
-    assert d.array.shape == (64, 64, 3)
-    assert abs(d.array.mean() - load_image(FLOWER, ImageConfig(size=(64, 64))).array.mean()) < 3
+def test_every_interpolation_is_pillows_filter_and_they_differ() -> None:
+    filters = {"nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR,
+               "bicubic": Image.Resampling.BICUBIC, "lanczos": Image.Resampling.LANCZOS,
+               "box": Image.Resampling.BOX, "hamming": Image.Resampling.HAMMING}
+    assert set(filters) == set(INTERPOLATIONS)
+    with Image.open(FLOWER) as im:
+        rgb = im.convert("RGB")
+    results = {}
+    for name, flt in filters.items():
+        d = load_image(FLOWER, ImageConfig(size=(64, 64), interpolation=name, draft=False, reducing_gap=None))
+        ref = np.asarray(rgb.resize((64, 64), flt, box=(60, 0, 420, 360)))  # the centre crop of 480x360
+        assert np.array_equal(d.array, ref), name
+        results[name] = d.array
+    names = sorted(results)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            assert not np.array_equal(results[a], results[b]), (a, b)
 
 
 @settings(max_examples=300, deadline=None)
@@ -441,7 +479,9 @@ def test_plan_resize_invariants(w: int, h: int, tw: int, th: int, mode: str, edg
         assert min(p.out_size) == edge
     if mode == "max-pixels":
         ow, oh = p.out_size
-        assert ow * oh >= lo  # sizes are rounded up when growing, so the lower bound always holds
+        assert ow * oh <= hi  # the upper bound always holds, also when it is close to the lower one
+        if w * h < lo:  # grown with truncated sides: short of the lower bound by less than one row and column
+            assert (ow + 1) * (oh + 1) > lo
     if mode == "none":
         assert p.out_size == (w, h) and not p.resample
 
@@ -454,10 +494,44 @@ def test_max_pixels_upper_bound(w: int, h: int, hi: int) -> None:
     if w * h <= hi:
         assert (ow, oh) == (w, h) and not p.resample
     else:
-        assert ow <= w and oh <= h
+        assert ow <= w and oh <= h and ow >= 1 and oh >= 1
+        assert ow * oh <= hi  # also when a side was raised from 0 to 1 pixel
         if min(w, h) * (hi / (w * h)) ** 0.5 >= 1:  # no side was clamped up to 1 pixel
-            assert ow * oh <= hi
             assert abs(ow / oh - w / h) <= (w / h) * 2 / min(ow, oh) + 1e-9  # aspect kept up to rounding
+
+
+def _easyr1_size(w: int, h: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
+    """The sizes of hiyouga/EasyR1 ``verl/utils/dataset.py`` ``ImageProcessMixin.process_image``, as published."""
+    if w * h > max_pixels:
+        f = math.sqrt(max_pixels / (w * h))
+        w, h = int(w * f), int(h * f)
+    if w * h < min_pixels:
+        f = math.sqrt(min_pixels / (w * h))
+        w, h = int(w * f), int(h * f)
+    return w, h
+
+
+@settings(max_examples=500, deadline=None)
+@given(w=st.integers(1, 5000), h=st.integers(1, 5000), lo=st.integers(1, 4_000_000), gap=st.integers(0, 10))
+def test_max_pixels_with_both_bounds_close_never_exceeds_max(w: int, h: int, lo: int, gap: int) -> None:
+    hi = lo + gap
+    p = plan_resize(w, h, ImageConfig(resize_mode="max-pixels", min_pixels=lo, max_pixels=hi))
+    ow, oh = p.out_size
+    assert ow >= 1 and oh >= 1 and ow * oh <= hi
+    if min(w, h) * (hi / (w * h)) ** 0.5 >= 1:  # EasyR1 itself gives a 0-pixel side otherwise
+        assert (ow, oh) == _easyr1_size(w, h, lo, hi)
+
+
+@pytest.mark.parametrize("size,lo,hi,expected", [
+    ((480, 360), 500_000, None, (816, 612)),  # grown: int() truncation, as EasyR1
+    ((10, 10), 150, 150, (12, 12)),  # a tight budget: 144 <= 150 (rounding up gave 13x13 = 169 before)
+    ((1, 1), 2, 2, (1, 1)),
+    ((480, 360), None, 10_000, (115, 86)),
+    ((1, 5000), None, 100, (1, 100)),  # EasyR1 would give 0x707; mmprep 1 pixel wide, capped to the budget
+])
+def test_max_pixels_known_sizes(size: tuple[int, int], lo: int | None, hi: int | None,
+                                expected: tuple[int, int]) -> None:
+    assert plan_resize(*size, ImageConfig(resize_mode="max-pixels", min_pixels=lo, max_pixels=hi)).out_size == expected
 
 
 # -- configuration ---------------------------------------------------------------------------------------------
@@ -565,6 +639,11 @@ def test_normalization_from_spec(tmp_path: Path) -> None:
     bad.write_text('{"average": [0.1, 0.2, 0.3]}')
     with pytest.raises(InputError, match="'mean' and 'std'"):
         Normalization.from_spec(stats_file=bad)
+    # what `image-stats --json` printed when nothing decoded, and other non-numbers: one line naming the file
+    for mean in ("null", "true", "[true, 0.2, 0.3]", '{"r": 0.1}', '"abc"'):
+        bad.write_text(f'{{"mean": {mean}, "std": [0.4, 0.5, 0.6]}}')
+        with pytest.raises(InputError, match=f"{bad}: mean"):
+            Normalization.from_spec(stats_file=bad)
 
 
 def test_encode_image_roundtrips() -> None:

@@ -46,7 +46,8 @@ ShortestEdgeOpt = Annotated[int | None, typer.Option(
 MaxPixelsOpt = Annotated[int | None, typer.Option(
     "--max-pixels", metavar="N", help="Pixel budget (w*h) upper bound for --resize-mode max-pixels.")]
 MinPixelsOpt = Annotated[int | None, typer.Option(
-    "--min-pixels", metavar="N", help="Pixel budget lower bound for --resize-mode max-pixels.")]
+    "--min-pixels", metavar="N",
+    help="Pixel budget lower bound for --resize-mode max-pixels (sides truncated as EasyR1: may fall just short).")]
 BackgroundOpt = Annotated[str, typer.Option(
     "--background", metavar="R,G,B|#hex|name", help="Colour transparent pixels are composited over.")]
 FillOpt = Annotated[str, typer.Option("--fill", metavar="R,G,B|#hex|name", help="Letterbox padding colour.")]
@@ -100,6 +101,17 @@ def image_config_from_options(
     return cfg
 
 
+def _local(value: str, what: str, command: str) -> str:
+    """A plain local path for ``value`` (a path or ``file://`` URI); any other URI is a usage error."""
+    from mmprep.storage import is_local, local_path, redact, scheme_of
+
+    if not is_local(value):
+        raise UsageError(
+            f"{what} {redact(value)}: {command} reads and writes local files only, not {scheme_of(value)}:// URIs",
+            hint="use a local path or file:///path; `mmprep pack` reads and writes remote storage (s3://, gs://, ...)")
+    return local_path(value)
+
+
 def _workers(n: int) -> int:
     from mmprep.image_jobs import default_workers
 
@@ -109,10 +121,14 @@ def _workers(n: int) -> int:
 
 
 def _collect(src: str, image_root: str | None, input_format: str | None, image_column: str | None,
-             allow_outside_root: bool, limit: int | None, exclude: tuple[str, ...] = ()) -> ImageSet:
+             allow_outside_root: bool, limit: int | None, exclude: tuple[str, ...] = (),
+             command: str = "image-stats") -> ImageSet:
     from mmprep.image_jobs import IMAGE_EXTENSIONS, collect_images
     from mmprep.manifest import ColumnMap
 
+    src = _local(src, "SRC", command)
+    if image_root is not None:
+        image_root = _local(image_root, "--image-root", command)
     if limit is not None and limit <= 0:
         raise UsageError(f"--limit must be positive, got {limit}")
     if Path(src).suffix.lower() in IMAGE_EXTENSIONS and Path(src).is_file():
@@ -177,25 +193,28 @@ def image_stats(
 
         cfg = image_config_from_options(**image_opts)
         n_workers = _workers(workers)
+        out_file = _local(out, "--out", "image-stats") if out else None
         images = _collect(src, image_root, input_format, image_column, allow_outside_root, limit)
         _report_manifest_rejects(ui, images)
         ui.debug(f"{len(images.items)} images from {images.kind} {src}, {n_workers} worker(s)")
         with ui.progress(len(images.items), "image-stats", unit="img") as bar:
             stats = compute_image_stats(images, cfg, workers=n_workers, on_progress=bar.update)
         report = stats.to_dict()
-        if out:
+        if out_file and stats.decoded:  # with nothing decoded there are no statistics to use as --stats-file
             import json
 
-            _write_text(Path(out), json.dumps(to_jsonable(report), indent=2, allow_nan=False) + "\n")
+            _write_text(Path(out_file), json.dumps(to_jsonable(report), indent=2, allow_nan=False) + "\n")
         if ui.json_mode:
             ui.emit_json(report)
         else:
             _render_stats(ui, report)
-            if out:
-                ui.info(f"statistics written to {out} (use it with --stats-file)")
+            if out_file and stats.decoded:
+                ui.info(f"statistics written to {out_file} (use it with --stats-file)")
         if stats.decoded == 0:
-            raise RunFailed(f"none of the {stats.images} images could be decoded",
-                            hint="see the reasons above; the first is: " + stats.unreadable[0]["detail"])
+            where = "the 'unreadable' list of the JSON output" if ui.json_mode else "the reasons above"
+            not_written = f"; {out_file} was not written" if out_file else ""
+            raise RunFailed(f"none of the {stats.images} images could be decoded{not_written}",
+                            hint=f"see {where}; the first is: " + stats.unreadable[0]["detail"])
         return EXIT_OK
 
     run_command(ui, body)
@@ -282,9 +301,11 @@ def normalize_images_cmd(
     layout: Annotated[str, typer.Option("--layout", metavar="CHW|HWC", help="npy array layout.")] = "CHW",
     rejects: Annotated[str | None, typer.Option(
         "--rejects", metavar="FILE.jsonl", help="Where rejected images go (default: DIR/rejects.jsonl).")] = None,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Redo outputs that already exist.")] = False,
-    fail_on_reject: Annotated[bool, typer.Option("--fail-on-reject",
-                                                 help="Exit 1 when any image was rejected.")] = False,
+    overwrite: Annotated[bool, typer.Option(
+        "--overwrite", help="Redo every output, also those already there (needed when the settings changed).")
+    ] = False,
+    fail_on_reject: Annotated[bool, typer.Option(
+        "--fail-on-reject", help="Exit 1 when any image or manifest row was rejected.")] = False,
     workers: WorkersOpt = 0,
     limit: LimitOpt = None,
     engine: Annotated[str, typer.Option("--engine", metavar="local|ray",
@@ -328,17 +349,19 @@ def normalize_images_cmd(
             normalization = Normalization(layout="HWC")
         # with --engine ray on a cluster, 0 workers means all of the cluster's CPUs
         n_workers = workers if (engine == "ray" and ray_address and not workers) else _workers(workers)
-        dest = Path(out)
-        if Path(src).is_dir() and dest.exists() and os.path.samefile(src, dest):
+        dest = Path(_local(out, "--out", "normalize-images"))
+        rejects_file = _local(rejects, "--rejects", "normalize-images") if rejects else None
+        local_src = _local(src, "SRC", "normalize-images")
+        if Path(local_src).is_dir() and dest.exists() and os.path.samefile(local_src, dest):
             raise UsageError("--out is the source folder", hint="write the copies to a different folder")
-        images = _collect(src, image_root, input_format, image_column, allow_outside_root, limit,
-                          exclude=(out,))
+        images = _collect(local_src, image_root, input_format, image_column, allow_outside_root, limit,
+                          exclude=(str(dest),), command="normalize-images")
         _report_manifest_rejects(ui, images)
         ui.debug(f"{len(images.items)} images from {images.kind} {src}, {n_workers} worker(s)")
         with ui.progress(len(images.items), "normalize-images", unit="img") as bar:
             report = normalize_images(
                 images, dest, cfg, fmt=out_fmt, quality=quality, norm=normalization, workers=n_workers,
-                rejects_path=rejects, overwrite=overwrite, on_progress=bar.update, engine=engine,
+                rejects_path=rejects_file, overwrite=overwrite, on_progress=bar.update, engine=engine,
                 ray_address=ray_address,
             )
         summary = report.to_dict()
@@ -354,8 +377,14 @@ def normalize_images_cmd(
             if report.rejected:
                 ui.table("Rejected images", ["reason", "images"], list(summary["reasons"].items()),
                           caption=f"details: {report.rejects_file}")
+        if report.removed:
+            ui.warn(f"{report.removed:,} earlier output(s) removed: their source is now rejected")
+        if report.stale:
+            ui.warn(f"{report.stale:,} earlier output(s) in {dest} are not produced by this run (source gone or "
+                    f"beyond --limit); they are listed in {report.record_file}")
         if report.rejected and report.rejected == report.images:
             raise RunFailed(f"all {report.images} images were rejected", hint=f"see {report.rejects_file}")
-        return EXIT_FAILED if (fail_on_reject and report.rejected) else EXIT_OK
+        failed = report.rejected or report.manifest_rejects
+        return EXIT_FAILED if (fail_on_reject and failed) else EXIT_OK
 
     run_command(ui, body)
