@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import resource
 import stat
@@ -42,6 +43,10 @@ if TYPE_CHECKING:
 __all__ = ["DEFAULT_SHARD_SIZE", "PackReport", "iter_items", "pack", "pack_chunk", "plan_rows_per_shard"]
 
 DEFAULT_SHARD_SIZE = 512 * 1024 * 1024
+# With the default shard size, inputs smaller than MIN_SHARDS full shards are cut into MIN_SHARDS shards (of at
+# least MIN_SHARD_ROWS rows), so that they keep several workers busy.
+MIN_SHARDS = 16
+MIN_SHARD_ROWS = 16
 ProgressFn = Callable[[int, int], None]  # (rows_done_delta, images_done_delta)
 
 
@@ -332,6 +337,16 @@ def _pack_run(
         if len(head) >= 64:
             break
     rows_per_shard = plan_rows_per_shard(cfg, head, where.images.size if where.images is not None else None)
+    if cfg.rows_per_shard is None and cfg.shard_size is None:
+        # The default size: a small input is still cut into MIN_SHARDS shards, so every worker gets work. Whether
+        # the input is small is found by reading ahead (the rows read are kept), so the plan depends on the
+        # input alone, never on the number of workers.
+        for item in items_iter:
+            head.append(item)
+            if len(head) >= MIN_SHARDS * rows_per_shard:
+                break
+        else:
+            rows_per_shard = min(rows_per_shard, max(MIN_SHARD_ROWS, math.ceil(len(head) / MIN_SHARDS)))
 
     def all_items_iter() -> Iterator[Sample | Rejected]:
         yield from head

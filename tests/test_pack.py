@@ -303,7 +303,7 @@ def test_pad_none_resizing_needs_re_encoding(tmp_path) -> None:
     args = ["pack", str(SAMPLE / "manifest.jsonl"), "--pad", "none", "--workers", "1", "--json"]
     kept = runner.invoke(app, [*args, "--out", str(tmp_path / "a")])
     assert kept.exit_code == 0, kept.stderr
-    row = pq.read_table(next((tmp_path / "a").glob("shard-*.parquet"))).to_pylist()[0]
+    row = pq.read_table(sorted((tmp_path / "a").glob("shard-*.parquet"))[0]).to_pylist()[0]
     assert row["images"][0]["bytes"] == (SAMPLE / "images/astronaut.jpg").read_bytes()
     refused = runner.invoke(app, [*args, "--out", str(tmp_path / "b"), "--resize-mode", "max-pixels",
                                   "--max-pixels", "4096"])
@@ -316,3 +316,25 @@ def test_pad_none_resizing_needs_re_encoding(tmp_path) -> None:
         for img in row["images"]:
             with Image.open(__import__("io").BytesIO(img["bytes"])) as im:
                 assert im.format == "PNG" and im.width * im.height <= 4096
+
+
+def test_small_inputs_are_cut_into_enough_shards_for_every_worker(tmp_path) -> None:
+    """With the default --shard-size, an input smaller than 16 full shards is cut into 16 shards (of 16 rows at
+    least): the plan depends on the input only, so 1 and 2 workers write the same bytes. An explicit
+    --shard-size is honoured as given."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from _reliab_helpers import digests, write_noise_corpus
+
+    manifest = write_noise_corpus(tmp_path / "c", rows=400, side=16, every_missing=1000)
+    base = dict(manifest=str(manifest), image=ImageConfig(size=(8, 8), resize_mode="stretch"), limit_images=1)
+    one = pack(PackConfig(out=str(tmp_path / "w1"), **base), workers=1)
+    two = pack(PackConfig(out=str(tmp_path / "w2"), **base), workers=2)
+    assert one.rows_per_shard == 25 and len(one.shards) == 16
+    assert digests(tmp_path / "w1") == digests(tmp_path / "w2")
+    tiny = pack(PackConfig(out=str(tmp_path / "t"), **{**base, "manifest": str(SAMPLE / "manifest.jsonl")}), workers=1)
+    assert tiny.rows_per_shard == 16 and len(tiny.shards) == 2  # 18 rows: 16 + 2
+    explicit = pack(PackConfig(out=str(tmp_path / "e"), shard_size=512 << 20, **base), workers=1)
+    assert len(explicit.shards) == 1 and explicit.rows_per_shard > 400
+    assert two.written == one.written == 400

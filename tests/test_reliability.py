@@ -639,7 +639,12 @@ def test_read_only_output_directory(noise, tmp_path: Path) -> None:
 
 # -- property: nothing is lost, whatever the mix ------------------------------------------------------------------
 
-ROW_KINDS = ("good", "good", "good", "missing", "truncated", "bad_json", "not_utf8", "blank")
+ROW_KINDS = ("good", "good", "good", "good", "missing", "truncated", "empty_file", "html", "bad_json", "not_utf8",
+             "images_number", "tags_string", "surrogate", "blank")
+_IMAGE_OF = {"missing": "nope.png", "truncated": "truncated.png", "empty_file": "empty.jpg", "html": "page.jpg"}
+_REASON_OF = {"missing": "image_missing", "truncated": "image_truncated", "empty_file": "image_unidentified",
+              "html": "image_unidentified", "bad_json": "invalid_json", "not_utf8": "not_utf8",
+              "images_number": "bad_type", "tags_string": "bad_type", "surrogate": "not_utf8"}
 
 
 @pytest.fixture(scope="module")
@@ -648,6 +653,8 @@ def prop_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for k, color in enumerate([(255, 0, 0), (0, 255, 0), (0, 0, 255)]):
         (root / f"good{k}.png").write_bytes(png_bytes(6, 5, color))
     (root / "truncated.png").write_bytes(png_bytes(40, 40, (9, 9, 9))[:70])
+    (root / "empty.jpg").write_bytes(b"")
+    (root / "page.jpg").write_bytes(b"<!doctype html><html><body>404 Not Found</body></html>\n")
     return root
 
 
@@ -660,61 +667,79 @@ def manifests(draw: st.DrawFn) -> list[tuple[str, str]]:
     return list(zip(kinds, ids, strict=True))
 
 
-def _render(rows: list[tuple[str, str]]) -> tuple[bytes, list[tuple[int, str]], dict[int, str]]:
-    """The manifest bytes, and the model: written (line, id) in order, rejected line -> reason."""
-    lines: list[bytes] = []
+def _render(rows: list[tuple[str, str]], fmt: str) -> tuple[bytes, list[tuple[int, str]], dict[int, str]]:
+    """The manifest bytes (JSONL, or CSV with a header line), and the model: written (line, id) in order,
+    rejected line -> reason."""
+    lines: list[bytes] = [b"id,images,tags"] if fmt == "csv" else []
     written: list[tuple[int, str]] = []
     rejected: dict[int, str] = {}
     seen: set[str] = set()
-    for i, (kind, sid) in enumerate(rows):
-        line = i + 1
-        image = {"missing": "nope.png", "truncated": "truncated.png"}.get(kind, f"good{line % 3}.png")
-        record = json.dumps({"id": sid, "images": [image], "text": f"t{line}"}).encode()
+    for kind, sid in rows:
+        line = len(lines) + 1
+        image = _IMAGE_OF.get(kind, f"good{line % 3}.png")
         if kind == "blank":
-            lines.append(b"   ")
+            lines.append(b"   " if fmt == "jsonl" else b"")
             continue
-        if kind == "bad_json":
-            lines.append(record[:-1])
-            rejected[line] = "invalid_json"
-            continue
-        if kind == "not_utf8":
-            lines.append(record.replace(b'"t', b'"\xff', 1))
-            rejected[line] = "not_utf8"
-            continue
+        if fmt == "csv":
+            if kind in ("bad_json", "images_number", "tags_string", "surrogate"):
+                kind = "good"  # not expressible in a CSV cell: a good row instead
+            record = f"{sid},{image},x|y".encode()
+            if kind == "not_utf8":
+                record = record.replace(b"x|y", b"\xff")
+        else:
+            fields: dict[str, object] = {"id": sid, "images": [image], "tags": ["x", "y"]}
+            if kind == "images_number":
+                fields["images"] = 7
+            if kind == "tags_string":
+                fields["tags"] = "x,y"
+            record = json.dumps(fields).encode()
+            if kind == "bad_json":
+                record = record[:-1]
+            elif kind == "not_utf8":
+                record = record.replace(b'"x"', b'"\xff"', 1)
+            elif kind == "surrogate":
+                record = record.replace(b'"x"', b'"\\ud834"', 1)
         lines.append(record)
+        if kind in ("bad_json", "not_utf8", "surrogate", "images_number", "tags_string"):
+            rejected[line] = _REASON_OF[kind]  # rows that do not map onto a sample claim no id
+            continue
         if sid in seen:  # the first row that parses claims the id, even if it is rejected later
             rejected[line] = "duplicate_id"
             continue
         seen.add(sid)
-        if kind == "missing":
-            rejected[line] = "image_missing"
-        elif kind == "truncated":
-            rejected[line] = "image_truncated"
+        if kind in _REASON_OF:
+            rejected[line] = _REASON_OF[kind]
         else:
             written.append((line, sid))
     return b"".join(x + b"\n" for x in lines), written, rejected
 
 
 @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(rows=manifests(), rows_per_shard=st.integers(1, 6), shuffle=st.booleans())
+@given(rows=manifests(), rows_per_shard=st.integers(1, 6), shuffle=st.booleans(), fmt=st.sampled_from(["jsonl", "csv"]),
+       workers=st.sampled_from([1, 1, 2]))
 def test_property_nothing_lost(prop_root: Path, rows: list[tuple[str, str]], rows_per_shard: int,
-                               shuffle: bool) -> None:
-    body, written, rejected = _render(rows)
+                               shuffle: bool, fmt: str, workers: int) -> None:
+    body, written, rejected = _render(rows, fmt)
     work = Path(tempfile.mkdtemp(dir=prop_root))
     try:
-        manifest = work / "m.jsonl"
+        manifest = work / f"m.{fmt}"
         manifest.write_bytes(body)
         out = work / "out"
         report = pack(PackConfig(manifest=str(manifest), out=str(out), image_root=str(prop_root),
                                  image=ImageConfig(size=(4, 4), resize_mode="stretch"), limit_images=1,
-                                 rows_per_shard=rows_per_shard, shuffle=shuffle, seed=3), workers=1)
+                                 rows_per_shard=rows_per_shard, shuffle=shuffle, seed=3), workers=workers)
         read = sum(1 for kind, _ in rows if kind != "blank")
-        got_rows, rej = assert_nothing_lost(out, read=read)
         assert report.read == read and report.written == len(written) and report.rejected == len(rejected)
+        rej = rejects(out)
         assert {r["line"]: r["reason"] for r in rej} == rejected
+        assert [r["line"] for r in rej] == sorted(rejected)  # rejected.jsonl is in input order, each line once
+        if read and not written:  # nothing written: a failed run, which publishes no index
+            assert report.failed and not (out / "index.json").exists() and not temp_files(out)
+            return
+        assert report.failed is None
+        got_rows, _ = assert_nothing_lost(out, read=read)
         got = [(r["line"], r["id"]) for r in got_rows]
         assert (sorted(got) if shuffle else got) == written
-        assert [r["line"] for r in rej] == sorted(rejected)  # rejected.jsonl is in input order
     finally:
         shutil.rmtree(work)
 
