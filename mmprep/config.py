@@ -1,6 +1,7 @@
 """Configuration files: ``--config FILE.toml`` supplies defaults for any flag of any subcommand.
 
-The file holds one table per subcommand, keyed by flag name (dashes or underscores)::
+The file holds one table per subcommand, keyed by flag name without the leading dashes (``json = true`` for
+``--json``; dashes or underscores inside a name)::
 
     [pack]
     image-size = 224
@@ -17,7 +18,7 @@ the valid names, so a typo never silently does nothing.
 from __future__ import annotations
 
 import tomllib
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -53,14 +54,15 @@ def load_config(path: str | Path) -> dict[str, dict[str, Any]]:
 def to_default_map(
     path: str | Path,
     data: Mapping[str, Mapping[str, Any]],
-    commands: Mapping[str, Iterable[str]],
+    commands: Mapping[str, Mapping[str, str]],
 ) -> dict[str, dict[str, Any]]:
-    """Validate a loaded config against the known subcommands and their parameter names.
+    """Validate a loaded config against the known subcommands and their flags.
 
     Args:
         path: the file, for messages.
         data: ``load_config`` output.
-        commands: subcommand name -> its parameter names (Python identifiers).
+        commands: subcommand name -> {config key: parameter name}, where a config key is the flag's long name
+            without the dashes (``json`` for ``--json``, ``image-size`` for ``--image-size``).
 
     Returns:
         A click ``default_map``: ``{subcommand: {param_name: value}}``.
@@ -72,14 +74,14 @@ def to_default_map(
                 f"{path}: unknown section [{section}]",
                 hint="valid sections: " + ", ".join(sorted(commands)),
             )
-        params = set(commands[section])
+        keys = commands[section]
         mapped: dict[str, Any] = {}
         for key, value in values.items():
-            name = key.replace("-", "_")
-            if name not in params:
+            name = keys.get(key.replace("_", "-"))
+            if name is None:
                 raise ConfigError(
                     f"{path}: [{section}] has unknown key '{key}'",
-                    hint="valid keys: " + ", ".join(sorted(n.replace("_", "-") for n in params)),
+                    hint="valid keys: " + ", ".join(sorted(keys)),
                 )
             mapped[name] = value
         out[section] = mapped

@@ -66,7 +66,7 @@ class Output:
 
     Args:
         json_mode: emit the report as JSON on stdout (and no tables).
-        quiet: only errors and warnings on stderr; no progress bars.
+        quiet: only warnings and errors on stderr: no tables, no info lines, no progress bars.
         verbose: extra detail (debug lines) on stderr.
         stdout: stream for data (default ``sys.stdout``).
         stderr: stream for humans (default ``sys.stderr``).
@@ -107,14 +107,17 @@ class Output:
 
     # -- logs -------------------------------------------------------------------------------------------
     def info(self, message: str) -> None:
+        """A note for humans (hidden by --quiet)."""
         if not self.quiet:
             self.console.print(message, markup=False)
 
     def debug(self, message: str) -> None:
+        """Extra detail (shown only with --verbose)."""
         if self.verbose:
             self.console.print(f"[dim]{_escape(message)}[/dim]")
 
     def warn(self, message: str) -> None:
+        """Something the user should know about; shown even with --quiet."""
         self.console.print(f"[yellow]warning:[/yellow] {_escape(message)}")
 
     def error(self, message: str, hint: str | None = None) -> None:

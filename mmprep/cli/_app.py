@@ -6,16 +6,45 @@ import os
 import sys
 import traceback
 from collections.abc import Callable
-from typing import Annotated, NoReturn
+from typing import Annotated, Any, NoReturn
 
 import typer
+from typer.core import TyperGroup
 
 from mmprep import __version__
 from mmprep.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, MmprepError
 from mmprep.output import Output
 
+# The key under which the root callback tells subcommands (ctx.meta is shared by nested contexts) which
+# --config file supplied their defaults.
+_CONFIG_META_KEY = "mmprep.config"
+
+
+def _hide_flag_types(params: list[Any]) -> None:
+    """Show flags without a type (Typer's help prints ``--json <bool>``, as if the flag took a value)."""
+    for param in params:
+        if getattr(param, "is_flag", False) and param.metavar is None:
+            param.metavar = ""
+
+
+class _Group(TyperGroup):
+    """The root command group: fixes the help of its own options and of every subcommand's."""
+
+    def get_params(self, ctx: Any) -> list[Any]:
+        params = super().get_params(ctx)
+        _hide_flag_types(params)
+        return params
+
+    def get_command(self, ctx: Any, cmd_name: str) -> Any:
+        cmd = super().get_command(ctx, cmd_name)
+        if cmd is not None:
+            _hide_flag_types(cmd.get_params(ctx))
+        return cmd
+
+
 app = typer.Typer(
     name="mmprep",
+    cls=_Group,
     help="Prepare multimodal (image + text + tag) datasets for training: audit, embed, normalise, tokenise, pack.",
     no_args_is_help=True,
     add_completion=False,
@@ -23,10 +52,35 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
+
+def config_key(param: Any) -> str:
+    """The key a config file uses for a parameter.
+
+    An option's first long flag without the dashes (the parameter ``json_`` of ``--json`` has the key ``json``);
+    an argument's name with dashes for underscores.
+    """
+    longs = [opt for opt in getattr(param, "opts", ()) if opt.startswith("--")]
+    return longs[0][2:] if longs else str(param.name).replace("_", "-")
+
+
+def _verbose_callback(ctx: typer.Context, value: bool) -> bool:
+    """With ``--verbose``, name the defaults this command takes from the ``--config`` file."""
+    path = ctx.meta.get(_CONFIG_META_KEY)
+    if value and path and ctx.default_map:
+        keys = {p.name: config_key(p) for p in ctx.command.params}
+        pairs = ", ".join(f"{keys.get(name, name)}={val!r}" for name, val in ctx.default_map.items())
+        Output(verbose=True).debug(f"defaults from {path} [{ctx.info_name}]: {pairs} (flags given here win)")
+    return value
+
+
 # Shared option aliases: every command spells these the same way.
 JsonOpt = Annotated[bool, typer.Option("--json", help="Write the report as JSON on stdout (logs stay on stderr).")]
-QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Only errors and warnings on stderr; no progress.")]
-VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="More detail on stderr.")]
+QuietOpt = Annotated[
+    bool, typer.Option("--quiet", "-q", help="Only warnings and errors on stderr: no tables, notes or progress.")
+]
+VerboseOpt = Annotated[
+    bool, typer.Option("--verbose", "-v", callback=_verbose_callback, help="More detail on stderr.")
+]
 
 
 def _version_callback(value: bool) -> None:
@@ -53,16 +107,20 @@ def root(
     ] = None,
 ) -> None:
     """Prepare multimodal datasets: every command reads real files, reports on stderr, and `--json` on stdout."""
+    # transformers prints "PyTorch was not found..." on import when torch is absent, which is fine here
+    # (tokenizers need no torch, and commands that do need it say so): keep that advisory off stderr.
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     if config:
         from mmprep.config import load_config, to_default_map
 
         group = ctx.command
-        commands = {}
+        commands: dict[str, dict[str, str]] = {}
         for name in group.list_commands(ctx):  # type: ignore[attr-defined]
             cmd = group.get_command(ctx, name)  # type: ignore[attr-defined]
-            commands[name] = [p.name for p in cmd.params if p.name]
+            commands[name] = {config_key(p): p.name for p in cmd.params if p.name}
         try:
             ctx.default_map = to_default_map(config, load_config(config), commands)
+            ctx.meta[_CONFIG_META_KEY] = config
         except MmprepError as exc:
             Output().error(exc.message, exc.hint)
             raise typer.Exit(exc.exit_code) from None
