@@ -11,8 +11,14 @@ git; reused when already there), then runs each variant in a fresh process, inte
 Prints seconds (median, min, max), peak RSS of each process (``wait4`` rusage) and the ratio to the baseline, and
 checks the audit's result (exactly 144 never-used tags). Targets from issue #3: audit <= 2x parse, RSS <= 1.5 GB.
 
+``--unknown-share S`` measures the common real case instead: a file in which about a share ``S`` of all tag ids
+are out of range for the vocabulary (auditing against a smaller or older list). A share ``10 * S`` of the records
+(they hold ~10 ids each) gets one extra id from 4585..4684, in its union and its parse list; the audit must then
+also report exactly those occurrences as unknown.
+
     python benchmarks/bench_audit.py            # ~4M samples (~1 GB file; the orjson baseline needs ~8 GB RAM)
     python benchmarks/bench_audit.py --quick    # 100k samples, for CI smoke
+    python benchmarks/bench_audit.py --samples 400000 --unknown-share 0.01   # ~1% out-of-range ids
 """
 
 from __future__ import annotations
@@ -66,13 +72,17 @@ except SystemExit as exc:
     code = exc.code
 report = __import__("json").loads(buf.getvalue())
 hwm = [ln for ln in open("/proc/self/status") if ln.startswith("VmHWM")][0].split()[1]
-sys.stderr.write(f"{time.perf_counter() - t} {len(report['never_used'])} {report['samples']} {code} {hwm}\n")
+sys.stderr.write(f"{time.perf_counter() - t} {len(report['never_used'])} {report['samples']} {code} {hwm} "
+                 f"{report['unknown_occurrences']}\n")
 """
 
 
-def generate(path: Path, n: int) -> None:
-    """Write ``n`` RAM training records, one per line, deterministically (seeded numpy RNG)."""
+def generate(path: Path, n: int, unknown_share: float = 0.0) -> int:
+    """Write ``n`` RAM training records, one per line, deterministically (seeded numpy RNGs); returns the number
+    of out-of-range ids added (each written twice: in ``union_label_id`` and in ``parse_label_id``)."""
     rng = np.random.default_rng(20240603)
+    urng = np.random.default_rng(20240604)  # separate, so that the file without unknown ids stays the same
+    unknown = 0
     weights = 1.0 / np.arange(1, USED_IDS + 1) ** 1.05
     weights /= weights.sum()
     perm = rng.permutation(USED_IDS)  # popular ids spread over the id range
@@ -89,6 +99,9 @@ def generate(path: Path, n: int) -> None:
             draws = perm[rng.choice(USED_IDS, size=int(ks.sum()), p=weights)]
             ncap = rng.integers(1, 4, size=m)
             capidx = rng.integers(0, len(captions), size=(m, 3))
+            extra = None
+            if unknown_share > 0:
+                extra = np.where(urng.random(m) < min(1.0, 10 * unknown_share), urng.integers(4585, 4685, size=m), -1)
             out = []
             pos = 0
             for j in range(m):
@@ -97,6 +110,9 @@ def generate(path: Path, n: int) -> None:
                 pos += ks[j]
                 if i < USED_IDS:
                     ids.add(i)  # every used id appears at least once
+                if extra is not None and extra[j] >= 0:
+                    ids.add(int(extra[j]))
+                    unknown += 1
                 ids_sorted = sorted(ids)
                 nc = int(ncap[j])
                 caps = ", ".join(json.dumps(captions[c]) for c in capidx[j, :nc])
@@ -109,20 +125,27 @@ def generate(path: Path, n: int) -> None:
             fh.write(",\n" if start + m < n else "\n")
         fh.write("]\n")
     tmp.replace(path)
+    return unknown
 
 
-def ensure_file(bench_dir: Path, n: int) -> Path:
+def ensure_file(bench_dir: Path, n: int, unknown_share: float = 0.0) -> tuple[Path, int]:
+    """The generated file (made when missing or stale) and the number of out-of-range ids in it."""
     bench_dir.mkdir(parents=True, exist_ok=True)
-    path = bench_dir / f"ram_train_{n}.json"
+    suffix = f"_unknown{unknown_share:g}" if unknown_share > 0 else ""
+    path = bench_dir / f"ram_train_{n}{suffix}.json"
     stamp = path.with_suffix(".stamp")
-    want = f"{GEN_VERSION} {n}"
-    if not (path.exists() and stamp.exists() and stamp.read_text() == want):
+    want = f"{GEN_VERSION} {n}" + (f" unknown={unknown_share:g} refs=" if unknown_share > 0 else "")
+    have = stamp.read_text() if stamp.exists() else ""
+    fresh = path.exists() and (have.startswith(want) and have[len(want):].isdigit() if unknown_share > 0
+                               else have == want)
+    if not fresh:
         t = time.perf_counter()
         print(f"generating {path} ({n:,} samples) ...", file=sys.stderr, flush=True)
-        generate(path, n)
-        stamp.write_text(want)
+        unknown = generate(path, n, unknown_share)
+        have = want + (str(unknown) if unknown_share > 0 else "")
+        stamp.write_text(have)
         print(f"  done in {time.perf_counter() - t:.1f} s, {path.stat().st_size / 1e6:,.0f} MB", file=sys.stderr)
-    return path
+    return path, int(have[len(want):]) if unknown_share > 0 else 0
 
 
 def run_measured(code: str, args: list[str]) -> tuple[float, float, str, str]:
@@ -174,12 +197,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip-gc-on", action="store_true",
                     help="skip the orjson run with Python's GC on (slow; run once unless --quick)")
     ap.add_argument("--json", dest="json_out", default=None, help="also write the results to this file")
+    ap.add_argument("--unknown-share", type=float, default=0.0, metavar="S",
+                    help="make about this share of all ids out of range, e.g. 0.01 (default 0: all ids known)")
     args = ap.parse_args(argv)
+    if not 0 <= args.unknown_share <= 0.1:
+        ap.error("--unknown-share must be between 0 and 0.1")
     n = args.samples or (100_000 if args.quick else 4_000_000)
     print("command: " + " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]))
-    path = ensure_file(Path(args.bench_dir), n)
+    path, unknown_ids = ensure_file(Path(args.bench_dir), n, args.unknown_share)
     size_mb = path.stat().st_size / 1e6
     print(f"file: {path} ({n:,} samples, {size_mb:,.0f} MB); vocab: {VOCAB.relative_to(ROOT)}; cpus: {os.cpu_count()}")
+    variant = ""
+    if args.unknown_share > 0:
+        variant = f", {args.unknown_share:.0%} out-of-range ids"
+        print(f"out-of-range ids: {unknown_ids:,} records hold one (in union and parse lists: "
+              f"{2 * unknown_ids:,} unknown occurrences expected)")
 
     variants = {"orjson.loads, GC off": "off", "audit-labels (CLI)": None}
     if not args.skip_gc_on:
@@ -192,9 +224,9 @@ def main(argv: list[str] | None = None) -> int:
                 continue  # slow (minutes at 4M): measured once
             if gc_mode is None:
                 wall, cpu, _o, err = run_measured(_AUDIT, [str(VOCAB), str(path)])
-                work, never, samples, _code, hwm = err.strip().splitlines()[-1].split()
-                if int(never) != 4585 - USED_IDS or int(samples) != n:
-                    raise SystemExit(f"wrong audit result: never_used={never} samples={samples}")
+                work, never, samples, _code, hwm, unknown = err.strip().splitlines()[-1].split()
+                if int(never) != 4585 - USED_IDS or int(samples) != n or int(unknown) != 2 * unknown_ids:
+                    raise SystemExit(f"wrong audit result: never_used={never} samples={samples} unknown={unknown}")
             else:
                 wall, cpu, out, _e = run_measured(_PARSE, [str(path), gc_mode])
                 work, count, hwm = out.split()
@@ -229,9 +261,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.json_out:
         table = {label: {"median_s": statistics.median(r[0] for r in rows), "peak_rss_mb": max(r[2] for r in rows),
                          "runs_s": [r[0] for r in rows]} for label, rows in results.items()}
-        headline = [{"name": f"audit / bare parse ({n:,} samples)", "value": ratio, "target": 2.0, "op": "<="},
-                    {"name": f"audit peak RSS MB ({n:,} samples)", "value": rss, "target": 1536, "op": "<="}]
+        headline = [
+            {"name": f"audit / bare parse ({n:,} samples{variant})", "value": ratio, "target": 2.0, "op": "<="},
+            {"name": f"audit peak RSS MB ({n:,} samples{variant})", "value": rss, "target": 1536, "op": "<="},
+        ]
         Path(args.json_out).write_text(json.dumps({"samples": n, "file_mb": size_mb, "baseline": base_label,
+                                                   "unknown_share": args.unknown_share, "unknown_ids": unknown_ids,
                                                    "results": table, "headline": headline}, indent=2) + "\n")
     return 0
 

@@ -9,10 +9,11 @@ Annotation formats (detected from content, overridable):
 
 * ``ram-json``: Recognize-Anything training JSON, a list of ``{"image_path", "caption": [...],
   "union_label_id": [ids], "parse_label_id": [[ids], ...]}``. Streamed in ~1 MiB batches: each batch is cut at an
-  element boundary and parsed in one call (orjson when installed), then counted with numpy; a batch with anything
-  unusual (wrong types, unknown ids, a cut that was not a real boundary) is redone record by record with the
-  standard library's ``json`` (the reference semantics), so results and line numbers are exact and memory stays
-  bounded. Tag counts come from ``union_label_id``; ids in ``parse_label_id`` count as used and are range-checked;
+  element boundary and parsed in one call (orjson when installed), then counted with numpy, out-of-range and
+  unknown ids included (their first line is found only when a new one appears); a batch with anything unusual
+  (wrong types, a cut that was not a real boundary) is redone record by record with the standard library's
+  ``json`` (the reference semantics), so results and line numbers are exact and memory stays bounded. Tag counts
+  come from ``union_label_id``; ids in ``parse_label_id`` count as used and are range-checked;
   ``len(parse_label_id)`` must equal ``len(caption)``. A record that is not an object or has no list of
   ``union_label_id`` is a problem, not a sample.
 * ``json`` / ``jsonl`` / ``csv`` / ``parquet``: manifests whose tags column holds names or ids.
@@ -33,6 +34,7 @@ import re
 import shutil
 import struct
 import tempfile
+import zipfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import closing
 from dataclasses import dataclass, field, replace
@@ -43,9 +45,10 @@ from typing import IO, Any
 
 import numpy as np
 
-from mmprep.errors import InputError, MissingDependencyError, RunFailed, UsageError
+from mmprep.errors import InputError, MissingDependencyError, UsageError
 from mmprep.manifest import ColumnMap, RawRecord, iter_records, open_binary, to_sample
 from mmprep.records import Rejected
+from mmprep.shards import atomic_write_bytes
 from mmprep.vocab import Vocabulary, load_vocab, normalize_tag
 
 try:  # optional: parses JSON batches ~2x faster than the standard library
@@ -73,6 +76,7 @@ __all__ = [
     "audit_labels",
     "audit_vocab",
     "detect_annotation_format",
+    "plot_format",
     "plot_frequency",
     "write_tag_list",
 ]
@@ -195,7 +199,8 @@ class AlignedReport:
     ``invalid`` lists ``(line, entry, reason)`` for entries that are not what the kind needs (thresholds that are
     not floats in [0, 1], description entries that are not ``{tag: [...]}``); ``name_mismatches`` lists
     ``(id, name in the file, vocabulary name)`` for description files whose tags differ from the vocabulary's.
-    Lines are 1-based for text files; for JSON files they are 0-based list positions (= ids).
+    Lines are 1-based for text files; for JSON files they are 0-based list positions (= ids). An empty entry of a
+    threshold file is invalid (it is not a number), not an ``empty_lines`` hygiene finding.
     """
 
     path: str
@@ -228,8 +233,9 @@ class AlignedReport:
 class EmbeddingReport:
     """An embedding matrix: its shape against the vocabulary size.
 
-    Rows equal to the size are aligned (``k == 1``); rows equal to size × K are description-set embeddings
-    (``k == K``), as are 3-D tensors ``[size, K, dim]``; anything else is misaligned (``k`` is None).
+    A 2-D matrix with rows equal to the size is aligned (``k == 1``); rows equal to size × K are description-set
+    embeddings (``k == K``), as are 3-D tensors ``[size, K, dim]``; anything else, a 1-D vector included, is
+    misaligned (``k`` is None). ``kind == "label"`` (``label=PATH``) requires one row per tag: ``k == 1`` and 2-D.
     """
 
     path: str
@@ -239,9 +245,12 @@ class EmbeddingReport:
     rows: int
     expected: int
     k: int | None
+    kind: str = "auto"
 
     @property
     def aligned(self) -> bool:
+        if self.kind == "label":
+            return self.k == 1 and len(self.shape) == 2
         return self.k is not None
 
     def to_dict(self) -> dict[str, Any]:
@@ -266,7 +275,8 @@ class FrequencyStats:
     """How the used tags are distributed over the samples.
 
     ``coverage`` maps a share of all tag occurrences ("50%", "90%", "99%") to the smallest number of tags that
-    together account for it.
+    together account for it. ``most_used`` and ``least_used`` (of the used) list ``top`` tags each;
+    ``counts_by_id`` has every tag's count (index = id, 0 for never-used ids).
     """
 
     samples: int
@@ -277,6 +287,7 @@ class FrequencyStats:
     used_once: int
     most_used: tuple[TagCount, ...]
     least_used: tuple[TagCount, ...]
+    counts_by_id: tuple[int, ...] = field(default=(), repr=False)
 
 
 @dataclass
@@ -290,13 +301,15 @@ class AuditReport:
         distinct_used: vocabulary tags used at least once (None without annotation files).
         never_used: vocabulary tags never used, by id (None without annotation files).
         unknown: names not in the vocabulary and ids out of its range, most frequent first, each with its first
-            ``file:line``; ``unknown_occurrences`` counts all their occurrences.
+            ``file:line``; ``unknown_occurrences`` counts all their occurrences. Only the first
+            10,000 distinct values are listed; ``unknown_untracked`` counts the occurrences of the others
+            (``unknown_truncated`` says whether there were any).
         normalised_matches: names that matched a tag only after normalisation (case, ``_``, whitespace).
         problems: malformed records by reason code (wrong types, ids that are not integers, ...).
         parse_only_ids: RAM JSON ids seen in ``parse_label_id`` but never in ``union_label_id``.
         aligned, embeddings: one entry per aligned file / embedding matrix.
         frequency: how the tags are distributed (None without annotation files).
-        counts: occurrences per id (numpy; not in the JSON report).
+        counts: occurrences per id (numpy; the JSON report has them as ``frequency.counts_by_id``).
     """
 
     vocab: VocabReport
@@ -312,9 +325,15 @@ class AuditReport:
     aligned: list[AlignedReport]
     embeddings: list[EmbeddingReport]
     frequency: FrequencyStats | None
-    counts: np.ndarray | None = field(default=None, repr=False)  # per-id occurrences (not serialised)
+    counts: np.ndarray | None = field(default=None, repr=False)  # per-id occurrences
     declared_size_given: int | None = None
     vocab_names: dict[int, str] = field(default_factory=dict, repr=False)
+    unknown_untracked: int = 0
+
+    @property
+    def unknown_truncated(self) -> bool:
+        """Whether more distinct unknown names/ids occurred than ``unknown`` lists."""
+        return self.unknown_untracked > 0
 
     @property
     def used(self) -> list[TagCount]:
@@ -366,6 +385,8 @@ class AuditReport:
             "never_used": self.never_used,
             "unknown": self.unknown,
             "unknown_occurrences": self.unknown_occurrences,
+            "unknown_truncated": self.unknown_truncated,
+            "unknown_untracked": self.unknown_untracked,
             "normalised_matches": self.normalised_matches,
             "problems": self.problems,
             "parse_only_ids": self.parse_only_ids,
@@ -444,9 +465,11 @@ def audit_aligned(spec: str | Path, vocab: Vocabulary) -> AlignedReport:
     ``translations``.
     """
     kind, path = _split_kind(str(spec))
+    if not Path(path).exists():
+        raise InputError(f"{path}: aligned file not found")
     if kind == "descriptions" or (kind is None and path.lower().endswith(".json")):
         return _audit_descriptions(path, vocab)
-    lst = load_vocab(path)
+    lst = load_vocab(path, role="aligned")
     expected = vocab.size
     floats: list[float | None] = []
     for entry in lst.names:
@@ -466,8 +489,8 @@ def audit_aligned(spec: str | Path, vocab: Vocabulary) -> AlignedReport:
         good = []
         for k, (entry, f) in enumerate(zip(lst.names, floats, strict=True)):
             if not entry:
-                continue
-            if f is None:
+                invalid.append((k + line0, entry, "empty, not a number"))
+            elif f is None:
                 invalid.append((k + line0, entry, "not a number"))
             elif not (0.0 <= f <= 1.0):  # also rejects nan
                 invalid.append((k + line0, entry, "outside [0, 1]"))
@@ -493,7 +516,7 @@ def audit_aligned(spec: str | Path, vocab: Vocabulary) -> AlignedReport:
         final_newline=lst.final_newline,
         has_bom=lst.has_bom,
         crlf_lines=crlf,
-        empty_lines=tuple(k + line0 for k, n in enumerate(lst.names) if not n),
+        empty_lines=() if kind == "thresholds" else tuple(k + line0 for k, n in enumerate(lst.names) if not n),
         whitespace_lines=tuple(k + line0 for k, r in enumerate(lst.raw) if r.strip() and r != r.strip()),
         duplicates=duplicates,
         invalid=tuple(invalid),
@@ -554,6 +577,8 @@ def _audit_descriptions(path: str, vocab: Vocabulary) -> AlignedReport:
 
 
 def _pick(tensors: dict[str, tuple[tuple[int, ...], str]], key: str | None, path: str) -> tuple[str | None, Any]:
+    if not tensors:
+        raise InputError(f"{path}: holds no tensors")
     if key is not None:
         if key not in tensors:
             raise InputError(f"{path}: no tensor '{key}'", hint="tensors: " + ", ".join(sorted(tensors)[:20]))
@@ -628,21 +653,32 @@ def _read_torch(path: str) -> dict[str, tuple[tuple[int, ...], str]]:
 
 def _read_numpy(path: str) -> dict[str, tuple[tuple[int, ...], str]]:
     try:
+        with open(path, "rb") as fh:
+            magic = fh.read(6)
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read the embeddings file: {exc.strerror or exc}") from None
+    if magic != b"\x93NUMPY" and not magic.startswith(b"PK\x03\x04"):  # numpy would call anything else "pickled"
+        raise InputError(f"{path}: not a .npy/.npz file (no NumPy or zip header)",
+                         hint="save the matrix with numpy.save(path, array)")
+    try:
         loaded = np.load(path, mmap_mode="r", allow_pickle=False)
-    except FileNotFoundError:
-        raise InputError(f"{path}: embeddings file not found") from None
-    except (ValueError, OSError, EOFError) as exc:
+        if isinstance(loaded, np.ndarray):
+            return {"<array>": (tuple(loaded.shape), str(loaded.dtype))}
+        with loaded:
+            return {k: (tuple(loaded[k].shape), str(loaded[k].dtype)) for k in loaded.files}
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
         raise InputError(f"{path}: not a readable .npy/.npz file: {str(exc)[:200]}") from None
-    if isinstance(loaded, np.ndarray):
-        return {"<array>": (tuple(loaded.shape), str(loaded.dtype))}
-    with loaded:
-        return {k: (tuple(loaded[k].shape), str(loaded[k].dtype)) for k in loaded.files}
 
 
 def audit_embeddings(spec: str | Path, vocab_size: int) -> EmbeddingReport:
     """Read an embedding matrix's shape (``.pt``/``.pth``/``.bin`` via torch, ``.npy``/``.npz``, ``.safetensors``)
-    and compare its rows with the vocabulary size. ``PATH#KEY`` picks one tensor of a file that holds several."""
+    and compare its rows with the vocabulary size. ``PATH#KEY`` picks one tensor of a file that holds several;
+    ``label=PATH`` says the matrix must have exactly one row per tag (a description set of size × K rows is then
+    misaligned)."""
     spec = str(spec)
+    kind = "auto"
+    if spec.startswith("label=") and not Path(spec).exists():
+        kind, spec = "label", spec.removeprefix("label=")
     path, _, key = spec.rpartition("#") if "#" in spec and not Path(spec).exists() else (spec, "", "")
     if not Path(path).exists():
         raise InputError(f"{path}: embeddings file not found")
@@ -661,7 +697,7 @@ def audit_embeddings(spec: str | Path, vocab_size: int) -> EmbeddingReport:
     name, (shape, dtype) = _pick(tensors, key or None, path)
     rows = shape[0] if shape else 0
     k: int | None = None
-    if vocab_size > 0 and shape:
+    if vocab_size > 0 and len(shape) >= 2:  # a 1-D vector (a bias, a threshold list) is no embedding matrix
         if len(shape) >= 3 and rows == vocab_size:
             k = shape[1]
         elif rows == vocab_size:
@@ -669,7 +705,8 @@ def audit_embeddings(spec: str | Path, vocab_size: int) -> EmbeddingReport:
         elif rows % vocab_size == 0 and rows > 0:
             k = rows // vocab_size
     shown = None if name in ("<tensor>", "<array>") else name
-    return EmbeddingReport(path=path, key=shown, shape=shape, dtype=dtype, rows=rows, expected=vocab_size, k=k)
+    return EmbeddingReport(path=path, key=shown, shape=shape, dtype=dtype, rows=rows, expected=vocab_size, k=k,
+                           kind=kind)
 
 
 # -- the tally -----------------------------------------------------------------------------------------------
@@ -710,15 +747,16 @@ class _Tally:
         else:
             entry[0] += 1
 
-    def _unknown(self, kind: str, value: str | int, loc: LocFn) -> None:
+    def _unknown(self, kind: str, value: str | int, loc: LocFn, n: int = 1) -> None:
+        """Count ``n`` occurrences of an unknown name/id whose first occurrence (in file order) is at ``loc``."""
         key = (kind, value)
         entry = self.unknown.get(key)
         if entry is not None:
-            entry[0] += 1
+            entry[0] += n
         elif len(self.unknown) < _MAX_TRACKED:
-            self.unknown[key] = [1, loc()]
+            self.unknown[key] = [n, loc()]
         else:
-            self.unknown_untracked += 1
+            self.unknown_untracked += n
 
     def add_ids(self, ids: Sequence[int], loc: LocFn, *, count: bool = True) -> None:
         """Check integer ids; ``count=False`` only marks them used (RAM parse lists)."""
@@ -796,14 +834,20 @@ class _Tally:
         self.empty += int(hist[0])
 
     # RAM JSON: per batch
-    def ram_batch_fast(self, values: list[Any]) -> bool:
-        """Count a batch of RAM records in bulk; False (and nothing counted) if any record needs a closer look."""
+    def ram_batch_fast(self, values: list[Any], loc_of: Callable[[int], Location]) -> bool:
+        """Count a batch of RAM records in bulk; False (and nothing counted) if any record needs a closer look.
+
+        Out-of-range and unknown ids are counted here too, exactly as :meth:`ram_record` would (``loc_of(k)`` is
+        the location of ``values[k]``, asked for only when an unknown id is first seen); wrong types are not.
+        """
         try:
             us = list(map(_IG_UNION, values))  # TypeError for a record that is not an object
         except (KeyError, TypeError):
             return False
         if not us or set(map(type, us)) != {list}:
             return False
+        ps: list[Any] = []
+        inner: list[Any] = []
         if "parse_label_id" in values[0]:
             try:
                 ps = list(map(_IG_PARSE, values))
@@ -827,15 +871,51 @@ class _Tally:
         parr = _int_array(pflat)
         if arr is None or parr is None or not (_no_bools(flat, arr) and _no_bools(pflat, parr)):
             return False
-        for a in (arr, parr):
-            if a.size and (a.min() < 0 or a.max() >= self.size or not (self.all_known or self.known[a].all())):
-                return False
+        lens = np.fromiter(map(len, us), dtype=np.int64, count=len(us))
+        bad, pbad = self._unknown_mask(arr), self._unknown_mask(parr)
+        if bad is not None or pbad is not None:
+            found: list[tuple[np.ndarray, np.ndarray, int]] = []  # (unknown ids, their records, 0 parse / 1 union)
+            if pbad is not None:  # the record of each parse id: records -> their parse lists -> ids
+                lists = np.repeat(np.arange(len(ps)), np.fromiter(map(len, ps), dtype=np.int64, count=len(ps)))
+                prec = np.repeat(lists, np.fromiter(map(len, inner), dtype=np.int64, count=len(inner)))
+                found.append((parr[pbad], prec[pbad], 0))
+                parr = parr[~pbad]
+            if bad is not None:
+                found.append((arr[bad], np.repeat(np.arange(len(us)), lens)[bad], 1))
+                arr = arr[~bad]
+            self._bulk_unknown(found, loc_of)
         self.counts += np.bincount(arr, minlength=self.size)
         self.refs += int(arr.size)
         if parr.size:
             self.parse_used[parr] = True
-        self._add_lens(np.fromiter(map(len, us), dtype=np.int64, count=len(us)))
+        self._add_lens(lens)
         return True
+
+    def _unknown_mask(self, ids: np.ndarray) -> np.ndarray | None:
+        """Which ids are out of range or not in the vocabulary; None when all are known (the common case)."""
+        if not ids.size:
+            return None
+        lo, hi = ids.min(), ids.max()
+        if lo >= 0 and hi < self.size and (self.all_known or self.known[ids].all()):
+            return None
+        bad = (ids < 0) | (ids >= self.size)
+        if not self.all_known:
+            bad |= ~self.known[np.where(bad, 0, ids)]
+        return bad
+
+    def _bulk_unknown(self, found: list[tuple[np.ndarray, np.ndarray, int]], loc_of: Callable[[int], Location]
+                      ) -> None:
+        """Count a batch's unknown ids in the order :meth:`ram_record` meets them (record by record, its parse
+        lists before its union list), so that first locations and the tracking cap come out the same."""
+        values = np.concatenate([v for v, _r, _p in found])
+        records = np.concatenate([r for _v, r, _p in found])
+        keys = np.concatenate([r * 2 + p for _v, r, p in found])
+        order = np.argsort(keys, kind="stable")
+        values, records = values[order], records[order]
+        distinct, first, counts = np.unique(values, return_index=True, return_counts=True)
+        for j in np.argsort(first, kind="stable").tolist():
+            k = int(records[first[j]])
+            self._unknown("id", int(distinct[j]), lambda k=k: loc_of(k), int(counts[j]))
 
     def ram_record(self, value: Any, loc: LocFn) -> None:
         """One RAM training record, checked field by field (the reference for :meth:`ram_batch_fast`)."""
@@ -1221,7 +1301,7 @@ def _scan_ram_json(
     gc.disable()  # the parsed batches are acyclic; collection passes over them only cost time
     try:
         for batch in reader.batches():
-            if tally.ram_batch_fast(batch.values):
+            if tally.ram_batch_fast(batch.values, lambda k, b=batch: Location(name, b.line_of(k), b.record0 + k)):
                 continue
             values = batch.values
             if batch.bulk:  # parsed in bulk: re-read with the standard library, the reference semantics
@@ -1328,10 +1408,16 @@ def _fixed_loc(name: str, line: int, record: int) -> LocFn:
     return lambda: Location(name, line, record)
 
 
-def _text_lines(stream: IO[bytes]) -> Iterator[tuple[int, int, str | None, str]]:
-    """(line, bytes, text or None when not UTF-8, error) for each non-empty line."""
+def _text_lines(stream: IO[bytes], name: str) -> Iterator[tuple[int, int, str | None, str]]:
+    """(line, bytes, text or None when not UTF-8, error) for each non-empty line.
+
+    Raises InputError for a NUL byte: the file is binary (an image, an archive) or UTF-16, not annotation text.
+    """
     for lineno, raw in enumerate(stream, 1):
         nbytes = len(raw)
+        if b"\0" in raw:
+            raise InputError(f"{name}:{lineno}: holds a NUL byte: a binary file (or UTF-16 text), not annotation text",
+                             hint="pass RAM benchmark annotations as UTF-8 text, or choose the format with --format")
         if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
             raw = raw[3:]
         raw = raw.rstrip(b"\r\n")
@@ -1364,7 +1450,7 @@ def _looks_like_ids(line: str) -> bool | None:
 def _scan_ram_text(
     stream: IO[bytes], name: str, fmt: str, tally: _Tally, progress: Callable[[int], None] | None
 ) -> None:
-    lines = _text_lines(stream)
+    lines = _text_lines(stream, name)
     head: list[tuple[int, int, str | None, str]] = []
     mode = {"ram-text-ids": "ids", "ram-text-names": "names"}.get(fmt)
     if mode is None:  # decide from the first 1000 lines: names if any line has a tag that is not a number
@@ -1441,6 +1527,7 @@ def _frequency(tally: _Tally, top: int) -> FrequencyStats:
         used_once=int((counts == 1).sum()),
         most_used=tuple(TagCount(int(i), names.get(int(i), ""), int(counts[i])) for i in by_count[:top]),
         least_used=tuple(TagCount(int(i), names.get(int(i), ""), int(counts[i])) for i in least[:top]),
+        counts_by_id=tuple(counts.tolist()),
     )
 
 
@@ -1472,7 +1559,8 @@ def audit_labels(
         progress: called with the number of bytes read so far since the last call (0 = still alive).
 
     Raises:
-        InputError: a missing or malformed vocabulary/annotation/aligned file (naming file and line).
+        InputError: a missing, empty or malformed vocabulary, a missing or malformed annotation/aligned file
+            (naming file and line).
         UsageError: a bad format name or two ``-`` inputs.
     """
     if fmt is not None and fmt not in ANNOTATION_FORMATS:
@@ -1483,6 +1571,9 @@ def audit_labels(
         raise UsageError(f"--tags-column does not apply to --format {fmt}",
                          hint="it names the tags column of json/jsonl/csv/parquet manifests")
     voc = vocab if isinstance(vocab, Vocabulary) else load_vocab(vocab)
+    if len(voc) == 0:
+        raise InputError(f"{voc.path or 'vocabulary'}: the vocabulary has no entries",
+                         hint="a vocabulary holds one tag per line (or a JSON list / a CSV with a 'name' column)")
     vreport = audit_vocab(voc)
     tally = _Tally(voc)
     files: list[AnnotationFileReport] = []
@@ -1529,6 +1620,7 @@ def audit_labels(
         frequency=freq,
         counts=tally.counts if annotations else None,
         vocab_names=dict(voc.id_to_name),
+        unknown_untracked=tally.unknown_untracked,
     )
 
 
@@ -1568,30 +1660,47 @@ def _scan_file(
 # -- follow-up outputs ---------------------------------------------------------------------------------------
 
 
-def write_tag_list(path: str | Path, tags: Iterable[TagCount]) -> int:
-    """Write ``id<TAB>name`` lines; returns the number written. Raises RunFailed if the file cannot be written."""
-    lines = [f"{t.id}\t{t.name}\n" for t in tags]
-    try:
-        Path(path).write_text("".join(lines), encoding="utf-8")
-    except OSError as exc:
-        raise RunFailed(f"{path}: cannot write: {exc.strerror or exc}") from None
+def write_tag_list(path: str | Path, tags: Iterable[TagCount], *, counts: bool = False) -> int:
+    """Write ``id<TAB>name`` lines (``id<TAB>name<TAB>count`` with ``counts``) under a temporary name, then rename
+    it into place; returns the number written. Raises RunFailed if the file cannot be written."""
+    lines = [f"{t.id}\t{t.name}\t{t.count}\n" if counts else f"{t.id}\t{t.name}\n" for t in tags]
+    atomic_write_bytes(path, "".join(lines).encode("utf-8"))
     return len(lines)
+
+
+def plot_format(path: str | Path) -> str:
+    """The image format ``plot_frequency`` will write for ``path`` (its extension), checked before any work.
+
+    Raises:
+        MissingDependencyError: matplotlib is not installed (the ``plot`` extra).
+        UsageError: the extension is missing or not a format matplotlib writes.
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+    except ImportError:
+        raise MissingDependencyError("matplotlib", "plot", purpose="--plot") from None
+    supported = sorted(FigureCanvasAgg.get_supported_filetypes())
+    fmt = Path(str(path)).suffix.lower().removeprefix(".")
+    if fmt not in supported:
+        what = f"format '{fmt}' is not supported" if fmt else "has no extension naming the image format"
+        raise UsageError(f"--plot {path}: {what}", hint="end the file name in one of ." + ", .".join(supported))
+    return fmt
 
 
 def plot_frequency(report: AuditReport, path: str | Path) -> None:
     """Draw the long tail: tag counts sorted from most to least used on a log scale, never-used tags marked.
 
-    Needs matplotlib (the ``plot`` extra); raises MissingDependencyError without it.
+    The format follows the extension (see :func:`plot_format`); the file is written under a temporary name and
+    renamed into place. Needs matplotlib (the ``plot`` extra); raises MissingDependencyError without it.
     """
     if report.counts is None:
         raise UsageError("--plot needs annotation files to count tags in")
-    try:
-        import matplotlib
+    fmt = plot_format(path)
+    import matplotlib.pyplot as plt
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise MissingDependencyError("matplotlib", "plot", purpose="--plot") from None
     counts = np.sort(report.counts[report.counts > 0])[::-1]
     never = len(report.never_used or ())
     fig, ax = plt.subplots(figsize=(10, 4.5), dpi=100)
@@ -1611,9 +1720,9 @@ def plot_frequency(report: AuditReport, path: str | Path) -> None:
     ax.legend(loc="upper right")
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
+    buf = io.BytesIO()
     try:
-        fig.savefig(str(path))
-    except OSError as exc:
-        raise RunFailed(f"{path}: cannot write the plot: {exc.strerror or exc}") from None
+        fig.savefig(buf, format=fmt)
     finally:
         plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())

@@ -101,21 +101,24 @@ class Vocabulary:
         return h.hexdigest()
 
 
-def load_vocab(path: str | Path) -> Vocabulary:
-    """Load a vocabulary: ``.json`` (a list of names), ``.csv`` (``id,name`` or ``name`` header), else text.
+def load_vocab(path: str | Path, *, role: str = "vocabulary") -> Vocabulary:
+    """Load a vocabulary: ``.json`` (a list of names, or an object name -> id), ``.csv`` (``id,name`` or
+    ``name`` header), else text.
 
     Text files: one tag per line; line ``k`` (0-based) is tag id ``k``; a missing final newline does not drop
-    the last entry; a UTF-8 BOM and CRLF line ends are accepted and recorded.
+    the last entry; a UTF-8 BOM and CRLF line ends are accepted and recorded; an empty file has no entries.
+    ``role`` names the file in error messages (``"vocabulary"``, or ``"aligned"`` for a list that must
+    match a vocabulary).
     """
     p = Path(path)
     try:
         data = p.read_bytes()
     except FileNotFoundError:
-        raise InputError(f"{p}: vocabulary file not found") from None
+        raise InputError(f"{p}: {role} file not found") from None
     except IsADirectoryError:
-        raise InputError(f"{p}: is a directory, expected a vocabulary file") from None
+        raise InputError(f"{p}: is a directory; expected the {role} file") from None
     except OSError as exc:
-        raise InputError(f"{p}: cannot read vocabulary: {exc.strerror or exc}") from None
+        raise InputError(f"{p}: cannot read the {role} file: {exc.strerror or exc}") from None
     has_bom = data.startswith(b"\xef\xbb\xbf")
     if has_bom:
         data = data[3:]
@@ -123,15 +126,15 @@ def load_vocab(path: str | Path) -> Vocabulary:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         line = data[: exc.start].count(b"\n") + 1
-        raise InputError(f"{p}:{line}: vocabulary is not valid UTF-8 (byte {exc.start})") from None
+        raise InputError(f"{p}:{line}: {role} file is not valid UTF-8 (byte {exc.start})") from None
     suffix = p.suffix.lower()
     if suffix == ".json":
-        return _load_json(p, text, has_bom)
+        return _load_json(p, text, has_bom, role)
     if suffix == ".csv":
-        return _load_csv(p, text, has_bom)
+        return _load_csv(p, text, has_bom, role)
     has_crlf = "\r\n" in text
     final_newline = text.endswith("\n") if text else None
-    lines = text.split("\n")
+    lines = text.split("\n") if text else []
     if text.endswith("\n"):
         lines.pop()
     raw = tuple(line[:-1] if line.endswith("\r") else line for line in lines)
@@ -146,20 +149,29 @@ def load_vocab(path: str | Path) -> Vocabulary:
     )
 
 
-def _load_json(p: Path, text: str, has_bom: bool) -> Vocabulary:
+def _load_json(p: Path, text: str, has_bom: bool, role: str) -> Vocabulary:
     try:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
         raise InputError(f"{p}:{exc.lineno}: invalid JSON: {exc.msg}") from None
-    if isinstance(value, dict) and all(isinstance(v, int) for v in value.values()):
-        # {"name": id}
-        pairs = sorted(((v, k) for k, v in value.items()), key=lambda kv: kv[0])
+    if isinstance(value, dict):  # {"name": id}
+        seen: dict[int, str] = {}
+        for name, tag_id in value.items():
+            if type(tag_id) is not int:
+                raise InputError(f"{p}: tag {name!r} has id {json.dumps(tag_id)[:40]}, expected an integer",
+                                 hint="a JSON object vocabulary maps each tag name to its integer id")
+            if tag_id < 0:
+                raise InputError(f"{p}: tag {name!r} has id {tag_id}, which is negative")
+            if tag_id in seen:
+                raise InputError(f"{p}: id {tag_id} is given to both {seen[tag_id]!r} and {name!r}")
+            seen[tag_id] = name
+        pairs = sorted(seen.items())
         return Vocabulary(
             names=tuple(k.strip() for _, k in pairs), raw=tuple(k for _, k in pairs),
             ids=tuple(v for v, _ in pairs), path=str(p), has_bom=has_bom, format="json",
         )
     if not isinstance(value, list):
-        raise InputError(f"{p}: a JSON vocabulary must be a list of tag names (or an object name -> id)")
+        raise InputError(f"{p}: a JSON {role} file must be a list of tag names (or an object name -> id)")
     for i, v in enumerate(value):
         if not isinstance(v, str):
             raise InputError(f"{p}: entry {i} is {type(v).__name__}, expected a tag name string")
@@ -168,14 +180,14 @@ def _load_json(p: Path, text: str, has_bom: bool) -> Vocabulary:
     )
 
 
-def _load_csv(p: Path, text: str, has_bom: bool) -> Vocabulary:
+def _load_csv(p: Path, text: str, has_bom: bool, role: str) -> Vocabulary:
     reader = csv.reader(io.StringIO(text, newline=""))
     rows = list(reader)
     if not rows:
         return Vocabulary(names=(), path=str(p), has_bom=has_bom, format="csv")
     header = [h.strip().lower() for h in rows[0]]
     if "name" not in header:
-        raise InputError(f"{p}:1: a CSV vocabulary needs a header with a 'name' column (and optionally 'id')")
+        raise InputError(f"{p}:1: a CSV {role} file needs a header with a 'name' column (and optionally 'id')")
     ni = header.index("name")
     ii = header.index("id") if "id" in header else None
     names: list[str] = []

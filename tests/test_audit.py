@@ -76,7 +76,7 @@ def small_batches(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def slow_only(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(audit_mod._Tally, "ram_batch_fast", lambda self, values: False)
+    monkeypatch.setattr(audit_mod._Tally, "ram_batch_fast", lambda self, values, loc_of: False)
 
 
 def summary(report: Any) -> dict[str, Any]:
@@ -85,6 +85,9 @@ def summary(report: Any) -> dict[str, Any]:
         "counts": report.counts.tolist() if report.counts is not None else None,
         "never": [t.id for t in report.never_used or ()],
         "unknown": [(u.kind, u.value, u.count, str(u.first), u.first.record) for u in report.unknown],
+        "untracked": report.unknown_untracked,
+        "refs": report.frequency.occurrences if report.frequency else None,
+        "parse_used": report.distinct_used,
         "problems": [(p.code, p.count, str(p.first), p.first.record, p.detail) for p in report.problems],
         "parse_only": report.parse_only_ids,
         "files": [(a.samples, a.tag_refs, a.problems) for a in report.annotations],
@@ -140,8 +143,9 @@ def test_cli_write_lists_and_fail_on_never_used(used_4441: tuple[Path, list[int]
     assert lines == [f"{i}\t{RAM_NAMES[i]}" for i in unused]
     used_lines = used_file.read_text(encoding="utf-8").splitlines()
     assert len(used_lines) == 4441
-    first_used = next(i for i in range(4585) if i not in unused)
-    assert used_lines[0] == f"{first_used}\t{RAM_NAMES[first_used]}"
+    counted = Counter(i for r in json.loads(path.read_text(encoding="utf-8")) for i in r["union_label_id"])
+    assert used_lines == [f"{i}\t{RAM_NAMES[i]}\t{counted[i]}" for i in sorted(counted)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["never.tsv", "used.tsv"]  # no temporary files left
     # other categories have no findings here: exit 0
     ok = runner.invoke(app, ["audit-labels", "--vocab", str(RAM), str(path), "--fail-on", "unknown,misaligned",
                              "--fail-on", "invalid"])
@@ -162,6 +166,10 @@ def test_json_report_is_the_only_stdout(used_4441: tuple[Path, list[int]]) -> No
     assert doc["failed"] == ["never-used", "duplicates", "hygiene"]
     assert doc["aligned"][0]["aligned"] is True and doc["aligned"][0]["trailing_whitespace"] == 2579
     assert doc["frequency"]["samples"] == -(-4441 // 9) + 600
+    counted = Counter(i for r in json.loads(path.read_text(encoding="utf-8")) for i in r["union_label_id"])
+    assert doc["frequency"]["counts_by_id"] == [counted[i] for i in range(4585)]  # every tag, not only --top
+    assert len(doc["frequency"]["most_used"]) == 10  # --top
+    assert doc["unknown_truncated"] is False and doc["unknown_untracked"] == 0
     assert set(doc["frequency"]["coverage"]) == {"50%", "90%", "99%"}
     assert "Vocabulary" not in result.stderr  # no tables in --json mode
     assert "failing on" in result.stderr
@@ -176,8 +184,26 @@ def test_plot_writes_a_png(used_4441: tuple[Path, list[int]], tmp_path: Path) ->
     assert result.exit_code == 0, result.stderr
     with Image.open(png) as im:
         assert im.format == "PNG" and im.size == (1000, 450)
-        pixels = np.asarray(im.convert("RGB")).reshape(-1, 3)
+        pixels = np.asarray(im.convert("RGB")).reshape(-1, 3).astype(int)
         assert len(np.unique(pixels, axis=0)) > 10  # something was drawn
+    # the never-used tags are marked: red ticks (#d62728) and their shaded span
+    assert (np.abs(pixels - [214, 39, 40]).sum(axis=1) < 30).sum() > 100
+    assert (np.abs(pixels - [245, 201, 201]).sum(axis=1) < 12).sum() > 1000
+    assert [p.name for p in tmp_path.iterdir()] == ["tail.png"]  # written under a temporary name, then renamed
+    svg = tmp_path / "tail.svg"
+    assert runner.invoke(app, ["audit-labels", "--vocab", str(RAM), str(path), "--plot", str(svg), "-q"]).exit_code == 0
+    assert svg.read_text(encoding="utf-8").lstrip().startswith("<?xml")
+
+
+def test_plot_with_an_unknown_extension_is_a_usage_error_before_the_audit(tmp_path: Path) -> None:
+    missing = tmp_path / "not-there.json"  # the audit would fail on this file: the plot check comes first
+    for name, text in [("tail.bogus", "format 'bogus' is not supported"),
+                       ("tail", "has no extension naming the image format")]:
+        result = runner.invoke(app, ["audit-labels", "--vocab", str(RAM), str(missing), "--plot", str(tmp_path / name)])
+        assert result.exit_code == 2, result.stderr
+        assert text in result.stderr and ".png" in result.stderr
+        assert "internal error" not in result.stderr and "not-there" not in result.stderr
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_plot_without_matplotlib_says_how_to_install(
@@ -256,10 +282,79 @@ def test_vocab_errors_name_the_file(tmp_path: Path) -> None:
     bad.write_bytes(b"cat\ndog\ncaf\xe9\n")
     result = runner.invoke(app, ["audit-labels", "--vocab", str(bad)])
     assert result.exit_code == 2
-    assert f"{bad}:3: vocabulary is not valid UTF-8" in result.stderr
+    assert f"{bad}:3: vocabulary file is not valid UTF-8" in result.stderr
     missing = runner.invoke(app, ["audit-labels", "--vocab", str(tmp_path / "nope.txt")])
     assert missing.exit_code == 2 and "nope.txt: vocabulary file not found" in missing.stderr
     assert "Traceback" not in missing.stderr + result.stderr
+
+
+def test_json_object_vocabulary_maps_names_to_ids(tmp_path: Path) -> None:
+    good = tmp_path / "good.json"
+    good.write_text('{"cat": 1, "dog": 0, "bird": 3}')
+    v = load_vocab(good)
+    assert (v.names, v.ids, v.size) == (("dog", "cat", "bird"), (0, 1, 3), 4)
+    annots = tmp_path / "a.txt"
+    annots.write_text("x.jpg 0 2 3\n")
+    rep = audit_labels(good, [annots])
+    assert [(u.value, u.count) for u in rep.unknown] == [(2, 1)]  # the gap at id 2 is not a tag
+    assert [t.id for t in rep.never_used] == [1]
+    for body, text in [
+        ('{"dog": 0, "cat": 0}', "id 0 is given to both 'dog' and 'cat'"),
+        ('{"dog": -1, "cat": 1}', "tag 'dog' has id -1, which is negative"),
+        ('{"dog": true}', "tag 'dog' has id true, expected an integer"),
+        ('{"dog": 1.0}', "tag 'dog' has id 1.0, expected an integer"),
+        ('{"dog": "0"}', "tag 'dog' has id \"0\", expected an integer"),
+    ]:
+        bad = tmp_path / "bad.json"
+        bad.write_text(body)
+        result = runner.invoke(app, ["audit-labels", "--vocab", str(bad)])
+        assert result.exit_code == 2, (body, result.stderr)
+        assert f"{bad}: {text}" in result.stderr and "internal error" not in result.stderr
+
+
+def test_empty_vocabulary_is_an_error_not_one_empty_tag(tmp_path: Path) -> None:
+    annots = tmp_path / "a.txt"
+    annots.write_text("x.jpg 0\n")
+    for name, body in [("empty.txt", b""), ("bom.txt", b"\xef\xbb\xbf"), ("empty.json", b"[]"),
+                       ("header.csv", b"id,name\n")]:
+        vocab = tmp_path / name
+        vocab.write_bytes(body)
+        assert len(load_vocab(vocab)) == 0
+        result = runner.invoke(app, ["audit-labels", "--vocab", str(vocab), str(annots), "--json"])
+        assert result.exit_code == 2 and result.stdout == ""
+        assert f"{vocab}: the vocabulary has no entries" in result.stderr
+    # one empty line is one (empty) entry, as before
+    one = tmp_path / "one.txt"
+    one.write_text("\n")
+    assert load_vocab(one).names == ("",)
+    # an empty aligned file is a finding (0 of 4585 entries), not an error
+    empty = tmp_path / "zh.txt"
+    empty.write_bytes(b"")
+    rep = audit_labels(RAM, aligned=[str(empty)])
+    assert (rep.aligned[0].entries, rep.aligned[0].aligned, rep.findings["misaligned"]) == (0, False, 1)
+
+
+def test_missing_or_unreadable_aligned_file_is_named_as_such(tmp_path: Path) -> None:
+    for spec in [str(tmp_path / "nope.txt"), f"thresholds={tmp_path / 'nope.txt'}", str(tmp_path / "nope.json")]:
+        result = runner.invoke(app, ["audit-labels", "--vocab", str(RAM), "--aligned", spec])
+        assert result.exit_code == 2
+        assert "aligned file not found" in result.stderr and "vocabulary" not in result.stderr
+    latin = tmp_path / "zh.txt"
+    latin.write_bytes(b"a\nb\xe9\n")
+    with pytest.raises(InputError, match=r"zh.txt:2: aligned file is not valid UTF-8"):
+        audit_aligned(str(latin), load_vocab(RAM))
+
+
+def test_empty_threshold_entries_are_invalid(tmp_path: Path) -> None:
+    vocab = tmp_path / "v.txt"
+    vocab.write_text("a\nb\nc\nd\n")
+    th = tmp_path / "th.txt"
+    th.write_text("0.5\n\n0.7\nnan\n")
+    rep = audit_aligned(str(th), load_vocab(vocab))
+    assert rep.kind == "thresholds" and rep.aligned
+    assert rep.invalid == ((2, "", "empty, not a number"), (4, "nan", "outside [0, 1]"))
+    assert rep.empty_lines == ()  # counted once, as invalid
+    assert audit_labels(vocab, aligned=[str(th)]).findings["invalid"] == 2
 
 
 def test_descriptions_json_is_checked_against_the_vocabulary(tmp_path: Path) -> None:
@@ -292,6 +387,42 @@ def test_numpy_embeddings(tmp_path: Path) -> None:
     assert (npz.key, npz.shape) == ("label_embed", (4585, 2))
     report = audit_labels(RAM, embeddings=[str(tmp_path / "ok.npy"), str(tmp_path / "short.npy")])
     assert report.findings["misaligned"] == 1
+
+
+def test_vectors_and_label_matrices_that_must_have_one_row_per_tag(tmp_path: Path) -> None:
+    np.save(tmp_path / "bias.npy", np.zeros(4585, dtype=np.float32))
+    np.save(tmp_path / "double.npy", np.zeros((4585 * 2, 8), dtype=np.float32))
+    np.save(tmp_path / "ok.npy", np.zeros((4585, 8), dtype=np.float32))
+    bias = audit_embeddings(tmp_path / "bias.npy", 4585)
+    assert (bias.shape, bias.k, bias.aligned) == ((4585,), None, False)  # a 1-D vector is no embedding matrix
+    assert audit_embeddings(tmp_path / "double.npy", 4585).k == 2  # could be a description set of K=2 ...
+    label = audit_embeddings(f"label={tmp_path / 'double.npy'}", 4585)  # ... unless it must be a label matrix
+    assert (label.kind, label.k, label.aligned, label.path) == ("label", 2, False, str(tmp_path / "double.npy"))
+    assert audit_embeddings(f"label={tmp_path / 'ok.npy'}", 4585).aligned
+    args = ["audit-labels", "--vocab", str(RAM), "--embeddings", str(tmp_path / "double.npy")]
+    described = runner.invoke(app, args)
+    assert described.exit_code == 0 and "2 per tag" in described.stderr and "a description set" in described.stderr
+    result = runner.invoke(app, [*args, "--embeddings", f"label={tmp_path / 'double.npy'}", "--fail-on", "misaligned",
+                                 "--json"])
+    assert result.exit_code == 1
+    doc = json.loads(result.stdout)
+    assert [(e["kind"], e["k"], e["aligned"]) for e in doc["embeddings"]] == [("auto", 2, True), ("label", 2, False)]
+
+
+def test_unreadable_embedding_files_say_what_is_wrong(tmp_path: Path) -> None:
+    junk = tmp_path / "junk.npy"
+    junk.write_bytes(bytes(range(256)) * 4)
+    with pytest.raises(InputError, match=r"junk.npy: not a .npy/.npz file \(no NumPy or zip header\)"):
+        audit_embeddings(junk, 4585)
+    np.save(tmp_path / "objects.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(InputError, match=r"objects\.npy: not a readable \.npy/\.npz file.*Python objects"):
+        audit_embeddings(tmp_path / "objects.npy", 4585)
+    header = json.dumps({"__metadata__": {"format": "pt"}}).encode()
+    empty = tmp_path / "empty.safetensors"
+    empty.write_bytes(len(header).to_bytes(8, "little") + header)
+    with pytest.raises(InputError) as err:
+        audit_embeddings(empty, 4585)
+    assert err.value.message == f"{empty}: holds no tensors"
 
 
 def test_torch_embeddings(tmp_path: Path) -> None:
@@ -388,6 +519,24 @@ def test_text_formats_edge_cases(tmp_path: Path) -> None:
     assert sorted((p.code, p.first.line) for p in rep.problems) == [("empty_tag", 2), ("not_utf8", 3)]
     forced = audit_labels(vocab, [names], fmt="ram-text-ids")  # names read as ids are findings, not crashes
     assert forced.problems[0].code == "bad_id"
+
+
+def test_binary_file_is_refused_as_ram_text(tmp_path: Path) -> None:
+    from PIL import Image
+
+    jpeg = tmp_path / "photo.jpg"
+    Image.new("RGB", (32, 32), (200, 30, 30)).save(jpeg, quality=90)
+    result = runner.invoke(app, ["audit-labels", "--vocab", str(RAM), str(jpeg)])
+    assert result.exit_code == 2 and "Traceback" not in result.stderr
+    assert f"{jpeg}:1: holds a NUL byte: a binary file" in result.stderr
+    utf16 = tmp_path / "annots.txt"
+    utf16.write_text("a.jpg,dog,cat\n", encoding="utf-16")
+    with pytest.raises(InputError, match=r"annots.txt:1: holds a NUL byte"):
+        audit_labels(RAM, [utf16])
+    later = tmp_path / "later.txt"  # NUL bytes after many good lines: still refused, naming the line
+    later.write_bytes(b"a.jpg 1 2\n" * 1500 + b"b.jpg \x00\x01\n")
+    with pytest.raises(InputError, match=r"later.txt:1501: holds a NUL byte"):
+        audit_labels(RAM, [later], fmt="ram-text-ids")
 
 
 # -- manifests -----------------------------------------------------------------------------------------------
@@ -521,20 +670,98 @@ def test_records_larger_than_a_batch_or_a_read(tmp_path: Path, monkeypatch: pyte
     assert [(u.value, u.first.line, u.first.record) for u in report.unknown] == [(4700, lines[2], 3)]
 
 
+def count_fast_batches(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    """Record what the real bulk path answers for each batch (True: counted in bulk)."""
+    answers: list[bool] = []
+    real = audit_mod._Tally.ram_batch_fast
+
+    def spy(self: Any, values: list[Any], loc_of: Any) -> bool:
+        answers.append(real(self, values, loc_of))
+        return answers[-1]
+
+    monkeypatch.setattr(audit_mod._Tally, "ram_batch_fast", spy)
+    return answers
+
+
+@pytest.mark.parametrize("vocab_kind", ["smaller list", "ids with gaps"])
+def test_unknown_ids_stay_on_the_bulk_path_with_exact_results(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, vocab_kind: str
+) -> None:
+    rng = random.Random(7)
+    records = []
+    for k in range(400):
+        ids = sorted(rng.sample(range(120), 6))
+        if k % 9 == 4:
+            ids.append(200 + k % 23)  # out of range for both vocabularies
+        records.append(ram_record(ids, n_caps=1 + k % 3))
+    records[100]["parse_label_id"][0].append(-5)  # only in a parse list
+    path = tmp_path / "unk.json"
+    lines = write_ram_json(path, records, "lines")
+    if vocab_kind == "smaller list":
+        vocab = Vocabulary(names=tuple(RAM_NAMES[:100]))  # ids 100..119 and 200..222 are out of range
+    else:  # CSV-style explicit ids: 0..119 except the multiples of 10
+        kept = [i for i in range(120) if i % 10]
+        vocab = Vocabulary(names=tuple(RAM_NAMES[i] for i in kept), ids=tuple(kept))
+    monkeypatch.setattr(audit_mod, "_BATCH", 2000)
+    with monkeypatch.context() as m:
+        answers = count_fast_batches(m)
+        fast = audit_labels(vocab, [path], fmt="ram-json")
+    assert len(answers) > 10 and all(answers)  # no batch fell back to the record-by-record path
+    with monkeypatch.context() as m:
+        slow_only(m)
+        slow = audit_labels(vocab, [path], fmt="ram-json")
+    assert summary(fast) == summary(slow)
+    # and against an independent count
+    known = set(vocab.ids)
+    expected: Counter[int] = Counter()
+    first: dict[int, int] = {}
+    for k, r in enumerate(records):
+        for i in [i for p in r["parse_label_id"] for i in p] + r["union_label_id"]:
+            if i not in known:
+                expected[i] += 1
+                first.setdefault(i, k)
+    assert {u.value: u.count for u in fast.unknown} == dict(expected)
+    assert {u.value: (u.first.line, u.first.record) for u in fast.unknown} == {
+        i: (lines[k], k + 1) for i, k in first.items()}
+    assert fast.counts.sum() == sum(1 for r in records for i in r["union_label_id"] if i in known)
+    assert fast.unknown_occurrences == sum(expected.values())
+
+
+def test_capped_unknown_values_are_counted_and_flagged(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    records = [ram_record([1, 5000 + k % 40, 6000 + k], n_caps=1) for k in range(300)]
+    path = tmp_path / "many.json"
+    write_ram_json(path, records, "compact")
+    monkeypatch.setattr(audit_mod, "_MAX_TRACKED", 50)
+    monkeypatch.setattr(audit_mod, "_BATCH", 1500)
+    fast = audit_labels(RAM, [path])
+    slow_only(monkeypatch)
+    assert summary(audit_labels(RAM, [path])) == summary(fast)
+    # record k brings two new values (5000 + k, 6000 + k) until k = 39: the first 25 records fill the 50 places
+    assert {u.value for u in fast.unknown} == set(range(5000, 5025)) | set(range(6000, 6025))
+    # untracked (union + parse): 5025..5039 in 7 records each, 6025..6299 once each
+    assert fast.unknown_untracked == 2 * (15 * 7 + 275)
+    assert fast.unknown_occurrences == 2 * 600
+    doc = fast.to_dict()
+    assert doc["unknown_truncated"] is True and doc["unknown_untracked"] == 760
+
+
 @st.composite
 def ram_files(draw: st.DrawFn) -> tuple[list[Any], str]:
     good_id = st.integers(0, 60)
+    int_id = st.one_of(good_id, good_id, st.integers(-3, 4700))  # well-typed, some out of range (fast path)
     any_id = st.one_of(good_id, good_id, st.integers(-3, 4700), st.booleans(), st.floats(0, 5), st.text(max_size=3))
+    typed = draw(st.booleans())  # a file whose records are all well-formed, some with unknown ids
     records = []
     for _ in range(draw(st.integers(0, 25))):
         valid = draw(st.booleans())
-        ids = draw(st.lists(good_id if valid else any_id, max_size=6))
+        pick = good_id if valid else int_id if typed else any_id
+        ids = draw(st.lists(pick, max_size=6))
         n_caps = draw(st.integers(0, 3))
-        parse = [draw(st.lists(good_id if valid else any_id, max_size=3)) for _ in range(n_caps)]
+        parse = [draw(st.lists(pick, max_size=3)) for _ in range(n_caps)]
         rec: Any = {"image_path": draw(st.text(max_size=8)), "caption": [draw(st.text(max_size=12))
                                                                         for _ in range(n_caps)],
                     "union_label_id": ids, "parse_label_id": parse}
-        if not valid and draw(st.integers(0, 5)) == 0:
+        if not valid and not typed and draw(st.integers(0, 5)) == 0:
             rec = draw(st.sampled_from([[1], "x", {"caption": ["a"]}, {**rec, "parse_label_id": 3},
                                         {**rec, "caption": ["a"] * (n_caps + 1)}]))
         records.append(rec)
@@ -554,11 +781,17 @@ def test_bulk_path_equals_record_by_record(
         m.setattr(audit_mod, "_BATCH", 90)
         m.setattr(audit_mod, "_READ", 150)
         fast = summary(audit_labels(vocab, [path], fmt="ram-json"))
+    with monkeypatch.context() as m:
+        m.setattr(audit_mod, "_MAX_TRACKED", 2)  # the cap on distinct unknowns must cut at the same values
+        capped = summary(audit_labels(vocab, [path], fmt="ram-json"))
+        slow_only(m)
+        capped_slow = summary(audit_labels(vocab, [path], fmt="ram-json"))
     big = summary(audit_labels(vocab, [path], fmt="ram-json"))
     with monkeypatch.context() as m:
         slow_only(m)
         slow = summary(audit_labels(vocab, [path], fmt="ram-json"))
     assert fast == slow == big
+    assert capped == capped_slow
     valid_ids = [i for r in records if isinstance(r, dict) and isinstance(r.get("union_label_id"), list)
                  for i in r["union_label_id"] if type(i) is int and 0 <= i < 100]
     assert sum(fast["counts"]) == len(valid_ids)

@@ -12,7 +12,7 @@ from mmprep.cli._app import JsonOpt, QuietOpt, VerboseOpt, app, make_output, run
 from mmprep.errors import EXIT_FAILED, EXIT_OK, UsageError
 
 if TYPE_CHECKING:
-    from mmprep.audit import AuditReport
+    from mmprep.audit import AuditReport, EmbeddingReport
     from mmprep.output import Output
 
 __all__ = ["audit_labels_cmd"]
@@ -61,9 +61,9 @@ def audit_labels_cmd(
         list[str] | None,
         typer.Option(
             "--embeddings",
-            metavar="FILE[#KEY]",
+            metavar="[label=]FILE[#KEY]",
             help="An embedding matrix (.pt/.pth, .npy/.npz, .safetensors) whose rows must be the vocabulary size "
-            "(or size x K for description sets); repeatable.",
+            "(or size x K for description sets); label=FILE requires exactly one row per tag; repeatable.",
         ),
     ] = None,
     declared_size: Annotated[
@@ -72,7 +72,8 @@ def audit_labels_cmd(
     ] = None,
     fail_on: Annotated[list[str] | None, typer.Option("--fail-on", metavar="LIST", help=_FAIL_ON_HELP)] = None,
     write_used: Annotated[
-        str | None, typer.Option("--write-used", metavar="FILE", help="Write the used tags as id<TAB>name lines.")
+        str | None,
+        typer.Option("--write-used", metavar="FILE", help="Write the used tags as id<TAB>name<TAB>count lines."),
     ] = None,
     write_never_used: Annotated[
         str | None,
@@ -80,9 +81,14 @@ def audit_labels_cmd(
     ] = None,
     plot: Annotated[
         str | None,
-        typer.Option("--plot", metavar="FILE.png", help="Draw the tag frequency long tail (needs matplotlib)."),
+        typer.Option("--plot", metavar="FILE.png", help="Draw the tag frequency long tail (needs matplotlib); the "
+                     "extension picks the format (png, pdf, svg, ...)."),
     ] = None,
-    top: Annotated[int, typer.Option("--top", min=1, help="Rows shown per table (JSON has everything).")] = 10,
+    top: Annotated[
+        int,
+        typer.Option("--top", min=1, help="Rows shown per table, and most/least used tags listed in --json (which "
+                     "has every tag's count in frequency.counts_by_id)."),
+    ] = 10,
     json_: JsonOpt = False,
     quiet: QuietOpt = False,
     verbose: VerboseOpt = False,
@@ -91,7 +97,14 @@ def audit_labels_cmd(
     out = make_output(json_, quiet, verbose)
 
     def body() -> int:
-        from mmprep.audit import ANNOTATION_FORMATS, FAIL_ON_CATEGORIES, audit_labels, plot_frequency, write_tag_list
+        from mmprep.audit import (
+            ANNOTATION_FORMATS,
+            FAIL_ON_CATEGORIES,
+            audit_labels,
+            plot_format,
+            plot_frequency,
+            write_tag_list,
+        )
 
         if format is not None and format not in ANNOTATION_FORMATS:
             raise UsageError(f"unknown --format '{format}'", hint="choose one of " + ", ".join(ANNOTATION_FORMATS))
@@ -99,6 +112,8 @@ def audit_labels_cmd(
         files = list(annotations or [])
         if not files and (write_used or write_never_used or plot):
             raise UsageError("--write-used, --write-never-used and --plot need annotation files")
+        if plot:
+            plot_format(plot)  # a bad extension or a missing matplotlib fails now, not after the audit
         total = sum(_size(f) for f in files)
         with out.progress(total or None, "audit-labels", unit="B") as prog:
             report = audit_labels(
@@ -106,7 +121,7 @@ def audit_labels_cmd(
                 embeddings=embeddings or [], declared_size=declared_size, top=top, progress=prog.update,
             )
         if write_used:
-            n = write_tag_list(write_used, report.used)
+            n = write_tag_list(write_used, report.used, counts=True)
             out.debug(f"wrote {n} used tags to {write_used}")
         if write_never_used:
             n = write_tag_list(write_never_used, report.never_used or [])
@@ -168,6 +183,12 @@ def _yes_no(value: bool | None) -> str:
     return "-" if value is None else ("yes" if value else "no")
 
 
+def _embedding_status(e: EmbeddingReport) -> str:
+    if not e.aligned:
+        return "MISALIGNED"
+    return "ok" if e.k == 1 else f"{e.k} per tag"
+
+
 def _render(out: Output, r: AuditReport, top: int) -> None:
     v = r.vocab
     rows: list[tuple[str, Any]] = [
@@ -218,6 +239,7 @@ def _render(out: Output, r: AuditReport, top: int) -> None:
             ("unknown names (distinct)", sum(u.kind == "name" for u in r.unknown)),
             ("out-of-range ids (distinct)", sum(u.kind == "id" for u in r.unknown)),
             ("unknown occurrences", r.unknown_occurrences),
+            *([("  of those, in distinct values not listed", r.unknown_untracked)] if r.unknown_truncated else []),
             ("names matched only after normalisation", len(r.normalised_matches)),
         ]
         if r.parse_only_ids:
@@ -264,8 +286,9 @@ def _render(out: Output, r: AuditReport, top: int) -> None:
         out.table(
             "Embeddings",
             ["file", "tensor", "shape", "dtype", "rows", "expected", "K", "status"],
-            [(Path(e.path).name, e.key or "-", "×".join(map(str, e.shape)), e.dtype, e.rows, e.expected, e.k,
-              "ok" if e.aligned else "MISALIGNED") for e in r.embeddings],
+            [(Path(e.path).name, e.key or "-", "×".join(map(str, e.shape)), e.dtype, e.rows, e.expected, e.k or "-",
+              _embedding_status(e)) for e in r.embeddings],
+            caption="K > 1: a description set (K rows per tag); label=FILE requires K = 1",
         )
     f = r.frequency
     if f is not None:
