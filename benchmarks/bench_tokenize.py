@@ -8,10 +8,11 @@ Rows per (tokenizer, corpus):
   truncation switched on, ids left in Rust (nothing is converted to Python; ``_fast`` skips offsets, which
   mmprep also uses);
 * ``mmprep render+encode``: ``TextEncoder.render`` on every sample then ``TextEncoder.encode_batch`` in batches
-  of 1024 (numpy arrays out, true token counts, truncation flags): what ``mmprep tokenize`` does per batch,
-  excluding file reading;
-* ``mmprep tokenize (end to end)``: the whole command on a JSONL file (reading, rendering, encoding, Parquet
-  writing), for information.
+  of 1024 (numpy arrays out, true token counts, truncation flags): the tokenisation step alone;
+* ``mmprep tokenize (parsed samples)``: ``tokenize_samples`` on samples already read from the manifest: what
+  ``mmprep tokenize`` does after reading the file (id checks, rendering, encoding, Arrow tables, the Parquet file
+  and the rejects file). This is the figure checked against the 0.9 target (the headline);
+* ``mmprep tokenize (end to end)``: the same with the JSONL file read and parsed too, for information.
 
 tokens/s counts the same tokens for every row (the corpus's untruncated token count with special tokens), so
 ratios are time ratios. Every method is timed once per round (order rotated each round, after one warm-up call
@@ -45,6 +46,7 @@ from mmprep.text import TextConfig, TextEncoder  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "realdata" / "annotations"
 BATCH = 1024
+PARSED = "mmprep tokenize (parsed samples)"  # the row checked against the target
 
 
 def _corpora(rows: int) -> dict[str, list[Any]]:
@@ -117,12 +119,14 @@ def _bench_one(
             enc.encode_batch([enc.render(t, sample_id=s) for t, s in zip(chunk, ids[i : i + BATCH], strict=True)])
 
     with tempfile.TemporaryDirectory() as tmp:
-        from mmprep.text_tokenize import tokenize_manifest
+        from mmprep.manifest import iter_samples
+        from mmprep.text_tokenize import tokenize_manifest, tokenize_samples
 
         manifest = Path(tmp) / "m.jsonl"
         with manifest.open("w") as fh:
             for sid, t in zip(ids, items, strict=True):
                 fh.write(json.dumps({"id": sid, "text": t}) + "\n")
+        samples = list(iter_samples(str(manifest)))  # read and parsed once, outside the timing
         out = Path(tmp) / "o.parquet"
         times = _interleaved(
             {
@@ -130,6 +134,7 @@ def _bench_one(
                 "bare tokenizers encode_batch": bare_call,
                 "bare tokenizers encode_batch_fast": bare_fast,
                 "mmprep render+encode": mmprep_path,
+                PARSED: lambda: tokenize_samples(samples, out, enc, source=str(manifest)),
                 "mmprep tokenize (end to end)": lambda: tokenize_manifest(
                     str(manifest), tok_dir, out, cfg, encoder=enc
                 ),
@@ -192,13 +197,14 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['tokenizer']:<28} {corpus:<28} {r['method']:<34} {r['median_s']:>9.4f} "
             f"{r['tokens_per_s']:>12,.0f} {r['vs_raw']:>7.2f} {r['vs_bare']:>8.2f}"
         )
-    print("vs raw = raw transformers time / this time (>= 0.9 is the target for 'mmprep render+encode');")
+    print(f"vs raw = raw transformers time / this time (>= 0.9 is the target for '{PARSED}');")
     print("vs bare = bare tokenizers encode_batch time / this time.")
-    worst = min(r["vs_raw"] for r in all_rows if r["method"] == "mmprep render+encode")
-    print(f"worst mmprep render+encode vs raw: {worst:.2f} ({'meets' if worst >= 0.9 else 'below'} the 0.9 target)")
+    worst = min(r["vs_raw"] for r in all_rows if r["method"] == PARSED)
+    print(f"worst {PARSED} vs raw: {worst:.2f} ({'meets' if worst >= 0.9 else 'below'} the 0.9 target)")
     if args.json_out:
-        headline = [{"name": "tokenize / raw batched fast tokenizer (worst corpus x tokenizer)", "value": worst,
-                     "target": 0.9, "op": ">="}]
+        # The name's prefix is what benchmarks/run_all.py matches its regression bound on.
+        headline = [{"name": "tokenize / raw batched fast tokenizer (file reading excluded; worst corpus x tokenizer)",
+                     "value": worst, "target": 0.9, "op": ">="}]
         Path(args.json_out).write_text(json.dumps({"command": cmd, "rows": all_rows, "headline": headline},
                                                   indent=2) + "\n")
     return 0

@@ -24,13 +24,25 @@ Tokenisation (:meth:`TextEncoder.encode_batch`) runs the whole batch through the
 truncation, so the true token count is known, then truncates and pads with numpy exactly as
 ``tokenizer(texts, padding="max_length", truncation=True, max_length=N)`` does: special tokens are kept and the
 content is cut on the truncation side.
+
+Tokenizer cache: building an encoder the first time loads the tokenizer with transformers (which imports torch
+when it is installed: about a second and a half). What the encoder takes from it (the backend's JSON, the special
+tokens, the chat-template flag, ``model_max_length``) is then stored under ``<cache>/tokenizers/<key>.json``, where
+``<cache>`` is ``$MMPREP_CACHE_DIR``, else ``$XDG_CACHE_HOME/mmprep``, else ``~/.cache/mmprep``, and the key is a
+sha256 of the tokenizer directory's files (names and bytes; model weight files by name and size only) and of the
+versions of the packages that convert tokenizers. A later encoder for a directory with the same files is built from
+that entry without importing transformers, with the same ids and the same recorded values. ``MMPREP_NO_CACHE=1``
+turns the cache off; a cache that cannot be written is skipped silently, a corrupt entry is rewritten.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib.metadata
+import importlib.util
 import itertools
+import json
 import os
 import warnings
 from collections.abc import Iterator, Sequence
@@ -44,6 +56,7 @@ from mmprep.errors import InputError, MissingDependencyError, UsageError
 
 __all__ = [
     "IMAGE_PART_TYPES",
+    "MAX_LENGTH_LIMIT",
     "LengthHistogram",
     "TextConfig",
     "TextEncoder",
@@ -52,6 +65,8 @@ __all__ = [
     "count_placeholders",
     "inline_images",
     "sample_image_count",
+    "tokenizer_cache_dir",
+    "tokenizer_cache_key",
 ]
 
 #: Typed content-part types that stand for an image.
@@ -60,6 +75,8 @@ _TEXT_PART_TYPES = frozenset({"text"})
 _ROLE_ALIASES = {"human": "user", "gpt": "assistant"}
 _PADDING_SIDES = ("right", "left")
 _CAPTION_MODES = ("first", "all", "random")
+#: The largest ``max_length`` accepted: every row is padded to it, so larger values only exhaust memory.
+MAX_LENGTH_LIMIT = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -95,6 +112,12 @@ class TextConfig:
         """Raise :class:`UsageError` naming the first bad value."""
         if isinstance(self.max_length, bool) or not isinstance(self.max_length, int) or self.max_length < 1:
             raise UsageError(f"--max-length must be a positive integer, got {self.max_length!r}")
+        if self.max_length > MAX_LENGTH_LIMIT:
+            raise UsageError(
+                f"--max-length {self.max_length:,} is above the limit of {MAX_LENGTH_LIMIT:,} ids per row",
+                hint="every row is padded to --max-length: use the length the model takes (the length report of "
+                "mmprep tokenize shows the smallest one that covers 99% of rows)",
+            )
         if self.padding_side not in _PADDING_SIDES:
             raise UsageError(f"--padding-side must be right or left, got {self.padding_side!r}")
         if self.truncation_side not in _PADDING_SIDES:
@@ -315,6 +338,7 @@ def _load_hf_tokenizer(path: Path) -> Any:
         with _quiet_transformers():
             tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True, use_fast=True)
     except Exception as exc:  # transformers raises OSError/ValueError/KeyError/... for unusable directories
+        _raise_if_needs_sentencepiece(path)
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise InputError(f"{path}: cannot load a tokenizer: {msg:.300}", hint=hint) from None
     if not getattr(tok, "is_fast", False) or getattr(tok, "backend_tokenizer", None) is None:
@@ -324,6 +348,179 @@ def _load_hf_tokenizer(path: Path) -> Any:
             "(writes tokenizer.json), or install sentencepiece/protobuf so it can be converted",
         )
     return tok
+
+
+_SENTENCEPIECE_FILES = ("tokenizer.model", "spiece.model", "sentencepiece.bpe.model")
+
+
+def _raise_if_needs_sentencepiece(path: Path) -> None:
+    """A SentencePiece-only directory without the ``sentencepiece`` package: say so (transformers' own message
+    then names an unrelated package, ``tiktoken``)."""
+    if (path / "tokenizer.json").is_file() or importlib.util.find_spec("sentencepiece") is not None:
+        return
+    model = next((name for name in _SENTENCEPIECE_FILES if (path / name).is_file()), None)
+    if model is not None:
+        raise InputError(
+            f"{path}: cannot load a tokenizer: it holds a SentencePiece model ({model}) but no tokenizer.json, and "
+            "converting one needs the 'sentencepiece' package, which is not installed",
+            hint="install it with: pip install sentencepiece protobuf; or save the tokenizer with save_pretrained() "
+            "from a fast tokenizer where sentencepiece is installed, which writes tokenizer.json",
+        )
+
+
+# -- the tokenizer cache ----------------------------------------------------------------------------------
+
+_CACHE_FORMAT = 1
+#: Packages whose versions decide how a tokenizer directory is converted to a fast tokenizer.
+_CACHE_KEY_PACKAGES = ("tokenizers", "transformers", "sentencepiece", "protobuf", "tiktoken")
+#: Model weights (never read by a tokenizer) enter the key by name and size, so a model directory stays cheap.
+_WEIGHT_SUFFIXES = frozenset({".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx", ".gguf"})
+#: The subdirectory transformers reads extra chat templates from.
+_CHAT_TEMPLATE_SUBDIR = "additional_chat_templates"
+
+
+@dataclass(frozen=True)
+class _TokenizerInfo:
+    """What :class:`TextEncoder` takes from a transformers tokenizer: the content of a cache entry.
+
+    ``name_or_path`` is not part of it: transformers sets it to the directory as passed, which the encoder knows.
+    """
+
+    backend: str  # the fast tokenizer's JSON (``backend_tokenizer.to_str()``)
+    pad_token: str | None
+    pad_token_id: int | None
+    eos_token: str | None
+    bos_token: str | None
+    has_chat_template: bool
+    model_max_length: int | None
+
+    @classmethod
+    def from_hf(cls, hf: Any) -> _TokenizerInfo:
+        def token(name: str) -> str | None:
+            value = getattr(hf, name, None)
+            return None if value is None else str(value)
+
+        pad_id = getattr(hf, "pad_token_id", None)
+        model_max = getattr(hf, "model_max_length", None)
+        return cls(
+            backend=hf.backend_tokenizer.to_str(),
+            pad_token=token("pad_token"),
+            pad_token_id=None if pad_id is None else int(pad_id),
+            eos_token=token("eos_token"),
+            bos_token=token("bos_token"),
+            has_chat_template=bool(getattr(hf, "chat_template", None)),
+            model_max_length=model_max if isinstance(model_max, int) and not isinstance(model_max, bool) else None,
+        )
+
+    def to_json(self) -> bytes:
+        return json.dumps({"format": _CACHE_FORMAT, **self.__dict__}, ensure_ascii=False).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes) -> _TokenizerInfo | None:
+        """The entry's content, or None when it is not a complete entry of this format."""
+        try:
+            obj = json.loads(data)
+        except ValueError:
+            return None
+        types: dict[str, tuple[type, ...]] = {
+            "backend": (str,), "pad_token": (str, type(None)), "pad_token_id": (int, type(None)),
+            "eos_token": (str, type(None)), "bos_token": (str, type(None)), "has_chat_template": (bool,),
+            "model_max_length": (int, type(None)),
+        }
+        if not isinstance(obj, dict) or obj.get("format") != _CACHE_FORMAT or set(obj) != {"format", *types}:
+            return None
+        for name, allowed in types.items():
+            value = obj[name]
+            if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed):
+                return None
+        del obj["format"]
+        return cls(**obj)
+
+
+def tokenizer_cache_dir() -> Path | None:
+    """Where converted tokenizers are cached, or None when ``MMPREP_NO_CACHE`` is set (to anything but 0)."""
+    if os.environ.get("MMPREP_NO_CACHE", "") not in ("", "0"):
+        return None
+    base = os.environ.get("MMPREP_CACHE_DIR")
+    if not base:
+        xdg = os.environ.get("XDG_CACHE_HOME")
+        try:
+            base = str(Path(xdg) / "mmprep") if xdg else str(Path.home() / ".cache" / "mmprep")
+        except RuntimeError:  # no home directory
+            return None
+    return Path(base) / "tokenizers"
+
+
+def _package_version(name: str) -> str:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return "-"
+
+
+def tokenizer_cache_key(path: str | os.PathLike[str]) -> str:
+    """The cache key of a tokenizer directory: sha256 of the cache format, the converting packages' versions and
+    the directory's files (regular files directly in it and in ``additional_chat_templates/``: name and bytes,
+    model weights by name and size; other entries by name), in sorted order.
+
+    Raises:
+        OSError: the directory or one of its files cannot be read.
+    """
+    root = Path(path)
+    h = hashlib.sha256(f"mmprep tokenizer cache {_CACHE_FORMAT}\n".encode())
+    for pkg in _CACHE_KEY_PACKAGES:
+        h.update(f"{pkg}={_package_version(pkg)}\n".encode())
+    names = sorted(os.listdir(root))
+    if _CHAT_TEMPLATE_SUBDIR in names and (root / _CHAT_TEMPLATE_SUBDIR).is_dir():
+        names += sorted(f"{_CHAT_TEMPLATE_SUBDIR}/{n}" for n in os.listdir(root / _CHAT_TEMPLATE_SUBDIR))
+    for name in names:
+        file = root / name
+        label = json.dumps(name)  # quoted: names cannot run into each other
+        if not file.is_file():  # follows symlinks (the Hugging Face cache links snapshot files to blobs)
+            h.update(f"entry {label}\n".encode())
+            continue
+        size = file.stat().st_size
+        if file.suffix.lower() in _WEIGHT_SUFFIXES:
+            h.update(f"weights {label} {size}\n".encode())
+            continue
+        h.update(f"file {label} {size}\n".encode())
+        with file.open("rb") as fh:
+            while chunk := fh.read(1 << 20):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def _load_tokenizer(path: Path) -> tuple[_TokenizerInfo, Any, Any | None]:
+    """The tokenizer facts, a fresh backend built from them, and the transformers tokenizer when it was loaded.
+
+    A cache hit loads nothing but the backend; a miss loads with transformers and writes the entry (best effort).
+    """
+    from tokenizers import Tokenizer
+
+    cache = tokenizer_cache_dir()
+    entry: Path | None = None
+    cached: _TokenizerInfo | None = None
+    if cache is not None:
+        try:
+            entry = cache / f"{tokenizer_cache_key(path)}.json"
+            cached = _TokenizerInfo.from_json(entry.read_bytes())
+        except OSError:  # no entry yet, or an unreadable one or directory: a miss
+            cached = None
+    if cached is not None:
+        # tokenizers raises a plain Exception on JSON it cannot read: a corrupt entry is a miss, rewritten below.
+        with contextlib.suppress(Exception):
+            return cached, Tokenizer.from_str(cached.backend), None
+    hf = _load_hf_tokenizer(path)
+    info = _TokenizerInfo.from_hf(hf)
+    # The entry holds no path: write it only when transformers named the tokenizer after the directory as given.
+    if entry is not None and str(getattr(hf, "name_or_path", "") or path) == str(path):
+        from mmprep.errors import RunFailed
+        from mmprep.shards import atomic_write_bytes
+
+        with contextlib.suppress(OSError, RunFailed):  # a cache that cannot be written is no error
+            entry.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(entry, info.to_json())
+    return info, Tokenizer.from_str(info.backend), hf
 
 
 def _special_layout(backend: Any) -> tuple[int, int]:
@@ -348,10 +545,11 @@ def _special_layout(backend: Any) -> tuple[int, int]:
 class TextEncoder:
     """Render texts and tokenise batches with one tokenizer loaded from a local directory.
 
-    Construction loads the tokenizer once (``AutoTokenizer``, fast tokenizers only) and keeps a private copy of
-    its Rust backend with padding and truncation switched off. Instances pickle as that backend's JSON plus a few
-    settings, so a worker process re-creates one in milliseconds without importing transformers (the
-    transformers tokenizer is re-loaded lazily only to apply a chat template).
+    Construction loads the tokenizer once (``AutoTokenizer``, fast tokenizers only, or its entry in the tokenizer
+    cache: see the module docs) and keeps a private copy of its Rust backend with padding and truncation switched
+    off. Instances pickle as that backend's JSON plus a few settings, so a worker process re-creates one in
+    milliseconds without importing transformers (the transformers tokenizer is loaded lazily only to apply a chat
+    template).
 
     Attributes:
         cfg: the text configuration.
@@ -378,21 +576,19 @@ class TextEncoder:
         if not path.is_dir():
             raise InputError(f"{path}: is not a directory", hint="pass the directory that holds the tokenizer files")
         self.tokenizer_dir = str(path)
-        hf = _load_hf_tokenizer(path)
+        info, backend, hf = _load_tokenizer(path)
         self._hf: Any | None = hf
-        from tokenizers import Tokenizer
-
-        backend = Tokenizer.from_str(hf.backend_tokenizer.to_str())
         backend.no_padding()
         backend.no_truncation()
         self._backend: Any = backend
-        self.name_or_path = str(getattr(hf, "name_or_path", "") or path)
+        # transformers names the tokenizer after the directory as passed; a cache hit knows no other name.
+        self.name_or_path = str(getattr(hf, "name_or_path", "") or path) if hf is not None else str(path)
         self.vocab_size = int(backend.get_vocab_size(with_added_tokens=True))
-        self.has_chat_template = bool(getattr(hf, "chat_template", None))
+        self.has_chat_template = info.has_chat_template
         self.warnings: tuple[str, ...] = ()
         notes: list[str] = []
 
-        self.pad_token, self.pad_token_id = self._resolve_pad(hf, backend, notes)
+        self.pad_token, self.pad_token_id = self._resolve_pad(info, backend, notes)
         if cfg.add_special_tokens:
             self.special_prefix, self.special_suffix = _special_layout(backend)
         else:
@@ -403,17 +599,17 @@ class TextEncoder:
                 f"--max-length {cfg.max_length} leaves no room for text: the tokenizer adds {n_special} special tokens",
                 hint=f"use --max-length {n_special + 1} or more, or --no-special-tokens",
             )
-        model_max = getattr(hf, "model_max_length", None)
-        if isinstance(model_max, int) and 0 < model_max < 1_000_000 and cfg.max_length > model_max:
+        model_max = info.model_max_length
+        if model_max is not None and 0 < model_max < 1_000_000 and cfg.max_length > model_max:
             notes.append(
                 f"--max-length {cfg.max_length} is above this tokenizer's model_max_length {model_max}: "
                 "the model may not accept rows that long"
             )
-        self._strip_bos = self._template_bos(hf, backend)
+        self._strip_bos = self._template_bos(info, backend)
         self.warnings = tuple(notes)
 
     # -- construction helpers ---------------------------------------------------------------------------
-    def _resolve_pad(self, hf: Any, backend: Any, notes: list[str]) -> tuple[str, int]:
+    def _resolve_pad(self, info: _TokenizerInfo, backend: Any, notes: list[str]) -> tuple[str, int]:
         wanted = self.cfg.pad_token
         if wanted is not None:
             pid = backend.token_to_id(wanted)
@@ -421,34 +617,34 @@ class TextEncoder:
                 raise UsageError(
                     f"--pad-token {wanted!r} is not a token of the tokenizer in {self.tokenizer_dir}",
                     hint="choose an existing token"
-                    + (f", e.g. the EOS token {hf.eos_token!r}" if getattr(hf, "eos_token", None) else ""),
+                    + (f", e.g. the EOS token {info.eos_token!r}" if info.eos_token else ""),
                 )
             return wanted, int(pid)
-        if getattr(hf, "pad_token", None) is not None and getattr(hf, "pad_token_id", None) is not None:
-            return str(hf.pad_token), int(hf.pad_token_id)
-        eos = getattr(hf, "eos_token", None)
-        if eos is not None and backend.token_to_id(str(eos)) is not None:
-            pid = int(backend.token_to_id(str(eos)))
+        if info.pad_token is not None and info.pad_token_id is not None:
+            return info.pad_token, info.pad_token_id
+        eos = info.eos_token
+        if eos is not None and backend.token_to_id(eos) is not None:
+            pid = int(backend.token_to_id(eos))
             notes.append(
                 f"the tokenizer has no pad token: padding with the EOS token {eos!r} (id {pid}); padded positions "
                 "have attention_mask 0. Pass --pad-token to choose another"
             )
-            return str(eos), pid
+            return eos, pid
         raise UsageError(
             f"the tokenizer in {self.tokenizer_dir} has no pad token and no EOS token to pad with",
             hint="pass --pad-token TOKEN with a token of its vocabulary",
         )
 
-    def _template_bos(self, hf: Any, backend: Any) -> str | None:
+    def _template_bos(self, info: _TokenizerInfo, backend: Any) -> str | None:
         """The BOS text to drop from chat-templated output (the tokenizer adds it itself), or None."""
-        bos = getattr(hf, "bos_token", None)
+        bos = info.bos_token
         if not self.has_chat_template or not self.cfg.add_special_tokens or not bos:
             return None
-        bos_id = backend.token_to_id(str(bos))
+        bos_id = backend.token_to_id(bos)
         if bos_id is None or self.special_prefix == 0:
             return None
         first = backend.encode("a", add_special_tokens=True).ids[:1]
-        return str(bos) if first == [bos_id] else None
+        return bos if first == [bos_id] else None
 
     # -- pickling: the backend JSON, not the transformers object ---------------------------------------
     def __getstate__(self) -> dict[str, Any]:

@@ -2,30 +2,38 @@
 
 Output columns (one row per accepted sample, in input order):
 
-==========================  ================  ===========================================================
-column                      type              meaning
-==========================  ================  ===========================================================
-``id``                      string            the sample id
-``line``                    int64             the sample's 1-based line/record number in the manifest
-``input_ids``               list<int32>       exactly ``max_length`` ids (padded with the pad token id)
-``attention_mask``          list<uint8>       1 on real tokens, 0 on padding
-``n_tokens``                int32             the true token count before truncation (with special tokens)
-``num_truncated_tokens``    int32             tokens cut off (``max(0, n_tokens - max_length)``)
-``truncated``               bool              ``n_tokens > max_length``
-==========================  ================  ===========================================================
+==========================  =============================  ==============================================
+column                      type                           meaning
+==========================  =============================  ==============================================
+``id``                      string                         the sample id
+``line``                    int64                          the sample's 1-based line/record number
+``input_ids``               fixed_size_list<int32>[N]      exactly ``max_length`` ids (padded with the pad id)
+``attention_mask``          fixed_size_list<int8>[N]       1 on real tokens, 0 on padding
+``n_tokens``                int32                          the true token count before truncation
+``num_truncated_tokens``    int32                          tokens cut off (``max(0, n_tokens - max_length)``)
+``truncated``               bool                           ``n_tokens > max_length``
+==========================  =============================  ==============================================
+
+The token columns have the types of ``mmprep pack`` shards. ``n_tokens`` (with special tokens) is not
+transformers' ``length``, which is the padded length (always ``max_length`` here); ``num_truncated_tokens`` is
+transformers' name (``return_overflowing_tokens``).
 
 Every input row ends up in exactly one place: the Parquet file or ``<out>.rejected.jsonl`` (one JSON object per
-line: ``line``, ``id``, ``stage``, ``reason``, ``detail``). Both are written under temporary names and renamed
-when complete. The Parquet schema metadata key ``mmprep`` records the tokenizer and settings.
+line: ``line``, ``id``, ``stage``, ``reason``, ``detail``). Both files are written under temporary names and
+renamed when complete. Rows that reuse an id are kept (real manifests repeat an image id for each question about
+it; ``line`` tells them apart) and counted in ``duplicate_ids`` with a warning, since ``mmprep pack`` rejects them
+as ``duplicate_id``.
+The Parquet schema metadata key ``mmprep`` records the tokenizer and settings.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,9 +45,21 @@ from mmprep.manifest import ColumnMap, iter_samples
 from mmprep.records import Rejected, Sample
 from mmprep.text import LengthHistogram, TextConfig, TextEncoder, TextError, TokenBatch, sample_image_count
 
-__all__ = ["TokenizeReport", "plot_lengths", "rejects_path_for", "token_table", "tokenize_manifest"]
+__all__ = [
+    "TokenizeReport",
+    "check_plot_path",
+    "plot_lengths",
+    "rejects_path_for",
+    "token_table",
+    "tokenize_manifest",
+    "tokenize_samples",
+]
 
 _FLUSH_ROWS = 16384  # rows buffered per Parquet row group
+#: Bytes of padded ids and masks held at once (per tokenizer call and per row group): bounds memory at a large
+#: ``max_length`` by using fewer rows per batch.
+_BUFFER_BYTES = 256 << 20
+_BYTES_PER_POSITION = 5  # int32 id + int8 mask
 
 
 @dataclass
@@ -51,6 +71,7 @@ class TokenizeReport:
         rejected_by_reason: reject counts by reason code.
         lengths: the length report (see :meth:`LengthHistogram.summary`), over written rows.
         tokens: real (unpadded) tokens written; ``tokens_per_s`` over the whole run, file reading included.
+        duplicate_ids: written rows whose id an earlier row already used (see the module docs).
     """
 
     manifest: str
@@ -64,6 +85,7 @@ class TokenizeReport:
     rejected_by_reason: dict[str, int] = field(default_factory=dict)
     lengths: dict[str, Any] = field(default_factory=dict)
     tokens: int = 0
+    duplicate_ids: int = 0
     seconds: float = 0.0
     tokens_per_s: float = 0.0
     warnings: list[str] = field(default_factory=list)
@@ -79,39 +101,40 @@ def rejects_path_for(out: str | os.PathLike[str]) -> Path:
     return p.with_name(p.name + ".rejected.jsonl")
 
 
-def token_table(batch: TokenBatch, ids: list[str], lines: list[int]) -> Any:
-    """A pyarrow Table with the output columns for one encoded batch."""
-    import pyarrow as pa
-
-    n, length = batch.input_ids.shape
-    offsets = pa.array(np.arange(0, n * length + 1, length, dtype=np.int32))
-    return pa.table(
-        {
-            "id": pa.array(ids, pa.string()),
-            "line": pa.array(lines, pa.int64()),
-            "input_ids": pa.ListArray.from_arrays(offsets, pa.array(batch.input_ids.reshape(-1))),
-            "attention_mask": pa.ListArray.from_arrays(offsets, pa.array(batch.attention_mask.reshape(-1))),
-            "n_tokens": pa.array(batch.n_tokens),
-            "num_truncated_tokens": pa.array(np.maximum(batch.n_tokens - length, 0).astype(np.int32)),
-            "truncated": pa.array(batch.truncated),
-        }
-    )
-
-
-def _schema(metadata: dict[str, Any]) -> Any:
+def _schema(max_length: int, metadata: dict[str, Any] | None = None) -> Any:
     import pyarrow as pa
 
     return pa.schema(
         [
             ("id", pa.string()),
             ("line", pa.int64()),
-            ("input_ids", pa.list_(pa.int32())),
-            ("attention_mask", pa.list_(pa.uint8())),
+            ("input_ids", pa.list_(pa.int32(), max_length)),
+            ("attention_mask", pa.list_(pa.int8(), max_length)),
             ("n_tokens", pa.int32()),
             ("num_truncated_tokens", pa.int32()),
             ("truncated", pa.bool_()),
         ],
-        metadata={"mmprep": json.dumps(metadata, sort_keys=True)},
+        metadata=None if metadata is None else {"mmprep": json.dumps(metadata, sort_keys=True)},
+    )
+
+
+def token_table(batch: TokenBatch, ids: list[str], lines: list[int]) -> Any:
+    """A pyarrow Table with the output columns for one encoded batch."""
+    import pyarrow as pa
+
+    length = batch.input_ids.shape[1]
+    mask = batch.attention_mask.view(np.int8)  # 0/1: the same bytes as int8
+    return pa.Table.from_arrays(
+        [
+            pa.array(ids, pa.string()),
+            pa.array(lines, pa.int64()),
+            pa.FixedSizeListArray.from_arrays(pa.array(batch.input_ids.reshape(-1)), length),
+            pa.FixedSizeListArray.from_arrays(pa.array(mask.reshape(-1)), length),
+            pa.array(batch.n_tokens),
+            pa.array(np.maximum(batch.n_tokens - length, 0).astype(np.int32)),
+            pa.array(batch.truncated),
+        ],
+        schema=_schema(length),
     )
 
 
@@ -122,6 +145,18 @@ def _check_paths(manifest: str, out: Path) -> None:
         raise UsageError(f"--out {out}: the directory {out.parent} does not exist", hint="create it first")
     if manifest != "-" and Path(manifest).exists() and Path(manifest).resolve() == out.resolve():
         raise UsageError(f"--out {out} is the input manifest", hint="write the tokens to another file")
+
+
+def check_plot_path(plot: str | os.PathLike[str]) -> None:
+    """Raise :class:`UsageError` when a ``--plot`` file cannot be written there (checked before any work)."""
+    path = Path(plot)
+    if path.is_dir():
+        raise UsageError(f"--plot {path}: is a directory", hint="pass a file name such as lengths.png")
+    parent = path.parent
+    if not parent.is_dir():
+        raise UsageError(f"--plot {path}: the directory {parent} does not exist", hint="create it first")
+    if not os.access(parent, os.W_OK):
+        raise UsageError(f"--plot {path}: the directory {parent} is not writable", hint="choose another directory")
 
 
 def tokenize_manifest(
@@ -138,7 +173,8 @@ def tokenize_manifest(
 ) -> tuple[TokenizeReport, LengthHistogram]:
     """Tokenise the text of every manifest row into ``out`` (Parquet) and ``<out>.rejected.jsonl``.
 
-    Reads the manifest as a stream and encodes ``batch_size`` rows at a time, so memory stays bounded.
+    Reads the manifest as a stream and encodes ``batch_size`` rows at a time (fewer when ``max_length`` is very
+    large), so memory stays bounded.
 
     Args:
         manifest: a manifest path (JSONL, JSON list, CSV, Parquet) or ``-`` for stdin.
@@ -165,6 +201,52 @@ def tokenize_manifest(
     _check_paths(manifest, out_path)
     started = time.perf_counter()
     enc = encoder if encoder is not None else TextEncoder(tokenizer_dir, cfg)
+    return _write_tokens(
+        iter_samples(manifest, columns, fmt=fmt), out_path, enc, cfg, manifest=manifest,
+        tokenizer_dir=str(tokenizer_dir), batch_size=batch_size, progress=progress, started=started,
+    )
+
+
+def tokenize_samples(
+    items: Iterable[Sample | Rejected],
+    out: str | os.PathLike[str],
+    encoder: TextEncoder,
+    *,
+    batch_size: int = 1024,
+    progress: Callable[[int], None] | None = None,
+    source: str = "<samples>",
+) -> tuple[TokenizeReport, LengthHistogram]:
+    """:func:`tokenize_manifest` for samples already read (e.g. by :func:`mmprep.manifest.iter_samples`).
+
+    ``items`` may hold :class:`Rejected` rows from reading; they go to the rejects file and count as rows read.
+    The settings are ``encoder.cfg``; ``source`` names the input in the report.
+    """
+    if batch_size < 1:
+        raise UsageError(f"--batch-size must be at least 1, got {batch_size}")
+    out_path = Path(out)
+    _check_paths(source, out_path)
+    return _write_tokens(
+        items, out_path, encoder, encoder.cfg, manifest=source, tokenizer_dir=encoder.tokenizer_dir,
+        batch_size=batch_size, progress=progress, started=time.perf_counter(),
+    )
+
+
+def _write_tokens(
+    items: Iterable[Sample | Rejected],
+    out_path: Path,
+    enc: TextEncoder,
+    cfg: TextConfig,
+    *,
+    manifest: str,
+    tokenizer_dir: str,
+    batch_size: int,
+    progress: Callable[[int], None] | None,
+    started: float,
+) -> tuple[TokenizeReport, LengthHistogram]:
+    # Rows per tokenizer call and per row group, bounded so padded arrays stay within _BUFFER_BYTES.
+    max_rows = max(1, _BUFFER_BYTES // (_BYTES_PER_POSITION * cfg.max_length))
+    batch_size = min(batch_size, max_rows)
+    flush_at = min(_FLUSH_ROWS, max_rows)
     rej_path = rejects_path_for(out_path)
     report = TokenizeReport(
         manifest=manifest,
@@ -176,6 +258,7 @@ def tokenize_manifest(
     )
     hist = LengthHistogram()
     reasons: Counter[str] = Counter()
+    first_dup = ""
     tmp_out = out_path.with_name(f".{out_path.name}.tmp-{os.getpid()}")
     tmp_rej = rej_path.with_name(f".{rej_path.name}.tmp-{os.getpid()}")
 
@@ -184,7 +267,7 @@ def tokenize_manifest(
 
     metadata = {
         "tokenizer": enc.name_or_path,
-        "tokenizer_dir": str(tokenizer_dir),
+        "tokenizer_dir": tokenizer_dir,
         "vocab_size": enc.vocab_size,
         "pad_token": enc.pad_token,
         "pad_token_id": enc.pad_token_id,
@@ -193,7 +276,7 @@ def tokenize_manifest(
     writer = None
     try:
         try:
-            writer = pq.ParquetWriter(str(tmp_out), _schema(metadata))
+            writer = pq.ParquetWriter(str(tmp_out), _schema(cfg.max_length, metadata))
             rej_fh = tmp_rej.open("w", encoding="utf-8")
         except OSError as exc:
             raise RunFailed(f"{out_path}: cannot write: {exc.strerror or exc}") from None
@@ -221,7 +304,7 @@ def tokenize_manifest(
                 texts.clear()
                 ids.clear()
                 lines.clear()
-                if pending_rows >= _FLUSH_ROWS:
+                if pending_rows >= flush_at:
                     flush_rows()
 
             def flush_rows() -> None:
@@ -231,7 +314,8 @@ def tokenize_manifest(
                     pending.clear()
                     pending_rows = 0
 
-            for item in iter_samples(manifest, columns, fmt=fmt):
+            seen: dict[str, int] = {}
+            for item in items:
                 report.rows_in += 1
                 if isinstance(item, Rejected):
                     reject(item)
@@ -242,6 +326,11 @@ def tokenize_manifest(
                 except TextError as exc:
                     reject(Rejected(item.line, item.id, "text", exc.reason, f"{item.source}:{item.line}: {exc.detail}"))
                     continue
+                first = seen.setdefault(item.id, item.line)
+                if first != item.line:
+                    if not report.duplicate_ids:
+                        first_dup = f"{item.source}:{item.line}: id '{item.id}' already used on line {first}"
+                    report.duplicate_ids += 1
                 texts.append(rendered)
                 ids.append(item.id)
                 lines.append(item.line)
@@ -261,6 +350,11 @@ def tokenize_manifest(
             writer.close()
         for tmp in (tmp_out, tmp_rej):
             tmp.unlink(missing_ok=True)
+    if report.duplicate_ids:
+        report.warnings.append(
+            f"{report.duplicate_ids:,} written row(s) reuse an id of an earlier row ({first_dup}); they are kept "
+            "and the line column tells them apart, but mmprep pack rejects them as duplicate_id"
+        )
     report.rows_rejected = sum(reasons.values())
     report.rejected_by_reason = dict(reasons.most_common())
     report.lengths = hist.summary(cfg.max_length)
@@ -269,8 +363,33 @@ def tokenize_manifest(
     return report, hist
 
 
+_TITLE_CHARS = 70
+
+
+def _short_title(title: str) -> str:
+    """A title that fits the figure: long ones keep their start and end around an ellipsis."""
+    if len(title) <= _TITLE_CHARS:
+        return title
+    keep = _TITLE_CHARS - 1
+    return title[: keep // 2] + "…" + title[len(title) - (keep - keep // 2) :]
+
+
+def _length_bins(counts: np.ndarray, max_length: int, max_bins: int = 120) -> tuple[np.ndarray, np.ndarray, int]:
+    """Histogram bins over token counts: ``(starts, rows, width)``, bin ``k`` holding counts ``starts[k] ..
+    starts[k] + width - 1``. Bins are aligned so that ``max_length + 1`` starts a bin: no bin mixes kept rows with
+    truncated ones."""
+    top = len(counts)
+    width = max(1, int(np.ceil(top / max_bins)))
+    first = (max_length + 1) % width
+    first = first - width if first else 0  # the first bin start, <= 0 (count 0 falls in the first bin)
+    binned = np.bincount((np.arange(top) - first) // width, weights=counts).astype(np.int64)
+    return first + width * np.arange(len(binned)), binned, width
+
+
 def plot_lengths(hist: LengthHistogram, max_length: int, path: str | os.PathLike[str], *, title: str = "") -> None:
     """Draw the token-count histogram with the max length (and the 99% length) marked, as a PNG.
+
+    The PNG is written under a temporary name and renamed. Long titles are shortened around an ellipsis.
 
     Raises:
         MissingDependencyError: matplotlib is not installed (extra ``plot``).
@@ -279,19 +398,19 @@ def plot_lengths(hist: LengthHistogram, max_length: int, path: str | os.PathLike
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
+        from matplotlib.ticker import MaxNLocator
     except ImportError:
         raise MissingDependencyError("matplotlib", "plot", purpose="--plot") from None
-    counts = hist.counts
+    from mmprep.shards import atomic_write_bytes
+
     fig = Figure(figsize=(8, 4.5), dpi=100)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
     if hist.total:
-        top = len(counts)
-        width = max(1, int(np.ceil(top / 120)))
-        edges = np.arange(0, top + width, width)
-        binned = np.add.reduceat(counts, edges[:-1]) if top else counts
-        # Bars span [n - 0.5, n + width - 0.5): the max-length line at L + 0.5 splits kept from truncated rows.
-        ax.bar(edges[:-1] - 0.5, binned, width=width, align="edge", color="#4C72B0", linewidth=0)
+        starts, rows, width = _length_bins(hist.counts, max_length)
+        # Count n is drawn over [n - 0.5, n + 0.5): the max-length line at L + 0.5 is a bin edge and splits kept
+        # rows from truncated ones.
+        ax.bar(starts - 0.5, rows, width=width, align="edge", color="#4C72B0", linewidth=0)
         summary = hist.summary(max_length)
         ax.axvline(
             max_length + 0.5, color="#C44E52", linestyle="--",
@@ -300,13 +419,10 @@ def plot_lengths(hist: LengthHistogram, max_length: int, path: str | os.PathLike
         ax.axvline(summary["covers_99_pct"] + 0.5, color="#555555", linestyle=":",
                    label=f"99% of rows fit in {summary['covers_99_pct']}")
         ax.legend(loc="upper right")
-    from matplotlib.ticker import MaxNLocator
-
     ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("tokens per row (before truncation)")
     ax.set_ylabel("rows")
-    ax.set_title(title or "token counts")
-    try:
-        fig.savefig(str(path), format="png")
-    except OSError as exc:
-        raise RunFailed(f"{path}: cannot write the plot: {exc.strerror or exc}") from None
+    ax.set_title(_short_title(title or "token counts"), fontsize="medium")
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    atomic_write_bytes(path, buf.getvalue())

@@ -9,6 +9,7 @@ Unigram model (Metaspace pre-tokenizer, a T5-style ``</s>`` suffix).
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 HERE = Path(__file__).parent
@@ -16,6 +17,7 @@ REPO = HERE.parent
 CLIP_DIR = REPO / "sample_data" / "tokenizers" / "clip"
 MINILM_DIR = HERE / "data" / "tokenizers" / "minilm"
 TEXT_DATA = HERE / "data" / "text"
+SP_LLAMA_DIR = HERE / "data" / "tokenizers" / "sp_llama_coco"  # a SentencePiece model without tokenizer.json
 
 CHAT_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}</s>\n{% endfor %}"
@@ -91,3 +93,12 @@ def build_unigram(directory: Path) -> Path:
     }
     (directory / "tokenizer_config.json").write_text(json.dumps(cfg))
     return directory
+
+
+def copy_tokenizer(src: Path, dst: Path) -> Path:
+    """A copy of a tokenizer directory (its regular files), to change or move without touching the original."""
+    dst.mkdir(parents=True)
+    for f in src.iterdir():
+        if f.is_file() and f.name != "ATTRIBUTION.md":
+            shutil.copyfile(f, dst / f.name)
+    return dst

@@ -4,15 +4,31 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from _text_helpers import CLIP_DIR, MINILM_DIR, REPO, TEXT_DATA, build_bytelevel_bpe
 from typer.testing import CliRunner
 
+from mmprep import text_tokenize
 from mmprep.cli import app
 from mmprep.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE
+from mmprep.manifest import iter_samples
+from mmprep.text import LengthHistogram, TextConfig, TextEncoder
+from mmprep.text_tokenize import _length_bins, _short_title, tokenize_manifest, tokenize_samples
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _tokenizer_cache_in_tmp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Converted tokenizers are cached under a temporary directory, never the real home."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MMPREP_CACHE_DIR", str(tmp_path_factory.mktemp("mmprep-cache")))
+        mp.delenv("MMPREP_NO_CACHE", raising=False)
+        yield
 
 runner = CliRunner()
 SAMPLE_MANIFEST = REPO / "sample_data" / "manifest.jsonl"
@@ -35,6 +51,9 @@ def test_sample_manifest_with_clip_json_report(tmp_path: Path) -> None:
     report = json.loads(result.stdout)  # stdout is only the JSON report
     table = pq.read_table(out)
     assert table.column_names == COLUMNS
+    # The token columns have the types of `mmprep pack` shards.
+    assert table.schema.field("input_ids").type == pa.list_(pa.int32(), 20)
+    assert table.schema.field("attention_mask").type == pa.list_(pa.int8(), 20)
     assert table.num_rows == report["rows_written"] == report["rows_in"] == 18
     rows = table.to_pylist()
     assert [r["id"] for r in rows] == [f"s{i:03d}" for i in range(1, 19)]
@@ -165,14 +184,53 @@ def test_gpt2_style_tokenizer_pad_fallback_and_explicit_pad(tmp_path: Path) -> N
 
 
 def test_plot(tmp_path: Path) -> None:
+    from PIL import Image
+
     out, png = tmp_path / "o.parquet", tmp_path / "lengths.png"
     result = _run(
         str(SAMPLE_MANIFEST), "--tokenizer", str(CLIP_DIR), "--max-length", "16", "--out", str(out),
         "--plot", str(png), "--json",
     )
     assert result.exit_code == EXIT_OK, result.stderr
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with Image.open(png) as im:
+        assert im.format == "PNG" and im.size == (800, 450)
+        im.load()
     assert json.loads(result.stdout)["plot"] == str(png)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lengths.png", "o.parquet", "o.parquet.rejected.jsonl"]
+
+
+@pytest.mark.parametrize("where", ["missing-dir", "is-a-dir"])
+def test_bad_plot_destination_is_a_usage_error_before_any_work(tmp_path: Path, where: str) -> None:
+    png = tmp_path / "missing" / "p.png" if where == "missing-dir" else tmp_path
+    out = tmp_path / "o.parquet"
+    result = _run(
+        str(SAMPLE_MANIFEST), "--tokenizer", str(CLIP_DIR), "--max-length", "16", "--out", str(out),
+        "--plot", str(png), "--json",
+    )
+    assert result.exit_code == EXIT_USAGE
+    assert "--plot" in result.stderr and "Traceback" not in result.stderr and result.stdout == ""
+    assert list(tmp_path.iterdir()) == []  # nothing tokenised, nothing written
+
+
+@pytest.mark.parametrize("max_length", [1, 5, 16, 77, 200, 399, 400, 1000])
+def test_length_bins_put_the_max_length_on_a_bin_edge(max_length: int) -> None:
+    rng = np.random.default_rng(max_length)
+    hist = LengthHistogram()
+    hist.add(rng.integers(0, 700, size=500))
+    starts, rows, width = _length_bins(hist.counts, max_length)
+    assert width == int(np.ceil(len(hist.counts) / 120)) and np.all(np.diff(starts) == width)
+    assert starts[0] <= 0 < starts[0] + width and starts[-1] < len(hist.counts) <= starts[-1] + width
+    assert (max_length + 1 - starts[0]) % width == 0  # max_length + 1 starts a bin: kept and truncated never share
+    assert int(rows.sum()) == hist.total
+    values = np.repeat(np.arange(len(hist.counts)), hist.counts)
+    assert rows.tolist() == [int(((values >= a) & (values < a + width)).sum()) for a in starts]
+
+
+def test_long_plot_titles_are_shortened() -> None:
+    assert _short_title("coco.json — clip") == "coco.json — clip"
+    long = "/very/long/path/" * 10 + "manifest.jsonl — " + "tokenizer" * 5
+    short = _short_title(long)
+    assert len(short) == 70 and "…" in short and short.startswith("/very/long") and short.endswith("tokenizer")
 
 
 def test_plot_without_matplotlib_is_a_usage_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -203,6 +261,67 @@ def test_usage_errors(tmp_path: Path, args: list[str], message: str) -> None:
     assert result.exit_code == EXIT_USAGE
     assert message in result.stderr and "Traceback" not in result.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_huge_max_length_is_a_usage_error(tmp_path: Path) -> None:
+    result = _run(str(SAMPLE_MANIFEST), "--tokenizer", str(CLIP_DIR), "--max-length", "1000000000",
+                  "--out", str(tmp_path / "o.parquet"))
+    assert result.exit_code == EXIT_USAGE
+    assert "above the limit of 1,048,576" in result.stderr and "internal error" not in result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_large_max_length_uses_smaller_batches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = TextConfig(max_length=1000)
+    enc = TextEncoder(CLIP_DIR, cfg)
+    manifest = TEXT_DATA / "coco_fakecap_results_60.json"
+    full = tmp_path / "full.parquet"
+    tokenize_manifest(str(manifest), CLIP_DIR, full, cfg, encoder=enc)
+    monkeypatch.setattr(text_tokenize, "_BUFFER_BYTES", 5 * 1000 * 7)  # room for 7 padded rows
+    batches: list[int] = []
+    small = tmp_path / "small.parquet"
+    report, _ = tokenize_manifest(str(manifest), CLIP_DIR, small, cfg, encoder=enc, progress=batches.append)
+    assert batches == [7] * 8 + [4] and report.rows_written == 60
+    assert pq.ParquetFile(small).metadata.row_group(0).num_rows == 7
+    assert pq.read_table(small).equals(pq.read_table(full))
+
+
+def test_duplicate_ids_are_kept_and_flagged(tmp_path: Path) -> None:
+    """Real LLaVA QA data repeats an image id for each question: rows are kept, the reuse is counted and warned."""
+    manifest = tmp_path / "m.jsonl"
+    rows = [{"id": "a", "text": "one"}, {"id": "b", "text": "two"}, {"id": "a", "text": "three"},
+            {"id": "a", "text": "four"}]
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "o.parquet"
+    result = _run(str(manifest), "--tokenizer", str(CLIP_DIR), "--max-length", "8", "--out", str(out), "--json")
+    assert result.exit_code == EXIT_OK, result.stderr
+    written = pq.read_table(out).to_pylist()
+    assert [(r["id"], r["line"]) for r in written] == [("a", 1), ("b", 2), ("a", 3), ("a", 4)]
+    assert _rejects(out) == []
+    report = json.loads(result.stdout)
+    assert report["duplicate_ids"] == 2
+    (note,) = [w for w in report["warnings"] if "reuse an id" in w]
+    assert f"{manifest}:3: id 'a' already used on line 1" in note and "duplicate_id" in note
+    assert "reuse an id" in result.stderr
+    unique = _run(str(SAMPLE_MANIFEST), "--tokenizer", str(CLIP_DIR), "--max-length", "8", "--out", str(out), "--json")
+    assert json.loads(unique.stdout)["duplicate_ids"] == 0 and "reuse an id" not in unique.stderr
+
+
+def test_tokenize_samples_writes_what_tokenize_manifest_writes(tmp_path: Path) -> None:
+    cfg = TextConfig(max_length=32)
+    enc = TextEncoder(MINILM_DIR, cfg)
+    manifest = TEXT_DATA / "mllm_demo.json"
+    a, b = tmp_path / "a.parquet", tmp_path / "b.parquet"
+    ra, _ = tokenize_manifest(str(manifest), MINILM_DIR, a, cfg, encoder=enc)
+    rb, _ = tokenize_samples(list(iter_samples(str(manifest))), b, enc, source=str(manifest))
+    assert a.read_bytes() == b.read_bytes()
+    assert (ra.rows_in, ra.rows_written, ra.lengths) == (rb.rows_in, rb.rows_written, rb.lengths)
+
+
+def test_help_shows_the_caption_separator_default() -> None:
+    result = runner.invoke(app, ["tokenize", "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == EXIT_OK
+    assert "(default: one space)" in result.stdout and "[default:  ]" not in result.stdout
 
 
 def test_missing_manifest_and_output_directory(tmp_path: Path) -> None:

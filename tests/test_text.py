@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import pickle
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +16,7 @@ from _text_helpers import (
     CHAT_TEMPLATE,
     CLIP_DIR,
     MINILM_DIR,
+    SP_LLAMA_DIR,
     TEXT_DATA,
     build_bytelevel_bpe,
     build_unigram,
@@ -23,6 +26,7 @@ from _text_helpers import (
 from mmprep.errors import InputError, UsageError
 from mmprep.records import Sample
 from mmprep.text import (
+    MAX_LENGTH_LIMIT,
     LengthHistogram,
     TextConfig,
     TextEncoder,
@@ -31,6 +35,15 @@ from mmprep.text import (
     inline_images,
     sample_image_count,
 )
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _tokenizer_cache_in_tmp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Converted tokenizers are cached under a temporary directory, never the real home."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MMPREP_CACHE_DIR", str(tmp_path_factory.mktemp("mmprep-cache")))
+        mp.delenv("MMPREP_NO_CACHE", raising=False)
+        yield
 
 CAT = "a photo of a cat"
 CLIP_CAT = [49406, 320, 1125, 539, 320, 2368, 49407]
@@ -214,6 +227,27 @@ def test_missing_and_unusable_tokenizer_directories(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="cannot load a tokenizer") as info:
         TextEncoder(empty, TextConfig())
     assert "tokenizer.json" in (info.value.hint or "")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("sentencepiece") is not None, reason="sentencepiece is installed")
+def test_sentencepiece_model_without_the_package_names_the_package() -> None:
+    """A real SentencePiece model, no tokenizer.json: the message names sentencepiece, not transformers' tiktoken."""
+    with pytest.raises(InputError) as info:
+        TextEncoder(SP_LLAMA_DIR, TextConfig(max_length=16))
+    err = info.value
+    assert "SentencePiece model (tokenizer.model)" in err.message and "'sentencepiece'" in err.message
+    assert "tiktoken" not in str(err)
+    assert "pip install sentencepiece protobuf" in (err.hint or "") and "tokenizer.json" in (err.hint or "")
+
+
+def test_huge_max_length_is_a_usage_error_before_loading(tmp_path: Path) -> None:
+    cfg = TextConfig(max_length=1_000_000_000)
+    with pytest.raises(UsageError, match="above the limit of 1,048,576") as info:
+        cfg.validate()
+    assert "--max-length" in (info.value.hint or "")
+    with pytest.raises(UsageError, match="above the limit"):
+        TextEncoder(tmp_path / "not-even-a-directory", cfg)  # checked before the tokenizer is looked at
+    TextConfig(max_length=MAX_LENGTH_LIMIT).validate()
 
 
 def test_max_length_must_leave_room_for_text() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -35,7 +36,11 @@ def tokenize(
     ] = "first",
     seed: Annotated[int, typer.Option("--seed", help="Seed for --caption random (per-sample, deterministic).")] = 0,
     caption_separator: Annotated[
-        str, typer.Option("--caption-separator", metavar="TEXT", help="Joins captions for --caption all.")
+        str,
+        typer.Option(
+            "--caption-separator", metavar="TEXT", show_default=False,
+            help="Joins captions for --caption all (default: one space).",
+        ),
     ] = " ",
     padding_side: Annotated[str, typer.Option("--padding-side", metavar="SIDE", help="right|left.")] = "right",
     truncation_side: Annotated[
@@ -68,7 +73,7 @@ def tokenize(
     def body() -> int:
         from mmprep.manifest import ColumnMap
         from mmprep.text import TextConfig, TextEncoder
-        from mmprep.text_tokenize import plot_lengths, tokenize_manifest
+        from mmprep.text_tokenize import check_plot_path, plot_lengths, tokenize_manifest
 
         cfg = TextConfig(
             max_length=max_length,
@@ -88,6 +93,7 @@ def tokenize(
                 import matplotlib  # noqa: F401
             except ImportError:
                 raise MissingDependencyError("matplotlib", "plot", purpose="--plot") from None
+            check_plot_path(plot)
         encoder = TextEncoder(tokenizer, cfg)
         for note in encoder.warnings:
             out_.warn(note)
@@ -97,8 +103,11 @@ def tokenize(
                 manifest, tokenizer, out, cfg, columns=columns, fmt=format, batch_size=batch_size,
                 progress=bar.update, encoder=encoder,
             )
+        for note in report.warnings[len(encoder.warnings) :]:  # the run's own (the encoder's were shown above)
+            out_.warn(note)
         if plot is not None:
-            plot_lengths(hist, max_length, plot, title=f"{manifest} — {report.tokenizer}")
+            title = f"{Path(manifest).name if manifest != '-' else 'stdin'} — {Path(report.tokenizer).name}"
+            plot_lengths(hist, max_length, plot, title=title)
             report.plot = plot
         _render(out_, report)
         if report.rows_in > 0 and report.rows_written == 0:
