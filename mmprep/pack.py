@@ -19,13 +19,13 @@ import stat
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mmprep.errors import RunFailed, UsageError
 from mmprep.manifest import iter_samples
-from mmprep.process import PackConfig, SampleProcessor, default_row_group_rows, with_defaults
+from mmprep.process import ROW_GROUP_BYTES, PackConfig, SampleProcessor, default_row_group_rows, with_defaults
 from mmprep.records import Rejected, Sample
 from mmprep.shards import (
     INDEX_NAME,
@@ -40,7 +40,8 @@ from mmprep.storage import PackLocations, read_parquet_schema, staged_file, writ
 if TYPE_CHECKING:
     from mmprep.storage import Location, RemoteOutputDir
 
-__all__ = ["DEFAULT_SHARD_SIZE", "PackReport", "iter_items", "pack", "pack_chunk", "plan_rows_per_shard"]
+__all__ = ["DEFAULT_SHARD_SIZE", "PackReport", "estimate_row_bytes", "iter_items", "pack", "pack_chunk",
+           "plan_rows_per_shard"]
 
 DEFAULT_SHARD_SIZE = 512 * 1024 * 1024
 # With the default shard size, inputs smaller than MIN_SHARDS full shards are cut into MIN_SHARDS shards (of at
@@ -106,25 +107,29 @@ def plan_rows_per_shard(
     """
     if cfg.rows_per_shard:
         return cfg.rows_per_shard
-    limit = cfg.shard_size or DEFAULT_SHARD_SIZE
+    return max(1, (cfg.shard_size or DEFAULT_SHARD_SIZE) // estimate_row_bytes(cfg, head, image_bytes))
+
+
+def estimate_row_bytes(
+    cfg: PackConfig, head: list[Sample | Rejected], image_bytes: Callable[[str], int] | None = None
+) -> int:
+    """Bytes of one packed row: exact for padded rows, the mean over ``head`` of the image files for ``--pad none``."""
     text_bytes = (cfg.text.max_length * 5 if cfg.tokenizer else 0) + 512
     if cfg.pad == "max":
-        row = cfg.pixel_bytes() + text_bytes
-    else:
-        sizes = []
-        root = cfg.root
-        for item in head:
-            if isinstance(item, Sample):
-                total = 0
-                for ref in item.images[: cfg.limit_images]:
-                    if image_bytes is not None:
-                        total += image_bytes(ref)
-                        continue
-                    with contextlib.suppress(OSError):
-                        total += (root / ref).stat().st_size
-                sizes.append(total)
-        row = (sum(sizes) // len(sizes) if sizes else 256 * 1024) + text_bytes
-    return max(1, limit // max(1, row))
+        return cfg.pixel_bytes() + text_bytes
+    sizes = []
+    root = cfg.root
+    for item in head:
+        if isinstance(item, Sample):
+            total = 0
+            for ref in item.images[: cfg.limit_images]:
+                if image_bytes is not None:
+                    total += image_bytes(ref)
+                    continue
+                with contextlib.suppress(OSError):
+                    total += (root / ref).stat().st_size
+            sizes.append(total)
+    return max(1, (sum(sizes) // len(sizes) if sizes else 256 * 1024) + text_bytes)
 
 
 def _rereadable(manifest: str) -> bool:
@@ -336,7 +341,10 @@ def _pack_run(
         head.append(item)
         if len(head) >= 64:
             break
-    rows_per_shard = plan_rows_per_shard(cfg, head, where.images.size if where.images is not None else None)
+    row_bytes = estimate_row_bytes(cfg, head, where.images.size if where.images is not None else None)
+    rows_per_shard = cfg.rows_per_shard or max(1, (cfg.shard_size or DEFAULT_SHARD_SIZE) // row_bytes)
+    if cfg.row_group_rows is None:  # --pad none: row groups of ~32 MB of encoded images, like padded ones
+        cfg = replace(cfg, row_group_rows=max(1, min(1024, ROW_GROUP_BYTES // row_bytes)))
     if cfg.rows_per_shard is None and cfg.shard_size is None:
         # The default size: a small input is still cut into MIN_SHARDS shards, so every worker gets work. Whether
         # the input is small is found by reading ahead (the rows read are kept), so the plan depends on the

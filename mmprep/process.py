@@ -447,15 +447,22 @@ def _read_bytes(path: Path) -> bytes:
         os.close(fd)
 
 
+ROW_GROUP_BYTES = 32 << 20  # about this much image data per Parquet row group (the unit of random access)
+
+
 def default_row_group_rows(cfg: PackConfig) -> int:
-    """Rows per row group: about 32 MB of pixels for padded shards (random access), 256 rows otherwise."""
+    """Rows per row group: about 32 MB of pixels for padded shards; for ``--pad none`` the value the pack
+    planned from the image file sizes (256 when nothing planned it)."""
     if cfg.row_group_rows:
         return cfg.row_group_rows
     if cfg.pad == "max":
-        return max(1, min(1024, (32 << 20) // max(1, cfg.pixel_bytes())))
+        return max(1, min(1024, ROW_GROUP_BYTES // max(1, cfg.pixel_bytes())))
     return 256
 
 
 def with_defaults(cfg: PackConfig) -> PackConfig:
-    """Fill derived defaults (row-group rows) so the stored config says what was used."""
+    """Fill derived defaults (padded row-group rows) so the stored config says what was used. For ``--pad none``
+    the row groups are sized later, from the image files (see :func:`mmprep.pack.estimate_row_bytes`)."""
+    if cfg.pad != "max":
+        return cfg
     return replace(cfg, row_group_rows=default_row_group_rows(cfg))

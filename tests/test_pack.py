@@ -338,3 +338,23 @@ def test_small_inputs_are_cut_into_enough_shards_for_every_worker(tmp_path) -> N
     explicit = pack(PackConfig(out=str(tmp_path / "e"), shard_size=512 << 20, **base), workers=1)
     assert len(explicit.shards) == 1 and explicit.rows_per_shard > 400
     assert two.written == one.written == 399  # row 0 points at a missing image
+
+
+def test_pad_none_row_groups_are_sized_by_image_bytes(tmp_path) -> None:
+    """Encoded rows vary in size: their row groups hold ~32 MB of image files (estimated from the first rows),
+    not a fixed number of rows, so a worker never holds gigabytes of large originals at once."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from _reliab_helpers import write_noise_corpus
+
+    manifest = write_noise_corpus(tmp_path / "c", rows=120, side=512, every_missing=1000)  # ~770 KB noise PNGs
+    out = tmp_path / "o"
+    report = pack(PackConfig(manifest=str(manifest), out=str(out), pad="none", image=ImageConfig(size=None,
+                             resize_mode="none"), limit_images=1, rows_per_shard=120), workers=1)
+    assert report.written == 119
+    meta = pq.read_metadata(out / "shard-00000.parquet")
+    sizes = [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
+    assert meta.num_row_groups >= 2 and max(sizes) < 119
+    index = json.loads((out / "index.json").read_text())
+    assert index["config"]["row_group_rows"] == max(sizes)
