@@ -11,4 +11,5 @@ def _mmprep_cache_in_tmp(tmp_path_factory: pytest.TempPathFactory):
     real home directory."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MMPREP_CACHE_DIR", str(tmp_path_factory.mktemp("mmprep-cache")))
+        mp.delenv("MMPREP_NO_CACHE", raising=False)
         yield

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -20,15 +19,6 @@ from mmprep.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE
 from mmprep.manifest import iter_samples
 from mmprep.text import LengthHistogram, TextConfig, TextEncoder
 from mmprep.text_tokenize import _length_bins, _short_title, tokenize_manifest, tokenize_samples
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _tokenizer_cache_in_tmp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    """Converted tokenizers are cached under a temporary directory, never the real home."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MMPREP_CACHE_DIR", str(tmp_path_factory.mktemp("mmprep-cache")))
-        mp.delenv("MMPREP_NO_CACHE", raising=False)
-        yield
 
 runner = CliRunner()
 SAMPLE_MANIFEST = REPO / "sample_data" / "manifest.jsonl"

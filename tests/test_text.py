@@ -7,7 +7,6 @@ import json
 import pickle
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -35,15 +34,6 @@ from mmprep.text import (
     inline_images,
     sample_image_count,
 )
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _tokenizer_cache_in_tmp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    """Converted tokenizers are cached under a temporary directory, never the real home."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MMPREP_CACHE_DIR", str(tmp_path_factory.mktemp("mmprep-cache")))
-        mp.delenv("MMPREP_NO_CACHE", raising=False)
-        yield
 
 CAT = "a photo of a cat"
 CLIP_CAT = [49406, 320, 1125, 539, 320, 2368, 49407]

@@ -2,26 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from functools import cache
 
 import numpy as np
-import pytest
 from _text_helpers import CLIP_DIR, MINILM_DIR, coco_captions
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mmprep.text import LengthHistogram, TextConfig, TextEncoder
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _tokenizer_cache_in_tmp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    """Converted tokenizers are cached under a temporary directory, never the real home."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MMPREP_CACHE_DIR", str(tmp_path_factory.mktemp("mmprep-cache")))
-        mp.delenv("MMPREP_NO_CACHE", raising=False)
-        yield
-
 
 WORDS = [w for c in coco_captions() for w in c.split()][:200]
 # Real caption words mixed with arbitrary unicode, placeholders and whitespace.
