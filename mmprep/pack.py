@@ -74,6 +74,7 @@ class PackReport:
     peak_rss_mb: float = 0.0
     resumed_shards: int = 0
     workers: int = 1
+    engine: str = "local"
     reject_rate: float = 0.0
     failed: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
@@ -301,6 +302,7 @@ def pack(
     report.peak_rss_mb = _peak_rss_mb()
     report.resumed_shards = resumed
     report.workers = workers
+    report.engine = engine
     report.extra.update(extra)
     write_json_file(where.out, RUN_STATS_NAME, {
         "seconds": round(report.seconds, 3), "samples_per_s": round(report.samples_per_s, 2),

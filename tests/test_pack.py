@@ -358,3 +358,13 @@ def test_pad_none_row_groups_are_sized_by_image_bytes(tmp_path) -> None:
     assert meta.num_row_groups >= 2 and max(sizes) < 119
     index = json.loads((out / "index.json").read_text())
     assert index["config"]["row_group_rows"] == max(sizes)
+
+
+def test_verbose_lists_the_plan_and_every_shard(tmp_path) -> None:
+    args = ["pack", str(SAMPLE / "manifest.jsonl"), "--image-size", "16", "--rows-per-shard", "8", "--workers", "1"]
+    loud = runner.invoke(app, [*args, "--out", str(tmp_path / "v"), "-v"])
+    assert loud.exit_code == 0, loud.stderr
+    assert "engine local, 1 worker(s); 8 rows per shard, 3 shard(s), 0 resumed" in loud.stderr
+    assert loud.stderr.count("sha256 ") == 3 and loud.stdout == ""
+    plain = runner.invoke(app, [*args, "--out", str(tmp_path / "p")])
+    assert "rows per shard" not in plain.stderr and "sha256 " not in plain.stderr

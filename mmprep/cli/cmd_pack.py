@@ -248,6 +248,11 @@ def _count_rows(manifest: str) -> int | None:
 
 
 def _render(output: Output, report: PackReport) -> None:
+    output.debug(f"engine {report.engine}, {report.workers} worker(s); {report.rows_per_shard} rows per shard, "
+                 f"{len(report.shards)} shard(s), {report.resumed_shards} resumed from an earlier run")
+    for shard in report.shards:
+        output.debug(f"  {shard['path']}: {shard['rows']} rows, {shard['bytes']:,} bytes, "
+                     f"sha256 {shard['sha256'][:16]}…")
     if output.json_mode:
         output.emit_json(report)
         return
