@@ -3,7 +3,11 @@
 Data: the benchmark corpus (``benchmarks/corpus.py``: real photographs, captions and RAM tags; needs
 ``../shared/realdata``), else ``sample_data``'s 15 good rows repeated, packed once with the real ``pack``
 (CLIP tokenizer, RAM vocabulary, letterbox, ``--limit-images 4 --too-many-images truncate``, zstd) into
-``.bench/reader-*/`` and reused while the parameters are unchanged.
+``.bench/reader-*/`` and reused while the parameters are unchanged. Shards hold a whole number of batches
+(``--rows-per-shard`` = batch size x max(1, samples // (4 x batch size))), so both the default run (1024 samples,
+batch 64: 256-row shards) and ``--quick`` (96 samples, batch 6: 24-row shards) read 4 batches a shard and no batch
+crosses a shard boundary unless rows were rejected (the run prints how many do: there the reader copies the parts
+into one batch, which the per-shard baseline never does).
 
 Methods (same shards, same batch size, every column of the shards, warm page cache):
 
@@ -65,7 +69,22 @@ def _sample_manifest(out: Path, n: int, seed: int) -> Path:
     return path
 
 
-def prepare(samples: int, size: int, seed: int, workers: int) -> tuple[Path, str]:
+def rows_per_shard(samples: int, batch_size: int) -> int:
+    """Shard size for the benchmark pack: a whole number of batches, about 4 shards."""
+    return batch_size * max(1, samples // (4 * batch_size))
+
+
+def crossing_batches(shard_rows: list[int], batch_size: int) -> tuple[int, int]:
+    """(batches that span more than one shard, all batches) when reading ``shard_rows`` in order."""
+    ends = np.cumsum(shard_rows)
+    total = int(ends[-1]) if len(ends) else 0
+    starts = np.arange(0, total, batch_size)
+    first = np.searchsorted(ends, starts, side="right")
+    last = np.searchsorted(ends, np.minimum(starts + batch_size, total) - 1, side="right")
+    return int((first != last).sum()), len(starts)
+
+
+def prepare(samples: int, size: int, seed: int, workers: int, shard_rows: int) -> tuple[Path, str]:
     """Pack (or reuse) the benchmark data; returns the packed directory and a description of the source."""
     from mmprep.images import ImageConfig
     from mmprep.pack import pack
@@ -83,16 +102,17 @@ def prepare(samples: int, size: int, seed: int, workers: int) -> tuple[Path, str
         corpus_dir = REPO_ROOT / ".bench" / f"reader-sample-manifest-{samples}-{seed}"
         manifest = _sample_manifest(corpus_dir, samples, seed)
         source = f"sample_data rows repeated ({corpus_dir.relative_to(REPO_ROOT)}; ../shared/realdata not found)"
-    out = REPO_ROOT / ".bench" / f"reader-packed-{samples}-{seed}-{size}"
+    out = REPO_ROOT / ".bench" / f"reader-packed-{samples}-{seed}-{size}-{shard_rows}"
     stamp = out / "bench-params.json"
-    params = {"samples": samples, "seed": seed, "size": size, "manifest": str(manifest), "version": 1}
+    params = {"samples": samples, "seed": seed, "size": size, "rows_per_shard": shard_rows, "manifest": str(manifest),
+              "version": 2}
     if (out / "index.json").exists() and stamp.exists() and json.loads(stamp.read_text()) == params:
         return out, source
     cfg = PackConfig(
         manifest=str(manifest), out=str(out), image=ImageConfig(size=(size, size), resize_mode="letterbox"),
         limit_images=4, too_many_images="truncate", tokenizer=str(SAMPLE / "tokenizers" / "clip"),
         text=TextConfig(max_length=77), vocab=str(SAMPLE / "ram_tag_list.txt"), unknown_tags="drop",
-        rows_per_shard=max(16, samples // 4),
+        rows_per_shard=shard_rows,
     )
     t0 = time.perf_counter()
     report = pack(cfg, workers=workers, overwrite=True)
@@ -197,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--samples", type=int, default=None, help="manifest rows (default 1024; 96 with --quick)")
     ap.add_argument("--size", type=int, default=None, help="image size (default 224; 64 with --quick)")
-    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--batch-size", type=int, default=None, help="rows a batch (default 64; 6 with --quick)")
     ap.add_argument("--repeats", type=int, default=None, help="rounds (default 5; 3 with --quick)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="pack workers (data preparation)")
@@ -207,10 +227,13 @@ def main(argv: list[str] | None = None) -> int:
     samples = args.samples or (96 if args.quick else 1024)
     size = args.size or (64 if args.quick else 224)
     repeats = max(3, args.repeats or (3 if args.quick else 5))
+    b = args.batch_size or (6 if args.quick else 64)
+    if b < 1:
+        raise SystemExit("--batch-size must be at least 1")
     cmd = ["benchmarks/bench_reader.py", *(sys.argv[1:] if argv is None else argv)]
     print("command: python " + shlex.join(cmd))
 
-    path, source = prepare(samples, size, args.seed, args.workers)
+    path, source = prepare(samples, size, args.seed, args.workers, rows_per_shard(samples, b))
     from mmprep.reader import PackedDataset
 
     ds = PackedDataset(path)
@@ -221,11 +244,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"data: {source}")
     print(f"packed: {path.relative_to(REPO_ROOT)}: {len(ds):,} rows, {len(files)} shards, {data_bytes / 1e6:,.1f} MB "
           f"on disk; pixels {ds.pixels.dtype.name} {list(ds.pixels.shape)} = {ds.pixels.row_bytes / 1e3:,.0f} kB a "
-          f"row; batch size {args.batch_size}; all {len(columns)} columns")
+          f"row; batch size {b}; all {len(columns)} columns")
+    crossing, batches = crossing_batches([s.rows for s in ds.shards], b)
+    print(f"shards of {sorted({s.rows for s in ds.shards}, reverse=True)} rows: {crossing} of {batches} reader "
+          "batches cross a shard boundary (the baseline reads per shard, so it never joins rows of two shards)")
     print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} at start (shared with other "
           f"work: compare ratios, not absolute numbers); medians of {repeats} rotated rounds after a warm-up")
 
-    b = args.batch_size
     epoch = [0]
 
     def take() -> int:
@@ -282,7 +307,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.json_out:
         headline = [{"name": "reader / raw pyarrow columns (samples/s into numpy)", "value": ratio, "target": 0.8,
                      "op": ">="}]
-        Path(args.json_out).write_text(json.dumps({"command": cmd, "rows": len(ds), "results": results,
+        Path(args.json_out).write_text(json.dumps({"command": cmd, "rows": len(ds), "batch_size": b,
+                                                   "rows_per_shard": [sh.rows for sh in ds.shards],
+                                                   "crossing_batches": crossing, "results": results,
                                                    "headline": headline}, indent=2) + "\n")
     return 0
 

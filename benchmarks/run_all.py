@@ -29,7 +29,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 # name -> (script, full-run flags, check-run flags); check flags None: not part of --check.
 SUITE: dict[str, tuple[str, list[str], list[str] | None]] = {
-    "pack": ("bench_pack.py", [], ["--samples", "150", "--repeats", "3", "--methods", "ceiling,pack,blog",
+    "pack": ("bench_pack.py", [], ["--samples", "300", "--repeats", "3", "--methods", "ceiling,pack,blog",
                                    "--rss-factor", "0"]),
     "images": ("bench_images.py", ["--samples", "1000"], ["--samples", "150", "--repeats", "3"]),
     "tokenize": ("bench_tokenize.py", [], ["--quick"]),
@@ -41,8 +41,9 @@ SUITE: dict[str, tuple[str, list[str], list[str] | None]] = {
 
 # Regression bounds for --check (the targets of the issues are in each benchmark's own headline).
 CHECK_BOUNDS: dict[str, float] = {
-    "pack / ceiling": 0.5,
-    "pack / blog": 2.5,
+    # small corpora: pack's fixed start (~0.7 s: manifest, tokenizer, pool) weighs a lot, hence the low bounds
+    "pack / ceiling": 0.25,
+    "pack / blog": 1.5,
     "image path / Pillow draft ceiling": 0.6,
     "tokenize / raw batched fast tokenizer": 0.6,
     "embed / naive one-tag loop": 2.0,
