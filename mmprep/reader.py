@@ -44,6 +44,7 @@ __all__ = [
     "PackedDataset",
     "PixelSpec",
     "ShardEntry",
+    "VocabLookup",
     "denormalize",
     "image_mask",
     "load_index",
@@ -92,12 +93,25 @@ def load_index(path: str | os.PathLike[str]) -> tuple[Path, dict[str, Any]]:
         got = index.get("format") if isinstance(index, dict) else type(index).__name__
         raise InputError(f"{idx}: not an mmprep index (format {got!r})",
                          hint="give the --out directory of `mmprep pack`")
-    if int(index.get("format_version", 0)) > 1:
+    version = index.get("format_version", 0)
+    if count_field(version) is None:
+        raise InputError(f"{idx}: format_version is {version!r}, not a whole number",
+                         hint="the index is damaged; rerun `mmprep pack`")
+    if version > 1:
         raise InputError(f"{idx}: format version {index['format_version']} is newer than this mmprep reads (1)",
                          hint="upgrade mmprep")
     if not isinstance(index.get("shards"), list):
         raise InputError(f"{idx}: no 'shards' list", hint="the index is damaged; rerun `mmprep pack`")
     return p, index
+
+
+def count_field(value: Any) -> int | None:
+    """``value`` when it is a whole number >= 0 as JSON stores one (an int, not a bool or a string), else None.
+
+    Counts in ``index.json`` (rows, bytes, histogram values) are checked with this rather than coerced with
+    ``int()``, so that a damaged index is reported by field instead of failing with a ValueError.
+    """
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
 
 
 @dataclass(frozen=True)
@@ -430,12 +444,7 @@ class PackedDataset:
         self.shards: list[ShardEntry] = []
         start = 0
         for k, s in enumerate(self.index["shards"]):
-            try:
-                entry = ShardEntry(name=str(s["path"]), path=self.path / str(s["path"]), rows=int(s["rows"]),
-                                   start=start, bytes=int(s.get("bytes", 0)), sha256=str(s.get("sha256", "")))
-            except (KeyError, TypeError, ValueError):
-                raise InputError(f"{self.path / INDEX_NAME}: shard entry {k} lacks path/rows",
-                                 hint="the index is damaged; rerun `mmprep pack`") from None
+            entry = _shard_entry(self.path, k, s, start)
             self.shards.append(entry)
             start += entry.rows
         self._len = start
@@ -761,6 +770,7 @@ class PackedDataset:
         world_size: int = 1,
         worker: int = 0,
         num_workers: int = 1,
+        even: bool = False,
     ) -> list[tuple[int, int, int]]:
         """The row ranges one (rank, worker) reads in an epoch: ``[(row_group, local_start, local_stop), ...]``.
 
@@ -768,6 +778,10 @@ class PackedDataset:
         the rows they hold in that order form one sequence, and that sequence is cut into ``world_size``
         contiguous parts (sizes differ by at most one row), each cut again into ``num_workers`` parts. So every
         row is read by exactly one (rank, worker) per epoch, and reads stay contiguous within row groups.
+
+        With ``even``, every rank gets exactly ``len // world_size`` rows (the last ``len % world_size`` rows of
+        the epoch's order are skipped in that epoch), so ranks with the same ``num_workers`` and batch size run
+        the same number of steps: distributed training does not wait on a rank with one batch more.
         """
         if world_size < 1 or not 0 <= rank < world_size:
             raise UsageError(f"rank must be in [0, world_size), got rank {rank} and world_size {world_size}")
@@ -779,8 +793,10 @@ class PackedDataset:
         if shuffle:
             order = np.random.default_rng([seed, epoch]).permutation(len(sizes))
         n = int(sizes.sum())
-        lo = n * rank // world_size
-        hi = n * (rank + 1) // world_size
+        if even:
+            lo, hi = n // world_size * rank, n // world_size * (rank + 1)
+        else:
+            lo, hi = n * rank // world_size, n * (rank + 1) // world_size
         lo, hi = lo + (hi - lo) * worker // num_workers, lo + (hi - lo) * (worker + 1) // num_workers
         plan: list[tuple[int, int, int]] = []
         pos = 0
@@ -848,35 +864,83 @@ class PackedDataset:
 
     # -- vocabulary --------------------------------------------------------------------------------------------
     def tag_names(self, vocab: str | os.PathLike[str] | None = None) -> list[str] | None:
-        """Tag names by id, from ``vocab`` or the vocabulary file recorded at pack time when reachable.
+        """Tag names by id, from ``vocab`` or the vocabulary file recorded at pack time when reachable (see
+        :meth:`find_vocab`); None when no file with the recorded sha256 is found."""
+        return self.find_vocab(vocab).names
 
-        Candidates (first whose sha256 matches the metadata wins): ``vocab``, the recorded path as given
-        (relative to the working directory), relative to the dataset's folder and its parent, and the file name
-        inside the dataset folder. Returns None when none is found or matches.
+    def find_vocab(self, vocab: str | os.PathLike[str] | None = None) -> VocabLookup:
+        """Find the vocabulary the tag ids refer to, and say where it was found (or where it was looked for).
+
+        Candidates, in order; the first whose sha256 matches the metadata wins: ``vocab``; the path recorded at
+        pack time, which is relative to the folder ``pack`` ran in when it is not absolute, so it is tried relative
+        to the working directory, then to the dataset's folder and each folder above it; the recorded file name
+        inside the dataset's folder.
         """
         from mmprep.vocab import load_vocab
 
         meta = self.metadata.get("vocab")
         recorded = (self.index.get("config") or {}).get("vocab")
-        cands: list[Path] = []
+        cands: list[tuple[Path, str]] = []
         if vocab is not None:
-            cands.append(Path(vocab))
-        if recorded:
+            cands.append((Path(vocab), "the given vocabulary file"))
+        if isinstance(recorded, str) and recorded:
             rp = Path(recorded)
-            cands += [rp, self.path / rp, self.path.parent / rp, self.path / rp.name]
+            if rp.is_absolute():
+                cands.append((rp, "the path recorded at pack time"))
+            else:
+                cands.append((Path.cwd() / rp, "the recorded path, relative to the working directory"))
+                here = self.path.resolve()
+                cands += [(d / rp, f"the recorded path, relative to {d}") for d in (here, *here.parents)]
+            cands.append((self.path / rp.name, "its file name, inside the dataset's folder"))
         elif meta and meta.get("file"):
-            cands.append(self.path / meta["file"])
-        for c in cands:
-            if not c.is_file():
+            cands.append((self.path / str(meta["file"]), "its file name, inside the dataset's folder"))
+        seen: set[Path] = set()
+        wrong: list[str] = []
+        for c, how in cands:
+            key = Path(os.path.abspath(c))
+            if key in seen or not c.is_file():
                 continue
+            seen.add(key)
             try:
                 v = load_vocab(c)
             except InputError:
+                wrong.append(f"{c} (not readable as a vocabulary)")
                 continue
             if meta and meta.get("sha256") and v.sha256 != meta["sha256"]:
+                wrong.append(f"{c} (a different file: its sha256 differs)")
                 continue
-            return list(v.names)
-        return None
+            return VocabLookup(path=c, how=f"{c} ({how})", names=list(v.names))
+        if vocab is None and not recorded and not (meta and meta.get("file")):
+            return VocabLookup(path=None, how="no vocabulary recorded at pack time", names=None)
+        what = f"'{recorded}' (recorded at pack time)" if recorded else "the vocabulary"
+        looked = "the given file, " if vocab is not None else ""
+        how = (f"{what} not found: looked at {looked}the working directory, the dataset's folder and the folders "
+               f"above it; pass --vocab FILE")
+        if wrong:
+            how += "; skipped " + ", ".join(wrong)
+        return VocabLookup(path=None, how=how, names=None)
+
+
+@dataclass(frozen=True)
+class VocabLookup:
+    """The result of :meth:`PackedDataset.find_vocab`: the file used (or None), how it was found, the names."""
+
+    path: Path | None
+    how: str
+    names: list[str] | None
+
+
+def _shard_entry(root: Path, k: int, s: Any, start: int) -> ShardEntry:
+    """Shard entry ``k`` of the index, its fields checked (InputError naming the field and value)."""
+    where = f"{root / INDEX_NAME}: shard entry {k}"
+    hint = "the index is damaged; rerun `mmprep pack`, or run `mmprep verify` on the directory"
+    if not isinstance(s, dict) or not isinstance(s.get("path"), str) or "rows" not in s:
+        raise InputError(f"{where} lacks path or rows", hint=hint)
+    for key in ("rows", "bytes"):
+        if key in s and count_field(s[key]) is None:
+            raise InputError(f"{where} ({s['path']}): {key} is {s[key]!r}, not a whole number", hint=hint)
+    return ShardEntry(name=s["path"], path=root / s["path"], rows=s["rows"], start=start, bytes=s.get("bytes", 0),
+                      sha256=str(s.get("sha256", "")))
 
 
 def _torch_module() -> Any:

@@ -72,6 +72,9 @@ class PackedIterableDataset(IterableDataset):  # type: ignore[type-arg]
         seed: shuffle seed (the same on every rank).
         window: row groups shuffled together (memory: about ``window`` × 32 MB of pixels per worker).
         drop_last: each worker drops its last partial batch.
+        even: every rank reads ``len // world_size`` rows an epoch (a few rows are skipped that epoch), so ranks
+            run the same number of steps (DDP hangs when one rank has a batch more); see
+            :meth:`mmprep.reader.PackedDataset.epoch_plan`.
         rank: this process's rank (default: :func:`default_rank`).
         world_size: number of ranks (default: :func:`default_rank`).
         multi_hot_size: turn ``tag_ids`` into ``[B, V]`` float targets of this vocabulary size.
@@ -89,6 +92,7 @@ class PackedIterableDataset(IterableDataset):  # type: ignore[type-arg]
         seed: int = 0,
         window: int = 4,
         drop_last: bool = False,
+        even: bool = False,
         rank: int | None = None,
         world_size: int | None = None,
         multi_hot_size: int | None = None,
@@ -106,6 +110,7 @@ class PackedIterableDataset(IterableDataset):  # type: ignore[type-arg]
         self.seed = seed
         self.window = window
         self.drop_last = drop_last
+        self.even = even
         self.multi_hot_size = multi_hot_size
         self.epoch = 0
 
@@ -116,7 +121,8 @@ class PackedIterableDataset(IterableDataset):  # type: ignore[type-arg]
     def plan(self, worker: int = 0, num_workers: int = 1) -> list[tuple[int, int, int]]:
         """The row-group ranges this rank's ``worker`` reads in the current epoch."""
         return self.ds.epoch_plan(epoch=self.epoch, seed=self.seed, shuffle=self.shuffle, rank=self.rank,
-                                  world_size=self.world_size, worker=worker, num_workers=num_workers)
+                                  world_size=self.world_size, worker=worker, num_workers=num_workers,
+                                  even=self.even)
 
     def __iter__(self) -> Iterator[Any]:
         info = get_worker_info()

@@ -1,8 +1,12 @@
-"""Batch samplers for packed data: a token budget per batch, and fixed bucket/stage ratios per batch.
+"""Batch samplers for packed data: a token budget per batch, fixed bucket/stage ratios per batch, or both.
 
-Both are plain Python iterables of index lists, so they work as a PyTorch ``DataLoader(batch_sampler=...)``
+:class:`TokenBudgetBatchSampler` fills batches up to a cost budget; :class:`RatioBatchSampler` gives every batch of
+a fixed size the same mix of buckets; :class:`RatioBudgetBatchSampler` keeps the mix while filling up to a budget
+(batches of varying size with roughly constant tokens, as Pyramid-Flow trains its stages).
+
+All are plain Python iterables of index lists, so they work as a PyTorch ``DataLoader(batch_sampler=...)``
 (with :class:`mmprep.reader_torch.PackedTorchDataset`) and with :meth:`mmprep.reader.PackedDataset.take`.
-Both are deterministic in ``(seed, epoch)``; call ``set_epoch`` before each epoch. With ``world_size > 1`` the
+All are deterministic in ``(seed, epoch)``; call ``set_epoch`` before each epoch. With ``world_size > 1`` the
 global list of batches is dealt round-robin (batch ``i`` goes to rank ``i % world_size``), so every batch is used
 by exactly one rank; ``drop_uneven=True`` drops the last ``len % world_size`` batches so that every rank gets the
 same number of steps (those rows are then skipped in that epoch).
@@ -27,6 +31,7 @@ __all__ = [
     "RATIO_MODES",
     "TEXT_COSTS",
     "RatioBatchSampler",
+    "RatioBudgetBatchSampler",
     "TokenBudgetBatchSampler",
     "bucket_labels",
     "parse_ratios",
@@ -251,6 +256,28 @@ def parse_ratios(ratios: str | Sequence[float]) -> list[float]:
     return values
 
 
+def _ratio_buckets(
+    labels: Sequence[Any] | np.ndarray, ratios: str | Sequence[float] | Mapping[Any, float], order: Sequence[Any] | None
+) -> tuple[list[Any], list[float], list[np.ndarray]]:
+    """(bucket keys, their weights, the rows of each) from row labels and ratios (see :class:`RatioBatchSampler`)."""
+    labels = np.asarray(labels)
+    present = [v.item() if hasattr(v, "item") else v for v in np.unique(labels)]
+    if isinstance(ratios, Mapping):
+        keys = list(ratios)
+        weights = parse_ratios([ratios[k] for k in keys])
+    else:
+        weights = parse_ratios(ratios)
+        keys = list(order) if order is not None else present
+        if len(keys) != len(weights):
+            raise UsageError(f"{len(weights)} ratios for {len(keys)} buckets ({', '.join(map(str, keys))})",
+                             hint="give one ratio per bucket, or a mapping {label: weight}")
+    missing = [k for k, w in zip(keys, weights, strict=True) if w > 0 and k not in present]
+    if missing:
+        raise UsageError(f"bucket {missing[0]!r} has a ratio but no rows",
+                         hint="buckets: " + ", ".join(map(str, present)))
+    return keys, weights, [np.flatnonzero(labels == k) for k in keys]
+
+
 def ratio_counts(weights: Sequence[float], batch_size: int) -> list[int]:
     """Rows per bucket in a batch of ``batch_size``: the largest-remainder rounding of the weights (sums exactly)."""
     w = np.asarray(weights, dtype=np.float64)
@@ -317,21 +344,7 @@ class RatioBatchSampler(_EpochSampler):
             raise UsageError(f"mode must be one of {', '.join(RATIO_MODES)}, got '{mode}'")
         if batch_size < 1:
             raise UsageError(f"batch size must be at least 1, got {batch_size}")
-        labels = np.asarray(labels)
-        present = [v.item() if hasattr(v, "item") else v for v in np.unique(labels)]
-        if isinstance(ratios, Mapping):
-            keys = list(ratios)
-            weights = parse_ratios([ratios[k] for k in keys])
-        else:
-            weights = parse_ratios(ratios)
-            keys = list(order) if order is not None else present
-            if len(keys) != len(weights):
-                raise UsageError(f"{len(weights)} ratios for {len(keys)} buckets ({', '.join(map(str, keys))})",
-                                 hint="give one ratio per bucket, or a mapping {label: weight}")
-        missing = [k for k, w in zip(keys, weights, strict=True) if w > 0 and k not in present]
-        if missing:
-            raise UsageError(f"bucket {missing[0]!r} has a ratio but no rows",
-                             hint="buckets: " + ", ".join(map(str, present)))
+        keys, weights, members = _ratio_buckets(labels, ratios, order)
         counts = ratio_counts(weights, batch_size)
         starved = [k for k, w, c in zip(keys, weights, counts, strict=True) if w > 0 and c == 0]
         if starved:
@@ -345,7 +358,7 @@ class RatioBatchSampler(_EpochSampler):
         self.mode = mode
         self.num_batches = num_batches
         self.drop_tail = drop_tail
-        self.members = [np.flatnonzero(labels == k) for k in keys]
+        self.members = members
 
     def _active(self) -> list[int]:
         return [b for b, c in enumerate(self.counts) if c > 0]
@@ -383,3 +396,144 @@ class RatioBatchSampler(_EpochSampler):
         if self.mode == "cycle":
             return len(self.global_batches())
         return min(len(self.members[b]) // self.counts[b] for b in self._active())
+
+
+class RatioBudgetBatchSampler(_EpochSampler):
+    """Batches that mix buckets in fixed ratios **and** stay within a token budget (the Pyramid-Flow recipe).
+
+    The epoch's rows are drawn one at a time, each from the bucket furthest below its share of the rows drawn so
+    far (ties by order), in that bucket's per-epoch shuffled order, so every prefix of the epoch keeps the ratios
+    to within one row per bucket. Batches are consecutive runs of that sequence: a row joins the current batch
+    while the batch's total cost stays ``<= budget``, and the row that would exceed it starts the next batch.
+    So every batch is within the budget (a single row over budget gets a batch of its own) and holds each
+    bucket's share of its rows to within two rows. Ratios are of rows, as in :class:`RatioBatchSampler`; how
+    many rows fit depends on their cost.
+
+    Modes as in :class:`RatioBatchSampler`: ``exact`` uses every row of a positive-ratio bucket once per epoch;
+    when the bucket next in turn runs out, the rows left (those of the unfinished batch too) are shuffled
+    together into budget-filled tail batches that do not keep the ratios (``drop_tail=True`` skips them).
+    ``cycle`` restarts a bucket that runs out with a fresh shuffle, and ends the epoch after ``num_batches``
+    batches (default: once every row of every bucket has been used).
+
+    The batches are planned with a Python loop over the rows (about a second per million rows an epoch).
+
+    Args:
+        labels: a bucket label per row (e.g. :func:`bucket_labels`).
+        ratios: ``"1:2:1"``, a sequence matched to ``order`` (default: sorted labels), or ``{label: weight}``.
+        costs: cost per row (e.g. :func:`sample_costs`); non-negative.
+        budget: maximum total cost per batch.
+        order: the labels the ratios refer to, in order.
+        mode: ``exact`` or ``cycle``.
+        num_batches: batches per epoch in ``cycle`` mode.
+        max_batch_size: also cap the number of rows per batch.
+        drop_tail: in ``exact`` mode, skip the tail batches.
+        seed: seed of the shuffles.
+        rank: this process's rank.
+        world_size: number of ranks.
+        drop_uneven: drop trailing batches so every rank gets the same number.
+    """
+
+    def __init__(
+        self,
+        labels: Sequence[Any] | np.ndarray,
+        ratios: str | Sequence[float] | Mapping[Any, float],
+        costs: Sequence[int] | np.ndarray,
+        budget: int,
+        *,
+        order: Sequence[Any] | None = None,
+        mode: str = "exact",
+        num_batches: int | None = None,
+        max_batch_size: int | None = None,
+        drop_tail: bool = False,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        drop_uneven: bool = False,
+    ) -> None:
+        super().__init__(seed=seed, rank=rank, world_size=world_size, drop_uneven=drop_uneven)
+        if mode not in RATIO_MODES:
+            raise UsageError(f"mode must be one of {', '.join(RATIO_MODES)}, got '{mode}'")
+        self.costs = np.asarray(costs, dtype=np.int64).reshape(-1)
+        if len(self.costs) != len(labels):
+            raise UsageError(f"{len(self.costs)} costs for {len(labels)} labels", hint="give one cost per row")
+        if (self.costs < 0).any():
+            raise UsageError(f"costs must be non-negative (row {int(np.argmax(self.costs < 0))} is negative)")
+        if budget < 1:
+            raise UsageError(f"budget must be at least 1, got {budget}")
+        if max_batch_size is not None and max_batch_size < 1:
+            raise UsageError(f"max batch size must be at least 1, got {max_batch_size}")
+        if num_batches is not None and num_batches < 0:
+            raise UsageError(f"num_batches must be >= 0, got {num_batches}")
+        self.keys, self.weights, self.members = _ratio_buckets(labels, ratios, order)
+        self.budget = int(budget)
+        self.mode = mode
+        self.num_batches = num_batches
+        self.max_batch_size = max_batch_size
+        self.drop_tail = drop_tail
+        active = [b for b, w in enumerate(self.weights) if w > 0]
+        total = sum(self.weights[b] for b in active)
+        self._active = active
+        self._share = [self.weights[b] / total for b in active]
+
+    def _next_bucket(self, taken: list[int], k: int) -> int:
+        """Position (in the active buckets) of the bucket furthest below its share of ``k + 1`` rows drawn."""
+        best, gap = 0, -1.0
+        for j, share in enumerate(self._share):
+            d = (k + 1) * share - taken[j]
+            if d > gap + 1e-12:
+                best, gap = j, d
+        return best
+
+    def global_batches(self) -> list[list[int]]:
+        return self._plan_epoch()[0]
+
+    def ratio_batches(self) -> int:
+        """How many batches of the current epoch (all ranks; the first ones) keep the ratios."""
+        return self._plan_epoch()[1]
+
+    def _plan_epoch(self) -> tuple[list[list[int]], int]:
+        active, costs, budget = self._active, self.costs, self.budget
+        cap = self.max_batch_size or len(costs) or 1
+        rngs = [self._rng(b) for b in active]
+        streams = [rngs[j].permutation(self.members[b]).tolist() for j, b in enumerate(active)]
+        pos = [0] * len(active)
+        seen = np.zeros(len(costs), dtype=bool) if self.mode == "cycle" else None
+        unseen = sum(len(st) for st in streams)  # cycle mode: rows not used yet this epoch
+        out: list[list[int]] = []
+        batch: list[int] = []
+        taken = [0] * len(active)  # rows drawn from each bucket this epoch
+        drawn = total = 0
+        exhausted = False
+        while True:
+            if self.mode == "cycle" and self.num_batches is not None and len(out) >= self.num_batches:
+                break
+            j = self._next_bucket(taken, drawn)
+            if pos[j] == len(streams[j]):
+                if self.mode == "exact":
+                    exhausted = True
+                    break
+                streams[j] = rngs[j].permutation(self.members[active[j]]).tolist()
+                pos[j] = 0
+            row = streams[j][pos[j]]
+            c = int(costs[row])
+            if batch and (total + c > budget or len(batch) >= cap):
+                out.append(batch)
+                batch, total = [], 0
+                if self.mode == "cycle" and self.num_batches is None and unseen == 0:
+                    break
+                continue
+            batch.append(row)
+            taken[j] += 1
+            drawn += 1
+            total += c
+            pos[j] += 1
+            if seen is not None and not seen[row]:
+                seen[row] = True
+                unseen -= 1
+        kept = len(out)
+        if exhausted and not self.drop_tail:
+            left = np.asarray(batch + [r for j in range(len(active)) for r in streams[j][pos[j]:]], dtype=np.int64)
+            left = self._rng(len(self.keys)).permutation(left)
+            tail = TokenBudgetBatchSampler(costs[left], budget, shuffle=False, max_batch_size=self.max_batch_size)
+            out += [left[b].tolist() for b in tail.global_batches()]
+        return out, kept

@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from mmprep.errors import UsageError
-from mmprep.reader import PackedDataset, denormalize
+from mmprep.errors import InputError, UsageError
+from mmprep.reader import INDEX_NAME, PackedDataset, count_field, denormalize
 
 __all__ = ["DatasetSummary", "SheetInfo", "contact_sheet", "summarize"]
 
@@ -57,7 +57,8 @@ def summarize(ds: PackedDataset, *, vocab: str | os.PathLike[str] | None = None,
     totals = ds.index.get("totals") or {}
     shards = [{"path": s.name, "rows": s.rows, "bytes": s.bytes} for s in ds.shards]
     size = sum(s.bytes for s in ds.shards)
-    hist = {str(k): int(v) for k, v in (totals.get("image_count_histogram") or {}).items()}
+    hist = {str(k): _count(v, f"totals.image_count_histogram[{k!r}]", ds) for k, v in
+            (totals.get("image_count_histogram") or {}).items()}
     pixels = None
     if ds.pixels is not None:
         px = ds.metadata["pixels"]
@@ -70,24 +71,35 @@ def summarize(ds: PackedDataset, *, vocab: str | os.PathLike[str] | None = None,
     text = ds.metadata.get("text")
     if text and len(ds):
         nt = np.asarray(ds.column("n_tokens"), dtype=np.int64)
+        max_length = _count(text.get("max_length"), "metadata.text.max_length", ds)
         tokens = {"min": int(nt.min()), "mean": round(float(nt.mean()), 2), "p50": float(np.percentile(nt, 50)),
-                  "p95": float(np.percentile(nt, 95)), "max": int(nt.max()), "max_length": int(text["max_length"]),
-                  "truncated": int(np.count_nonzero(nt > int(text["max_length"])))}
+                  "p95": float(np.percentile(nt, 95)), "max": int(nt.max()), "max_length": max_length,
+                  "truncated": int(np.count_nonzero(nt > max_length))}
     tags = _tag_stats(ds, vocab, top_tags) if len(ds) else None
     return DatasetSummary(
         path=str(ds.path), layout=ds.layout, rows=len(ds), shards=len(ds.shards), bytes=size,
         bytes_per_row=round(size / len(ds), 1) if len(ds) else 0.0,
         read=totals.get("read"), rejected=totals.get("rejected"),
         rejected_by_reason=dict(totals.get("rejected_by_reason") or {}),
-        image_count_histogram=hist, images=int(totals.get("images_written", 0) or 0),
+        image_count_histogram=hist, images=_count(totals.get("images_written", 0), "totals.images_written", ds),
         pixels=pixels, text=text, tokens=tokens, tags=tags, shard_list=shards,
     )
+
+
+def _count(value: Any, field: str, ds: PackedDataset) -> int:
+    """A count from ``index.json``, or an InputError that names the field and its value."""
+    n = count_field(value)
+    if n is None:
+        raise InputError(f"{ds.path / INDEX_NAME}: {field} is {value!r}, not a whole number",
+                         hint="the index is damaged; run `mmprep verify` on the directory")
+    return n
 
 
 def _tag_stats(ds: PackedDataset, vocab: str | os.PathLike[str] | None, top: int) -> dict[str, Any] | None:
     if "tag_ids" in ds.column_names:
         lists = ds.column("tag_ids")
-        names = ds.tag_names(vocab)
+        found = ds.find_vocab(vocab)
+        names = found.names
         counter: Counter[Any] = Counter()
         for t in lists:
             counter.update(np.asarray(t).tolist())
@@ -96,7 +108,8 @@ def _tag_stats(ds: PackedDataset, vocab: str | os.PathLike[str] | None, top: int
             return names[i] if names is not None and 0 <= i < len(names) else f"#{i}"
 
         vocab_meta = ds.metadata.get("vocab") or {}
-        extra = {"vocab_size": vocab_meta.get("size"), "names_from": "vocabulary" if names is not None else "ids"}
+        extra = {"vocab_size": vocab_meta.get("size"), "names_from": "vocabulary" if names is not None else "ids",
+                 "vocab_file": str(found.path) if found.path is not None else None, "vocab_lookup": found.how}
     elif "tags" in ds.column_names:
         lists = ds.column("tags")
         counter = Counter()

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from mmprep.reader import INDEX_NAME, PixelSpec, load_index
+from mmprep.reader import INDEX_NAME, PixelSpec, count_field, load_index
 
 __all__ = ["Finding", "VerifyReport", "verify"]
 
@@ -101,12 +101,15 @@ def verify(
             images_total += facts["images"]
             report.rows += facts["rows"]
         if isinstance(entry, dict):
-            hist_total.update({str(h): int(c) for h, c in (entry.get("image_count_histogram") or {}).items()})
-            report.bytes += int(entry.get("bytes", 0) or 0)
+            hist = entry.get("image_count_histogram") or {}
+            if isinstance(hist, dict) and all(str(h).isdigit() and count_field(c) is not None
+                                              for h, c in hist.items()):
+                hist_total.update({str(h): c for h, c in hist.items()})
+            report.bytes += entry_bytes(entry)
         if len(found) == before:
             report.shards_ok += 1
         if progress is not None:
-            progress(int(entry.get("bytes", 0) or 0) if isinstance(entry, dict) else 0)
+            progress(entry_bytes(entry))
     dup = [i for i, c in ids.items() if c > 1]
     if dup:
         add(INDEX_NAME, "duplicate_id", f"{len(dup)} ids appear more than once (first: '{sorted(dup)[0]}')")
@@ -137,6 +140,13 @@ def _check_shard(
         add(INDEX_NAME, "index", f"shard entry {k} lacks path or rows")
         return None
     name = str(entry["path"])
+    bad = [f"{key} is {entry[key]!r}" for key in ("rows", "bytes") if key in entry and count_field(entry[key]) is None]
+    hist = entry.get("image_count_histogram")
+    if hist is not None and not (isinstance(hist, dict) and all(str(h).isdigit() and count_field(c) is not None
+                                                                for h, c in hist.items())):
+        bad.append(f"image_count_histogram is {hist!r}")
+    if bad:
+        add(name, "index", f"{name}: its {INDEX_NAME} entry is damaged: {', '.join(bad)} (whole numbers expected)")
     p = root / name
     if not p.is_file():
         add(name, "missing", f"{name} is listed in {INDEX_NAME} but missing")
@@ -307,6 +317,11 @@ def _check_deep(name: str, f: Any, count: np.ndarray, meta: dict[str, Any],
         pos += rb.num_rows
 
 
+def entry_bytes(entry: Any) -> int:
+    """The ``bytes`` of a shard entry of the index, 0 when missing or not a whole number (for progress and sums)."""
+    return (count_field(entry.get("bytes")) or 0) if isinstance(entry, dict) else 0
+
+
 def _fixed(arr: Any, n: int) -> np.ndarray:
     import pyarrow as pa
 
@@ -332,7 +347,7 @@ def _check_totals(root: Path, index: dict[str, Any], rows: int, hist_total: Coun
         return
     if read != written + rejected:
         add(INDEX_NAME, "accounting", f"{INDEX_NAME}: read {read} != written {written} + rejected {rejected}")
-    listed_rows = sum(int(e.get("rows", 0)) for e in index["shards"] if isinstance(e, dict))
+    listed_rows = sum(count_field(e.get("rows")) or 0 for e in index["shards"] if isinstance(e, dict))
     if listed_rows != written:
         add(INDEX_NAME, "accounting", f"{INDEX_NAME}: shards list {listed_rows} rows, totals say written {written}")
     if rows != written:

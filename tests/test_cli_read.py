@@ -198,3 +198,52 @@ def test_verify_inconsistent_columns(tmp_path: Path, column: str) -> None:
     code, report = verify_json(d)
     assert code == 1 and checks(report) == {(name, column)}
     shutil.rmtree(d)
+
+
+@pytest.mark.parametrize(("key", "value"), [("rows", "abc"), ("bytes", "x"), ("rows", 2.5), ("bytes", None)])
+def test_verify_non_integer_index_fields_are_findings(tmp_path: Path, key: str, value: object) -> None:
+    d = copy_packed("uint8", tmp_path / "d")
+    index = json.loads((d / "index.json").read_text())
+    index["shards"][1][key] = value
+    index["shards"][2]["image_count_histogram"] = {"1": "three"}
+    (d / "index.json").write_text(json.dumps(index))
+    code, report = verify_json(d)
+    assert code == 1
+    found = checks(report)
+    assert ("shard-00001.parquet", "index") in found and ("shard-00002.parquet", "index") in found
+    messages = [f["message"] for f in report["findings"] if f["check"] == "index"]
+    assert any(f"{key} is {value!r}" in m for m in messages), messages
+    human = runner.invoke(app, ["verify", str(d)])
+    assert human.exit_code == 1 and "internal error" not in human.stderr and "shard-00001.parquet" in human.stderr
+
+
+@pytest.mark.parametrize(("edit", "message"), [
+    (lambda ix: ix["shards"][1].update(rows="abc"), "shard entry 1 (shard-00001.parquet): rows is 'abc'"),
+    (lambda ix: ix["shards"][0].update(bytes="x"), "shard entry 0 (shard-00000.parquet): bytes is 'x'"),
+    (lambda ix: ix["totals"]["image_count_histogram"].update({"1": "x"}),
+     "totals.image_count_histogram['1'] is 'x'"),
+    (lambda ix: ix["totals"].update(images_written=[1]), "totals.images_written is [1]"),
+    (lambda ix: ix.update(format_version="1"), "format_version is '1'"),
+])
+def test_inspect_damaged_index_is_one_line(tmp_path: Path, edit, message: str) -> None:
+    d = copy_packed("uint8", tmp_path / "d")
+    index = json.loads((d / "index.json").read_text())
+    edit(index)
+    (d / "index.json").write_text(json.dumps(index))
+    result = runner.invoke(app, ["inspect", str(d)])
+    assert result.exit_code == 2, result.stderr
+    assert message in result.stderr and "internal error" not in result.stderr
+    assert result.stderr.startswith("error: ") and len(result.stderr.strip().splitlines()) == 2  # error and hint
+
+
+def test_inspect_says_where_tag_names_come_from(tmp_path: Path) -> None:
+    d = copy_packed("uint8", tmp_path / "d")
+    result = runner.invoke(app, ["inspect", str(d), "--json"])
+    tags = json.loads(result.stdout)["summary"]["tags"]
+    assert tags["names_from"] == "vocabulary" and tags["vocab_file"].endswith("ram_tag_list.txt")
+    assert "the path recorded at pack time" in tags["vocab_lookup"]
+    index = json.loads((d / "index.json").read_text())
+    index["config"]["vocab"] = "nowhere/ram_tag_list.txt"
+    (d / "index.json").write_text(json.dumps(index))
+    result = runner.invoke(app, ["inspect", str(d)])
+    assert result.exit_code == 0 and "warning: tags shown as ids" in result.stderr and "--vocab" in result.stderr

@@ -336,6 +336,22 @@ def test_epoch_plan_reads_every_row_exactly_once(ds: PackedDataset, world: int, 
     assert max(sizes) - min(sizes) <= 1
 
 
+@pytest.mark.parametrize(("world", "workers"), [(2, 1), (2, 3), (4, 2), (7, 1)])
+def test_even_epoch_plan_gives_ranks_equal_rows(ds: PackedDataset, world: int, workers: int) -> None:
+    for epoch in range(3):
+        per_rank: list[list[int]] = []
+        for rank in range(world):
+            per_worker = [sum(b - a for _, a, b in ds.epoch_plan(epoch=epoch, rank=rank, world_size=world,
+                                                                 worker=w, num_workers=workers, even=True))
+                          for w in range(workers)]
+            per_rank.append(per_worker)
+        assert all(p == per_rank[0] for p in per_rank) and sum(per_rank[0]) == len(ds) // world  # same split
+        rows = [(g, i) for rank in range(world) for w in range(workers)
+                for g, a, b in ds.epoch_plan(epoch=epoch, rank=rank, world_size=world, worker=w, num_workers=workers,
+                                             even=True) for i in range(a, b)]
+        assert len(rows) == len(set(rows)) == len(ds) // world * world
+
+
 def test_epoch_plan_is_deterministic_and_changes_with_the_epoch(ds: PackedDataset) -> None:
     def order(epoch: int, seed: int = 0) -> list[str]:
         plan = ds.epoch_plan(epoch=epoch, seed=seed)
@@ -367,6 +383,34 @@ def test_tag_names_from_the_recorded_vocabulary_or_none(ds: PackedDataset, tmp_p
     assert PackedDataset(moved).tag_names(other) is None  # a different vocabulary (hash differs) is not used
     shutil.copy(VOCAB, moved / "ram_tag_list.txt")  # next to the data: found by file name
     assert PackedDataset(moved).tag_names() == names
+
+
+def test_recorded_relative_vocab_is_found_from_any_working_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """pack records --vocab as given (relative to where it ran); the reader tries the working directory and the
+    dataset's folder and the folders above it, and says which one it used."""
+    proj = tmp_path / "proj"
+    (proj / "lists").mkdir(parents=True)
+    shutil.copy(VOCAB, proj / "lists" / "ram.txt")
+    d = copy_packed("uint8", proj / "runs" / "a" / "ds")
+    index = json.loads((d / "index.json").read_text())
+    index["config"]["vocab"] = "lists/ram.txt"  # as `mmprep pack ... --vocab lists/ram.txt` run in proj/ records it
+    (d / "index.json").write_text(json.dumps(index))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    found = PackedDataset(d).find_vocab()
+    assert found.path == proj / "lists" / "ram.txt" and found.names is not None and len(found.names) == 4585
+    assert f"relative to {proj}" in found.how
+    monkeypatch.chdir(proj)
+    found = PackedDataset(Path("runs/a/ds")).find_vocab()
+    assert found.path is not None and found.path.resolve() == (proj / "lists" / "ram.txt").resolve()
+    assert "relative to the working directory" in found.how
+    (proj / "lists" / "ram.txt").write_text("a\nb\n")  # the same path now holds another list: not used
+    found = PackedDataset(d).find_vocab()
+    assert found.names is None and "'lists/ram.txt' (recorded at pack time) not found" in found.how
+    assert "--vocab" in found.how and "sha256 differs" in found.how
 
 
 def test_dataset_patch_mask_and_torch_without_torch(ds: PackedDataset, monkeypatch: pytest.MonkeyPatch) -> None:

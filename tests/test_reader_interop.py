@@ -1,11 +1,17 @@
 """The same packed directory read by pyarrow, pandas, DuckDB, Polars, datasets and Ray Data gives the same rows
-as PackedDataset (pixels compared byte for byte, after PackedDataset's reshape)."""
+as PackedDataset: every stored column of every row (pixels compared byte for byte, after PackedDataset's reshape).
+
+The shards are given to each reader as a list of files or as the glob ``DIR/shard-*.parquet``: ``index.json`` and
+``rejected.jsonl`` sit next to them, so readers that take the whole directory try to read those as Parquet too.
+"""
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -14,21 +20,39 @@ from _reader_helpers import packed
 from mmprep.reader import PackedDataset
 
 
-def canon(rows) -> dict[str, tuple]:
-    """id -> (line, image_count, image_mask, content_boxes, input_ids, tag_ids, text, pixel bytes)."""
+def plain(v: Any) -> Any:
+    """A value as plain Python (lists, ints, floats, bools, str, bytes), whatever container a reader used."""
+    if isinstance(v, (bytes, bytearray, memoryview)):
+        return bytes(v)
+    if isinstance(v, np.ndarray):
+        return [plain(x) for x in v] if v.dtype == object else v.tolist()
+    if isinstance(v, (list, tuple)):
+        return [plain(x) for x in v]
+    if isinstance(v, np.generic):
+        return v.item()
+    return v
+
+
+def canon(rows) -> dict[str, dict[str, Any]]:
+    """id -> every stored column of the row as plain Python (a reader that drops or alters a column differs)."""
     out = {}
     for r in rows:
-        out[r["id"]] = (
-            int(r["line"]), int(r["image_count"]), [bool(v) for v in r["image_mask"]],
-            [[int(v) for v in box] for box in r["content_boxes"]], [int(v) for v in r["input_ids"]],
-            [int(v) for v in r["tag_ids"]], r["text"], bytes(r["pixel_values"]),
-        )
+        missing = [c for c in columns() if c not in r]
+        assert not missing, f"columns missing: {missing}"
+        out[r["id"]] = {c: plain(r[c]) for c in columns()}
     return out
 
 
+@functools.cache
+def columns() -> tuple[str, ...]:
+    """Every column the shards store."""
+    return tuple(PackedDataset(packed("uint8")).column_names)
+
+
 @pytest.fixture(scope="module")
-def expected() -> dict[str, tuple]:
+def expected() -> dict[str, dict[str, Any]]:
     ds = PackedDataset(packed("uint8"))
+    assert len(columns()) >= 14 and {"pixel_values", "attention_mask", "n_tokens", "image_sizes"} <= set(columns())
     rows = []
     for b in ds.iter_batches(7):
         for i in range(len(b["id"])):
@@ -55,6 +79,24 @@ def test_pandas(expected) -> None:
 
     df = pd.concat([pd.read_parquet(f) for f in shard_files()], ignore_index=True)
     assert canon(df.to_dict("records")) == expected
+
+
+def test_globs_as_the_readme_gives_them(expected, tmp_path: Path) -> None:
+    """`DIR/shard-*.parquet` works where the bare directory does not (index.json is not Parquet)."""
+    import datasets
+    import duckdb
+    import polars as pl
+    import pyarrow
+
+    glob = str(packed("uint8") / "shard-*.parquet")
+    assert canon(pl.read_parquet(glob).to_dicts()) == expected
+    cur = duckdb.connect().execute(f"select * from read_parquet('{glob}')")
+    names = [d[0] for d in cur.description]
+    assert canon(dict(zip(names, row, strict=True)) for row in cur.fetchall()) == expected
+    hf = datasets.load_dataset("parquet", data_files=glob, split="train", cache_dir=str(tmp_path))
+    assert canon(hf) == expected
+    with pytest.raises(pyarrow.ArrowInvalid):  # why the README gives the glob
+        datasets.load_dataset("parquet", data_dir=str(packed("uint8")), split="train", cache_dir=str(tmp_path / "d"))
 
 
 def test_duckdb(expected) -> None:
@@ -89,12 +131,23 @@ def test_ray_data(expected, monkeypatch: pytest.MonkeyPatch) -> None:
     # Where that module cannot be imported (no aiohttp), two threads importing it at once can leave one of them
     # with the half-initialised module and an ImportError Ray does not catch (seen in about 1 run in 5). Marking
     # the module as unavailable up front gives the ModuleNotFoundError Ray expects, every time.
+    # Ray Data lists the files in a Ray task, so its worker processes get the same treatment, before their first
+    # task (a function defined here is sent to them by value).
     try:
         import fsspec.implementations.http  # noqa: F401
     except ImportError:
         monkeypatch.setitem(sys.modules, "fsspec.implementations.http", None)
+
+    def no_http_filesystem() -> None:
+        import sys
+
+        try:
+            import fsspec.implementations.http  # noqa: F401
+        except ImportError:
+            sys.modules["fsspec.implementations.http"] = None  # type: ignore[assignment]
+
     ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False, configure_logging=False,
-             ignore_reinit_error=True)
+             ignore_reinit_error=True, runtime_env={"worker_process_setup_hook": no_http_filesystem})
     try:
         ds = ray.data.read_parquet(shard_files())
         rows = ds.take_all()
@@ -108,5 +161,5 @@ def test_shapes_agree_with_metadata(expected) -> None:
     assert ds.pixels is not None
     px = next(ds.iter_batches(1))["pixel_values"]
     some = next(iter(expected.values()))
-    assert px[0].nbytes == len(some[-1]) and px.shape[1:] == ds.pixels.shape
-    assert np.frombuffer(some[-1], np.uint8).size == int(np.prod(ds.pixels.shape))
+    assert px[0].nbytes == len(some["pixel_values"]) and px.shape[1:] == ds.pixels.shape
+    assert np.frombuffer(some["pixel_values"], np.uint8).size == int(np.prod(ds.pixels.shape))

@@ -41,6 +41,26 @@ def test_iterable_with_workers_and_ranks_reads_each_row_once() -> None:
     assert second != first and sorted(second) == every
 
 
+@pytest.mark.parametrize("world", [2, 4])
+def test_even_gives_every_rank_the_same_number_of_steps(world: int) -> None:
+    """15 rows: without even, ranks get 8 and 7 rows; with it, every rank gets 15 // world rows and the same number
+    of batches (two DataLoader workers each), and no row is read twice."""
+    ds = PackedDataset(packed("uint8"))
+    for epoch in (0, 1):
+        steps, seen = [], []
+        for rank in range(world):
+            it = PackedIterableDataset(ds, batch_size=2, seed=3, rank=rank, world_size=world, even=True)
+            it.set_epoch(epoch)
+            batches = list(DataLoader(it, batch_size=None, num_workers=2))
+            steps.append(len(batches))
+            seen += [i for b in batches for i in b["id"]]
+        assert len(set(steps)) == 1, steps
+        assert len(seen) == len(set(seen)) == 15 // world * world
+    # without it: 8 and 7 rows, so one rank takes a step more (here with one row a batch)
+    steps = [len(list(PackedIterableDataset(ds, batch_size=1, seed=3, rank=r, world_size=2))) for r in range(2)]
+    assert sorted(steps) == [7, 8]
+
+
 def test_iterable_batches_are_tensors_with_the_right_shapes() -> None:
     it = PackedIterableDataset(packed("uint8"), batch_size=4, shuffle=False, rank=0, world_size=1,
                                normalize="float16", multi_hot_size=4585)

@@ -14,6 +14,7 @@ from mmprep.errors import UsageError
 from mmprep.reader import PackedDataset
 from mmprep.samplers import (
     RatioBatchSampler,
+    RatioBudgetBatchSampler,
     TokenBudgetBatchSampler,
     bucket_labels,
     parse_ratios,
@@ -171,6 +172,83 @@ def test_ratio_mapping_order_zero_weights_and_errors() -> None:
         parse_ratios("1:x")
     with pytest.raises(UsageError, match="mode must be"):
         RatioBatchSampler(labels, "1:1:1", 3, mode="loop")
+
+
+# -- ratios within a token budget -----------------------------------------------------------------------------------
+
+
+def within_budget(batches: list[list[int]], costs: np.ndarray, budget: int) -> bool:
+    return all(b and (int(costs[b].sum()) <= budget or len(b) == 1) for b in batches)
+
+
+def ratios_held(batches: list[list[int]], labels: np.ndarray, keys: list, weights: list) -> bool:
+    """Every batch holds each bucket's share of its rows to within two rows, every prefix to within one."""
+    share = np.asarray(weights, dtype=float) / sum(weights)
+    total = np.zeros(len(keys))
+    drawn = 0
+    for b in batches:
+        per = np.asarray([np.count_nonzero(labels[b] == k) for k in keys], dtype=float)
+        if (np.abs(per - len(b) * share) >= 2).any():
+            return False
+        total += per
+        drawn += len(b)
+        if (np.abs(total - drawn * share) >= 1).any():
+            return False
+    return True
+
+
+@settings(max_examples=60, deadline=None)
+@given(case=ratio_case(), seed=st.integers(0, 50), budget=st.integers(1, 900), cap=st.none() | st.integers(1, 9),
+       cost_seed=st.integers(0, 99))
+def test_ratio_budget_exact_mode(case, seed, budget, cap, cost_seed) -> None:
+    weights, _, labels = case
+    costs = np.random.default_rng(cost_seed).integers(0, 200, len(labels))
+    s = RatioBudgetBatchSampler(labels, weights, costs, budget, seed=seed, max_batch_size=cap)
+    batches = s.batches()
+    assert sorted(i for b in batches for i in b) == list(range(len(labels)))  # every row once
+    assert within_budget(batches, costs, budget)
+    assert cap is None or all(len(b) <= cap for b in batches)
+    keys = sorted(set(labels.tolist()))
+    assert ratios_held(batches[: s.ratio_batches()], labels, keys, weights)
+    assert RatioBudgetBatchSampler(labels, weights, costs, budget, seed=seed, max_batch_size=cap).batches() == batches
+    dropped = RatioBudgetBatchSampler(labels, weights, costs, budget, seed=seed, max_batch_size=cap, drop_tail=True)
+    assert dropped.batches() == batches[: s.ratio_batches()]
+
+
+@settings(max_examples=40, deadline=None)
+@given(case=ratio_case(), seed=st.integers(0, 50), budget=st.integers(1, 900), cost_seed=st.integers(0, 99))
+def test_ratio_budget_cycle_mode(case, seed, budget, cost_seed) -> None:
+    weights, _, labels = case
+    costs = np.random.default_rng(cost_seed).integers(0, 200, len(labels))
+    s = RatioBudgetBatchSampler(labels, weights, costs, budget, seed=seed, mode="cycle")
+    batches = s.batches()
+    assert {i for b in batches for i in b} == set(range(len(labels)))  # the default epoch uses every row
+    assert within_budget(batches, costs, budget) and s.ratio_batches() == len(batches)
+    assert ratios_held(batches, labels, sorted(set(labels.tolist())), weights)
+    fixed = RatioBudgetBatchSampler(labels, weights, costs, budget, seed=seed, mode="cycle", num_batches=3)
+    assert len(fixed.batches()) == 3
+
+
+def test_ratio_budget_on_real_packed_data_epochs_and_ranks() -> None:
+    """image_count buckets 1 and 2+ in ratio 1:1 within 120 tokens (24 per image + text tokens)."""
+    ds = PackedDataset(packed("uint8"))
+    labels = bucket_labels(ds, fn=lambda b: np.minimum(b["image_count"], 2), columns=["image_count"])
+    costs = sample_costs(ds, 24)
+    s = RatioBudgetBatchSampler(labels, "1:1", costs, 120, seed=4)
+    e0 = s.batches()
+    assert s.ratio_batches() >= 2
+    for idx in e0:
+        b = ds.take(idx, columns=["image_count", "n_tokens"])
+        assert int((b["image_count"] * 24 + np.minimum(b["n_tokens"], 16)).sum()) <= 120 or len(idx) == 1
+    s.set_epoch(1)
+    assert s.batches() != e0 and sorted(i for b in s for i in b) == list(range(len(ds)))
+    ranks = [RatioBudgetBatchSampler(labels, "1:1", costs, 120, seed=4, rank=r, world_size=2, drop_uneven=True)
+             for r in range(2)]
+    assert len(ranks[0]) == len(ranks[1]) and not set(map(tuple, ranks[0])) & set(map(tuple, ranks[1]))
+    with pytest.raises(UsageError, match="15 costs for 3 labels"):
+        RatioBudgetBatchSampler(labels[:3], "1:1", costs, 120)
+    with pytest.raises(UsageError, match="budget must be at least 1"):
+        RatioBudgetBatchSampler(labels, "1:1", costs, 0)
 
 
 # -- from a real packed dataset -----------------------------------------------------------------------------------

@@ -58,10 +58,10 @@ def verify_cmd(
 
     def body() -> int:
         from mmprep.reader import load_index
-        from mmprep.verify import verify
+        from mmprep.verify import entry_bytes, verify
 
         _, index = load_index(path)
-        total = sum(int(s.get("bytes", 0) or 0) for s in index["shards"] if isinstance(s, dict))
+        total = sum(entry_bytes(s) for s in index["shards"])
         with output.progress(total, "verify", unit="B") as bar:
             report = verify(path, deep=deep, progress=bar.update)
         _render_verify(output, report)
@@ -107,6 +107,10 @@ def _render_summary(output: Output, s: DatasetSummary, info: SheetInfo | None) -
                      [(g["per_row_min"], g["per_row_mean"], g["per_row_max"], g["distinct"],
                        g.get("names_from", "stored names"))],
                      caption="top: " + ", ".join(f"{name} ({n})" for name, n in g["top"]))
+        if g.get("names_from") == "ids":
+            output.warn(f"tags shown as ids: {g['vocab_lookup']}")
+        elif "vocab_lookup" in g:
+            output.info(f"tag names from {g['vocab_lookup']}")
     if s.read is not None:
         output.table("rows read, written, rejected", ["", "rows"],
                      [("read", s.read), ("written", s.rows), ("rejected", s.rejected),

@@ -19,6 +19,8 @@ import json
 import logging
 import os
 import pickle
+import socket
+import threading
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -32,7 +34,15 @@ if TYPE_CHECKING:
     from mmprep.records import Rejected, Sample
     from mmprep.storage import Location
 
-__all__ = ["WINDOW_ITEMS", "ray_map", "ray_session", "require_ray", "run_chunks_ray"]
+__all__ = [
+    "CONNECT_TIMEOUT_S",
+    "WINDOW_ITEMS",
+    "check_address",
+    "ray_map",
+    "ray_session",
+    "require_ray",
+    "run_chunks_ray",
+]
 
 #: Manifest rows per Ray Data pipeline (the parent holds at most this many pending rows).
 WINDOW_ITEMS = 1_000_000
@@ -57,16 +67,25 @@ def ray_session(workers: int | None, address: str | None = None) -> Iterator[tup
     """Use the running Ray, or connect to ``address``, or start a local Ray with ``workers`` CPUs.
 
     Yields ``(ray module, worker count, seconds spent starting/connecting)``. A Ray this function started is shut
-    down on exit; one that was already running is left alone. Ray's own logging and Ray Data's progress bars are
-    silenced (library code never prints): the engine reports progress through the caller's callback.
+    down on exit, also on Ctrl-C; one that was already running is left alone. Ray's own logging and Ray Data's
+    progress bars are silenced (library code never prints): the engine reports progress through the caller's
+    callback.
+
+    Ctrl-C: the processes of a Ray started here (GCS, raylet, agents, and the workers the raylet starts) inherit
+    SIGINT blocked, so a Ctrl-C sent to the terminal's whole process group reaches only this process, which then
+    shuts them all down itself. A Ctrl-C while Ray starts is held until ``ray.init`` has returned (interrupted
+    half-way, it left Ray's agents running for good), and a second one does not cut the shutdown short.
 
     Args:
         workers: actors/tasks to run at once (default: the CPUs of the cluster or of this machine).
         address: ``ray://host:10001`` or ``host:6379`` of a running cluster; default ``$RAY_ADDRESS``, else a new
-            local instance.
+            local instance. An address that does not accept a TCP connection within :data:`CONNECT_TIMEOUT_S` is a
+            UsageError (Ray itself would retry for minutes).
     """
     require_ray()
     import ray
+
+    from mmprep.engines.local import _sigint_blocked
 
     if workers is not None and workers < 1:
         raise UsageError(f"--workers must be at least 1, got {workers}")
@@ -77,17 +96,18 @@ def ray_session(workers: int | None, address: str | None = None) -> Iterator[tup
     t0 = time.perf_counter()
     try:
         if not ray.is_initialized():
-            target = address or os.environ.get("RAY_ADDRESS") or "local"
+            target = check_address(address)
             kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False,
                                       "logging_level": logging.ERROR}
             if target == "local":
                 kwargs["num_cpus"] = workers or _local_cpus()
-            try:
-                ray.init(address=target, **kwargs)
-            except (ConnectionError, RuntimeError, ValueError) as exc:
-                raise UsageError(f"cannot start or reach Ray at '{target}': {str(exc).splitlines()[0]}",
-                                 hint="start the cluster (`ray start --head`) or leave out --ray-address") from None
-            started = True
+            with _sigint_blocked():
+                try:
+                    ray.init(address=target, **kwargs)
+                except (ConnectionError, RuntimeError, ValueError) as exc:
+                    raise UsageError(f"cannot start or reach Ray at '{target}': {str(exc).splitlines()[0]}",
+                                     hint=_ADDRESS_HINT) from None
+                started = True
         init_s = time.perf_counter() - t0
         import ray.data
 
@@ -99,9 +119,43 @@ def ray_session(workers: int | None, address: str | None = None) -> Iterator[tup
         yield ray, n, init_s
     finally:
         if started:
-            ray.shutdown()
+            with _sigint_blocked():  # a second Ctrl-C must not cut the shutdown short (orphaned processes)
+                ray.shutdown()
         for name, level in saved.items():
             logging.getLogger(name).setLevel(level)
+
+
+#: Seconds to wait for a TCP connection to ``--ray-address`` before giving up.
+CONNECT_TIMEOUT_S = 10.0
+_ADDRESS_HINT = "start the cluster (`ray start --head`) or leave out --ray-address"
+
+
+def check_address(address: str | None, timeout: float | None = None) -> str:
+    """The Ray address to use (``address``, else ``$RAY_ADDRESS``, else ``local``), checked for reachability.
+
+    ``local`` and ``auto`` (found by Ray itself) are not probed; ``host:port`` and ``ray://host:port`` must accept
+    a TCP connection within ``timeout`` seconds (default :data:`CONNECT_TIMEOUT_S`). Cheap: call it before anything
+    is written, as :func:`ray_session` does before starting Ray.
+
+    Raises:
+        UsageError: nothing listens there, or the host does not answer in time (one line, exit 2).
+    """
+    target = address or os.environ.get("RAY_ADDRESS") or "local"
+    if target in ("local", "auto"):
+        return target
+    rest = target.split("://", 1)[1] if "://" in target else target
+    host, sep, port = rest.rstrip("/").rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        return target  # not host:port: Ray's own parser names the problem
+    limit = CONNECT_TIMEOUT_S if timeout is None else timeout
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=limit):
+            pass
+    except TimeoutError:
+        raise UsageError(f"cannot reach Ray at '{target}': no answer within {limit:g}s", hint=_ADDRESS_HINT) from None
+    except OSError as exc:
+        raise UsageError(f"cannot reach Ray at '{target}': {exc.strerror or exc}", hint=_ADDRESS_HINT) from None
+    return target
 
 
 def _local_cpus() -> int:
@@ -228,7 +282,8 @@ def run_chunks_ray(
                     ds = ds.map_batches(_ChunkPacker, **kwargs, **remote_args)
                 except TypeError:
                     ds = ds.map_batches(_ChunkPacker, **kwargs)
-            rows = ds.iter_rows()
+            before = set(threading.enumerate())
+            rows = iter(ds.iter_rows())  # a generator: closing it stops Ray Data's iteration and its threads
             try:
                 for row in rows:
                     rec = json.loads(row["record"])
@@ -249,8 +304,7 @@ def run_chunks_ray(
                 raise _failure(exc, "a Ray worker failed while packing",
                                "rerun the same command with --resume to continue from the finished shards") from None
             finally:
-                with contextlib.suppress(Exception):
-                    rows.close()  # type: ignore[attr-defined]
+                _close_iteration(rows, before)
 
         window: list[tuple[int, list[Sample | Rejected]]] = []
         pending = 0
@@ -269,6 +323,26 @@ def run_chunks_ray(
         if window:
             run(window)
     return records, resumed
+
+
+#: Ray Data's per-iteration threads that fetch blocks (and the executor loop). Its "Prefetcher" thread is left out:
+#: an iteration closed early leaves it parked on a condition for good (Ray Data 2.60 stops it only at the end of
+#: an iteration), where it makes no Ray calls.
+_ITERATION_THREADS = ("iter_threaded", "StreamingExecutor")
+
+
+def _close_iteration(rows: Iterator[Any], before: set[threading.Thread], timeout: float = 10.0) -> None:
+    """Stop a Ray Data iteration and wait (at most ``timeout`` s) for the threads it started.
+
+    One of them still fetching blocks when Ray shuts down (after Ctrl-C or a failure) makes Ray's core worker end
+    the whole process: exit 1 with a line of Ray's C++ log instead of mmprep's message.
+    """
+    with contextlib.suppress(Exception):
+        rows.close()  # type: ignore[attr-defined]
+    deadline = time.monotonic() + timeout
+    for t in threading.enumerate():
+        if t not in before and t is not threading.current_thread() and t.name.startswith(_ITERATION_THREADS):
+            t.join(max(0.0, deadline - time.monotonic()))
 
 
 def _apply_batch(batch: dict[str, Any], fn: Callable[[Any, Any], Any], ctx: Any) -> dict[str, Any]:
@@ -301,10 +375,14 @@ def ray_map(
             _apply_batch, fn_kwargs={"fn": fn, "ctx": ctx}, batch_size=1, batch_format="numpy",
             compute=ray.data.TaskPoolStrategy(size=n), num_cpus=1,
         )
+        before = set(threading.enumerate())
+        rows = iter(ds.iter_rows())
         try:
-            for row in ds.iter_rows():
+            for row in rows:
                 yield from pickle.loads(row["result"])
         except MmprepError:
             raise
         except Exception as exc:
             raise _failure(exc, "a Ray worker failed", "rerun the same command: finished outputs are kept") from None
+        finally:
+            _close_iteration(rows, before)
