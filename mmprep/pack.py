@@ -281,9 +281,10 @@ def pack(
     requested_workers = workers
     workers = workers or os.cpu_count() or 1
     if engine == "ray":
-        from mmprep.engines.ray import require_ray
+        from mmprep.engines.ray import check_address, require_ray
 
         require_ray()  # before anything is read or written: fail at once with the install hint
+        check_address(ray_address)  # and a cluster that does not answer: before the output directory is made
     start = time.perf_counter()
     where = PackLocations.open(cfg, storage_options, workers=workers, engine=engine)
     with contextlib.ExitStack() as stack:

@@ -168,3 +168,4 @@ def test_unreachable_ray_address_fails_at_once(corpus, tmp_path: Path) -> None:
     assert lines[0].startswith(f"error: cannot reach Ray at '127.0.0.1:{port}'"), err
     assert len(lines) == 2 and "ray start --head" in lines[1], err  # the error and its hint, nothing from Ray
     assert not session_processes(proc.pid)
+    assert not (tmp_path / "out").exists()  # found before the output directory is made
