@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # resolves an unpinned torch (which would pull gigabytes of CUDA packages).
 TORCH_PIN := torch==2.13.0
 
-.PHONY: demo test lint venv
+.PHONY: demo test lint venv bench bench-check
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -29,3 +29,11 @@ test: venv
 
 lint: venv
 	$(BIN)/ruff check mmprep tests benchmarks
+
+# The benchmark suite (BENCHMARKS.md): ~25 min on 2 cores; needs what `make test` installs.
+bench: venv
+	$(BIN)/python benchmarks/run_all.py
+
+# A cheap regression check of the benchmark ratios (small corpora, generous bounds); CI runs it after the tests.
+bench-check: venv
+	$(BIN)/python benchmarks/run_all.py --check
