@@ -38,6 +38,7 @@ from mmprep.shards import (
 from mmprep.storage import PackLocations, read_parquet_schema, staged_file, write_file, write_json_file
 
 if TYPE_CHECKING:
+    from mmprep.engines.local import WorkerPool
     from mmprep.storage import Location, RemoteOutputDir
 
 __all__ = ["DEFAULT_SHARD_SIZE", "PackReport", "estimate_row_bytes", "iter_items", "pack", "pack_chunk",
@@ -106,9 +107,11 @@ def plan_rows_per_shard(
     size is estimated from the image files of the first samples (``image_bytes(ref)`` sizes a reference on
     remote storage), so the limit is a target.
     """
-    if cfg.rows_per_shard:
-        return cfg.rows_per_shard
-    return max(1, (cfg.shard_size or DEFAULT_SHARD_SIZE) // estimate_row_bytes(cfg, head, image_bytes))
+    return cfg.rows_per_shard or _rows_for(cfg, estimate_row_bytes(cfg, head, image_bytes))
+
+
+def _rows_for(cfg: PackConfig, row_bytes: int) -> int:
+    return cfg.rows_per_shard or max(1, (cfg.shard_size or DEFAULT_SHARD_SIZE) // row_bytes)
 
 
 def estimate_row_bytes(
@@ -316,7 +319,7 @@ def pack(
 def _pack_run(
     cfg: PackConfig,
     where: PackLocations,
-    pool: Any,
+    pool: WorkerPool | None,
     workers: int,
     requested_workers: int | None,
     *,
@@ -345,7 +348,7 @@ def _pack_run(
         if len(head) >= 64:
             break
     row_bytes = estimate_row_bytes(cfg, head, where.images.size if where.images is not None else None)
-    rows_per_shard = cfg.rows_per_shard or max(1, (cfg.shard_size or DEFAULT_SHARD_SIZE) // row_bytes)
+    rows_per_shard = _rows_for(cfg, row_bytes)
     if cfg.row_group_rows is None:  # --pad none: row groups of ~32 MB of encoded images, like padded ones
         cfg = replace(cfg, row_group_rows=max(1, min(1024, ROW_GROUP_BYTES // row_bytes)))
     if cfg.rows_per_shard is None and cfg.shard_size is None:
