@@ -116,6 +116,15 @@ def mmprep_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "mmprep", *args]
 
 
+def sigint_as_in_a_terminal() -> None:
+    """``preexec_fn`` for runs that the tests interrupt: SIGINT back to its default in the child. A shell that
+    starts a job in the background without job control (``cmd &`` in a script, as CI runners may) makes its
+    children ignore SIGINT, and a Python started that way keeps ignoring it: Ctrl-C would never arrive."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def subprocess_env() -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")

@@ -18,7 +18,14 @@ from pathlib import Path
 import psutil
 import pyarrow.parquet as pq
 import pytest
-from _reliab_helpers import digests, mmprep_cmd, subprocess_env, temp_files, write_noise_corpus
+from _reliab_helpers import (
+    digests,
+    mmprep_cmd,
+    sigint_as_in_a_terminal,
+    subprocess_env,
+    temp_files,
+    write_noise_corpus,
+)
 from typer.testing import CliRunner
 
 from mmprep.cli import app
@@ -45,7 +52,7 @@ def start(manifest: Path, out: Path, workers: int, *extra: str) -> subprocess.Po
     return subprocess.Popen(mmprep_cmd("pack", str(manifest), "--out", str(out), *ARGS, "--workers", str(workers),
                                        *extra),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=subprocess_env(),
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=sigint_as_in_a_terminal)
 
 
 def wait_for(cond: Callable[[], bool], proc: subprocess.Popen[str], what: str) -> None:

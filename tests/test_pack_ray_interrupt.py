@@ -20,7 +20,14 @@ from pathlib import Path
 
 import psutil
 import pytest
-from _reliab_helpers import digests, mmprep_cmd, subprocess_env, temp_files, write_noise_corpus
+from _reliab_helpers import (
+    digests,
+    mmprep_cmd,
+    sigint_as_in_a_terminal,
+    subprocess_env,
+    temp_files,
+    write_noise_corpus,
+)
 from typer.testing import CliRunner
 
 from mmprep.cli import app
@@ -48,7 +55,7 @@ def start(manifest: Path, out: Path, *extra: str) -> subprocess.Popen[str]:
     return subprocess.Popen(mmprep_cmd("pack", str(manifest), "--out", str(out), *ARGS, "--workers", "2",
                                        "--engine", "ray", *extra),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=subprocess_env(),
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=sigint_as_in_a_terminal)
 
 
 def session_processes(sid: int) -> list[psutil.Process]:
