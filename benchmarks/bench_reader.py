@@ -1,7 +1,7 @@
 """Samples/s of the packed-data reader into numpy batches against raw pyarrow column reading, in the same run.
 
-Data: the benchmark corpus (``benchmarks/corpus.py``: real photographs, captions and RAM tags; needs
-``../shared/realdata``), else ``sample_data``'s 15 good rows repeated, packed once with the real ``pack``
+Data: the benchmark corpus (``benchmarks/corpus.py``: real photographs, captions and RAM tags; from
+``../shared/realdata``, else from the repository's own photographs), packed once with the real ``pack``
 (CLIP tokenizer, RAM vocabulary, letterbox, ``--limit-images 4 --too-many-images truncate``, zstd) into
 ``.bench/reader-*/`` and reused while the parameters are unchanged. Shards hold a whole number of batches
 (``--rows-per-shard`` = batch size x max(1, samples // (4 x batch size))), so both the default run (1024 samples,
@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import shlex
 import statistics
 import sys
@@ -51,22 +50,6 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 SAMPLE = REPO_ROOT / "sample_data"
-
-
-def _sample_manifest(out: Path, n: int, seed: int) -> Path:
-    """``n`` rows built from sample_data's 15 good rows (real images, captions, tags), ids made unique."""
-    good = [json.loads(line) for line in (SAMPLE / "manifest.jsonl").read_text().splitlines()][:15]
-    rng = random.Random(seed)
-    out.mkdir(parents=True, exist_ok=True)
-    lines = []
-    for i in range(n):
-        row = dict(rng.choice(good))
-        row["id"] = f"b{i:06d}"
-        row["images"] = [str(SAMPLE / p) for p in row["images"]]
-        lines.append(json.dumps(row))
-    path = out / "manifest.jsonl"
-    path.write_text("\n".join(lines) + "\n")
-    return path
 
 
 def rows_per_shard(samples: int, batch_size: int) -> int:
@@ -86,22 +69,16 @@ def crossing_batches(shard_rows: list[int], batch_size: int) -> tuple[int, int]:
 
 def prepare(samples: int, size: int, seed: int, workers: int, shard_rows: int) -> tuple[Path, str]:
     """Pack (or reuse) the benchmark data; returns the packed directory and a description of the source."""
+    from benchmarks.corpus import make_corpus
     from mmprep.images import ImageConfig
     from mmprep.pack import pack
     from mmprep.process import PackConfig
     from mmprep.text import TextConfig
 
-    try:
-        from benchmarks.corpus import find_realdata, make_corpus
-
-        find_realdata()
-        corpus_dir = REPO_ROOT / ".bench" / f"corpus-{samples}-{seed}"
-        manifest = make_corpus(corpus_dir, samples, seed)
-        source = f"benchmark corpus {corpus_dir.relative_to(REPO_ROOT)} (real photos, captions, RAM tags)"
-    except FileNotFoundError:
-        corpus_dir = REPO_ROOT / ".bench" / f"reader-sample-manifest-{samples}-{seed}"
-        manifest = _sample_manifest(corpus_dir, samples, seed)
-        source = f"sample_data rows repeated ({corpus_dir.relative_to(REPO_ROOT)}; ../shared/realdata not found)"
+    corpus_dir = REPO_ROOT / ".bench" / f"corpus-{samples}-{seed}"
+    manifest = make_corpus(corpus_dir, samples, seed)
+    origin = json.loads((corpus_dir / "corpus.json").read_text()).get("source", "shared/realdata")
+    source = f"benchmark corpus {corpus_dir.relative_to(REPO_ROOT)} (real photos from {origin}, captions, RAM tags)"
     out = REPO_ROOT / ".bench" / f"reader-packed-{samples}-{seed}-{size}-{shard_rows}"
     stamp = out / "bench-params.json"
     params = {"samples": samples, "seed": seed, "size": size, "rows_per_shard": shard_rows, "manifest": str(manifest),

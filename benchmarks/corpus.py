@@ -51,6 +51,8 @@ def find_realdata(start: Path = REPO_ROOT) -> Path:
     """``shared/realdata`` next to the repository or in one of its parent folders (or ``$MMPREP_REALDATA``)."""
     env = os.environ.get("MMPREP_REALDATA")
     if env:
+        if not (Path(env) / "images").is_dir():
+            raise FileNotFoundError(f"MMPREP_REALDATA={env} has no images/ folder")
         return Path(env)
     for base in (start, *start.parents):
         cand = base / "shared" / "realdata"
