@@ -41,8 +41,7 @@ if TYPE_CHECKING:
     from mmprep.engines.local import WorkerPool
     from mmprep.storage import Location, RemoteOutputDir
 
-__all__ = ["DEFAULT_SHARD_SIZE", "PackReport", "estimate_row_bytes", "iter_items", "pack", "pack_chunk",
-           "plan_rows_per_shard"]
+__all__ = ["DEFAULT_SHARD_SIZE", "PackReport", "estimate_row_bytes", "iter_items", "pack", "pack_chunk"]
 
 DEFAULT_SHARD_SIZE = 512 * 1024 * 1024
 # With the default shard size, inputs smaller than MIN_SHARDS full shards are cut into MIN_SHARDS shards (of at
@@ -98,19 +97,9 @@ def iter_items(cfg: PackConfig, source: str | Location | None = None) -> Iterato
         yield item
 
 
-def plan_rows_per_shard(
-    cfg: PackConfig, head: list[Sample | Rejected], image_bytes: Callable[[str], int] | None = None
-) -> int:
-    """Rows per shard from ``--rows-per-shard``, or ``--shard-size`` divided by the bytes of a row.
-
-    Padded rows have a fixed size, so the byte limit holds (before compression). For ``--pad none`` the row
-    size is estimated from the image files of the first samples (``image_bytes(ref)`` sizes a reference on
-    remote storage), so the limit is a target.
-    """
-    return cfg.rows_per_shard or _rows_for(cfg, estimate_row_bytes(cfg, head, image_bytes))
-
-
 def _rows_for(cfg: PackConfig, row_bytes: int) -> int:
+    """Rows per shard from ``--rows-per-shard``, or ``--shard-size`` divided by the bytes of a row (for padded rows
+    exact before compression; for ``--pad none`` an estimate, so the limit is a target)."""
     return cfg.rows_per_shard or max(1, (cfg.shard_size or DEFAULT_SHARD_SIZE) // row_bytes)
 
 

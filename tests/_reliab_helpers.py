@@ -125,6 +125,13 @@ def sigint_as_in_a_terminal() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
+def start_interruptible(cmd: list[str]) -> subprocess.Popen[str]:
+    """Start ``cmd`` (an mmprep run the test will kill or interrupt) in its own session, pipes captured, SIGINT at
+    its default."""
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=subprocess_env(),
+                            start_new_session=True, preexec_fn=sigint_as_in_a_terminal)
+
+
 def subprocess_env() -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")

@@ -21,8 +21,7 @@ import pytest
 from _reliab_helpers import (
     digests,
     mmprep_cmd,
-    sigint_as_in_a_terminal,
-    subprocess_env,
+    start_interruptible,
     temp_files,
     write_noise_corpus,
 )
@@ -49,10 +48,8 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 
 def start(manifest: Path, out: Path, workers: int, *extra: str) -> subprocess.Popen[str]:
-    return subprocess.Popen(mmprep_cmd("pack", str(manifest), "--out", str(out), *ARGS, "--workers", str(workers),
-                                       *extra),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=subprocess_env(),
-                            start_new_session=True, preexec_fn=sigint_as_in_a_terminal)
+    return start_interruptible(mmprep_cmd("pack", str(manifest), "--out", str(out), *ARGS, "--workers",
+                                          str(workers), *extra))
 
 
 def wait_for(cond: Callable[[], bool], proc: subprocess.Popen[str], what: str) -> None:

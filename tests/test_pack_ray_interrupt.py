@@ -23,8 +23,7 @@ import pytest
 from _reliab_helpers import (
     digests,
     mmprep_cmd,
-    sigint_as_in_a_terminal,
-    subprocess_env,
+    start_interruptible,
     temp_files,
     write_noise_corpus,
 )
@@ -52,10 +51,8 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 
 def start(manifest: Path, out: Path, *extra: str) -> subprocess.Popen[str]:
-    return subprocess.Popen(mmprep_cmd("pack", str(manifest), "--out", str(out), *ARGS, "--workers", "2",
-                                       "--engine", "ray", *extra),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=subprocess_env(),
-                            start_new_session=True, preexec_fn=sigint_as_in_a_terminal)
+    return start_interruptible(mmprep_cmd("pack", str(manifest), "--out", str(out), *ARGS, "--workers", "2",
+                                          "--engine", "ray", *extra))
 
 
 def session_processes(sid: int) -> list[psutil.Process]:
