@@ -66,8 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     import transformers
 
-    from mmprep.embed import embed_labels, load_encoder
-    from mmprep.vocab import Vocabulary, load_vocab
+    from mmprep.labels.embed import embed_labels, load_encoder
+    from mmprep.labels.vocab import Vocabulary, load_vocab
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()

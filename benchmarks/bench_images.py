@@ -41,7 +41,7 @@ _STATE: dict[str, object] = {}
 
 
 def _init_worker(size: int) -> None:
-    from mmprep.images import ImageConfig, Normalization
+    from mmprep.images.decode import ImageConfig, Normalization
 
     _STATE["cfg"] = ImageConfig(size=(size, size), resize_mode="center-crop", interpolation="bicubic")
     _STATE["u8"] = Normalization(dtype="uint8", layout="CHW")
@@ -65,7 +65,7 @@ def _naive(paths: list[str]) -> int:
 
 
 def _mmprep(paths: list[str]) -> int:
-    from mmprep.images import load_image, to_output
+    from mmprep.images.decode import load_image, to_output
 
     cfg, norm = _STATE["cfg"], _STATE["u8"]
     for p in paths:
@@ -74,7 +74,7 @@ def _mmprep(paths: list[str]) -> int:
 
 
 def _mmprep_f16(paths: list[str]) -> int:
-    from mmprep.images import load_image, to_output
+    from mmprep.images.decode import load_image, to_output
 
     cfg, norm = _STATE["cfg"], _STATE["f16"]
     for p in paths:

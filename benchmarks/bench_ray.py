@@ -46,9 +46,9 @@ def _digests(out: Path) -> dict[str, str]:
 
 
 def _config(manifest: Path, out: Path, rows_per_shard: int) -> Any:
-    from mmprep.images import ImageConfig
-    from mmprep.process import PackConfig
-    from mmprep.text import TextConfig
+    from mmprep.images.decode import ImageConfig
+    from mmprep.pack.processor import PackConfig
+    from mmprep.text.encoder import TextConfig
 
     sample = REPO_ROOT / "sample_data"
     return PackConfig(
@@ -59,7 +59,7 @@ def _config(manifest: Path, out: Path, rows_per_shard: int) -> Any:
 
 
 def _run(method: str, manifest: Path, out: Path, workers: int, rows_per_shard: int) -> dict[str, Any]:
-    from mmprep.pack import pack
+    from mmprep.pack.job import pack
 
     shutil.rmtree(out, ignore_errors=True)
     start = time.perf_counter()

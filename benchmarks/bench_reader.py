@@ -70,10 +70,10 @@ def crossing_batches(shard_rows: list[int], batch_size: int) -> tuple[int, int]:
 def prepare(samples: int, size: int, seed: int, workers: int, shard_rows: int) -> tuple[Path, str]:
     """Pack (or reuse) the benchmark data; returns the packed directory and a description of the source."""
     from benchmarks.corpus import make_corpus
-    from mmprep.images import ImageConfig
-    from mmprep.pack import pack
-    from mmprep.process import PackConfig
-    from mmprep.text import TextConfig
+    from mmprep.images.decode import ImageConfig
+    from mmprep.pack.job import pack
+    from mmprep.pack.processor import PackConfig
+    from mmprep.text.encoder import TextConfig
 
     corpus_dir = REPO_ROOT / ".bench" / f"corpus-{samples}-{seed}"
     manifest = make_corpus(corpus_dir, samples, seed)
@@ -166,7 +166,7 @@ def naive_pyarrow(files: list[Path], columns: list[str], batch_size: int) -> int
 
 
 def reader_batches(path: Path, batch_size: int, normalize: str | None = None) -> int:
-    from mmprep.reader import PackedDataset
+    from mmprep.dataset.reader import PackedDataset
 
     ds = PackedDataset(path, normalize=normalize)
     rows = 0
@@ -177,8 +177,8 @@ def reader_batches(path: Path, batch_size: int, normalize: str | None = None) ->
 
 
 def reader_take(path: Path, batch_size: int, epoch: int) -> int:
-    from mmprep.reader import PackedDataset
-    from mmprep.samplers import TokenBudgetBatchSampler
+    from mmprep.dataset.reader import PackedDataset
+    from mmprep.dataset.samplers import TokenBudgetBatchSampler
 
     ds = PackedDataset(path, cache_row_groups=8)
     costs = np.ones(len(ds), dtype=np.int64)  # a fixed batch size through the budget sampler
@@ -211,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     print("command: python " + shlex.join(cmd))
 
     path, source = prepare(samples, size, args.seed, args.workers, rows_per_shard(samples, b))
-    from mmprep.reader import PackedDataset
+    from mmprep.dataset.reader import PackedDataset
 
     ds = PackedDataset(path)
     files = [s.path for s in ds.shards]

@@ -42,7 +42,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from mmprep.text import TextConfig, TextEncoder  # noqa: E402
+from mmprep.text.encoder import TextConfig, TextEncoder  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "realdata" / "annotations"
 BATCH = 1024
@@ -119,8 +119,8 @@ def _bench_one(
             enc.encode_batch([enc.render(t, sample_id=s) for t, s in zip(chunk, ids[i : i + BATCH], strict=True)])
 
     with tempfile.TemporaryDirectory() as tmp:
-        from mmprep.manifest import iter_samples
-        from mmprep.text_tokenize import tokenize_manifest, tokenize_samples
+        from mmprep.inputs.manifest import iter_samples
+        from mmprep.text.tokenize import tokenize_manifest, tokenize_samples
 
         manifest = Path(tmp) / "m.jsonl"
         with manifest.open("w") as fh:

@@ -33,9 +33,9 @@ def _root() -> Path:
 
 def pack_config(out: Path, **kw: Any) -> Any:
     """A PackConfig over sample_data with small images (32x48 letterbox), 4 slots, 16 tokens, 4 rows a shard."""
-    from mmprep.images import ImageConfig
-    from mmprep.process import PackConfig
-    from mmprep.text import TextConfig
+    from mmprep.images.decode import ImageConfig
+    from mmprep.pack.processor import PackConfig
+    from mmprep.text.encoder import TextConfig
 
     base: dict[str, Any] = dict(
         manifest=str(SAMPLE / "manifest.jsonl"),
@@ -59,8 +59,8 @@ def packed(kind: str = "uint8") -> Path:
     (``--pad none``, original file bytes).
     """
     if kind not in _MEMO:
-        from mmprep.images import ImageConfig, Normalization
-        from mmprep.pack import pack
+        from mmprep.images.decode import ImageConfig, Normalization
+        from mmprep.pack.job import pack
 
         out = _root() / kind
         if kind == "uint8":

@@ -1,4 +1,4 @@
-"""`mmprep audit-labels` and mmprep.audit on the real Recognize-Anything lists (tests/data/ram, see ATTRIBUTION.md)."""
+"""`mmprep audit-labels` and mmprep.labels.audit on the real Recognize-Anything lists (tests/data/ram, see ATTRIBUTION.md)."""
 
 from __future__ import annotations
 
@@ -16,22 +16,22 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-import mmprep.audit as audit_mod
-from mmprep.audit import (
+import mmprep.labels.audit as audit_mod
+from mmprep.cli import app
+from mmprep.errors import InputError, UsageError
+from mmprep.labels.audit import (
     audit_aligned,
     audit_embeddings,
     audit_labels,
     detect_annotation_format,
 )
-from mmprep.cli import app
-from mmprep.errors import InputError, UsageError
-from mmprep.vocab import Vocabulary, load_vocab
+from mmprep.labels.vocab import Vocabulary, load_vocab
 
 DATA = Path(__file__).parent / "data" / "ram"
 RAM = DATA / "ram_tag_list.txt"
 RAM_ZH = DATA / "ram_tag_list_chinese.txt"
 RAM_THRESH = DATA / "ram_tag_list_threshold.txt"
-RAM_NAMES = RAM.read_text(encoding="utf-8").split("\n")  # independent of mmprep.vocab: no final newline
+RAM_NAMES = RAM.read_text(encoding="utf-8").split("\n")  # independent of mmprep.labels.vocab: no final newline
 runner = CliRunner()
 
 
@@ -904,7 +904,7 @@ def test_config_file_supplies_fail_on(tmp_path: Path) -> None:
 
 
 def test_audit_module_imports_nothing_heavy() -> None:
-    code = ("import sys, mmprep.audit, mmprep.cli.cmd_labels\n"
+    code = ("import sys, mmprep.labels.audit, mmprep.cli.cmd_labels\n"
             "print([m for m in ('torch', 'matplotlib', 'pandas', 'transformers') if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).parent.parent).stdout

@@ -13,12 +13,12 @@ import pytest
 from _text_helpers import CLIP_DIR, MINILM_DIR, REPO, TEXT_DATA, build_bytelevel_bpe
 from typer.testing import CliRunner
 
-from mmprep import text_tokenize
 from mmprep.cli import app
 from mmprep.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE
-from mmprep.manifest import iter_samples
-from mmprep.text import LengthHistogram, TextConfig, TextEncoder
-from mmprep.text_tokenize import _length_bins, _short_title, tokenize_manifest, tokenize_samples
+from mmprep.inputs.manifest import iter_samples
+from mmprep.text import tokenize as text_tokenize
+from mmprep.text.encoder import LengthHistogram, TextConfig, TextEncoder
+from mmprep.text.tokenize import _length_bins, _short_title, tokenize_manifest, tokenize_samples
 
 runner = CliRunner()
 SAMPLE_MANIFEST = REPO / "sample_data" / "manifest.jsonl"

@@ -16,7 +16,8 @@ from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from mmprep.cli import app
-from mmprep.embed import (
+from mmprep.errors import EXIT_FAILED, EXIT_USAGE, InputError, RunFailed, UsageError
+from mmprep.labels.embed import (
     BUILTIN_TEMPLATES,
     RAM_TEMPLATES,
     clean_tag,
@@ -30,8 +31,7 @@ from mmprep.embed import (
     sidecar_path,
     tag_texts,
 )
-from mmprep.errors import EXIT_FAILED, EXIT_USAGE, InputError, RunFailed, UsageError
-from mmprep.vocab import load_vocab
+from mmprep.labels.vocab import load_vocab
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -364,7 +364,7 @@ def test_permuting_the_vocabulary_permutes_the_rows(bert_encoder, perm_base, per
 
 
 def load_vocab_from(names):
-    from mmprep.vocab import Vocabulary
+    from mmprep.labels.vocab import Vocabulary
 
     return Vocabulary(names=tuple(names), path="<test>")
 
@@ -427,7 +427,7 @@ def _ram_processed_name(name, rm_dot=False):
 
 
 def _ram_texts(category: str) -> list[str]:
-    from mmprep.embed import _RAM_BASE_TEMPLATES  # RAM's multiple_templates, without the "This is " prefix
+    from mmprep.labels.embed import _RAM_BASE_TEMPLATES  # RAM's multiple_templates, without the "This is " prefix
 
     texts = [t.format(_ram_processed_name(category, rm_dot=True), article=_ram_article(category))
              for t in _RAM_BASE_TEMPLATES]

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from PIL import Image, ImageFile, ImageOps
 
 from mmprep.errors import InputError, UsageError
-from mmprep.images import (
+from mmprep.images.decode import (
     INTERPOLATIONS,
     NORM_PRESETS,
     RESIZE_MODES,

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mmprep.errors import InputError
-from mmprep.manifest import ColumnMap, iter_json_array, iter_records, iter_samples
+from mmprep.inputs.manifest import ColumnMap, iter_json_array, iter_records, iter_samples
 from mmprep.records import Rejected, Sample
 
 

@@ -14,10 +14,10 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from mmprep.cli import app
-from mmprep.images import ImageConfig, Normalization
-from mmprep.pack import pack
-from mmprep.process import PackConfig
-from mmprep.text import TextConfig
+from mmprep.images.decode import ImageConfig, Normalization
+from mmprep.pack.job import pack
+from mmprep.pack.processor import PackConfig
+from mmprep.text.encoder import TextConfig
 
 SAMPLE = Path("sample_data")
 CLIP = str(SAMPLE / "tokenizers" / "clip")

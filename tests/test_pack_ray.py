@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 
 from mmprep.cli import app
 from mmprep.errors import RunFailed
-from mmprep.pack import pack
+from mmprep.pack.job import pack
 
 runner = CliRunner()
 TESTS = Path(__file__).resolve().parent
@@ -68,7 +68,7 @@ def test_parity_with_local_engine(ray_out, local_ref: Path) -> None:
 
 
 def test_resume_on_ray(ray_out, local_ref: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import mmprep.engines.ray as ray_engine
+    import mmprep.runtime.engines.ray as ray_engine
 
     monkeypatch.setattr(ray_engine, "WINDOW_ITEMS", 6)  # one chunk per Ray Data pipeline: windows are exercised
     out = tmp_path / "out"

@@ -15,9 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from mmprep.errors import InputError, UsageError
-from mmprep.images import Normalization, to_output
-from mmprep.reader import (
+from mmprep.dataset.reader import (
     PackedDataset,
     PixelSpec,
     denormalize,
@@ -26,6 +24,8 @@ from mmprep.reader import (
     normalize_pixels,
     patch_mask,
 )
+from mmprep.errors import InputError, UsageError
+from mmprep.images.decode import Normalization, to_output
 
 
 def arrow_rows(path: Path) -> list[dict]:
@@ -423,7 +423,7 @@ def test_dataset_patch_mask_and_torch_without_torch(ds: PackedDataset, monkeypat
     with pytest.raises(UsageError, match="no content_boxes"):
         ds.patch_mask({"id": b["id"]}, 16)
     monkeypatch.setitem(sys.modules, "torch", None)  # as if torch were not installed
-    monkeypatch.delitem(sys.modules, "mmprep.reader_torch", raising=False)
+    monkeypatch.delitem(sys.modules, "mmprep.dataset.torch_data", raising=False)
     with pytest.raises(MissingDependencyError, match="needs the 'torch' package") as exc:
         ds.torch_iterable(batch_size=4)
     assert "pip install" in (exc.value.hint or "")

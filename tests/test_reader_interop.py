@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from _reader_helpers import packed
 
-from mmprep.reader import PackedDataset
+from mmprep.dataset.reader import PackedDataset
 
 
 def plain(v: Any) -> Any:

@@ -13,9 +13,9 @@ pytestmark = pytest.mark.torch
 
 from torch.utils.data import DataLoader  # noqa: E402
 
-from mmprep.reader import PackedDataset  # noqa: E402
-from mmprep.reader_torch import PackedIterableDataset, PackedTorchDataset, to_torch  # noqa: E402
-from mmprep.samplers import TokenBudgetBatchSampler, sample_costs  # noqa: E402
+from mmprep.dataset.reader import PackedDataset  # noqa: E402
+from mmprep.dataset.samplers import TokenBudgetBatchSampler, sample_costs  # noqa: E402
+from mmprep.dataset.torch_data import PackedIterableDataset, PackedTorchDataset, to_torch  # noqa: E402
 
 
 def ids_of(loader) -> list[str]:

@@ -45,10 +45,10 @@ from typer.testing import CliRunner
 
 from mmprep.cli import app
 from mmprep.errors import InputError, RunFailed, UsageError
-from mmprep.images import ImageConfig
-from mmprep.pack import pack
-from mmprep.process import PackConfig
-from mmprep.text import TextConfig
+from mmprep.images.decode import ImageConfig
+from mmprep.pack.job import pack
+from mmprep.pack.processor import PackConfig
+from mmprep.text.encoder import TextConfig
 
 runner = CliRunner()
 CLIP = str(REPO / "sample_data" / "tokenizers" / "clip")
@@ -544,7 +544,7 @@ def test_a_disk_full_before_the_run_starts(noise, tmp_path: Path) -> None:
 def test_disk_full_while_writing_the_index(noise, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """ENOSPC at the very last write (index.json, simulated): exit 1, shards and rejects are there but no index,
     so the dataset is not taken for complete; --resume then only writes the index."""
-    import mmprep.shards as shards
+    import mmprep.runtime.shards as shards
 
     manifest, ref = noise
     out = tmp_path / "out"
@@ -771,7 +771,7 @@ def test_an_unexpected_error_in_one_row_is_a_reject_not_a_crash(tmp_path: Path,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """A bug that raises for one row (injected here into the image stage) costs that row, with the exception
     named in its reject, and not the run; with MMPREP_DEBUG=1 it propagates so it can be debugged."""
-    import mmprep.process as process
+    import mmprep.pack.processor as process
 
     (tmp_path / "a.png").write_bytes(png_bytes())
     (tmp_path / "b.png").write_bytes(png_bytes())

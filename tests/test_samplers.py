@@ -10,9 +10,8 @@ from _reader_helpers import packed
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mmprep.errors import UsageError
-from mmprep.reader import PackedDataset
-from mmprep.samplers import (
+from mmprep.dataset.reader import PackedDataset
+from mmprep.dataset.samplers import (
     RatioBatchSampler,
     RatioBudgetBatchSampler,
     TokenBudgetBatchSampler,
@@ -21,6 +20,7 @@ from mmprep.samplers import (
     ratio_counts,
     sample_costs,
 )
+from mmprep.errors import UsageError
 
 costs_st = st.lists(st.integers(0, 300), min_size=0, max_size=120)
 

@@ -18,9 +18,9 @@ from typer.testing import CliRunner
 
 from mmprep.cli import app
 from mmprep.errors import UsageError
-from mmprep.images import ImageConfig
-from mmprep.pack import pack
-from mmprep.storage import local_path, open_location, parse_storage_options, redact
+from mmprep.images.decode import ImageConfig
+from mmprep.pack.job import pack
+from mmprep.runtime.storage import local_path, open_location, parse_storage_options, redact
 
 runner = CliRunner()
 KEY, SECRET, TOKEN = "AKIAKEYEXAMPLE", "s3cr3t-EXAMPLE-value", "tok-EXAMPLE-9f2c"

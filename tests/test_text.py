@@ -24,7 +24,7 @@ from _text_helpers import (
 
 from mmprep.errors import InputError, UsageError
 from mmprep.records import Sample
-from mmprep.text import (
+from mmprep.text.encoder import (
     MAX_LENGTH_LIMIT,
     LengthHistogram,
     TextConfig,

@@ -1,4 +1,4 @@
-"""Parsers for flag values shared by several commands (image sizes and colours live in ``mmprep.images``)."""
+"""Parsers for flag values shared by several commands (image sizes and colours live in ``mmprep.images.decode``)."""
 
 from __future__ import annotations
 

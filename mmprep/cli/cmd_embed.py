@@ -83,7 +83,7 @@ def embed_labels_cmd(
     output = make_output(json_, quiet, verbose)
 
     def body() -> int:
-        from mmprep.embed import load_templates, set_torch_threads
+        from mmprep.labels.embed import load_templates, set_torch_threads
 
         if template and templates:
             raise UsageError("--template and --templates exclude each other",
@@ -97,7 +97,7 @@ def embed_labels_cmd(
         if threads:
             set_torch_threads(threads)
         with ExitStack() as stack:
-            from mmprep.embed import embed_labels
+            from mmprep.labels.embed import embed_labels
 
             result = embed_labels(
                 vocab, model, out, templates=tmpl, template_source=source, descriptions=descriptions,

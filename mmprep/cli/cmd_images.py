@@ -16,8 +16,8 @@ from mmprep.cli._app import JsonOpt, QuietOpt, VerboseOpt, app, make_output, run
 from mmprep.errors import EXIT_FAILED, EXIT_OK, InputError, RunFailed, UsageError
 
 if TYPE_CHECKING:
-    from mmprep.image_jobs import ImageSet
-    from mmprep.images import ImageConfig
+    from mmprep.images.decode import ImageConfig
+    from mmprep.images.jobs import ImageSet
     from mmprep.output import Output
 
 __all__ = ["IMAGE_OPTION_NAMES", "image_config_from_options"]
@@ -81,8 +81,8 @@ def image_config_from_options(
     pixel_limit: int = 89_478_485,
     no_draft: bool = False,
 ) -> ImageConfig:
-    """Build and validate an :class:`~mmprep.images.ImageConfig` from CLI option values (UsageError if bad)."""
-    from mmprep.images import ImageConfig, parse_color, parse_image_size
+    """Build and validate an :class:`~mmprep.images.decode.ImageConfig` from CLI option values (UsageError if bad)."""
+    from mmprep.images.decode import ImageConfig, parse_color, parse_image_size
 
     size = parse_image_size(image_size) if image_size not in (None, "") else None
     cfg = ImageConfig(
@@ -103,7 +103,7 @@ def image_config_from_options(
 
 def _local(value: str, what: str, command: str) -> str:
     """A plain local path for ``value`` (a path or ``file://`` URI); any other URI is a usage error."""
-    from mmprep.storage import is_local, local_path, redact, scheme_of
+    from mmprep.runtime.storage import is_local, local_path, redact, scheme_of
 
     if not is_local(value):
         raise UsageError(
@@ -113,7 +113,7 @@ def _local(value: str, what: str, command: str) -> str:
 
 
 def _workers(n: int) -> int:
-    from mmprep.image_jobs import default_workers
+    from mmprep.images.jobs import default_workers
 
     if n < 0:
         raise UsageError(f"--workers must be 0 (all cores) or more, got {n}")
@@ -123,8 +123,8 @@ def _workers(n: int) -> int:
 def _collect(src: str, image_root: str | None, input_format: str | None, image_column: str | None,
              allow_outside_root: bool, limit: int | None, exclude: tuple[str, ...] = (),
              command: str = "image-stats") -> ImageSet:
-    from mmprep.image_jobs import IMAGE_EXTENSIONS, collect_images
-    from mmprep.manifest import ColumnMap
+    from mmprep.images.jobs import IMAGE_EXTENSIONS, collect_images
+    from mmprep.inputs.manifest import ColumnMap
 
     src = _local(src, "SRC", command)
     if image_root is not None:
@@ -188,7 +188,7 @@ def image_stats(
     ui = make_output(json_, quiet, verbose)
 
     def body() -> int:
-        from mmprep.image_jobs import compute_image_stats
+        from mmprep.images.jobs import compute_image_stats
         from mmprep.output import to_jsonable
 
         cfg = image_config_from_options(**image_opts)
@@ -263,7 +263,7 @@ def _render_stats(out: Output, r: dict[str, Any]) -> None:
 
 
 def _preset(name: str) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
-    from mmprep.images import NORM_PRESETS
+    from mmprep.images.decode import NORM_PRESETS
 
     return NORM_PRESETS[name]
 
@@ -324,8 +324,8 @@ def normalize_images_cmd(
     def body() -> int:
         import json
 
-        from mmprep.image_jobs import normalize_images
-        from mmprep.images import OUTPUT_FORMATS, Normalization
+        from mmprep.images.decode import OUTPUT_FORMATS, Normalization
+        from mmprep.images.jobs import normalize_images
         from mmprep.output import to_jsonable
 
         cfg = image_config_from_options(**image_opts)

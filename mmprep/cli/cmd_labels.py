@@ -12,7 +12,7 @@ from mmprep.cli._app import JsonOpt, QuietOpt, VerboseOpt, app, make_output, run
 from mmprep.errors import EXIT_FAILED, EXIT_OK, UsageError
 
 if TYPE_CHECKING:
-    from mmprep.audit import AuditReport, EmbeddingReport
+    from mmprep.labels.audit import AuditReport, EmbeddingReport
     from mmprep.output import Output
 
 __all__ = ["audit_labels_cmd"]
@@ -97,7 +97,7 @@ def audit_labels_cmd(
     out = make_output(json_, quiet, verbose)
 
     def body() -> int:
-        from mmprep.audit import (
+        from mmprep.labels.audit import (
             ANNOTATION_FORMATS,
             FAIL_ON_CATEGORIES,
             audit_labels,

@@ -22,7 +22,7 @@ from mmprep.cli.cmd_images import (
 
 if TYPE_CHECKING:
     from mmprep.output import Output
-    from mmprep.pack import PackReport
+    from mmprep.pack.job import PackReport
 
 _IMG = "Images"
 _TXT = "Text"
@@ -137,12 +137,12 @@ def pack_cmd(
 
     def body() -> int:
         from mmprep.cli._parse import parse_bytes
-        from mmprep.images import Normalization
-        from mmprep.manifest import ColumnMap
-        from mmprep.pack import pack
-        from mmprep.process import PackConfig
-        from mmprep.storage import parse_storage_options
-        from mmprep.text import TextConfig
+        from mmprep.images.decode import Normalization
+        from mmprep.inputs.manifest import ColumnMap
+        from mmprep.pack.job import pack
+        from mmprep.pack.processor import PackConfig
+        from mmprep.runtime.storage import parse_storage_options
+        from mmprep.text.encoder import TextConfig
 
         storage_options = parse_storage_options(storage_option)
 
@@ -228,7 +228,7 @@ def _count_rows(manifest: str) -> int | None:
     """A quick row estimate for the progress bar (newlines of a JSONL/CSV file under 2 GB)."""
     import os
 
-    from mmprep.storage import is_local, local_path
+    from mmprep.runtime.storage import is_local, local_path
 
     if manifest == "-" or not is_local(manifest) or not manifest.lower().endswith((".jsonl", ".ndjson", ".csv",
                                                                                     ".tsv")):

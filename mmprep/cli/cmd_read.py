@@ -9,9 +9,9 @@ import typer
 from mmprep.cli._app import JsonOpt, QuietOpt, VerboseOpt, app, make_output, run_command
 
 if TYPE_CHECKING:
+    from mmprep.dataset.inspect import DatasetSummary, SheetInfo
+    from mmprep.dataset.verify import VerifyReport
     from mmprep.output import Output
-    from mmprep.summary import DatasetSummary, SheetInfo
-    from mmprep.verify import VerifyReport
 
 
 @app.command("inspect")
@@ -32,8 +32,8 @@ def inspect_cmd(
     output = make_output(json_, quiet, verbose)
 
     def body() -> int:
-        from mmprep.reader import PackedDataset
-        from mmprep.summary import contact_sheet, summarize
+        from mmprep.dataset.inspect import contact_sheet, summarize
+        from mmprep.dataset.reader import PackedDataset
 
         ds = PackedDataset(path)
         summary = summarize(ds, vocab=vocab, top_tags=top_tags)
@@ -57,8 +57,8 @@ def verify_cmd(
     output = make_output(json_, quiet, verbose)
 
     def body() -> int:
-        from mmprep.reader import load_index
-        from mmprep.verify import entry_bytes, verify
+        from mmprep.dataset.reader import load_index
+        from mmprep.dataset.verify import entry_bytes, verify
 
         _, index = load_index(path)
         total = sum(entry_bytes(s) for s in index["shards"])

@@ -71,9 +71,9 @@ def tokenize(
     out_ = make_output(json_, quiet, verbose)
 
     def body() -> int:
-        from mmprep.manifest import ColumnMap
-        from mmprep.text import TextConfig, TextEncoder
-        from mmprep.text_tokenize import check_plot_path, plot_lengths, tokenize_manifest
+        from mmprep.inputs.manifest import ColumnMap
+        from mmprep.text.encoder import TextConfig, TextEncoder
+        from mmprep.text.tokenize import check_plot_path, plot_lengths, tokenize_manifest
 
         cfg = TextConfig(
             max_length=max_length,
@@ -129,7 +129,7 @@ def _hint_for(reason: str) -> str:
 
 def _render(out: object, report: object) -> None:
     from mmprep.output import Output
-    from mmprep.text_tokenize import TokenizeReport
+    from mmprep.text.tokenize import TokenizeReport
 
     assert isinstance(out, Output) and isinstance(report, TokenizeReport)
     if out.json_mode:

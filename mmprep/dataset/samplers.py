@@ -5,7 +5,7 @@ a fixed size the same mix of buckets; :class:`RatioBudgetBatchSampler` keeps the
 (batches of varying size with roughly constant tokens, as Pyramid-Flow trains its stages).
 
 All are plain Python iterables of index lists, so they work as a PyTorch ``DataLoader(batch_sampler=...)``
-(with :class:`mmprep.reader_torch.PackedTorchDataset`) and with :meth:`mmprep.reader.PackedDataset.take`.
+(with :class:`mmprep.dataset.torch_data.PackedTorchDataset`) and with :meth:`mmprep.dataset.reader.PackedDataset.take`.
 All are deterministic in ``(seed, epoch)``; call ``set_epoch`` before each epoch. With ``world_size > 1`` the
 global list of batches is dealt round-robin (batch ``i`` goes to rank ``i % world_size``), so every batch is used
 by exactly one rank; ``drop_uneven=True`` drops the last ``len % world_size`` batches so that every rank gets the
@@ -25,7 +25,7 @@ import numpy as np
 from mmprep.errors import UsageError
 
 if TYPE_CHECKING:
-    from mmprep.reader import Batch, PackedDataset
+    from mmprep.dataset.reader import Batch, PackedDataset
 
 __all__ = [
     "RATIO_MODES",

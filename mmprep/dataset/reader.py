@@ -16,7 +16,7 @@
   stores them.
 - **epoch plans** (``epoch_plan``/``iter_plan``): which rows a (rank, worker) reads in an epoch, each row exactly
   once across all of them, shuffled deterministically by seed and epoch. The PyTorch datasets in
-  :mod:`mmprep.reader_torch` are thin wrappers around these.
+  :mod:`mmprep.dataset.torch_data` are thin wrappers around these.
 
 Masks: :func:`image_mask` (``[B, limit]``) and :func:`patch_mask` (``[B, limit, ceil(H/p), ceil(W/p)]``) from the
 stored content boxes, vectorised over the batch.
@@ -372,7 +372,7 @@ def _column(name: str, arr: Any, spec: PixelSpec | None, where: str) -> Any:
 
 
 def _decode_images(rows: list[list[dict[str, Any]]], ids: list[str] | None, decode: Any) -> list[list[np.ndarray]]:
-    from mmprep.images import ImageConfig, ImageError, load_image
+    from mmprep.images.decode import ImageConfig, ImageError, load_image
 
     cfg = decode if isinstance(decode, ImageConfig) else ImageConfig(size=None, resize_mode="none")
     out: list[list[np.ndarray]] = []
@@ -421,7 +421,7 @@ class PackedDataset:
         std: override the std used by ``normalize``.
         decode_images: for ``--pad none`` shards: False keeps ``images`` as lists of ``{bytes, path}``; True
             decodes each to a uint8 ``(H, W, 3)`` array (EXIF orientation applied); an
-            :class:`mmprep.images.ImageConfig` also resizes.
+            :class:`mmprep.images.decode.ImageConfig` also resizes.
         cache_row_groups: decoded row groups kept for random access.
 
     Raises:
@@ -855,11 +855,11 @@ class PackedDataset:
         return patch_mask(batch["content_boxes"], self.pixels.image_size, patch_size, rule=rule)
 
     def torch_iterable(self, **kwargs: Any) -> Any:
-        """A :class:`mmprep.reader_torch.PackedIterableDataset` over this dataset (needs torch)."""
+        """A :class:`mmprep.dataset.torch_data.PackedIterableDataset` over this dataset (needs torch)."""
         return _torch_module().PackedIterableDataset(self, **kwargs)
 
     def torch_dataset(self, **kwargs: Any) -> Any:
-        """A map-style :class:`mmprep.reader_torch.PackedTorchDataset` over this dataset (needs torch)."""
+        """A map-style :class:`mmprep.dataset.torch_data.PackedTorchDataset` over this dataset (needs torch)."""
         return _torch_module().PackedTorchDataset(self, **kwargs)
 
     # -- vocabulary --------------------------------------------------------------------------------------------
@@ -876,7 +876,7 @@ class PackedDataset:
         to the working directory, then to the dataset's folder and each folder above it; the recorded file name
         inside the dataset's folder.
         """
-        from mmprep.vocab import load_vocab
+        from mmprep.labels.vocab import load_vocab
 
         meta = self.metadata.get("vocab")
         recorded = (self.index.get("config") or {}).get("vocab")
@@ -945,7 +945,7 @@ def _shard_entry(root: Path, k: int, s: Any, start: int) -> ShardEntry:
 
 def _torch_module() -> Any:
     try:
-        import mmprep.reader_torch as rt
+        import mmprep.dataset.torch_data as rt
     except ImportError as exc:
         if getattr(exc, "name", "") and not str(exc.name).startswith("torch"):
             raise

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from mmprep.errors import InputError, RunFailed, UsageError
-from mmprep.images import (
+from mmprep.images.decode import (
     NORM_PRESETS,
     OUTPUT_FORMATS,
     ImageConfig,
@@ -35,7 +35,7 @@ from mmprep.images import (
     resolve_image_path,
     to_output,
 )
-from mmprep.manifest import ColumnMap, iter_samples
+from mmprep.inputs.manifest import ColumnMap, iter_samples
 from mmprep.records import Rejected
 
 __all__ = [
@@ -231,7 +231,7 @@ def _mp_context() -> Any:
     methods = mp.get_all_start_methods()
     ctx = mp.get_context("forkserver" if "forkserver" in methods else "spawn")
     if ctx.get_start_method() == "forkserver":
-        ctx.set_forkserver_preload(["mmprep.images", "mmprep.image_jobs"])
+        ctx.set_forkserver_preload(["mmprep.images.decode", "mmprep.images.jobs"])
     return ctx
 
 
@@ -718,7 +718,7 @@ def normalize_images(
     if engine not in ("local", "ray"):
         raise UsageError(f"--engine must be local or ray, got '{engine}'")
     if engine == "ray":
-        from mmprep.engines.ray import require_ray
+        from mmprep.runtime.engines.ray import require_ray
 
         require_ray()
     fmt = fmt.lower()
@@ -763,7 +763,7 @@ def normalize_images(
     produced = {t for _, t in planned if t}
     confirmed: set[str] = set()  # outputs written or verified by this run
     if engine == "ray":
-        from mmprep.engines.ray import ray_map
+        from mmprep.runtime.engines.ray import ray_map
 
         results = ray_map(_normalize_one, tasks, job, workers=workers or None, address=ray_address)
     else:

@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from mmprep.dataset.reader import INDEX_NAME, PackedDataset, count_field, denormalize
 from mmprep.errors import InputError, UsageError
-from mmprep.reader import INDEX_NAME, PackedDataset, count_field, denormalize
 
 __all__ = ["DatasetSummary", "SheetInfo", "contact_sheet", "summarize"]
 
@@ -200,7 +200,7 @@ def contact_sheet(
     """
     from PIL import Image, ImageDraw
 
-    from mmprep.shards import atomic_write_bytes
+    from mmprep.runtime.shards import atomic_write_bytes
 
     if len(ds) == 0:
         raise UsageError(f"{ds.path}: the dataset has no rows to draw")
@@ -312,7 +312,7 @@ def _slot_images(ds: PackedDataset, batch: dict[str, Any], slot_px: int) -> list
             if data is None:
                 img = Image.fromarray(item)
             else:
-                from mmprep.images import ImageConfig, load_image
+                from mmprep.images.decode import ImageConfig, load_image
 
                 img = Image.fromarray(load_image(data, ImageConfig(size=None, resize_mode="none")).array)
             img.thumbnail((slot_px, slot_px), Image.BILINEAR)

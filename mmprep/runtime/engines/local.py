@@ -26,10 +26,10 @@ from pathlib import Path
 from typing import Any
 
 from mmprep.errors import RunFailed
-from mmprep.process import SampleProcessor
+from mmprep.pack.processor import SampleProcessor
 from mmprep.records import Rejected, Sample
-from mmprep.shards import OutputDir
-from mmprep.storage import Location, RemoteOutputDir
+from mmprep.runtime.shards import OutputDir
+from mmprep.runtime.storage import Location, RemoteOutputDir
 
 __all__ = ["WorkerPool", "run_chunks_pool"]
 
@@ -59,7 +59,7 @@ def _warm_up() -> int:
     """The first task of each worker: import what packing needs while the parent is still preparing."""
     import pyarrow.parquet  # noqa: F401
 
-    import mmprep.pack  # noqa: F401
+    import mmprep.pack.job  # noqa: F401
 
     return os.getpid()
 
@@ -74,7 +74,7 @@ def _load_processor(path: str) -> SampleProcessor:
 
 
 def _work(processor_file: str, out_dir: Path | Location, index: int, items: list[Sample | Rejected]) -> dict[str, Any]:
-    from mmprep.pack import pack_chunk
+    from mmprep.pack.job import pack_chunk
 
     processor = _load_processor(processor_file)
     q = _progress_q
@@ -146,7 +146,7 @@ def run_chunks_pool(
     ``pool`` is a pool started earlier (its workers already warm); without one, a pool is started here. Either way
     it is closed before returning.
     """
-    from mmprep.pack import check_fail_fast
+    from mmprep.pack.job import check_fail_fast
 
     cfg = processor.cfg
     if pool is None:

@@ -2,8 +2,8 @@
 
 ``pack`` hands the same ``(index, items)`` chunks as the local engine to a Ray Data pipeline:
 ``from_items`` (one block per chunk) ``.map_batches(_ChunkPacker, compute=ActorPoolStrategy(size=workers))``.
-Each actor unpickles the parent's :class:`~mmprep.process.SampleProcessor` once (tokenizer and vocabulary travel
-inside it, so workers need no access to those files) and runs :func:`mmprep.pack.pack_chunk` per chunk: the
+Each actor unpickles the parent's :class:`~mmprep.pack.processor.SampleProcessor` once (tokenizer and vocabulary travel
+inside it, so workers need no access to those files) and runs :func:`mmprep.pack.job.pack_chunk` per chunk: the
 same shard bytes as the local engine. Actors write their own shards (pixels never travel back); only the small
 chunk records come back, and the parent saves each as it arrives (``--resume`` works the same), checks that it
 can see the shard (output on storage every node shares), and merges them into one index and one rejects file.
@@ -30,9 +30,9 @@ from typing import TYPE_CHECKING, Any
 from mmprep.errors import MissingDependencyError, MmprepError, RunFailed, UsageError
 
 if TYPE_CHECKING:
-    from mmprep.process import SampleProcessor
+    from mmprep.pack.processor import SampleProcessor
     from mmprep.records import Rejected, Sample
-    from mmprep.storage import Location
+    from mmprep.runtime.storage import Location
 
 __all__ = [
     "CONNECT_TIMEOUT_S",
@@ -85,7 +85,7 @@ def ray_session(workers: int | None, address: str | None = None) -> Iterator[tup
     require_ray()
     import ray
 
-    from mmprep.engines.local import _sigint_blocked
+    from mmprep.runtime.engines.local import _sigint_blocked
 
     if workers is not None and workers < 1:
         raise UsageError(f"--workers must be at least 1, got {workers}")
@@ -176,7 +176,7 @@ class _ChunkPacker:
         self.dest = dest
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
-        from mmprep.pack import pack_chunk
+        from mmprep.pack.job import pack_chunk
 
         records = []
         for index, payload in zip(batch["index"], batch["payload"], strict=True):
@@ -252,8 +252,8 @@ def run_chunks_ray(
         RunFailed: a worker failed (the hint says ``--resume``), ``--on-error fail`` met a bad row, or a shard
             written by a worker is not visible to the parent (output not on shared storage).
     """
-    from mmprep.pack import check_fail_fast, finished_record
-    from mmprep.storage import shard_visible
+    from mmprep.pack.job import check_fail_fast, finished_record
+    from mmprep.runtime.storage import shard_visible
 
     cfg = processor.cfg
     dest = out_dir.path

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from mmprep.errors import UsageError
-from mmprep.images import (
+from mmprep.images.decode import (
     DecodedImage,
     ImageConfig,
     ImageError,
@@ -30,9 +30,9 @@ from mmprep.images import (
     resolve_image_path,
     to_output,
 )
-from mmprep.manifest import ColumnMap
+from mmprep.inputs.manifest import ColumnMap
 from mmprep.records import Rejected, Sample
-from mmprep.text import TextConfig, TextError, inline_images
+from mmprep.text.encoder import TextConfig, TextError, inline_images
 
 __all__ = ["ChunkResult", "PackConfig", "SampleProcessor"]
 
@@ -96,7 +96,7 @@ class PackConfig:
         if self.limit_images < 1:
             raise UsageError(f"--limit-images must be at least 1, got {self.limit_images}")
         if self.image_root:  # a missing local root would reject every row
-            from mmprep.storage import is_local, local_path
+            from mmprep.runtime.storage import is_local, local_path
 
             if is_local(self.image_root) and not os.path.isdir(local_path(self.image_root)):
                 raise UsageError(f"--image-root {self.image_root}: no such directory")
@@ -182,19 +182,19 @@ class SampleProcessor:
     """
 
     def __init__(self, cfg: PackConfig) -> None:
-        from mmprep.schema import build_schema
+        from mmprep.pack.schema import build_schema
 
         self.cfg = cfg
         self.root = cfg.root.resolve()
         self.store: Any = None  # a storage.ImageStore when the images live on remote storage
         self.encoder = None
         if cfg.tokenizer:
-            from mmprep.text import TextEncoder
+            from mmprep.text.encoder import TextEncoder
 
             self.encoder = TextEncoder(cfg.tokenizer, cfg.text)
         self.vocab = None
         if cfg.vocab:
-            from mmprep.vocab import load_vocab
+            from mmprep.labels.vocab import load_vocab
 
             self.vocab = load_vocab(cfg.vocab)
         self.schema = build_schema(cfg, pad_token_id=self.encoder.pad_token_id if self.encoder else None,
@@ -462,7 +462,7 @@ def default_row_group_rows(cfg: PackConfig) -> int:
 
 def with_defaults(cfg: PackConfig) -> PackConfig:
     """Fill derived defaults (padded row-group rows) so the stored config says what was used. For ``--pad none``
-    the row groups are sized later, from the image files (see :func:`mmprep.pack.estimate_row_bytes`)."""
+    the row groups are sized later, from the image files (see :func:`mmprep.pack.job.estimate_row_bytes`)."""
     if cfg.pad != "max":
         return cfg
     return replace(cfg, row_group_rows=default_row_group_rows(cfg))

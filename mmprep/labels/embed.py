@@ -17,7 +17,7 @@ Recognize-Anything (RAM) freezes a ``[4585, 512]`` CLIP text-embedding matrix wi
 * **Order.** Row ``i`` (or rows ``i*K .. i*K+K-1``) always belongs to tag id ``i``. Texts are deduplicated and
   encoded in batches sorted by token length; results are scattered back to their original positions.
 * **Reuse.** Rows of an older matrix can be kept for tags present in both vocabularies (matched by
-  :func:`mmprep.vocab.normalize_tag`); only new tags are computed. A sample of kept tags is recomputed first and
+  :func:`mmprep.labels.vocab.normalize_tag`); only new tags are computed. A sample of kept tags is recomputed first and
   the reuse is refused when the cosine to the old rows is below a threshold (another model or template set).
 * **Files.** ``.pth``/``.pt`` (a float32 tensor that ``torch.load`` returns), ``.npy`` and ``.safetensors`` (one
   tensor named ``embedding``), written atomically, plus a sidecar JSON ``<out>.json`` describing how the matrix was
@@ -44,7 +44,7 @@ import numpy as np
 
 from mmprep import __version__
 from mmprep.errors import InputError, MissingDependencyError, RunFailed, UsageError
-from mmprep.vocab import Vocabulary, load_vocab, normalize_tag
+from mmprep.labels.vocab import Vocabulary, load_vocab, normalize_tag
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch

@@ -24,10 +24,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mmprep.errors import RunFailed, UsageError
-from mmprep.manifest import iter_samples
-from mmprep.process import ROW_GROUP_BYTES, PackConfig, SampleProcessor, default_row_group_rows, with_defaults
+from mmprep.inputs.manifest import iter_samples
+from mmprep.pack.processor import ROW_GROUP_BYTES, PackConfig, SampleProcessor, default_row_group_rows, with_defaults
 from mmprep.records import Rejected, Sample
-from mmprep.shards import (
+from mmprep.runtime.shards import (
     INDEX_NAME,
     REJECTS_NAME,
     RUN_STATS_NAME,
@@ -35,11 +35,11 @@ from mmprep.shards import (
     shard_name,
     write_shard,
 )
-from mmprep.storage import PackLocations, read_parquet_schema, staged_file, write_file, write_json_file
+from mmprep.runtime.storage import PackLocations, read_parquet_schema, staged_file, write_file, write_json_file
 
 if TYPE_CHECKING:
-    from mmprep.engines.local import WorkerPool
-    from mmprep.storage import Location, RemoteOutputDir
+    from mmprep.runtime.engines.local import WorkerPool
+    from mmprep.runtime.storage import Location, RemoteOutputDir
 
 __all__ = ["DEFAULT_SHARD_SIZE", "PackReport", "estimate_row_bytes", "iter_items", "pack", "pack_chunk"]
 
@@ -127,7 +127,7 @@ def estimate_row_bytes(
 
 def _rereadable(manifest: str) -> bool:
     """A regular file or a remote object (not stdin, a FIFO or ``<(process substitution)``): readable twice."""
-    from mmprep.storage import is_local, local_path
+    from mmprep.runtime.storage import is_local, local_path
 
     if manifest == "-":
         return False
@@ -145,11 +145,11 @@ _POLICIES = ("on_error", "max_reject_rate")
 def _identity(cfg: PackConfig, rows_per_shard: int, source: str | Location | None = None) -> dict[str, Any]:
     manifest_hash = None
     if source is not None and not isinstance(source, str):
-        from mmprep.storage import file_digest
+        from mmprep.runtime.storage import file_digest
 
         manifest_hash = file_digest(source)
     elif _rereadable(cfg.manifest):  # hashing a pipe would consume the rows the run has not read yet
-        from mmprep.storage import local_path
+        from mmprep.runtime.storage import local_path
 
         h = hashlib.sha256()
         with open(local_path(cfg.manifest), "rb") as f:
@@ -273,7 +273,7 @@ def pack(
     requested_workers = workers
     workers = workers or os.cpu_count() or 1
     if engine == "ray":
-        from mmprep.engines.ray import check_address, require_ray
+        from mmprep.runtime.engines.ray import check_address, require_ray
 
         require_ray()  # before anything is read or written: fail at once with the install hint
         check_address(ray_address)  # and a cluster that does not answer: before the output directory is made
@@ -282,7 +282,7 @@ def pack(
     with contextlib.ExitStack() as stack:
         pool = None
         if engine == "local" and workers > 1:
-            from mmprep.engines.local import WorkerPool
+            from mmprep.runtime.engines.local import WorkerPool
 
             # Started now, so the workers import while this process reads the manifest and loads the tokenizer.
             pool = stack.enter_context(WorkerPool(workers, with_progress=progress is not None))
@@ -365,7 +365,7 @@ def _pack_run(
         out_dir.open(_identity(cfg, rows_per_shard, source))
         chunks = _chunks(all_items_iter(), rows_per_shard)
         if engine == "ray":
-            from mmprep.engines.ray import run_chunks_ray
+            from mmprep.runtime.engines.ray import run_chunks_ray
 
             records, resumed = run_chunks_ray(processor, out_dir, chunks, workers=requested_workers,
                                               progress=progress, address=ray_address, stats=extra)
@@ -373,7 +373,7 @@ def _pack_run(
         elif workers == 1:
             records, resumed = _run_inline(processor, out_dir, chunks, progress)
         else:
-            from mmprep.engines.local import run_chunks_pool
+            from mmprep.runtime.engines.local import run_chunks_pool
 
             records, resumed = run_chunks_pool(processor, out_dir, chunks, workers=workers, progress=progress,
                                                pool=pool)
@@ -459,7 +459,7 @@ def _finish(cfg: PackConfig, out: Path | Location, records: list[dict[str, Any]]
     write_file(out, REJECTS_NAME, lines.encode())
     schema_meta = None
     if shards:
-        from mmprep.schema import read_metadata
+        from mmprep.pack.schema import read_metadata
 
         schema_meta = read_metadata(read_parquet_schema(out, shards[0]["path"]))
     index = {

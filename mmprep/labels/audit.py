@@ -46,10 +46,10 @@ from typing import IO, Any
 import numpy as np
 
 from mmprep.errors import InputError, MissingDependencyError, UsageError
-from mmprep.manifest import ColumnMap, RawRecord, iter_records, open_binary, to_sample
+from mmprep.inputs.manifest import ColumnMap, RawRecord, iter_records, open_binary, to_sample
+from mmprep.labels.vocab import Vocabulary, load_vocab, normalize_tag
 from mmprep.records import Rejected
-from mmprep.shards import atomic_write_bytes
-from mmprep.vocab import Vocabulary, load_vocab, normalize_tag
+from mmprep.runtime.shards import atomic_write_bytes
 
 try:  # optional: parses JSON batches ~2x faster than the standard library
     import orjson as _orjson

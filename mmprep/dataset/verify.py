@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from mmprep.reader import INDEX_NAME, PixelSpec, count_field, load_index
+from mmprep.dataset.reader import INDEX_NAME, PixelSpec, count_field, load_index
 
 __all__ = ["Finding", "VerifyReport", "verify"]
 
@@ -134,7 +134,7 @@ def _check_shard(
     """Check one shard; returns its facts (ids, lines, rows, images) when it could be read."""
     import pyarrow.parquet as pq
 
-    from mmprep.shards import file_sha256
+    from mmprep.runtime.shards import file_sha256
 
     if not isinstance(entry, dict) or "path" not in entry or "rows" not in entry:
         add(INDEX_NAME, "index", f"shard entry {k} lacks path or rows")
@@ -294,7 +294,7 @@ def _check_deep(name: str, f: Any, count: np.ndarray, meta: dict[str, Any],
                 return
             pos += n
         return
-    from mmprep.images import ImageConfig, ImageError, load_image
+    from mmprep.images.decode import ImageConfig, ImageError, load_image
 
     cfg = ImageConfig(size=None, resize_mode="none")
     pos = 0

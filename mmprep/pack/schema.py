@@ -13,8 +13,8 @@ import json
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from mmprep.process import PackConfig
-    from mmprep.vocab import Vocabulary
+    from mmprep.labels.vocab import Vocabulary
+    from mmprep.pack.processor import PackConfig
 
 __all__ = ["FORMAT_VERSION", "METADATA_KEY", "SHARD_METADATA_KEY", "build_schema", "read_metadata"]
 

@@ -41,9 +41,9 @@ from typing import Any
 import numpy as np
 
 from mmprep.errors import MissingDependencyError, RunFailed, UsageError
-from mmprep.manifest import ColumnMap, iter_samples
+from mmprep.inputs.manifest import ColumnMap, iter_samples
 from mmprep.records import Rejected, Sample
-from mmprep.text import LengthHistogram, TextConfig, TextEncoder, TextError, TokenBatch, sample_image_count
+from mmprep.text.encoder import LengthHistogram, TextConfig, TextEncoder, TextError, TokenBatch, sample_image_count
 
 __all__ = [
     "TokenizeReport",
@@ -216,7 +216,7 @@ def tokenize_samples(
     progress: Callable[[int], None] | None = None,
     source: str = "<samples>",
 ) -> tuple[TokenizeReport, LengthHistogram]:
-    """:func:`tokenize_manifest` for samples already read (e.g. by :func:`mmprep.manifest.iter_samples`).
+    """:func:`tokenize_manifest` for samples already read (e.g. by :func:`mmprep.inputs.manifest.iter_samples`).
 
     ``items`` may hold :class:`Rejected` rows from reading; they go to the rejects file and count as rows read.
     The settings are ``encoder.cfg``; ``source`` names the input in the report.
@@ -401,7 +401,7 @@ def plot_lengths(hist: LengthHistogram, max_length: int, path: str | os.PathLike
         from matplotlib.ticker import MaxNLocator
     except ImportError:
         raise MissingDependencyError("matplotlib", "plot", purpose="--plot") from None
-    from mmprep.shards import atomic_write_bytes
+    from mmprep.runtime.shards import atomic_write_bytes
 
     fig = Figure(figsize=(8, 4.5), dpi=100)
     FigureCanvasAgg(fig)

@@ -2,11 +2,11 @@
 
 - :class:`PackedIterableDataset`: streams batches (or rows). Each epoch's rows are split over the ranks of a
   distributed job and over the ``DataLoader`` workers of each rank, every row exactly once per epoch
-  (:meth:`mmprep.reader.PackedDataset.epoch_plan`), shuffled by ``seed`` and the epoch set with ``set_epoch``:
+  (:meth:`mmprep.dataset.reader.PackedDataset.epoch_plan`), shuffled by ``seed`` and the epoch set with ``set_epoch``:
   row groups in a shuffled order, rows shuffled within windows of a few row groups. Use it with
   ``DataLoader(ds, batch_size=None, num_workers=N)`` when it yields batches.
 - :class:`PackedTorchDataset`: map-style, for samplers (``DistributedSampler``, or the batch samplers of
-  :mod:`mmprep.samplers` via ``batch_sampler=``; ``__getitems__`` fetches a whole batch with one read per row
+  :mod:`mmprep.dataset.samplers` via ``batch_sampler=``; ``__getitems__`` fetches a whole batch with one read per row
   group). Use ``collate_fn=PackedTorchDataset.collate``.
 
 Batches become tensors: numeric arrays via ``torch.from_numpy`` (copied when the array is a read-only view of a
@@ -24,8 +24,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
+from mmprep.dataset.reader import Batch, PackedDataset, multi_hot
 from mmprep.errors import UsageError
-from mmprep.reader import Batch, PackedDataset, multi_hot
 
 __all__ = ["PackedIterableDataset", "PackedTorchDataset", "default_rank", "to_torch"]
 
@@ -74,7 +74,7 @@ class PackedIterableDataset(IterableDataset):  # type: ignore[type-arg]
         drop_last: each worker drops its last partial batch.
         even: every rank reads ``len // world_size`` rows an epoch (a few rows are skipped that epoch), so ranks
             run the same number of steps (DDP hangs when one rank has a batch more); see
-            :meth:`mmprep.reader.PackedDataset.epoch_plan`.
+            :meth:`mmprep.dataset.reader.PackedDataset.epoch_plan`.
         rank: this process's rank (default: :func:`default_rank`).
         world_size: number of ranks (default: :func:`default_rank`).
         multi_hot_size: turn ``tag_ids`` into ``[B, V]`` float targets of this vocabulary size.

@@ -345,7 +345,7 @@ def staged_file(dest: Path | Location, name: str) -> Iterator[Path]:
 def write_file(dest: Path | Location, name: str, data: bytes) -> None:
     """Write ``name`` under ``dest`` atomically."""
     if isinstance(dest, Path) or dest.local:
-        from mmprep.shards import atomic_write_bytes
+        from mmprep.runtime.shards import atomic_write_bytes
 
         atomic_write_bytes(Path(dest if isinstance(dest, Path) else dest.path) / name, data)
     else:
@@ -397,13 +397,13 @@ class RemoteOutputDir:
         self.path = loc
         self.resume = resume
         self.overwrite = overwrite
-        from mmprep.shards import STATE_DIR
+        from mmprep.runtime.shards import STATE_DIR
 
         self.state = loc.child(STATE_DIR)
 
     def open(self, identity: dict[str, Any]) -> None:
         """Check (or record) the run identity; with ``overwrite``, delete mmprep's files of an earlier run."""
-        from mmprep.shards import _OWNED_NAMES, _OWNED_PREFIXES, STATE_DIR
+        from mmprep.runtime.shards import _OWNED_NAMES, _OWNED_PREFIXES, STATE_DIR
 
         if self.resume and self.overwrite:
             raise UsageError("--resume and --overwrite exclude each other")
@@ -502,7 +502,7 @@ class ImageStore:
         Raises:
             ImageError: ``path_invalid`` or ``path_outside_root``.
         """
-        from mmprep.images import ImageError
+        from mmprep.images.decode import ImageError
 
         if not isinstance(ref, str) or not ref.strip() or "\x00" in ref:
             raise ImageError("path_invalid", f"invalid image path {ref!r}")
@@ -540,7 +540,7 @@ class ImageStore:
         Raises:
             ImageError: as :meth:`read`, or the decoder's reason (the detail names the remote file).
         """
-        from mmprep.images import ImageError, load_image
+        from mmprep.images.decode import ImageError, load_image
 
         loc = self.resolve(ref)
         data = self._read(loc)
@@ -550,7 +550,7 @@ class ImageStore:
             raise ImageError(exc.reason, exc.detail.replace("<bytes>", str(loc), 1)) from None
 
     def _read(self, loc: Location) -> bytes:
-        from mmprep.images import ImageError
+        from mmprep.images.decode import ImageError
 
         try:
             return loc.read_bytes()
@@ -648,7 +648,7 @@ class PackLocations:
     def output_dir(self, *, resume: bool, overwrite: bool) -> Any:
         """``shards.OutputDir`` for a local folder, :class:`RemoteOutputDir` otherwise."""
         if isinstance(self.out, Path):
-            from mmprep.shards import OutputDir
+            from mmprep.runtime.shards import OutputDir
 
             return OutputDir(self.out, resume=resume, overwrite=overwrite)
         return RemoteOutputDir(self.out, resume=resume, overwrite=overwrite)

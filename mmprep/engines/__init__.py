@@ -1,1 +1,0 @@
-"""Engines run the same per-chunk work (:func:`mmprep.pack.pack_chunk`) on a process pool or on Ray."""
