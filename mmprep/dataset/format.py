@@ -1,0 +1,311 @@
+"""The packed dataset's on-disk contract, in one place: file names, format versions, and the typed index.
+
+The writer (:mod:`mmprep.pack`) builds these types and serialises them with ``to_json``; the readers
+(:mod:`mmprep.dataset.reader`, ``verify``, ``inspect``) parse them with ``from_json``. Nothing here imports other
+mmprep modules except the error types, so every layer may depend on it.
+
+A packed directory (format version 1)::
+
+    OUT/
+      shard-00000.parquet ...   the rows (Parquet; schema metadata under METADATA_KEY, per-shard facts under
+                                SHARD_METADATA_KEY)
+      rejected.jsonl            one JSON object per rejected input row (line, id, stage, reason, detail)
+      run-stats.json            timings of the run (the only file that differs between identical runs)
+      index.json                written last: every shard with rows/bytes/sha256, and the row accounting
+      .mmprep/                  run state for --resume (lock, run identity, one record per finished chunk)
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from mmprep.errors import InputError
+
+__all__ = [
+    "FORMAT_VERSION",
+    "INDEX_FORMAT",
+    "INDEX_NAME",
+    "METADATA_KEY",
+    "READABLE_VERSIONS",
+    "REJECTS_NAME",
+    "RUN_STATS_NAME",
+    "SHARD_METADATA_KEY",
+    "STATE_DIR",
+    "ChunkRecord",
+    "Index",
+    "ShardInfo",
+    "Totals",
+    "count_field",
+    "dumps_json",
+    "shard_name",
+]
+
+INDEX_NAME = "index.json"
+REJECTS_NAME = "rejected.jsonl"
+RUN_STATS_NAME = "run-stats.json"
+STATE_DIR = ".mmprep"
+INDEX_FORMAT = "mmprep-index"
+FORMAT_VERSION = 1
+READABLE_VERSIONS = (1,)
+#: Parquet schema metadata key holding the dataset-wide facts (layout, pixels, text, vocab).
+METADATA_KEY = "mmprep"
+#: Parquet file metadata key holding one shard's facts (index, rows, image-count histogram, line range).
+SHARD_METADATA_KEY = "mmprep.shard"
+
+_DAMAGED = "the index is damaged; rerun `mmprep pack`, or run `mmprep verify` on the directory"
+
+
+def shard_name(index: int) -> str:
+    """The file name of shard ``index``."""
+    return f"shard-{index:05d}.parquet"
+
+
+def dumps_json(obj: Any) -> bytes:
+    """How mmprep writes its JSON files: indented, sorted keys, UTF-8, final newline."""
+    return (json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode()
+
+
+def count_field(value: Any) -> int | None:
+    """``value`` when it is a whole number >= 0 as JSON stores one (an int, not a bool or a string), else None.
+
+    Counts read from ``index.json`` are checked with this rather than coerced with ``int()``, so that a damaged
+    index is reported by field instead of failing with a ValueError.
+    """
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+
+
+def _count(d: Mapping[str, Any], key: str, where: str) -> int:
+    value = count_field(d.get(key))
+    if value is None:
+        raise InputError(f"{where}: {key} is {d.get(key)!r}, not a whole number", hint=_DAMAGED)
+    return value
+
+
+def _histogram(value: Any, where: str) -> dict[str, int]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or not all(str(k).isdigit() and count_field(v) is not None
+                                              for k, v in value.items()):
+        raise InputError(f"{where}: image_count_histogram is not a {{count: rows}} object", hint=_DAMAGED)
+    return {str(k): int(v) for k, v in value.items()}
+
+
+def _line(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    """A finished shard as listed in the index.
+
+    Attributes:
+        path: the file name, relative to the dataset folder.
+        rows: rows it holds.
+        bytes: its size.
+        sha256: hex digest of its bytes.
+        image_count_histogram: ``{str(images per row): rows}``.
+        first_line: the input line of its first row (None when empty).
+        last_line: the input line of its last row.
+    """
+
+    path: str
+    rows: int
+    bytes: int
+    sha256: str
+    image_count_histogram: dict[str, int] = field(default_factory=dict)
+    first_line: int | None = None
+    last_line: int | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"path": self.path, "rows": self.rows, "bytes": self.bytes, "sha256": self.sha256,
+                "image_count_histogram": dict(self.image_count_histogram), "first_line": self.first_line,
+                "last_line": self.last_line}
+
+    @classmethod
+    def from_json(cls, d: Any, where: str = INDEX_NAME) -> ShardInfo:
+        """Parse one shard entry (InputError naming the field when damaged)."""
+        if not isinstance(d, dict) or not isinstance(d.get("path"), str) or "rows" not in d:
+            raise InputError(f"{where} lacks path or rows", hint=_DAMAGED)
+        here = f"{where} ({d['path']})"
+        return cls(path=d["path"], rows=_count(d, "rows", here),
+                   bytes=_count(d, "bytes", here) if "bytes" in d else 0, sha256=str(d.get("sha256", "")),
+                   image_count_histogram=_histogram(d.get("image_count_histogram"), here),
+                   first_line=_line(d.get("first_line")), last_line=_line(d.get("last_line")))
+
+
+@dataclass(frozen=True)
+class Totals:
+    """The row accounting of a dataset: ``read == written + rejected``."""
+
+    read: int
+    written: int
+    rejected: int
+    rejected_by_reason: dict[str, int]
+    images_written: int
+    images_dropped_by_limit: int
+    tags_dropped_unknown: int
+    text_truncated: int
+    image_count_histogram: dict[str, int]
+    bytes: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"read": self.read, "written": self.written, "rejected": self.rejected,
+                "rejected_by_reason": dict(self.rejected_by_reason), "images_written": self.images_written,
+                "images_dropped_by_limit": self.images_dropped_by_limit,
+                "tags_dropped_unknown": self.tags_dropped_unknown, "text_truncated": self.text_truncated,
+                "image_count_histogram": dict(self.image_count_histogram), "bytes": self.bytes}
+
+    @classmethod
+    def from_json(cls, d: Any, where: str = INDEX_NAME) -> Totals:
+        if not isinstance(d, dict):
+            raise InputError(f"{where}: no 'totals' object", hint=_DAMAGED)
+        here = f"{where}: totals"
+        reasons = d.get("rejected_by_reason") or {}
+        if not isinstance(reasons, dict) or not all(count_field(v) is not None for v in reasons.values()):
+            raise InputError(f"{here}: rejected_by_reason is not a {{reason: count}} object", hint=_DAMAGED)
+        return cls(read=_count(d, "read", here), written=_count(d, "written", here),
+                   rejected=_count(d, "rejected", here), rejected_by_reason=dict(reasons),
+                   images_written=count_field(d.get("images_written")) or 0,
+                   images_dropped_by_limit=count_field(d.get("images_dropped_by_limit")) or 0,
+                   tags_dropped_unknown=count_field(d.get("tags_dropped_unknown")) or 0,
+                   text_truncated=count_field(d.get("text_truncated")) or 0,
+                   image_count_histogram=_histogram(d.get("image_count_histogram"), here),
+                   bytes=count_field(d.get("bytes")) or 0)
+
+
+@dataclass(frozen=True)
+class Index:
+    """``index.json``: every shard, the dataset metadata, the settings that made it, and the accounting.
+
+    Attributes:
+        config: the pack settings that decide the content (as recorded).
+        rows_per_shard: the shard plan.
+        metadata: the shards' ``mmprep`` schema metadata (None when no shard was written).
+        shards: the shards in row order.
+        rejects: the rejects file name.
+        totals: the row accounting.
+        format_version: the on-disk format version.
+    """
+
+    config: dict[str, Any]
+    rows_per_shard: int
+    metadata: dict[str, Any] | None
+    shards: tuple[ShardInfo, ...]
+    totals: Totals
+    rejects: str = REJECTS_NAME
+    format_version: int = FORMAT_VERSION
+
+    def to_json(self) -> dict[str, Any]:
+        return {"format": INDEX_FORMAT, "format_version": self.format_version, "config": self.config,
+                "rows_per_shard": self.rows_per_shard, "metadata": self.metadata,
+                "shards": [s.to_json() for s in self.shards], "rejects": self.rejects,
+                "totals": self.totals.to_json()}
+
+    def dumps(self) -> bytes:
+        return dumps_json(self.to_json())
+
+    @property
+    def rows(self) -> int:
+        return sum(s.rows for s in self.shards)
+
+    @staticmethod
+    def check_header(d: Any, where: str = INDEX_NAME) -> dict[str, Any]:
+        """Check that ``d`` is an mmprep index of a version this mmprep reads; returns it.
+
+        Raises:
+            InputError: not an index, a damaged version, or a newer version.
+        """
+        if not isinstance(d, dict) or d.get("format") != INDEX_FORMAT:
+            got = d.get("format") if isinstance(d, dict) else type(d).__name__
+            raise InputError(f"{where}: not an mmprep index (format {got!r})",
+                             hint="give the --out directory of `mmprep pack`")
+        version = d.get("format_version", 0)
+        if count_field(version) is None:
+            raise InputError(f"{where}: format_version is {version!r}, not a whole number", hint=_DAMAGED)
+        if version > max(READABLE_VERSIONS):
+            raise InputError(f"{where}: format version {version} is newer than this mmprep reads "
+                             f"({max(READABLE_VERSIONS)})", hint="upgrade mmprep")
+        if not isinstance(d.get("shards"), list):
+            raise InputError(f"{where}: no 'shards' list", hint=_DAMAGED)
+        return d
+
+    @classmethod
+    def from_json(cls, d: Any, where: str = INDEX_NAME) -> Index:
+        """Parse and check a whole index (InputError naming the first damaged field)."""
+        d = cls.check_header(d, where)
+        shards = tuple(ShardInfo.from_json(s, f"{where}: shard entry {k}") for k, s in enumerate(d["shards"]))
+        metadata = d.get("metadata")
+        if metadata is not None and not isinstance(metadata, dict):
+            raise InputError(f"{where}: metadata is not an object", hint=_DAMAGED)
+        config = d.get("config") if isinstance(d.get("config"), dict) else {}
+        return cls(config=config, rows_per_shard=count_field(d.get("rows_per_shard")) or 0, metadata=metadata,
+                   shards=shards, totals=Totals.from_json(d.get("totals"), where),
+                   rejects=str(d.get("rejects") or REJECTS_NAME), format_version=int(d["format_version"]))
+
+
+@dataclass(frozen=True)
+class RejectRecord:
+    """One line of ``rejected.jsonl``."""
+
+    line: int
+    id: str | None
+    stage: str
+    reason: str
+    detail: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {"line": self.line, "id": self.id, "stage": self.stage, "reason": self.reason, "detail": self.detail}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> RejectRecord:
+        return cls(line=int(d["line"]), id=d.get("id"), stage=str(d["stage"]), reason=str(d["reason"]),
+                   detail=str(d.get("detail", "")))
+
+
+@dataclass(frozen=True)
+class ChunkRecord:
+    """What one chunk of a pack run produced: its shard and its accounting (also the ``--resume`` record).
+
+    Attributes:
+        index: the chunk (= shard) number.
+        items: input rows in the chunk.
+        shard: the shard written.
+        rows: rows written.
+        rejected: the chunk's rejected rows.
+        images_written, images_dropped, tags_dropped, text_truncated: counters.
+        signature: what the chunk's output depends on outside the manifest (image file sizes and mtimes), so
+            that ``--resume`` can redo a chunk whose inputs changed.
+    """
+
+    index: int
+    items: int
+    shard: ShardInfo
+    rows: int
+    rejected: tuple[RejectRecord, ...] = ()
+    images_written: int = 0
+    images_dropped: int = 0
+    tags_dropped: int = 0
+    text_truncated: int = 0
+    signature: str = ""
+
+    @property
+    def image_count_histogram(self) -> dict[str, int]:
+        return self.shard.image_count_histogram
+
+    def to_json(self) -> dict[str, Any]:
+        return {"index": self.index, "items": self.items, "shard": self.shard.to_json(), "rows": self.rows,
+                "rejected": [r.to_json() for r in self.rejected], "images_written": self.images_written,
+                "images_dropped": self.images_dropped, "tags_dropped": self.tags_dropped,
+                "text_truncated": self.text_truncated, "signature": self.signature}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> ChunkRecord:
+        """Parse a record (KeyError/TypeError/ValueError when damaged: the caller redoes the chunk)."""
+        return cls(index=int(d["index"]), items=int(d["items"]), shard=ShardInfo.from_json(d["shard"]),
+                   rows=int(d["rows"]), rejected=tuple(RejectRecord.from_json(r) for r in d["rejected"]),
+                   images_written=int(d["images_written"]), images_dropped=int(d["images_dropped"]),
+                   tags_dropped=int(d["tags_dropped"]), text_truncated=int(d["text_truncated"]),
+                   signature=str(d.get("signature", "")))
