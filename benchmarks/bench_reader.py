@@ -71,8 +71,8 @@ def prepare(samples: int, size: int, seed: int, workers: int, shard_rows: int) -
     """Pack (or reuse) the benchmark data; returns the packed directory and a description of the source."""
     from benchmarks.corpus import make_corpus
     from mmprep.images.decode import ImageConfig
+    from mmprep.pack.config import PackConfig
     from mmprep.pack.job import pack
-    from mmprep.pack.processor import PackConfig
     from mmprep.text.encoder import TextConfig
 
     corpus_dir = REPO_ROOT / ".bench" / f"corpus-{samples}-{seed}"

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["Rejected", "Sample"]
+__all__ = ["Rejected", "RowReject", "Sample"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,3 +50,28 @@ class Rejected:
 
     def to_dict(self) -> dict[str, Any]:
         return {"line": self.line, "id": self.id, "stage": self.stage, "reason": self.reason, "detail": self.detail}
+
+
+class RowReject(Exception):
+    """Raised by a per-sample step when the row cannot be used; caught in one place, which records a
+    :class:`Rejected` for the row.
+
+    Attributes:
+        stage: ``manifest``, ``image``, ``text``, ``labels``...
+        reason: the machine-readable code.
+        detail: the human sentence (without the ``file:line:`` prefix, which the catcher adds).
+    """
+
+    def __init__(self, stage: str, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.stage = stage
+        self.reason = reason
+        self.detail = detail
+
+    def __reduce__(self) -> tuple[Any, ...]:  # picklable across worker processes
+        return (RowReject, (self.stage, self.reason, self.detail))
+
+    def for_sample(self, sample: Sample) -> Rejected:
+        """The reject record of ``sample``, its detail prefixed with ``source:line:``."""
+        detail = f"{sample.source}:{sample.line}: {self.detail}"
+        return Rejected(sample.line, sample.id, self.stage, self.reason, detail)

@@ -1,4 +1,4 @@
-"""`mmprep audit-labels` and mmprep.labels.audit on the real Recognize-Anything lists (tests/data/ram, see ATTRIBUTION.md)."""
+"""`mmprep audit-labels` and mmprep.labels.audit on the real Recognize-Anything lists (tests/data/ram)."""
 
 from __future__ import annotations
 

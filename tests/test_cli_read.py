@@ -15,7 +15,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from mmprep.cli import app
-from mmprep.runtime.shards import file_sha256
+from mmprep.runtime.files import sha256_file as file_sha256
 
 runner = CliRunner()
 

@@ -15,8 +15,8 @@ from typer.testing import CliRunner
 
 from mmprep.cli import app
 from mmprep.images.decode import ImageConfig, Normalization
+from mmprep.pack.config import PackConfig
 from mmprep.pack.job import pack
-from mmprep.pack.processor import PackConfig
 from mmprep.text.encoder import TextConfig
 
 SAMPLE = Path("sample_data")

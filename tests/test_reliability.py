@@ -46,8 +46,8 @@ from typer.testing import CliRunner
 from mmprep.cli import app
 from mmprep.errors import InputError, RunFailed, UsageError
 from mmprep.images.decode import ImageConfig
+from mmprep.pack.config import PackConfig
 from mmprep.pack.job import pack
-from mmprep.pack.processor import PackConfig
 from mmprep.text.encoder import TextConfig
 
 runner = CliRunner()
@@ -544,7 +544,7 @@ def test_a_disk_full_before_the_run_starts(noise, tmp_path: Path) -> None:
 def test_disk_full_while_writing_the_index(noise, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """ENOSPC at the very last write (index.json, simulated): exit 1, shards and rejects are there but no index,
     so the dataset is not taken for complete; --resume then only writes the index."""
-    import mmprep.runtime.shards as shards
+    import mmprep.runtime.files as shards
 
     manifest, ref = noise
     out = tmp_path / "out"
@@ -733,7 +733,7 @@ def test_property_nothing_lost(prop_root: Path, rows: list[tuple[str, str]], row
         rej = rejects(out)
         assert {r["line"]: r["reason"] for r in rej} == rejected
         assert [r["line"] for r in rej] == sorted(rejected)  # rejected.jsonl is in input order, each line once
-        if read and not written:  # nothing written: a failed run, which publishes no index
+        if not written:  # nothing written (an empty input too): a failed run, which publishes no index
             assert report.failed and not (out / "index.json").exists() and not temp_files(out)
             return
         assert report.failed is None
@@ -771,21 +771,21 @@ def test_an_unexpected_error_in_one_row_is_a_reject_not_a_crash(tmp_path: Path,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """A bug that raises for one row (injected here into the image stage) costs that row, with the exception
     named in its reject, and not the run; with MMPREP_DEBUG=1 it propagates so it can be debugged."""
-    import mmprep.pack.processor as process
+    import mmprep.images.sources as sources
 
     (tmp_path / "a.png").write_bytes(png_bytes())
     (tmp_path / "b.png").write_bytes(png_bytes())
     manifest = tmp_path / "m.jsonl"
     manifest.write_text('{"id": "1", "images": ["a.png"]}\n{"id": "2", "images": ["b.png"]}\n'
                         '{"id": "3", "images": ["a.png"]}\n')
-    real = process.load_image
+    real = sources.load_image
 
     def flaky(path: Any, cfg: Any) -> Any:
         if str(path).endswith("b.png"):
             raise ZeroDivisionError("injected")
         return real(path, cfg)
 
-    monkeypatch.setattr(process, "load_image", flaky)
+    monkeypatch.setattr(sources, "load_image", flaky)
     out = tmp_path / "out"
     pack(cfg_for(manifest, out), workers=1)
     rows, rej = assert_nothing_lost(out, read=3)

@@ -139,8 +139,8 @@ def pack_cmd(
         from mmprep.cli._parse import parse_bytes
         from mmprep.images.decode import Normalization
         from mmprep.inputs.manifest import ColumnMap
+        from mmprep.pack.config import PackConfig
         from mmprep.pack.job import pack
-        from mmprep.pack.processor import PackConfig
         from mmprep.runtime.storage import parse_storage_options
         from mmprep.text.encoder import TextConfig
 
@@ -251,8 +251,7 @@ def _render(output: Output, report: PackReport) -> None:
     output.debug(f"engine {report.engine}, {report.workers} worker(s); {report.rows_per_shard} rows per shard, "
                  f"{len(report.shards)} shard(s), {report.resumed_shards} resumed from an earlier run")
     for shard in report.shards:
-        output.debug(f"  {shard['path']}: {shard['rows']} rows, {shard['bytes']:,} bytes, "
-                     f"sha256 {shard['sha256'][:16]}…")
+        output.debug(f"  {shard.path}: {shard.rows} rows, {shard.bytes:,} bytes, sha256 {shard.sha256[:16]}…")
     if output.json_mode:
         output.emit_json(report)
         return

@@ -295,6 +295,14 @@ class ChunkRecord:
     def image_count_histogram(self) -> dict[str, int]:
         return self.shard.image_count_histogram
 
+    @property
+    def images(self) -> int:
+        return self.images_written
+
+    @property
+    def files(self) -> tuple[str, ...]:
+        return (self.shard.path,)
+
     def to_json(self) -> dict[str, Any]:
         return {"index": self.index, "items": self.items, "shard": self.shard.to_json(), "rows": self.rows,
                 "rejected": [r.to_json() for r in self.rejected], "images_written": self.images_written,

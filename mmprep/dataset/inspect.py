@@ -200,7 +200,7 @@ def contact_sheet(
     """
     from PIL import Image, ImageDraw
 
-    from mmprep.runtime.shards import atomic_write_bytes
+    from mmprep.runtime.files import atomic_write as atomic_write_bytes
 
     if len(ds) == 0:
         raise UsageError(f"{ds.path}: the dataset has no rows to draw")

@@ -134,7 +134,7 @@ def _check_shard(
     """Check one shard; returns its facts (ids, lines, rows, images) when it could be read."""
     import pyarrow.parquet as pq
 
-    from mmprep.runtime.shards import file_sha256
+    from mmprep.runtime.files import sha256_file as file_sha256
 
     if not isinstance(entry, dict) or "path" not in entry or "rows" not in entry:
         add(INDEX_NAME, "index", f"shard entry {k} lacks path or rows")

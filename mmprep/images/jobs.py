@@ -763,9 +763,10 @@ def normalize_images(
     produced = {t for _, t in planned if t}
     confirmed: set[str] = set()  # outputs written or verified by this run
     if engine == "ray":
-        from mmprep.runtime.engines.ray import ray_map
+        from mmprep.runtime.engines.base import map_items
+        from mmprep.runtime.engines.ray import RayEngine
 
-        results = ray_map(_normalize_one, tasks, job, workers=workers or None, address=ray_address)
+        results = map_items(RayEngine(workers or None, ray_address), _normalize_one, tasks, job)
     else:
         results = parallel_map(_normalize_one, tasks, job, workers=workers)
     try:

@@ -49,7 +49,7 @@ from mmprep.errors import InputError, MissingDependencyError, UsageError
 from mmprep.inputs.manifest import ColumnMap, RawRecord, iter_records, open_binary, to_sample
 from mmprep.labels.vocab import Vocabulary, load_vocab, normalize_tag
 from mmprep.records import Rejected
-from mmprep.runtime.shards import atomic_write_bytes
+from mmprep.runtime.files import atomic_write as atomic_write_bytes
 
 try:  # optional: parses JSON batches ~2x faster than the standard library
     import orjson as _orjson

@@ -1,54 +1,53 @@
-"""``pack``: manifest → padded (or encoded) Parquet shards + ``index.json`` + ``rejected.jsonl``.
+"""``pack``: manifest -> padded (or encoded) Parquet shards + ``index.json`` + ``rejected.jsonl``.
 
 The work is split into *chunks* of consecutive input rows (after the optional shuffle); chunk ``k`` becomes
-``shard-k``. Chunk boundaries depend only on the input and the flags, never on the number of workers, so output
-is byte-identical across runs and worker counts, and ``--resume`` can skip chunks whose shard is intact.
-Workers write their own shards (pixels never travel through a pipe); the parent merges the per-chunk records
-into the index, written last.
+``shard-k``. Chunk boundaries depend only on the input and the flags (:mod:`mmprep.pack.plan`), never on the
+number of workers, so output is byte-identical across runs, worker counts and engines, and ``--resume`` can keep
+chunks whose shard is intact. Workers write their own shards (pixels never travel through a pipe); the job runtime
+(:func:`mmprep.runtime.job.run_job`) merges the chunk records, and this module turns them into the index.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import math
 import os
-import resource
-import stat
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
 
-from mmprep.errors import RunFailed, UsageError
-from mmprep.inputs.manifest import iter_samples
-from mmprep.pack.processor import ROW_GROUP_BYTES, PackConfig, SampleProcessor, default_row_group_rows, with_defaults
-from mmprep.records import Rejected, Sample
-from mmprep.runtime.shards import (
+from mmprep.dataset.format import (
     INDEX_NAME,
     REJECTS_NAME,
     RUN_STATS_NAME,
-    OutputDir,
+    SHARD_METADATA_KEY,
+    ChunkRecord,
+    Index,
+    RejectRecord,
+    ShardInfo,
+    Totals,
     shard_name,
-    write_shard,
 )
-from mmprep.runtime.storage import PackLocations, read_parquet_schema, staged_file, write_file, write_json_file
+from mmprep.errors import RunFailed, UsageError
+from mmprep.images.sources import ImageSource
+from mmprep.pack.config import PackConfig
+from mmprep.pack.plan import PackPlan, plan_pack, rereadable
+from mmprep.pack.processor import SampleProcessor
+from mmprep.pack.writer import write_shard
+from mmprep.records import Rejected, Sample
+from mmprep.runtime.engines.base import Engine, InlineEngine, ProgressFn
+from mmprep.runtime.job import Chunk, JobRun, Policy, Publication, run_job
+from mmprep.runtime.outdir import ChunkEntry, OutputDir
+from mmprep.runtime.storage import Location
+from mmprep.text.encoder import inline_images
 
-if TYPE_CHECKING:
-    from mmprep.runtime.engines.local import WorkerPool
-    from mmprep.runtime.storage import Location, RemoteOutputDir
+__all__ = ["PackJob", "PackReport", "PackTask", "pack"]
 
-__all__ = ["DEFAULT_SHARD_SIZE", "PackReport", "estimate_row_bytes", "iter_items", "pack", "pack_chunk"]
-
-DEFAULT_SHARD_SIZE = 512 * 1024 * 1024
-# With the default shard size, inputs smaller than MIN_SHARDS full shards are cut into MIN_SHARDS shards (of at
-# least MIN_SHARD_ROWS rows), so that they keep several workers busy.
-MIN_SHARDS = 16
-MIN_SHARD_ROWS = 16
-ProgressFn = Callable[[int, int], None]  # (rows_done_delta, images_done_delta)
+Item = Sample | Rejected
+#: Modules a local worker imports while the parent plans.
+_PRELOAD = ("pyarrow.parquet", "mmprep.pack.job")
 
 
 @dataclass
@@ -56,7 +55,7 @@ class PackReport:
     """The outcome of a pack run (the ``--json`` report)."""
 
     out: str
-    shards: list[dict[str, Any]]
+    shards: list[ShardInfo]
     read: int
     written: int
     rejected: int
@@ -80,156 +79,172 @@ class PackReport:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def iter_items(cfg: PackConfig, source: str | Location | None = None) -> Iterator[Sample | Rejected]:
-    """Manifest items in input order; later duplicates of an id are rejected (``duplicate_id``).
-
-    ``source`` is where to read the manifest when it is not ``cfg.manifest`` itself (an opened remote location).
-    """
-    seen: dict[str, int] = {}
-    for item in iter_samples(source if source is not None else cfg.manifest, cfg.columns, fmt=cfg.format,
-                             require_images=True):
-        if isinstance(item, Sample):
-            first = seen.setdefault(item.id, item.line)
-            if first != item.line:
-                yield Rejected(item.line, item.id, "manifest", "duplicate_id",
-                               f"{item.source}:{item.line}: id '{item.id}' already used on line {first}")
-                continue
-        yield item
-
-
-def _rows_for(cfg: PackConfig, row_bytes: int) -> int:
-    """Rows per shard from ``--rows-per-shard``, or ``--shard-size`` divided by the bytes of a row (for padded rows
-    exact before compression; for ``--pad none`` an estimate, so the limit is a target)."""
-    return cfg.rows_per_shard or max(1, (cfg.shard_size or DEFAULT_SHARD_SIZE) // row_bytes)
-
-
-def estimate_row_bytes(
-    cfg: PackConfig, head: list[Sample | Rejected], image_bytes: Callable[[str], int] | None = None
-) -> int:
-    """Bytes of one packed row: exact for padded rows, the mean over ``head`` of the image files for ``--pad none``."""
-    text_bytes = (cfg.text.max_length * 5 if cfg.tokenizer else 0) + 512
-    if cfg.pad == "max":
-        return cfg.pixel_bytes() + text_bytes
-    sizes = []
-    root = cfg.root
-    for item in head:
-        if isinstance(item, Sample):
-            total = 0
-            for ref in item.images[: cfg.limit_images]:
-                if image_bytes is not None:
-                    total += image_bytes(ref)
-                    continue
-                with contextlib.suppress(OSError):
-                    total += (root / ref).stat().st_size
-            sizes.append(total)
-    return max(1, (sum(sizes) // len(sizes) if sizes else 256 * 1024) + text_bytes)
-
-
-def _rereadable(manifest: str) -> bool:
-    """A regular file or a remote object (not stdin, a FIFO or ``<(process substitution)``): readable twice."""
-    from mmprep.runtime.storage import is_local, local_path
-
-    if manifest == "-":
-        return False
-    if not is_local(manifest):
-        return True
-    try:
-        return stat.S_ISREG(os.stat(local_path(manifest)).st_mode)
-    except OSError:
-        return False
-
-
-_POLICIES = ("on_error", "max_reject_rate")
-
-
-def _identity(cfg: PackConfig, rows_per_shard: int, source: str | Location | None = None) -> dict[str, Any]:
-    manifest_hash = None
-    if source is not None and not isinstance(source, str):
-        from mmprep.runtime.storage import file_digest
-
-        manifest_hash = file_digest(source)
-    elif _rereadable(cfg.manifest):  # hashing a pipe would consume the rows the run has not read yet
-        from mmprep.runtime.storage import local_path
-
-        h = hashlib.sha256()
-        with open(local_path(cfg.manifest), "rb") as f:
-            for block in iter(lambda: f.read(1 << 22), b""):
-                h.update(block)
-        manifest_hash = h.hexdigest()
-    config = json.loads(json.dumps(cfg.to_dict(), sort_keys=True))
-    for policy in _POLICIES:  # they decide whether the run fails, not what the shards hold
-        config.pop(policy, None)
-    return {
-        "config": config,
-        "manifest_sha256": manifest_hash,
-        "rows_per_shard": rows_per_shard,
-    }
-
-
-def pack_chunk(
-    processor: SampleProcessor,
-    out_dir: Path | Location,
-    index: int,
-    items: list[Sample | Rejected],
-    progress: ProgressFn | None = None,
-) -> dict[str, Any]:
-    """Process one chunk and write its shard; returns the chunk record (also the resume record).
-
-    ``out_dir`` is a local folder, or a remote location (the shard is staged locally, then uploaded).
-    """
-    cfg = processor.cfg
-    state: dict[str, Any] = {}
-    done = [0, 0]
-
-    def batches() -> Iterator[Any]:
-        for batch, res in processor.process_chunk(index, items, batch_rows=default_row_group_rows(cfg)):
-            state["res"] = res
-            if progress is not None:
-                rows = res.rows + len(res.rejected)
-                progress(rows - done[0], res.images_written - done[1])
-                done[0], done[1] = rows, res.images_written
-            yield batch
-
-    def shard_meta() -> dict[str, str]:
-        res = state["res"]
-        hist = {str(k): v for k, v in sorted(res.image_count_histogram.items())}
-        return {"mmprep.shard": json.dumps({"index": index, "rows": res.rows, "image_count_histogram": hist,
-                                            "first_line": res.first_line, "last_line": res.last_line},
-                                           sort_keys=True)}
-
-    with staged_file(out_dir, shard_name(index)) as target:
-        info = write_shard(target, processor.schema, batches(),
-                           compression=cfg.compression, extra_metadata=shard_meta)
-    res = state["res"]
-    if progress is not None:
-        progress(len(items) - done[0], res.images_written - done[1])
-    return {
-        "index": index,
-        "items": len(items),
-        "shard": asdict(info),
-        "rows": res.rows,
-        "rejected": [r.to_dict() for r in res.rejected],
-        "image_count_histogram": {str(k): v for k, v in sorted(res.image_count_histogram.items())},
-        "images_written": res.images_written,
-        "images_dropped": res.images_dropped,
-        "tags_dropped": res.tags_dropped,
-        "text_truncated": res.text_truncated,
-        "first_line": res.first_line,
-        "last_line": res.last_line,
-    }
-
-
-def _chunks(items: Iterable[Sample | Rejected], size: int) -> Iterator[tuple[int, list[Sample | Rejected]]]:
-    chunk: list[Sample | Rejected] = []
-    index = 0
+def input_signature(items: list[Item], images: ImageSource) -> str:
+    """A digest of the size and modification time of every image the chunk's rows refer to: ``--resume`` redoes a
+    chunk whose images changed since its shard was written."""
+    h = hashlib.sha256()
     for item in items:
-        chunk.append(item)
-        if len(chunk) == size:
-            yield index, chunk
-            index += 1
-            chunk = []
-    if chunk or index == 0:
-        yield index, chunk
+        if not isinstance(item, Sample):
+            continue
+        for ref in list(item.images) or inline_images(item.text):
+            h.update(f"{ref}\0{images.signature(ref)}\n".encode(errors="surrogatepass"))
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class PackTask:
+    """The work of one chunk, run in a worker: process the rows and write the chunk's shard."""
+
+    processor: SampleProcessor
+    out: Location
+
+    def __call__(self, chunk: Chunk[list[Item]], progress: ProgressFn | None) -> ChunkRecord:
+        processor = self.processor
+        index, items = chunk.index, chunk.items
+        signature = input_signature(items, processor.images)
+        state: dict[str, Any] = {}
+        done = [0, 0]
+
+        def batches() -> Iterator[Any]:
+            for batch, res in processor.process_chunk(index, items):
+                state["res"] = res
+                if progress is not None:
+                    rows = res.rows + len(res.rejected)
+                    progress(rows - done[0], res.images_written - done[1])
+                    done[0], done[1] = rows, res.images_written
+                yield batch
+
+        def shard_meta() -> dict[str, str]:
+            res = state["res"]
+            hist = {str(k): v for k, v in sorted(res.image_count_histogram.items())}
+            return {SHARD_METADATA_KEY: json.dumps({"index": index, "rows": res.rows, "image_count_histogram": hist,
+                                                    "first_line": res.first_line, "last_line": res.last_line},
+                                                   sort_keys=True)}
+
+        name = shard_name(index)
+        with self.out.child(name).staged() as target:
+            info = write_shard(target, processor.schema, batches(), compression=processor.cfg.compression,
+                               extra_metadata=shard_meta, name=name)
+        res = state["res"]
+        if progress is not None:
+            progress(len(items) - done[0], res.images_written - done[1])
+        hist = {str(k): v for k, v in sorted(res.image_count_histogram.items())}
+        shard = ShardInfo(path=info.path, rows=info.rows, bytes=info.bytes, sha256=info.sha256,
+                          image_count_histogram=hist, first_line=res.first_line, last_line=res.last_line)
+        return ChunkRecord(
+            index=index, items=len(items), shard=shard, rows=res.rows,
+            rejected=tuple(RejectRecord(r.line, r.id, r.stage, r.reason, r.detail) for r in res.rejected),
+            images_written=res.images_written, images_dropped=res.images_dropped, tags_dropped=res.tags_dropped,
+            text_truncated=res.text_truncated, signature=signature,
+        )
+
+
+class PackJob:
+    """The pack job as the runtime runs it: chunks of manifest rows -> shards -> one index."""
+
+    ordered = False
+
+    def __init__(self, plan: PackPlan, processor: SampleProcessor) -> None:
+        self.plan = plan
+        self.processor = processor
+        tokenizer_key = None
+        if plan.cfg.tokenizer:
+            from mmprep.text.encoder import tokenizer_cache_key
+
+            tokenizer_key = tokenizer_cache_key(plan.cfg.tokenizer)
+        self._identity = plan.identity(tokenizer_key=tokenizer_key,
+                                       vocab_sha256=processor.vocab.sha256 if processor.vocab else None)
+
+    def identity(self) -> dict[str, Any]:
+        return self._identity
+
+    def chunks(self) -> Iterator[Chunk[list[Item]]]:
+        size = self.plan.rows_per_shard
+        chunk: list[Item] = []
+        index = 0
+        for item in self.plan.items():
+            chunk.append(item)
+            if len(chunk) == size:
+                yield Chunk(index, chunk, len(chunk))
+                index += 1
+                chunk = []
+        if chunk or index == 0:
+            yield Chunk(index, chunk, len(chunk))
+
+    def task(self) -> PackTask:
+        return PackTask(self.processor, self.plan.out)
+
+    def restore(self, entry: ChunkEntry, chunk: Chunk[list[Item]], out: OutputDir) -> ChunkRecord | None:
+        try:
+            rec = ChunkRecord.from_json(entry.record)
+        except (KeyError, TypeError, ValueError, AttributeError):
+            return None
+        if rec.index != chunk.index or rec.items != chunk.size:
+            return None
+        if not out.intact(rec.shard.path, rec.shard.bytes, rec.shard.sha256):
+            return None
+        if rec.signature != input_signature(chunk.items, self.processor.images):
+            return None  # an image changed since the shard was written: redo the chunk
+        return rec
+
+    def accept(self, record: ChunkRecord, out: OutputDir) -> None:
+        if not out.visible(record.shard.path, record.shard.bytes):
+            raise RunFailed(
+                f"shard {record.shard.path} written by a worker is not visible in {out}",
+                hint="on a multi-node cluster --out must be storage every node shares (a shared mount or an object "
+                     "store such as s3://)",
+            )
+
+    def finish(self, records: list[ChunkRecord], run: JobRun[ChunkRecord], out: OutputDir) -> Publication:
+        rejected = sorted((r for rec in records for r in rec.rejected), key=lambda r: r.line)
+        hist: Counter[str] = Counter()
+        for rec in records:
+            hist.update(rec.image_count_histogram)
+        shards = tuple(rec.shard for rec in records)
+        totals = Totals(
+            read=run.read, written=run.written, rejected=run.rejected, rejected_by_reason=run.rejected_by_reason,
+            images_written=sum(rec.images_written for rec in records),
+            images_dropped_by_limit=sum(rec.images_dropped for rec in records),
+            tags_dropped_unknown=sum(rec.tags_dropped for rec in records),
+            text_truncated=sum(rec.text_truncated for rec in records),
+            image_count_histogram={k: hist[k] for k in sorted(hist, key=int)},
+            bytes=sum(s.bytes for s in shards),
+        )
+        self.totals = totals
+        from mmprep.pack.schema import read_metadata
+
+        index = Index(config=self.plan.recorded_config(), rows_per_shard=self.plan.rows_per_shard,
+                      metadata=read_metadata(self.processor.schema) if shards else None, shards=shards,
+                      totals=totals)
+        lines = "".join(json.dumps(r.to_json(), ensure_ascii=False, sort_keys=True) + "\n" for r in rejected)
+        return Publication(files=((REJECTS_NAME, lines.encode()),), index=(INDEX_NAME, index.dumps()),
+                           stats_name=RUN_STATS_NAME)
+
+
+def _is_shard_name(name: str) -> bool:
+    return name.startswith("shard-") and name.endswith(".parquet") and name[6:-8].isdigit()
+
+
+def make_engine(engine: str, workers: int | None, *, ray_address: str | None, progress: bool) -> Engine:
+    """The engine for ``--engine``/``--workers`` (a local pool starts its workers now, to warm up while planning).
+
+    Raises:
+        UsageError: an unknown engine, a bad worker count, Ray missing or its address unreachable.
+    """
+    if engine not in ("local", "ray"):
+        raise UsageError(f"--engine must be local or ray, got '{engine}'")
+    if workers is not None and workers < 1:
+        raise UsageError(f"--workers must be at least 1, got {workers}", hint="leave it out to use every core")
+    if engine == "ray":
+        from mmprep.runtime.engines.ray import RayEngine
+
+        return RayEngine(workers, ray_address, size_of=lambda chunk: chunk.size)
+    n = workers or os.cpu_count() or 1
+    if n == 1:
+        return InlineEngine()
+    from mmprep.runtime.engines.local import LocalEngine
+
+    return LocalEngine(n, with_progress=progress, preload=_PRELOAD)
 
 
 def pack(
@@ -250,7 +265,7 @@ def pack(
         cfg: the configuration (validated here).
         workers: worker processes (default: all cores); 1 runs in this process.
         resume: keep intact shards of an interrupted run with the same input and flags.
-        overwrite: replace mmprep's files from an earlier run in ``cfg.out``.
+        overwrite: replace the files an earlier run wrote in ``cfg.out``.
         engine: ``local`` (process pool) or ``ray``.
         progress: called with (rows, images) increments as work completes.
         on_total: called once with the number of input rows when known (after a shuffle), else None.
@@ -262,254 +277,35 @@ def pack(
         RunFailed: a failed run: ``--on-error fail`` met a bad row, a worker died, too many rejects (exit 1).
         MissingDependencyError: ``engine="ray"`` without Ray installed (exit 2).
     """
-    cfg.validate()
-    cfg = with_defaults(cfg)
-    if resume and not _rereadable(cfg.manifest):
-        raise UsageError("--resume needs a manifest file, not stdin or a pipe")
-    if engine not in ("local", "ray"):
-        raise UsageError(f"--engine must be local or ray, got '{engine}'")
-    if workers is not None and workers < 1:
-        raise UsageError(f"--workers must be at least 1, got {workers}", hint="leave it out to use every core")
-    requested_workers = workers
-    workers = workers or os.cpu_count() or 1
-    if engine == "ray":
-        from mmprep.runtime.engines.ray import check_address, require_ray
-
-        require_ray()  # before anything is read or written: fail at once with the install hint
-        check_address(ray_address)  # and a cluster that does not answer: before the output directory is made
     start = time.perf_counter()
-    where = PackLocations.open(cfg, storage_options, workers=workers, engine=engine)
-    with contextlib.ExitStack() as stack:
-        pool = None
-        if engine == "local" and workers > 1:
-            from mmprep.runtime.engines.local import WorkerPool
-
-            # Started now, so the workers import while this process reads the manifest and loads the tokenizer.
-            pool = stack.enter_context(WorkerPool(workers, with_progress=progress is not None))
-        report, resumed, workers, extra = _pack_run(cfg, where, pool, workers, requested_workers, resume=resume,
-                                                    overwrite=overwrite, engine=engine, progress=progress,
-                                                    on_total=on_total, ray_address=ray_address)
-    report.seconds = time.perf_counter() - start
-    report.samples_per_s = report.written / report.seconds if report.seconds else 0.0
-    report.images_per_s = report.images_written / report.seconds if report.seconds else 0.0
-    report.peak_rss_mb = _peak_rss_mb()
-    report.resumed_shards = resumed
-    report.workers = workers
-    report.engine = engine
-    report.extra.update(extra)
-    write_json_file(where.out, RUN_STATS_NAME, {
-        "seconds": round(report.seconds, 3), "samples_per_s": round(report.samples_per_s, 2),
-        "images_per_s": round(report.images_per_s, 2), "peak_rss_mb": round(report.peak_rss_mb, 1),
-        "workers": workers, "resumed_shards": resumed, "engine": engine, **extra,
-    })
-    return report
-
-
-def _pack_run(
-    cfg: PackConfig,
-    where: PackLocations,
-    pool: WorkerPool | None,
-    workers: int,
-    requested_workers: int | None,
-    *,
-    resume: bool,
-    overwrite: bool,
-    engine: str,
-    progress: ProgressFn | None,
-    on_total: Callable[[int | None], None] | None,
-    ray_address: str | None,
-) -> tuple[PackReport, int, int, dict[str, Any]]:
-    """Read, process and write; returns (report without timings, resumed shards, workers used, engine stats)."""
-    cfg = where.cfg
-    source = None if isinstance(where.manifest, str) else where.manifest
-    items_iter = iter_items(cfg, source)
-    if cfg.shuffle:
-        import numpy as np
-
-        all_items = list(items_iter)
-        order = np.random.default_rng(cfg.seed).permutation(len(all_items))
-        items_iter = iter([all_items[i] for i in order])
-        if on_total:
-            on_total(len(all_items))
-    head: list[Sample | Rejected] = []
-    for item in items_iter:
-        head.append(item)
-        if len(head) >= 64:
-            break
-    row_bytes = estimate_row_bytes(cfg, head, where.images.size if where.images is not None else None)
-    rows_per_shard = _rows_for(cfg, row_bytes)
-    if cfg.row_group_rows is None:  # --pad none: row groups of ~32 MB of encoded images, like padded ones
-        cfg = replace(cfg, row_group_rows=max(1, min(1024, ROW_GROUP_BYTES // row_bytes)))
-    if cfg.rows_per_shard is None and cfg.shard_size is None:
-        # The default size: a small input is still cut into MIN_SHARDS shards, so every worker gets work. Whether
-        # the input is small is found by reading ahead (the rows read are kept), so the plan depends on the
-        # input alone, never on the number of workers.
-        for item in items_iter:
-            head.append(item)
-            if len(head) >= MIN_SHARDS * rows_per_shard:
-                break
-        else:
-            rows_per_shard = min(rows_per_shard, max(MIN_SHARD_ROWS, math.ceil(len(head) / MIN_SHARDS)))
-
-    def all_items_iter() -> Iterator[Sample | Rejected]:
-        yield from head
-        yield from items_iter
-
-    # Built once, before the output is touched: a bad tokenizer or vocabulary fails fast (exit 2), and workers
-    # receive this processor pickled (the tokenizer travels as its JSON, so workers do not import transformers).
-    processor = SampleProcessor(cfg)
-    processor.store = where.images  # images on remote storage are read through it (None: local files)
-    extra: dict[str, Any] = {}
-
-    with where.output_dir(resume=resume, overwrite=overwrite) as out_dir:
-        out_dir.open(_identity(cfg, rows_per_shard, source))
-        chunks = _chunks(all_items_iter(), rows_per_shard)
-        if engine == "ray":
-            from mmprep.runtime.engines.ray import run_chunks_ray
-
-            records, resumed = run_chunks_ray(processor, out_dir, chunks, workers=requested_workers,
-                                              progress=progress, address=ray_address, stats=extra)
-            workers = extra.get("ray_workers", workers)
-        elif workers == 1:
-            records, resumed = _run_inline(processor, out_dir, chunks, progress)
-        else:
-            from mmprep.runtime.engines.local import run_chunks_pool
-
-            records, resumed = run_chunks_pool(processor, out_dir, chunks, workers=workers, progress=progress,
-                                               pool=pool)
-        report = _finish(cfg, out_dir.path, records, rows_per_shard)
-    return report, resumed, workers, extra
-
-
-def _run_inline(
-    processor: SampleProcessor,
-    out_dir: OutputDir | RemoteOutputDir,
-    chunks: Iterable[tuple[int, list[Sample | Rejected]]],
-    progress: ProgressFn | None,
-) -> tuple[list[dict[str, Any]], int]:
-    records: list[dict[str, Any]] = []
-    resumed = 0
-    for index, items in chunks:
-        rec = out_dir.finished_chunk(index)
-        if rec is not None and rec.get("items") == len(items):
-            resumed += 1
-            if progress:
-                progress(len(items), rec["images_written"])
-        else:
-            rec = pack_chunk(processor, out_dir.path, index, items, progress)
-            out_dir.save_chunk(index, rec)
-        check_fail_fast(processor.cfg, rec)
-        records.append(rec)
-    return records, resumed
-
-
-def finished_record(
-    out_dir: OutputDir | RemoteOutputDir, index: int, items: list[Sample | Rejected], progress: ProgressFn | None
-) -> dict[str, Any] | None:
-    """With ``--resume``: the record of chunk ``index`` when an earlier run finished it intact (its rows and images
-    are reported to ``progress``), else None."""
-    rec = out_dir.finished_chunk(index)
-    if rec is None or rec.get("items") != len(items):
-        return None
-    if progress is not None:
-        progress(len(items), rec["images_written"])
-    return rec
-
-
-def check_fail_fast(cfg: PackConfig, record: dict[str, Any]) -> None:
-    """With ``--on-error fail``, stop at the first rejected row (no index is written)."""
-    if cfg.on_error == "fail" and record["rejected"]:
-        first = min(record["rejected"], key=lambda r: r["line"])
-        raise RunFailed(
-            f"--on-error fail: {first['detail'] or first['reason']} (stage {first['stage']}, reason {first['reason']})",
-            hint="fix that row, or use --on-error skip to write bad rows to rejected.jsonl and go on",
-        )
-
-
-def _finish(cfg: PackConfig, out: Path | Location, records: list[dict[str, Any]], rows_per_shard: int) -> PackReport:
-    records = sorted(records, key=lambda r: r["index"])
-    rejected = sorted((r for rec in records for r in rec["rejected"]), key=lambda r: r["line"])
-    by_reason = Counter(r["reason"] for r in rejected)
-    hist: Counter[str] = Counter()
-    for rec in records:
-        hist.update(rec["image_count_histogram"])
-    read = sum(rec["items"] for rec in records)
-    written = sum(rec["rows"] for rec in records)
-    if read != written + len(rejected):
-        raise RunFailed(f"row accounting failed: read {read}, written {written}, rejected {len(rejected)}")
-    shards = [
-        {**rec["shard"], "image_count_histogram": rec["image_count_histogram"],
-         "first_line": rec["first_line"], "last_line": rec["last_line"]}
-        for rec in records
-    ]
-    sorted_hist = {k: hist[k] for k in sorted(hist, key=int)}
-    totals = {
-        "read": read,
-        "written": written,
-        "rejected": len(rejected),
-        "rejected_by_reason": dict(sorted(by_reason.items())),
-        "images_written": sum(rec["images_written"] for rec in records),
-        "images_dropped_by_limit": sum(rec["images_dropped"] for rec in records),
-        "tags_dropped_unknown": sum(rec["tags_dropped"] for rec in records),
-        "text_truncated": sum(rec["text_truncated"] for rec in records),
-        "image_count_histogram": sorted_hist,
-        "bytes": sum(s["bytes"] for s in shards),
-    }
-    lines = "".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in rejected)
-    write_file(out, REJECTS_NAME, lines.encode())
-    schema_meta = None
-    if shards:
-        from mmprep.pack.schema import read_metadata
-
-        schema_meta = read_metadata(read_parquet_schema(out, shards[0]["path"]))
-    index = {
-        "format": "mmprep-index",
-        "format_version": 1,
-        "config": cfg.to_dict(),
-        "rows_per_shard": rows_per_shard,
-        "metadata": schema_meta,
-        "shards": shards,
-        "rejects": REJECTS_NAME,
-        "totals": totals,
-    }
-    failed = _failure(cfg, read, written, len(rejected), by_reason)
-    if failed is None:
-        write_json_file(out, INDEX_NAME, index)  # last: its presence means the dataset is complete
-    report = PackReport(
-        out=str(out),
-        shards=shards,
-        read=read,
-        written=written,
-        rejected=len(rejected),
-        rejected_by_reason=totals["rejected_by_reason"],
-        images_written=totals["images_written"],
-        images_dropped=totals["images_dropped_by_limit"],
-        tags_dropped=totals["tags_dropped_unknown"],
-        text_truncated=totals["text_truncated"],
-        image_count_histogram=sorted_hist,
-        rows_per_shard=rows_per_shard,
-        bytes_written=totals["bytes"],
-        reject_rate=(len(rejected) / read) if read else 0.0,
+    cfg.validate()
+    if resume and not rereadable(cfg.manifest):
+        raise UsageError("--resume needs a manifest file, not stdin or a pipe")
+    with make_engine(engine, workers, ray_address=ray_address, progress=progress is not None) as eng:
+        plan = plan_pack(cfg, storage_options, workers=eng.workers, engine=engine)
+        if on_total is not None and plan.total is not None:
+            on_total(plan.total)
+        # Built once, before the output is touched: a bad tokenizer or vocabulary fails fast (exit 2), and workers
+        # receive this processor pickled (the tokenizer travels as its JSON, so workers do not import transformers).
+        processor = SampleProcessor(cfg, plan.images, plan.row_group_rows)
+        job = PackJob(plan, processor)
+        out = OutputDir(plan.out, resume=resume, overwrite=overwrite,
+                        fixed_names=(INDEX_NAME, REJECTS_NAME, RUN_STATS_NAME), temp_owner=_is_shard_name,
+                        kind="packed dataset")
+        run = run_job(job, eng, out, policy=Policy(on_error=cfg.on_error, max_reject_rate=cfg.max_reject_rate),
+                      progress=progress, started=start)
+    totals = job.totals
+    failed = run.failed
+    if failed is not None and run.written:
+        failed += f"; no {INDEX_NAME} was written"
+    return PackReport(
+        out=str(plan.out), shards=[r.shard for r in run.records], read=run.read, written=run.written,
+        rejected=run.rejected, rejected_by_reason=run.rejected_by_reason, images_written=totals.images_written,
+        images_dropped=totals.images_dropped_by_limit, tags_dropped=totals.tags_dropped_unknown,
+        text_truncated=totals.text_truncated, image_count_histogram=totals.image_count_histogram,
+        rows_per_shard=plan.rows_per_shard, bytes_written=totals.bytes, seconds=run.seconds,
+        samples_per_s=run.written / run.seconds if run.seconds else 0.0,
+        images_per_s=totals.images_written / run.seconds if run.seconds else 0.0, peak_rss_mb=run.peak_rss_mb,
+        resumed_shards=run.resumed, workers=run.workers, engine=run.engine,
+        reject_rate=run.rejected / run.read if run.read else 0.0, failed=failed, extra=dict(run.stats),
     )
-    report.failed = failed
-    return report
-
-
-def _failure(cfg: PackConfig, read: int, written: int, rejected: int, by_reason: Counter[str]) -> str | None:
-    """Why a finished run failed (then no index is written), or None."""
-    if read and not written:
-        top = ", ".join(f"{reason} {n}" for reason, n in by_reason.most_common(3))
-        return f"no row was written: all {read} rows were rejected ({top})"
-    rate = rejected / read if read else 0.0
-    if rate > cfg.max_reject_rate:
-        return (f"{rejected} of {read} rows rejected ({rate:.1%}), above --max-reject-rate {cfg.max_reject_rate:.1%}; "
-                "no index.json was written")
-    return None
-
-
-def _peak_rss_mb() -> float:
-    """Peak resident memory of this process and its (finished) children, in MB."""
-    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return max(own, kids) / 1024.0
-

@@ -12,15 +12,13 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING, Any
 
+from mmprep.dataset.format import FORMAT_VERSION, METADATA_KEY
+
 if TYPE_CHECKING:
     from mmprep.labels.vocab import Vocabulary
-    from mmprep.pack.processor import PackConfig
+    from mmprep.pack.config import PackConfig
 
-__all__ = ["FORMAT_VERSION", "METADATA_KEY", "SHARD_METADATA_KEY", "build_schema", "read_metadata"]
-
-FORMAT_VERSION = 1
-METADATA_KEY = "mmprep"
-SHARD_METADATA_KEY = "mmprep.shard"
+__all__ = ["build_schema", "read_metadata"]
 
 
 def build_schema(

@@ -515,7 +515,7 @@ def _load_tokenizer(path: Path) -> tuple[_TokenizerInfo, Any, Any | None]:
     # The entry holds no path: write it only when transformers named the tokenizer after the directory as given.
     if entry is not None and str(getattr(hf, "name_or_path", "") or path) == str(path):
         from mmprep.errors import RunFailed
-        from mmprep.runtime.shards import atomic_write_bytes
+        from mmprep.runtime.files import atomic_write as atomic_write_bytes
 
         with contextlib.suppress(OSError, RunFailed):  # a cache that cannot be written is no error
             entry.parent.mkdir(parents=True, exist_ok=True)

@@ -401,7 +401,7 @@ def plot_lengths(hist: LengthHistogram, max_length: int, path: str | os.PathLike
         from matplotlib.ticker import MaxNLocator
     except ImportError:
         raise MissingDependencyError("matplotlib", "plot", purpose="--plot") from None
-    from mmprep.runtime.shards import atomic_write_bytes
+    from mmprep.runtime.files import atomic_write as atomic_write_bytes
 
     fig = Figure(figsize=(8, 4.5), dpi=100)
     FigureCanvasAgg(fig)

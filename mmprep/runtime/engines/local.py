@@ -1,15 +1,15 @@
-"""The local engine: a process pool where each worker loads one SampleProcessor and writes its own shards.
+"""The local engine: a pool of spawned worker processes, each loading the task once.
 
-The pool is started before the processor exists (:class:`WorkerPool`), so the workers import numpy, Pillow and
-pyarrow while the parent loads the tokenizer; the processor then reaches every worker once, through a file.
-Chunks are submitted in order with a bounded number in flight (memory does not grow with the dataset); finished
-chunk records are saved by the parent as they arrive, so a killed run can be resumed. A worker that dies fails
-the run with a clear message instead of hanging, and workers whose parent dies (kill -9) exit on their own.
+The pool starts when the engine is created, before the task exists, so the workers import what they need
+(``preload``: module names) while the parent still reads the manifest and loads the tokenizer; the task then
+reaches every worker once, through a file. Chunks are submitted in order with at most ``2 x workers`` in flight
+(memory does not grow with the input); results come back in completion order. A worker that dies fails the run
+with a clear message instead of hanging, and workers whose parent dies (kill -9) exit on their own.
 """
 
 from __future__ import annotations
 
-import contextlib
+import importlib
 import multiprocessing as mp
 import os
 import pickle
@@ -19,22 +19,21 @@ import signal
 import tempfile
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
-from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from mmprep.errors import RunFailed
-from mmprep.pack.processor import SampleProcessor
-from mmprep.records import Rejected, Sample
-from mmprep.runtime.shards import OutputDir
-from mmprep.runtime.storage import Location, RemoteOutputDir
+from mmprep.runtime.engines.base import ProgressFn, Task, sigint_blocked
 
-__all__ = ["WorkerPool", "run_chunks_pool"]
+__all__ = ["LocalEngine"]
 
-_processor: SampleProcessor | None = None
-_processor_file: str | None = None
+C = TypeVar("C")
+R = TypeVar("R")
+
+_task: Any = None
+_task_file: str | None = None
 _progress_q: Any = None
 _PARENT_POLL_S = 0.5
 
@@ -42,7 +41,7 @@ _PARENT_POLL_S = 0.5
 def _init(progress_q: Any, parent_pid: int) -> None:
     global _progress_q
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops the pool
-    if hasattr(signal, "pthread_sigmask"):  # blocked since the parent started this process (_sigint_blocked)
+    if hasattr(signal, "pthread_sigmask"):  # blocked since the parent started this process (sigint_blocked)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     _progress_q = progress_q
     threading.Thread(target=_exit_with_parent, args=(parent_pid,), name="mmprep-parent-watch", daemon=True).start()
@@ -55,65 +54,107 @@ def _exit_with_parent(parent_pid: int) -> None:
     os._exit(1)
 
 
-def _warm_up() -> int:
-    """The first task of each worker: import what packing needs while the parent is still preparing."""
-    import pyarrow.parquet  # noqa: F401
-
-    import mmprep.pack.job  # noqa: F401
-
+def _warm_up(modules: Sequence[str]) -> int:
+    """The first call in each worker: import what the task needs while the parent is still preparing."""
+    for name in modules:
+        importlib.import_module(name)
     return os.getpid()
 
 
-def _load_processor(path: str) -> SampleProcessor:
-    global _processor, _processor_file
-    if _processor is None or _processor_file != path:
-        with open(path, "rb") as f:
-            _processor = pickle.load(f)
-        _processor_file = path
-    return _processor
-
-
-def _work(processor_file: str, out_dir: Path | Location, index: int, items: list[Sample | Rejected]) -> dict[str, Any]:
-    from mmprep.pack.job import pack_chunk
-
-    processor = _load_processor(processor_file)
+def _run(task_file: str, chunk: Any) -> Any:
+    global _task, _task_file
+    if _task is None or _task_file != task_file:
+        with open(task_file, "rb") as f:
+            _task = pickle.load(f)
+        _task_file = task_file
     q = _progress_q
 
     def progress(rows: int, images: int) -> None:
         if q is not None and (rows or images):
             q.put((rows, images))
 
-    return pack_chunk(processor, out_dir, index, items, progress)
+    return _task(chunk, progress if q is not None else None)
 
 
-class WorkerPool:
-    """``workers`` spawned processes, started at once; :meth:`set_processor` hands them the processor.
+class LocalEngine:
+    """``workers`` spawned processes, started at once.
 
     Args:
-        workers: number of worker processes.
-        with_progress: create the queue workers report (rows, images) progress through.
+        workers: number of worker processes (>= 2; use :class:`InlineEngine` for one).
+        with_progress: create the queue workers report ``(rows, images)`` increments through.
+        preload: modules each worker imports as soon as it starts.
     """
 
-    def __init__(self, workers: int, *, with_progress: bool = False) -> None:
+    name = "local"
+    streams_progress = True
+
+    def __init__(self, workers: int, *, with_progress: bool = False, preload: Sequence[str] = ()) -> None:
         ctx = mp.get_context("spawn")
         self.workers = workers
+        self.stats: dict[str, Any] = {}
         self.progress_q = ctx.Queue() if with_progress else None
         self._dir = tempfile.mkdtemp(prefix="mmprep-pool-")
-        self.processor_file: str | None = None
         self._closed = False
         self.executor = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init,
                                             initargs=(self.progress_q, os.getpid()))
-        with _sigint_blocked():  # each submit starts a worker while none is idle
-            self._warm = [self.executor.submit(_warm_up) for _ in range(workers)]
+        with sigint_blocked():  # each submit starts a worker while none is idle
+            self._warm = [self.executor.submit(_warm_up, tuple(preload)) for _ in range(workers)]
 
-    def set_processor(self, processor: SampleProcessor) -> None:
-        path = os.path.join(self._dir, "processor.pickle")
+    def _ship(self, task: Any) -> str:
+        path = os.path.join(self._dir, "task.pickle")
         with open(path, "wb") as f:
-            pickle.dump(processor, f, protocol=pickle.HIGHEST_PROTOCOL)
-        self.processor_file = path
+            pickle.dump(task, f, protocol=pickle.HIGHEST_PROTOCOL)
+        return path
+
+    def map(self, task: Task[C, R], chunks: Iterable[C], progress: ProgressFn | None = None) -> Iterator[R]:
+        task_file = self._ship(task)
+        progress_q = self.progress_q if progress is not None else None
+        stop = threading.Event()
+        drainer = None
+        if progress_q is not None and progress is not None:
+            report = progress
+
+            def drain() -> None:
+                while not stop.is_set():
+                    try:
+                        rows, images = progress_q.get(timeout=0.1)
+                    except queue.Empty:
+                        continue
+                    report(rows, images)
+
+            drainer = threading.Thread(target=drain, name="mmprep-progress", daemon=True)
+            drainer.start()
+        inflight: set[Future[R]] = set()
+        try:
+            for chunk in chunks:
+                while len(inflight) >= 2 * self.workers:
+                    done, inflight = wait(inflight, return_when=FIRST_COMPLETED)
+                    for fut in done:
+                        yield fut.result()
+                with sigint_blocked():  # submit may start a worker process
+                    inflight.add(self.executor.submit(_run, task_file, chunk))
+            while inflight:
+                done, inflight = wait(inflight, return_when=FIRST_COMPLETED)
+                for fut in done:
+                    yield fut.result()
+        except BrokenProcessPool:  # from a result, or from submit() once the pool knows
+            raise RunFailed(
+                "a worker process died (killed, or out of memory)",
+                hint="rerun the same command with --resume to continue from the finished work",
+            ) from None
+        finally:
+            stop.set()
+            if drainer is not None:
+                drainer.join(timeout=1)
+                while progress_q is not None and progress is not None:  # progress sent just before the end
+                    try:
+                        rows, images = progress_q.get_nowait()
+                    except (queue.Empty, OSError, ValueError):
+                        break
+                    progress(rows, images)
 
     def close(self, *, ok: bool) -> None:
-        """Wait for the workers (``ok``), or stop them at once (failure, Ctrl-C); remove the processor file."""
+        """Wait for the workers (``ok``), or stop them at once (failure, Ctrl-C); remove the task file."""
         if self._closed:
             return
         self._closed = True
@@ -125,117 +166,11 @@ class WorkerPool:
         finally:
             shutil.rmtree(self._dir, ignore_errors=True)
 
-    def __enter__(self) -> WorkerPool:
+    def __enter__(self) -> LocalEngine:
         return self
 
     def __exit__(self, exc_type: object, *exc: object) -> None:
         self.close(ok=exc_type is None)
-
-
-def run_chunks_pool(
-    processor: SampleProcessor,
-    out_dir: OutputDir | RemoteOutputDir,
-    chunks: Iterable[tuple[int, list[Sample | Rejected]]],
-    *,
-    workers: int,
-    progress: Any = None,
-    pool: WorkerPool | None = None,
-) -> tuple[list[dict[str, Any]], int]:
-    """Process chunks on ``workers`` processes; returns (chunk records, number of resumed shards).
-
-    ``pool`` is a pool started earlier (its workers already warm); without one, a pool is started here. Either way
-    it is closed before returning.
-    """
-    from mmprep.pack.job import check_fail_fast
-
-    cfg = processor.cfg
-    if pool is None:
-        pool = WorkerPool(workers, with_progress=progress is not None)
-    pool.set_processor(processor)
-    assert pool.processor_file is not None
-    progress_q = pool.progress_q if progress is not None else None
-    stop = threading.Event()
-    drainer = None
-    if progress_q is not None:
-
-        def drain() -> None:
-            while not stop.is_set():
-                try:
-                    rows, images = progress_q.get(timeout=0.1)
-                except queue.Empty:
-                    continue
-                progress(rows, images)
-
-        drainer = threading.Thread(target=drain, daemon=True)
-        drainer.start()
-
-    records: list[dict[str, Any]] = []
-    resumed = 0
-    inflight: dict[Future[dict[str, Any]], int] = {}
-    executor = pool.executor
-
-    def collect(done: Iterable[Future[dict[str, Any]]]) -> None:
-        for fut in done:
-            inflight.pop(fut)
-            rec = fut.result()
-            out_dir.save_chunk(rec["index"], rec)
-            records.append(rec)
-            check_fail_fast(cfg, rec)
-
-    ok = False
-    try:
-        for index, items in chunks:
-            rec = out_dir.finished_chunk(index)
-            if rec is not None and rec.get("items") == len(items):
-                resumed += 1
-                records.append(rec)
-                if progress is not None:
-                    progress(len(items), rec["images_written"])
-                continue
-            while len(inflight) >= 2 * workers:
-                done, _ = wait(inflight, return_when=FIRST_COMPLETED)
-                collect(done)
-            with _sigint_blocked():  # submit may start a worker process
-                inflight[executor.submit(_work, pool.processor_file, out_dir.path, index, items)] = index
-        while inflight:
-            done, _ = wait(inflight, return_when=FIRST_COMPLETED)
-            collect(done)
-        ok = True
-    except BrokenProcessPool:  # from a result, or from submit() once the pool knows
-        raise RunFailed(
-            "a worker process died (killed, or out of memory) while packing",
-            hint="rerun the same command with --resume to continue from the finished shards",
-        ) from None
-    finally:
-        pool.close(ok=ok)
-        stop.set()
-        if drainer is not None:
-            drainer.join(timeout=1)
-            while progress_q is not None:  # progress sent just before the end
-                try:
-                    rows, images = progress_q.get_nowait()
-                except (queue.Empty, OSError, ValueError):
-                    break
-                progress(rows, images)
-    return records, resumed
-
-
-@contextlib.contextmanager
-def _sigint_blocked() -> Iterator[None]:
-    """Hold back Ctrl-C while worker processes may be started.
-
-    A child inherits the signal mask, so it cannot get a SIGINT meant for the whole process group while it is
-    still importing (which would print a traceback from every worker); the parent gets the signal (and stops
-    the pool) as soon as the mask is restored.
-    """
-    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def _terminate(executor: ProcessPoolExecutor) -> None:

@@ -1,21 +1,17 @@
-"""The Ray engine: the local engine's chunks and per-chunk work, run by Ray Data on a local Ray or a cluster.
+"""The Ray engine: the same tasks and chunks as the local engine, run by Ray Data on a local Ray or a cluster.
 
-``pack`` hands the same ``(index, items)`` chunks as the local engine to a Ray Data pipeline:
-``from_items`` (one block per chunk) ``.map_batches(_ChunkPacker, compute=ActorPoolStrategy(size=workers))``.
-Each actor unpickles the parent's :class:`~mmprep.pack.processor.SampleProcessor` once (tokenizer and vocabulary travel
-inside it, so workers need no access to those files) and runs :func:`mmprep.pack.job.pack_chunk` per chunk: the
-same shard bytes as the local engine. Actors write their own shards (pixels never travel back); only the small
-chunk records come back, and the parent saves each as it arrives (``--resume`` works the same), checks that it
-can see the shard (output on storage every node shares), and merges them into one index and one rejects file.
+Chunks go to a Ray Data pipeline, one block each: ``from_items(...).map_batches(_TaskActor,
+compute=ActorPoolStrategy(size=workers))``. Each actor fetches the task (sent once with ``ray.put``) when it
+starts and runs it per chunk; only the (small) results come back. A job whose task writes files (pack's shards)
+gets the same bytes as on the local engine; on a cluster the output must be storage every node shares.
 
-Chunks are sent in windows of about :data:`WINDOW_ITEMS` manifest rows, so the parent never holds the whole
-manifest; each window starts a fresh actor pool (a few seconds), which is why windows are large.
+Chunks are sent in windows of about :data:`WINDOW_ITEMS` input rows, so the parent never holds the whole input;
+each window starts a fresh actor pool (a few seconds), which is why windows are large.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import pickle
@@ -23,26 +19,16 @@ import socket
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, TypeVar
 
 from mmprep.errors import MissingDependencyError, MmprepError, RunFailed, UsageError
+from mmprep.runtime.engines.base import ProgressFn, Task, default_workers, sigint_blocked
 
-if TYPE_CHECKING:
-    from mmprep.pack.processor import SampleProcessor
-    from mmprep.records import Rejected, Sample
-    from mmprep.runtime.storage import Location
+__all__ = ["CONNECT_TIMEOUT_S", "WINDOW_ITEMS", "RayEngine", "check_address", "ray_session", "require_ray"]
 
-__all__ = [
-    "CONNECT_TIMEOUT_S",
-    "WINDOW_ITEMS",
-    "check_address",
-    "ray_map",
-    "ray_session",
-    "require_ray",
-    "run_chunks_ray",
-]
+C = TypeVar("C")
+R = TypeVar("R")
 
 #: Manifest rows per Ray Data pipeline (the parent holds at most this many pending rows).
 WINDOW_ITEMS = 1_000_000
@@ -85,7 +71,6 @@ def ray_session(workers: int | None, address: str | None = None) -> Iterator[tup
     require_ray()
     import ray
 
-    from mmprep.runtime.engines.local import _sigint_blocked
 
     if workers is not None and workers < 1:
         raise UsageError(f"--workers must be at least 1, got {workers}")
@@ -100,8 +85,8 @@ def ray_session(workers: int | None, address: str | None = None) -> Iterator[tup
             kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False,
                                       "logging_level": logging.ERROR}
             if target == "local":
-                kwargs["num_cpus"] = workers or _local_cpus()
-            with _sigint_blocked():
+                kwargs["num_cpus"] = workers or default_workers()
+            with sigint_blocked():
                 try:
                     ray.init(address=target, **kwargs)
                 except (ConnectionError, RuntimeError, ValueError) as exc:
@@ -119,7 +104,7 @@ def ray_session(workers: int | None, address: str | None = None) -> Iterator[tup
         yield ray, n, init_s
     finally:
         if started:
-            with _sigint_blocked():  # a second Ctrl-C must not cut the shutdown short (orphaned processes)
+            with sigint_blocked():  # a second Ctrl-C must not cut the shutdown short (orphaned processes)
                 ray.shutdown()
         for name, level in saved.items():
             logging.getLogger(name).setLevel(level)
@@ -158,31 +143,19 @@ def check_address(address: str | None, timeout: float | None = None) -> str:
     return target
 
 
-def _local_cpus() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:
-        return max(1, os.cpu_count() or 1)
+class _TaskActor:
+    """The Ray Data callable class: fetches the task once per actor, runs it on one chunk per row of its batch."""
 
-
-class _ChunkPacker:
-    """The Ray Data callable class: built once per actor, packs one chunk per row of its batch."""
-
-    def __init__(self, holder: list[Any], dest: Path | Location) -> None:
+    def __init__(self, holder: list[Any]) -> None:
         import ray
 
-        # the processor travels as an object reference wrapped in a list, fetched once per actor
-        self.processor: SampleProcessor = ray.get(holder[0])
-        self.dest = dest
+        self.task = ray.get(holder[0])  # an object reference wrapped in a list, fetched once per actor
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
-        from mmprep.pack.job import pack_chunk
-
-        records = []
-        for index, payload in zip(batch["index"], batch["payload"], strict=True):
-            items = pickle.loads(payload)
-            records.append(json.dumps(pack_chunk(self.processor, self.dest, int(index), items)))
-        return {"record": records}
+        results = []
+        for payload in batch["payload"]:
+            results.append(pickle.dumps(self.task(pickle.loads(payload), None), protocol=pickle.HIGHEST_PROTOCOL))
+        return {"result": results}
 
 
 def _restart_args(ray: Any) -> dict[str, Any]:
@@ -227,102 +200,87 @@ def _first_line(exc: BaseException) -> str:
     return text if len(text) <= 300 else text[:297] + "..."
 
 
-def run_chunks_ray(
-    processor: SampleProcessor,
-    out_dir: Any,
-    chunks: Iterable[tuple[int, list[Sample | Rejected]]],
-    *,
-    workers: int | None = None,
-    progress: Callable[[int, int], None] | None = None,
-    address: str | None = None,
-    stats: dict[str, Any] | None = None,
-) -> tuple[list[dict[str, Any]], int]:
-    """Pack chunks on Ray; returns (chunk records, number of resumed shards), like ``run_chunks_pool``.
+class RayEngine:
+    """Runs tasks on Ray: the running Ray, the cluster at ``address``, or a local Ray it starts (and stops).
+
+    Creating one checks that Ray is installed and that ``address`` answers (cheap: call it before anything is
+    written); Ray itself starts with the first :meth:`map`. Progress is reported per finished chunk by the job.
 
     Args:
-        processor: built by the parent; sent once to every actor.
-        out_dir: ``shards.OutputDir`` or ``storage.RemoteOutputDir`` (finished/saved chunk records).
-        chunks: ``(index, items)`` in order, from ``pack._chunks``.
         workers: actors at once (default: the cluster's CPUs).
-        progress: called with (rows, images) per finished chunk.
-        address: the Ray cluster (see :func:`ray_session`).
-        stats: filled with ``ray_workers`` and ``ray_init_s``.
-
-    Raises:
-        RunFailed: a worker failed (the hint says ``--resume``), ``--on-error fail`` met a bad row, or a shard
-            written by a worker is not visible to the parent (output not on shared storage).
+        address: see :func:`ray_session`.
+        size_of: the input rows of a chunk (windows hold about :data:`WINDOW_ITEMS` of them).
     """
-    from mmprep.pack.job import check_fail_fast, finished_record
-    from mmprep.runtime.storage import shard_visible
 
-    cfg = processor.cfg
-    dest = out_dir.path
-    records: list[dict[str, Any]] = []
-    resumed = 0
-    with ray_session(workers, address) as (ray, n, init_s):
-        if stats is not None:
-            stats.update(ray_workers=n, ray_init_s=round(init_s, 3))
-        try:
-            holder = [ray.put(processor)]
-        except TypeError as exc:  # e.g. a filesystem object that cannot be pickled
-            raise RunFailed(f"cannot send the pack job to Ray workers: {_first_line(exc)}") from None
-        remote_args = _restart_args(ray)
+    name = "ray"
+    streams_progress = False
 
-        def run(window: list[tuple[int, list[Sample | Rejected]]]) -> None:
-            ds = ray.data.from_items(
-                [{"index": i, "payload": pickle.dumps(items, protocol=pickle.HIGHEST_PROTOCOL)} for i, items in window],
-                override_num_blocks=len(window),
-            )
-            kwargs = dict(fn_constructor_args=(holder, dest), batch_size=1, batch_format="numpy",
-                          compute=ray.data.ActorPoolStrategy(size=min(n, len(window))), num_cpus=1)
-            with warnings.catch_warnings():
-                # max_restarts has no named parameter yet; Ray >= 2.64 may refuse it: then Ray's defaults apply
-                warnings.filterwarnings("ignore", "`ray_remote_args` is deprecated", DeprecationWarning)
-                try:
-                    ds = ds.map_batches(_ChunkPacker, **kwargs, **remote_args)
-                except TypeError:
-                    ds = ds.map_batches(_ChunkPacker, **kwargs)
-            before = set(threading.enumerate())
-            rows = iter(ds.iter_rows())  # a generator: closing it stops Ray Data's iteration and its threads
+    def __init__(self, workers: int | None = None, address: str | None = None,
+                 size_of: Callable[[Any], int] | None = None) -> None:
+        require_ray()
+        check_address(address)
+        if workers is not None and workers < 1:
+            raise UsageError(f"--workers must be at least 1, got {workers}")
+        self.requested = workers
+        self.address = address
+        self.workers = workers or 0
+        self.stats: dict[str, Any] = {}
+        self._size_of = size_of or (lambda chunk: 1)
+
+    def map(self, task: Task[C, R], chunks: Iterable[C], progress: ProgressFn | None = None) -> Iterator[R]:
+        with ray_session(self.requested, self.address) as (ray, n, init_s):
+            self.workers = n
+            self.stats.update(ray_workers=n, ray_init_s=round(init_s, 3))
             try:
-                for row in rows:
-                    rec = json.loads(row["record"])
-                    if not shard_visible(dest, rec["shard"]):
-                        raise RunFailed(
-                            f"shard {rec['shard']['path']} written by a Ray worker is not visible in {dest}",
-                            hint="on a multi-node cluster --out must be storage every node shares (a shared "
-                                 "mount or an object store such as s3://)",
-                        )
-                    out_dir.save_chunk(rec["index"], rec)
-                    records.append(rec)
-                    if progress is not None:
-                        progress(rec["items"], rec["images_written"])
-                    check_fail_fast(cfg, rec)
-            except MmprepError:
-                raise
-            except Exception as exc:
-                raise _failure(exc, "a Ray worker failed while packing",
-                               "rerun the same command with --resume to continue from the finished shards") from None
-            finally:
-                _close_iteration(rows, before)
+                holder = [ray.put(task)]
+            except TypeError as exc:  # e.g. a filesystem object that cannot be pickled
+                raise RunFailed(f"cannot send the job to Ray workers: {_first_line(exc)}") from None
+            remote_args = _restart_args(ray)
+            window: list[C] = []
+            pending = 0
+            for chunk in chunks:
+                window.append(chunk)
+                pending += self._size_of(chunk)
+                if pending >= WINDOW_ITEMS:
+                    yield from self._run_window(ray, n, holder, remote_args, window)
+                    window, pending = [], 0
+            if window:
+                yield from self._run_window(ray, n, holder, remote_args, window)
 
-        window: list[tuple[int, list[Sample | Rejected]]] = []
-        pending = 0
-        for index, items in chunks:
-            rec = finished_record(out_dir, index, items, progress)
-            if rec is not None:
-                resumed += 1
-                records.append(rec)
-                check_fail_fast(cfg, rec)
-                continue
-            window.append((index, items))
-            pending += len(items)
-            if pending >= WINDOW_ITEMS:
-                run(window)
-                window, pending = [], 0
-        if window:
-            run(window)
-    return records, resumed
+    def _run_window(self, ray: Any, n: int, holder: list[Any], remote_args: dict[str, Any],
+                    window: list[Any]) -> Iterator[Any]:
+        ds = ray.data.from_items([{"payload": pickle.dumps(c, protocol=pickle.HIGHEST_PROTOCOL)} for c in window],
+                                 override_num_blocks=len(window))
+        kwargs = dict(fn_constructor_args=(holder,), batch_size=1, batch_format="numpy",
+                      compute=ray.data.ActorPoolStrategy(size=min(n, len(window))), num_cpus=1)
+        with warnings.catch_warnings():
+            # max_restarts has no named parameter yet; Ray >= 2.64 may refuse it: then Ray's defaults apply
+            warnings.filterwarnings("ignore", "`ray_remote_args` is deprecated", DeprecationWarning)
+            try:
+                ds = ds.map_batches(_TaskActor, **kwargs, **remote_args)
+            except TypeError:
+                ds = ds.map_batches(_TaskActor, **kwargs)
+        before = set(threading.enumerate())
+        rows = iter(ds.iter_rows())  # a generator: closing it stops Ray Data's iteration and its threads
+        try:
+            for row in rows:
+                yield pickle.loads(row["result"])
+        except MmprepError:
+            raise
+        except Exception as exc:
+            raise _failure(exc, "a Ray worker failed",
+                           "rerun the same command with --resume to continue from the finished work") from None
+        finally:
+            _close_iteration(rows, before)
+
+    def close(self, *, ok: bool) -> None:
+        """Nothing to do: the Ray session ends with :meth:`map`."""
+
+    def __enter__(self) -> RayEngine:
+        return self
+
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        self.close(ok=exc_type is None)
 
 
 #: Ray Data's per-iteration threads that fetch blocks (and the executor loop). Its "Prefetcher" thread is left out:
@@ -343,46 +301,3 @@ def _close_iteration(rows: Iterator[Any], before: set[threading.Thread], timeout
     for t in threading.enumerate():
         if t not in before and t is not threading.current_thread() and t.name.startswith(_ITERATION_THREADS):
             t.join(max(0.0, deadline - time.monotonic()))
-
-
-def _apply_batch(batch: dict[str, Any], fn: Callable[[Any, Any], Any], ctx: Any) -> dict[str, Any]:
-    out = []
-    for payload in batch["payload"]:
-        out.append(pickle.dumps([fn(item, ctx) for item in pickle.loads(payload)]))
-    return {"result": out}
-
-
-def ray_map(
-    fn: Callable[[Any, Any], Any],
-    items: Sequence[Any],
-    ctx: Any,
-    *,
-    workers: int | None = None,
-    address: str | None = None,
-    chunksize: int = 16,
-) -> Iterator[Any]:
-    """Apply ``fn(item, ctx)`` to every item on Ray, yielding results as they finish (not in order).
-
-    The Ray counterpart of ``image_jobs.parallel_map`` (same contract: ``fn`` a module-level function, ``ctx``
-    picklable); items travel in groups of ``chunksize``.
-    """
-    with ray_session(workers, address) as (ray, n, _):
-        if not items:
-            return
-        size = max(1, min(chunksize, -(-len(items) // (n * 4))))
-        groups = [pickle.dumps(list(items[i:i + size])) for i in range(0, len(items), size)]
-        ds = ray.data.from_items([{"payload": g} for g in groups], override_num_blocks=len(groups)).map_batches(
-            _apply_batch, fn_kwargs={"fn": fn, "ctx": ctx}, batch_size=1, batch_format="numpy",
-            compute=ray.data.TaskPoolStrategy(size=n), num_cpus=1,
-        )
-        before = set(threading.enumerate())
-        rows = iter(ds.iter_rows())
-        try:
-            for row in rows:
-                yield from pickle.loads(row["result"])
-        except MmprepError:
-            raise
-        except Exception as exc:
-            raise _failure(exc, "a Ray worker failed", "rerun the same command: finished outputs are kept") from None
-        finally:
-            _close_iteration(rows, before)

@@ -1,0 +1,204 @@
+"""Where a manifest's image references are read from: a local folder, or a folder on any filesystem.
+
+:func:`open_images` returns one :class:`ImageSource` for a root; the per-sample processor asks it for the image of
+each reference and never cares where the bytes live. Every failure is an :class:`ImageError` with a reason
+(``path_invalid``, ``path_outside_root``, ``image_missing``, ``image_not_a_file``, ``image_unreadable`` or a decoder
+reason) and a detail naming the file.
+
+``signature`` returns cheap facts about a referenced file (size and modification time), which ``pack --resume``
+records per chunk to notice images that changed since a chunk was written.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from mmprep.images.decode import DecodedImage, ImageConfig, ImageError, load_image, resolve_image_path
+from mmprep.runtime.storage import Location, redact, scheme_of, strip_uri
+
+__all__ = ["ImageSource", "LoadedImage", "LocalImages", "RemoteImages", "read_regular_file"]
+
+
+@dataclass(frozen=True)
+class LoadedImage:
+    """A decoded image and, when asked for, the bytes of its file."""
+
+    image: DecodedImage
+    data: bytes | None = None
+
+
+class ImageSource(Protocol):
+    """Reads the images a manifest refers to (picklable: it travels to the workers)."""
+
+    def load(self, ref: str, cfg: ImageConfig, *, keep_bytes: bool = False) -> LoadedImage:
+        """Read and decode one image (ImageError when it cannot be used)."""
+        ...
+
+    def size(self, ref: str) -> int:
+        """The file's byte size (0 when it cannot be read)."""
+        ...
+
+    def signature(self, ref: str) -> tuple[int, int] | None:
+        """``(size, mtime_ns)`` of the file, or None when it cannot be read."""
+        ...
+
+
+def read_regular_file(path: str | os.PathLike[str]) -> bytes:
+    """A regular file's bytes. Anything else is refused before reading: a FIFO would block forever and a device
+    such as ``/dev/zero`` would never end (the file is opened non-blocking and checked with ``fstat``).
+
+    Raises:
+        ImageError: ``image_missing``, ``image_unreadable``, ``image_not_a_file`` or ``image_unidentified`` (empty).
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except (FileNotFoundError, NotADirectoryError):
+        raise ImageError("image_missing", f"no such file: {path}") from None
+    except PermissionError:
+        raise ImageError("image_unreadable", f"permission denied: {path}") from None
+    except OSError as exc:
+        raise ImageError("image_unreadable", f"{path}: {exc.strerror or exc}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            kind = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file"
+            raise ImageError("image_not_a_file", f"is {kind}: {path}")
+        if st.st_size == 0:
+            raise ImageError("image_unidentified", f"empty file (0 bytes): {path}")
+        os.set_blocking(fd, True)
+        with open(fd, "rb", closefd=False) as f:
+            return f.read()
+    except OSError as exc:
+        raise ImageError("image_unreadable", f"{path}: {exc.strerror or exc}") from None
+    finally:
+        os.close(fd)
+
+
+@dataclass(frozen=True)
+class LocalImages:
+    """Images under a local folder.
+
+    Attributes:
+        root: the folder relative references are joined to.
+        allow_outside: accept references that leave the root (``..``, absolute paths, symbolic links).
+    """
+
+    root: Path
+    allow_outside: bool = False
+
+    def path(self, ref: str) -> Path:
+        return resolve_image_path(ref, self.root, self.allow_outside)
+
+    def load(self, ref: str, cfg: ImageConfig, *, keep_bytes: bool = False) -> LoadedImage:
+        path = self.path(ref)
+        if keep_bytes:
+            data = read_regular_file(path)
+            return LoadedImage(load_image(data, cfg), data)
+        return LoadedImage(load_image(path, cfg))
+
+    def size(self, ref: str) -> int:
+        try:
+            return self.path(ref).stat().st_size
+        except (OSError, ImageError):
+            return 0
+
+    def signature(self, ref: str) -> tuple[int, int] | None:
+        try:
+            st = self.path(ref).stat()
+        except (OSError, ImageError):
+            return None
+        return (st.st_size, st.st_mtime_ns)
+
+
+@dataclass(frozen=True)
+class RemoteImages:
+    """Images under a folder on a remote filesystem (references relative to it, or full URIs of the same store).
+
+    Attributes:
+        root: the image root.
+        allow_outside: accept references outside the root.
+    """
+
+    root: Location
+    allow_outside: bool = False
+
+    def resolve(self, ref: str) -> Location:
+        """The location of a reference, refusing to leave the root (``..``) unless allowed.
+
+        Raises:
+            ImageError: ``path_invalid`` or ``path_outside_root``.
+        """
+        if not isinstance(ref, str) or not ref.strip() or "\x00" in ref:
+            raise ImageError("path_invalid", f"invalid image path {ref!r}")
+        root = self.root
+        ref_scheme = scheme_of(ref)
+        if ref_scheme is not None:
+            if ref_scheme != root.scheme:
+                raise ImageError("path_invalid", f"{redact(ref)}: not on the image root's filesystem ({root})")
+            path = strip_uri(ref, root)
+        elif ref.startswith("/"):
+            path = ref if root.path.startswith("/") else ref.lstrip("/")
+        else:
+            path = posixpath.join(root.path, ref)
+        path = posixpath.normpath(path)
+        base = posixpath.normpath(root.path)
+        if not self.allow_outside and path != base and not path.startswith(base.rstrip("/") + "/"):
+            raise ImageError("path_outside_root", f"{redact(ref)}: resolves outside the image root {root}")
+        rel = posixpath.relpath(path, base) if path.startswith(base) else path
+        return Location(root.fs, path, root.uri.rstrip("/") + "/" + rel, False, root.atomic_put, root.scheme,
+                        root.secrets)
+
+    def read(self, ref: str) -> bytes:
+        """The bytes of an image (ImageError: path or read failures)."""
+        return self._read(self.resolve(ref))
+
+    def load(self, ref: str, cfg: ImageConfig, *, keep_bytes: bool = False) -> LoadedImage:
+        loc = self.resolve(ref)
+        data = self._read(loc)
+        try:
+            image = load_image(data, cfg)
+        except ImageError as exc:
+            raise ImageError(exc.reason, exc.detail.replace("<bytes>", str(loc), 1)) from None
+        return LoadedImage(image, data if keep_bytes else None)
+
+    def _read(self, loc: Location) -> bytes:
+        try:
+            return loc.read_bytes()
+        except FileNotFoundError:
+            raise ImageError("image_missing", f"{loc}: no such file") from None
+        except IsADirectoryError:
+            raise ImageError("image_not_a_file", f"{loc}: is a directory") from None
+        except PermissionError:
+            raise ImageError("image_unreadable", f"{loc}: permission denied") from None
+        except OSError as exc:
+            text = loc.scrub(str(exc))
+            low = text.lower()
+            if "does not exist" in low or "not found" in low or "nosuchkey" in low:
+                raise ImageError("image_missing", f"{loc}: no such file") from None
+            if "directory" in low:
+                raise ImageError("image_not_a_file", f"{loc}: is a directory") from None
+            raise ImageError("image_unreadable", f"{loc}: {text}") from None
+
+    def size(self, ref: str) -> int:
+        try:
+            return self.resolve(ref).size() or 0
+        except Exception:
+            return 0
+
+    def signature(self, ref: str) -> tuple[int, int] | None:
+        try:
+            import pyarrow.fs as pafs
+
+            loc = self.resolve(ref)
+            info = loc.fs.get_file_info(loc.path)
+            if info.type != pafs.FileType.File:
+                return None
+            mtime = info.mtime_ns if info.mtime_ns is not None else 0
+            return (int(info.size), int(mtime))
+        except Exception:
+            return None

@@ -1,0 +1,120 @@
+"""Writing one shard: record batches in, one Parquet file out (one row group per batch), hashed while written.
+
+The file appears under its final name only when complete (:func:`mmprep.runtime.files.atomic_write`), and its
+sha256 is computed from the bytes as they are written, so the shard is never read back to hash it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from mmprep.dataset.format import ShardInfo
+from mmprep.runtime.files import atomic_write
+
+__all__ = ["write_shard"]
+
+# Columns never worth a dictionary: one large, distinct value per row (hashing them only costs time).
+_NO_DICTIONARY = frozenset({"pixel_values", "images"})
+
+
+class _Written:
+    """Size and sha256 of a file written through :func:`write_shard`."""
+
+    def __init__(self) -> None:
+        self.size = 0
+        self.sha256 = ""
+        self.rows = 0
+
+
+def write_shard(
+    path: str | Path,
+    schema: Any,
+    batches: Iterable[Any],
+    *,
+    compression: str = "zstd",
+    extra_metadata: Callable[[], dict[str, str]] | None = None,
+    name: str | None = None,
+) -> ShardInfo:
+    """Write record batches as one Parquet file, atomically; returns its path (``name``), rows, bytes and sha256.
+
+    ``extra_metadata`` is called after the last batch and returns a ``{key: str}`` dict added to the file's
+    key-value metadata (per-shard facts such as the image-count histogram).
+
+    Raises:
+        RunFailed: the file cannot be written (one line naming it).
+    """
+    import pyarrow.parquet as pq
+
+    p = Path(path)
+    done = _Written()
+
+    def write(raw: BinaryIO) -> None:
+        sink = _HashingWriter(raw)
+        writer = pq.ParquetWriter(
+            sink,
+            schema,
+            compression=None if compression == "none" else compression,
+            write_statistics=["id", "line", "image_count"],
+            use_dictionary=_dictionary_columns(schema),
+            store_schema=True,
+        )
+        try:
+            for batch in batches:
+                if batch is None or batch.num_rows == 0:
+                    continue
+                writer.write_batch(batch, row_group_size=batch.num_rows)
+                done.rows += batch.num_rows
+            if extra_metadata is not None:
+                writer.add_key_value_metadata(extra_metadata())
+        finally:
+            writer.close()
+        done.size, done.sha256 = sink.size, sink.sha.hexdigest()
+
+    atomic_write(p, write, what="shard")
+    return ShardInfo(path=name or p.name, rows=done.rows, bytes=done.size, sha256=done.sha256)
+
+
+class _HashingWriter:
+    """A write-only file object that hashes what passes through it (the shard is never read back to hash it)."""
+
+    def __init__(self, raw: Any) -> None:
+        self.raw = raw
+        self.sha = hashlib.sha256()
+        self.size = 0
+        self.closed = False
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data)
+        self.sha.update(view)
+        self.size += view.nbytes
+        return int(self.raw.write(view))
+
+    def flush(self) -> None:
+        self.raw.flush()
+
+    def tell(self) -> int:
+        return self.size
+
+    def writable(self) -> bool:
+        return True
+
+    def close(self) -> None:  # the caller closes the real file
+        self.closed = True
+
+
+def _dictionary_columns(schema: Any) -> list[str]:
+    """Parquet leaf paths of every column but the large binary ones, for ``use_dictionary``."""
+    import pyarrow as pa
+
+    def leaves(prefix: str, typ: Any) -> list[str]:
+        if pa.types.is_struct(typ):
+            return [leaf for i in range(typ.num_fields)
+                    for leaf in leaves(f"{prefix}.{typ.field(i).name}", typ.field(i).type)]
+        if pa.types.is_list(typ) or pa.types.is_large_list(typ) or pa.types.is_fixed_size_list(typ):
+            return leaves(f"{prefix}.list.element", typ.value_type)
+        return [prefix]
+
+    return [leaf for f in schema if f.name not in _NO_DICTIONARY for leaf in leaves(f.name, f.type)]

@@ -1,0 +1,340 @@
+"""The output folder of a job, local or on any filesystem: lock, run identity, finished-chunk records, owned files.
+
+One class for every location (:class:`~mmprep.runtime.storage.Location`); where the folder is local it also
+
+- holds an exclusive lock (``.mmprep/lock``) for the whole run, so two runs never write into one folder;
+- checks a finished chunk's file by size **and** sha256 before ``--resume`` keeps it (remote: by size, since
+  hashing would download every shard);
+- never writes through a symbolic link (the lock, the state folder, records, outputs).
+
+Layout of the state folder ``.mmprep/``: ``lock``, ``run.json`` (the run identity: what decides the output),
+``files.json`` (every final file the last finished run published), ``chunks/NNNNN.json`` (one record per finished
+chunk, with the files it wrote). ``--overwrite`` deletes exactly the files those records name, never a folder and
+never a file mmprep did not write.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import stat
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mmprep.errors import InputError, RunFailed, UsageError
+from mmprep.runtime.files import TEMP_MARK, ensure_dir, is_temp_name
+from mmprep.runtime.storage import Location
+
+__all__ = ["STATE_DIR", "ChunkEntry", "OutputDir", "identity_diff"]
+
+STATE_DIR = ".mmprep"
+_RUN = "run.json"
+_FILES = "files.json"
+_CHUNKS = "chunks"
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+
+
+@dataclass(frozen=True)
+class ChunkEntry:
+    """A finished chunk's record as stored: the job's record (JSON) and the files the chunk wrote."""
+
+    record: dict[str, Any]
+    files: tuple[str, ...] = ()
+
+
+def identity_diff(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """The dotted keys where two run identities differ (``config.image.size``, ``tokenizer_sha256``)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out: list[str] = []
+        for k in sorted(set(old) | set(new), key=str):
+            out += identity_diff(old.get(k), new.get(k), f"{prefix}{k}.")
+        return out
+    return [] if old == new else [prefix.rstrip(".") or "identity"]
+
+
+@dataclass
+class OutputDir:
+    """A job's output folder.
+
+    Args:
+        loc: where (local or remote).
+        resume: keep the finished chunks of an earlier run with the same identity.
+        overwrite: delete the files an earlier run wrote (by exact name) first.
+        fixed_names: final files the job always publishes (``index.json``, ...): their leftover temporary files
+            are removed at start.
+        temp_owner: whether a final name is one of the job's (its temporary siblings are removed at start).
+        kind: what the folder holds, for messages (``packed dataset``).
+    """
+
+    loc: Location
+    resume: bool = False
+    overwrite: bool = False
+    fixed_names: tuple[str, ...] = ()
+    temp_owner: Callable[[str], bool] = field(default=lambda name: False)
+    kind: str = "output"
+    _lock_fd: int | None = field(default=None, init=False, repr=False)
+    _published: set[str] = field(default_factory=set, init=False, repr=False)
+
+    # -- paths --------------------------------------------------------------------------------------------------
+    @property
+    def local(self) -> bool:
+        return self.loc.local
+
+    def child(self, name: str) -> Location:
+        return self.loc.child(name)
+
+    def _state(self, name: str = "") -> Location:
+        return self.loc.child(f"{STATE_DIR}/{name}" if name else STATE_DIR)
+
+    def __str__(self) -> str:
+        return str(self.loc)
+
+    # -- lifecycle ----------------------------------------------------------------------------------------------
+    def open(self, identity: dict[str, Any]) -> None:
+        """Create and lock the folder, check the identity against an earlier run (``resume``) or clear the earlier
+        run's files (``overwrite``), and record the identity.
+
+        Raises:
+            UsageError: a non-empty folder without ``--resume``/``--overwrite``, another run holding the lock, a
+                different identity on ``--resume``, a symbolic link where mmprep writes.
+            RunFailed: the folder cannot be prepared (disk full, permissions).
+        """
+        if self.resume and self.overwrite:
+            raise UsageError("--resume and --overwrite exclude each other")
+        try:
+            self._open(identity)
+        except (UsageError, RunFailed, InputError):
+            self.close()
+            raise
+        except OSError as exc:
+            self.close()
+            raise RunFailed(f"{self.loc}: cannot prepare the output directory: {self.loc.scrub(str(exc))}",
+                            hint="check free disk space and permissions of the output directory") from None
+
+    def _open(self, identity: dict[str, Any]) -> None:
+        if self.local:
+            self._prepare_local()
+        try:
+            existing = self.loc.list_names()
+            old = self._read_state_json(_RUN)
+            owned = self._earlier_files()
+        except OSError as exc:
+            raise UsageError(f"{self.loc}: cannot read the output location: {self.loc.scrub(str(exc))}",
+                             hint="check the URI, the storage credentials and permissions") from None
+        visible = [n for n in existing if n != STATE_DIR and not self._is_our_temp(n)]
+        if self.resume:
+            if old is None:
+                if owned or any(self.temp_owner(n) for n in visible):
+                    raise UsageError(f"{self.loc}: has output files but no run record to resume from",
+                                     hint="rerun with --overwrite to start again")
+            elif old != identity:
+                diff = identity_diff(old, identity)
+                raise UsageError(
+                    f"{self.loc}: cannot resume: the earlier run differs in " + ", ".join(diff[:6])
+                    + (f" and {len(diff) - 6} more" if len(diff) > 6 else ""),
+                    hint="use the same inputs and flags, or --overwrite to start again",
+                )
+        else:
+            if visible and not self.overwrite:
+                raise UsageError(f"{self.loc}: output directory is not empty",
+                                 hint="pass --resume to continue an interrupted run or --overwrite to replace it")
+            self._delete_earlier(owned if visible else set())
+        self._remove_temps()  # left by a killed run
+        published = self._read_state_json(_FILES) if self.resume else None
+        self._published = {n for n in published if isinstance(n, str)} if isinstance(published, list) else set()
+        self._write_state(_RUN, identity)
+
+    def _prepare_local(self) -> None:
+        root = self.loc.os_path
+        try:
+            st = os.stat(root)
+        except FileNotFoundError:
+            st = None
+        except OSError as exc:
+            raise UsageError(f"{root}: cannot use as output directory: {exc.strerror or exc}") from None
+        if st is not None and not stat.S_ISDIR(st.st_mode):
+            raise UsageError(f"{root}: exists and is not a directory")
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UsageError(f"{root}: cannot create output directory: {exc.strerror or exc}") from None
+        if not os.access(root, os.W_OK):
+            raise UsageError(f"{root}: output directory is not writable")
+        ensure_dir(root / STATE_DIR / _CHUNKS, root=root)
+        self._lock(root / STATE_DIR / "lock")
+
+    def _lock(self, lock_path: Path) -> None:
+        import fcntl
+
+        try:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | _NOFOLLOW, 0o644)
+        except OSError:
+            if lock_path.is_symlink():
+                raise UsageError(f"{lock_path}: is a symbolic link; mmprep does not write through links",
+                                 hint="remove the link") from None
+            raise
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise UsageError(f"{lock_path}: is not a regular file")
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            other = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise UsageError(
+                f"{self.loc}: another mmprep run (pid {other}) is writing to this directory",
+                hint="wait for it to finish or choose another --out",
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        self._lock_fd = fd
+
+    def close(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def __enter__(self) -> OutputDir:
+        return self
+
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        # A failed or interrupted run (the engine has stopped its workers by now) leaves no temporary files.
+        if exc_type is not None and (self._lock_fd is not None or not self.local):
+            with contextlib.suppress(Exception):
+                self._remove_temps()
+        self.close()
+
+    # -- what the earlier run wrote -----------------------------------------------------------------------------
+    def _read_state_json(self, name: str) -> Any:
+        loc = self._state(name)
+        try:
+            if loc.size() is None:
+                return None
+            return json.loads(loc.read_bytes())
+        except (OSError, ValueError) as exc:
+            if name == _RUN and (self.resume or not self.overwrite):
+                raise UsageError(f"{loc}: the earlier run's record is damaged ({type(exc).__name__})",
+                                 hint="rerun with --overwrite to start again") from None
+            return None
+
+    def _earlier_files(self) -> set[str]:
+        """Files an earlier run wrote, by exact name: the published ones and those of every finished chunk."""
+        names: set[str] = set()
+        published = self._read_state_json(_FILES)
+        if isinstance(published, list):
+            names.update(n for n in published if isinstance(n, str))
+        for rec_name in self._state(_CHUNKS).list_names():
+            if not re.fullmatch(r"\d{5,}\.json", rec_name):
+                continue
+            entry = self._read_state_json(f"{_CHUNKS}/{rec_name}")
+            if isinstance(entry, dict) and isinstance(entry.get("files"), list):
+                names.update(n for n in entry["files"] if isinstance(n, str))
+        return {n for n in names if _safe_name(n)}
+
+    def _delete_earlier(self, owned: set[str]) -> None:
+        """Delete the earlier run's files by exact name, and its state records (a fresh run starts clean)."""
+        for name in sorted(owned):
+            loc = self.child(name)
+            if self.local and loc.os_path.is_symlink():
+                raise UsageError(f"{loc}: is a symbolic link where the earlier run wrote a file; not deleted",
+                                 hint="remove the link yourself, or choose another --out")
+            try:
+                loc.delete()
+            except OSError as exc:
+                raise RunFailed(f"{loc}: cannot delete the earlier run's file: {self.loc.scrub(str(exc))}") from None
+        for rec_name in self._state(_CHUNKS).list_names():
+            if re.fullmatch(r"\d{5,}\.json", rec_name):
+                self._state(f"{_CHUNKS}/{rec_name}").delete()
+        self._state(_FILES).delete()
+
+    def _is_our_temp(self, name: str) -> bool:
+        if not is_temp_name(name):
+            return False
+        final = name[1:].split(TEMP_MARK, 1)[0]
+        return final in self.fixed_names or self.temp_owner(final)
+
+    def _remove_temps(self) -> None:
+        """Delete temporary files of mmprep's own (never a final name)."""
+        folders = {""} | {posixpath_dir(n) for n in self.fixed_names}
+        for folder in sorted(folders):
+            base = self.child(folder) if folder else self.loc
+            for name in base.list_names():
+                if self._is_our_temp(f"{folder}/{name}".lstrip("/")) or (folder and self._is_our_temp(name)):
+                    base.child(name).delete()
+        for folder in (self._state(), self._state(_CHUNKS)):
+            for name in folder.list_names():
+                if is_temp_name(name):
+                    folder.child(name).delete()
+
+    # -- records --------------------------------------------------------------------------------------------------
+    def finished(self, index: int) -> ChunkEntry | None:
+        """The stored record of chunk ``index`` from an earlier run (only with ``resume``), or None."""
+        if not self.resume:
+            return None
+        loc = self._state(f"{_CHUNKS}/{index:05d}.json")
+        try:
+            if loc.size() is None:
+                return None
+            raw = json.loads(loc.read_bytes())
+            record, files = raw["record"], tuple(raw.get("files", ()))
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        if not isinstance(record, dict):
+            return None
+        return ChunkEntry(record, files)
+
+    def save(self, index: int, record: dict[str, Any], files: Sequence[str] = ()) -> None:
+        """Store chunk ``index``'s record once its files are complete."""
+        self._write_state(f"{_CHUNKS}/{index:05d}.json", {"record": record, "files": list(files)})
+
+    def _write_state(self, name: str, obj: Any) -> None:
+        self._state(name).write_bytes((json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
+
+    # -- files ------------------------------------------------------------------------------------------------------
+    def intact(self, name: str, size: int, sha256: str) -> bool:
+        """Whether ``name`` holds the expected bytes: size and sha256 locally, size alone on remote storage."""
+        loc = self.child(name)
+        try:
+            if loc.size() != size:
+                return False
+            return not self.local or loc.sha256() == sha256
+        except OSError:
+            return False
+
+    def visible(self, name: str, size: int) -> bool:
+        """Whether a file a worker wrote is seen here with its size (the output must be storage all workers share)."""
+        try:
+            return self.child(name).size() == size
+        except OSError:
+            return False
+
+    @contextlib.contextmanager
+    def staged(self, name: str) -> Iterator[Path]:
+        """A local path to write ``name`` at (see :meth:`Location.staged`); its folder is created, without links."""
+        if self.local:
+            ensure_dir(self.child(name).os_path.parent, root=self.loc.os_path)
+        with self.child(name).staged() as path:
+            yield path
+
+    def write(self, name: str, data: bytes) -> None:
+        """Publish a final file atomically; it is recorded as ours first, for a later ``--overwrite``."""
+        if self.local:
+            ensure_dir(self.child(name).os_path.parent, root=self.loc.os_path)
+        if name not in self._published:
+            self._published.add(name)
+            self._write_state(_FILES, sorted(self._published))
+        self.child(name).write_bytes(data)
+
+
+def posixpath_dir(name: str) -> str:
+    return name.rpartition("/")[0]
+
+
+def _safe_name(name: str) -> bool:
+    """A relative name inside the folder (no ``..``, not absolute, not the state folder)."""
+    parts = name.split("/")
+    return bool(name) and not name.startswith("/") and ".." not in parts and parts[0] != STATE_DIR and "" not in parts
