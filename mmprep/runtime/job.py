@@ -47,17 +47,29 @@ class Chunk(Generic[T]):
 
 
 class Reject(Protocol):
-    line: int
-    stage: str
-    reason: str
-    detail: str
+    """A rejected input row, as the runtime reads it."""
+
+    @property
+    def line(self) -> int: ...
+
+    @property
+    def stage(self) -> str: ...
+
+    @property
+    def reason(self) -> str: ...
+
+    @property
+    def detail(self) -> str: ...
 
 
 class JobRecord(Protocol):
     """What a task returns for a chunk (and what ``--resume`` stores)."""
 
-    index: int
-    items: int
+    @property
+    def index(self) -> int: ...
+
+    @property
+    def items(self) -> int: ...
 
     @property
     def rows(self) -> int: ...

@@ -265,10 +265,10 @@ class OutputDir:
             for name in base.list_names():
                 if self._is_our_temp(f"{folder}/{name}".lstrip("/")) or (folder and self._is_our_temp(name)):
                     base.child(name).delete()
-        for folder in (self._state(), self._state(_CHUNKS)):
-            for name in folder.list_names():
+        for state in (self._state(), self._state(_CHUNKS)):
+            for name in state.list_names():
                 if is_temp_name(name):
-                    folder.child(name).delete()
+                    state.child(name).delete()
 
     # -- records --------------------------------------------------------------------------------------------------
     def finished(self, index: int) -> ChunkEntry | None:
