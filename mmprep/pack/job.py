@@ -168,7 +168,7 @@ class PackJob:
                 yield Chunk(index, chunk, len(chunk))
                 index += 1
                 chunk = []
-        if chunk or index == 0:
+        if chunk:
             yield Chunk(index, chunk, len(chunk))
 
     def task(self) -> PackTask:
