@@ -70,8 +70,8 @@ def test_inspect_sheet_normalised_and_encoded(tmp_path: Path) -> None:
 
 
 def test_inspect_sheet_of_normalised_pixels_shows_the_same_colours(tmp_path: Path) -> None:
-    from mmprep.dataset.inspect import contact_sheet
     from mmprep.dataset.reader import PackedDataset
+    from mmprep.dataset.sheet import contact_sheet
 
     a, b = tmp_path / "a.png", tmp_path / "b.png"
     contact_sheet(PackedDataset(packed("uint8")), a, indices=[2])

@@ -15,8 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from mmprep.dataset.reader import (
-    PackedDataset,
+from mmprep.dataset.arrays import (
     PixelSpec,
     denormalize,
     image_mask,
@@ -24,6 +23,7 @@ from mmprep.dataset.reader import (
     normalize_pixels,
     patch_mask,
 )
+from mmprep.dataset.reader import PackedDataset
 from mmprep.errors import InputError, UsageError
 from mmprep.images.decode import Normalization, to_output
 
@@ -425,5 +425,7 @@ def test_dataset_patch_mask_and_torch_without_torch(ds: PackedDataset, monkeypat
     monkeypatch.setitem(sys.modules, "torch", None)  # as if torch were not installed
     monkeypatch.delitem(sys.modules, "mmprep.dataset.torch_data", raising=False)
     with pytest.raises(MissingDependencyError, match="needs the 'torch' package") as exc:
-        ds.torch_iterable(batch_size=4)
+        from mmprep.dataset.torch_data import PackedIterableDataset
+
+        PackedIterableDataset(ds, batch_size=4)
     assert "pip install" in (exc.value.hint or "")

@@ -104,7 +104,7 @@ def test_pickles_without_open_files_and_to_torch_copies_read_only_arrays() -> No
 
 def test_convenience_constructors() -> None:
     ds = PackedDataset(packed("uint8"), columns=["id", "image_count"])
-    it = ds.torch_iterable(batch_size=5, shuffle=False, rank=0, world_size=1)
+    it = PackedIterableDataset(ds, batch_size=5, shuffle=False, rank=0, world_size=1)
     assert [len(b["id"]) for b in it] == [5, 5, 5] and next(iter(it))["id"] == ["s001", "s002", "s003", "s004", "s005"]
-    mp = ds.torch_dataset()
+    mp = PackedTorchDataset(ds)
     assert len(mp) == 15 and mp[3]["id"] == "s004" and mp[3]["image_count"].item() == 1

@@ -7,9 +7,11 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from mmprep.cli._app import JsonOpt, QuietOpt, VerboseOpt, app, make_output, run_command
+from mmprep.dataset.format import INDEX_NAME, REJECTS_NAME
 
 if TYPE_CHECKING:
-    from mmprep.dataset.inspect import DatasetSummary, SheetInfo
+    from mmprep.dataset.inspect import DatasetSummary
+    from mmprep.dataset.sheet import SheetInfo
     from mmprep.dataset.verify import VerifyReport
     from mmprep.output import Output
 
@@ -32,8 +34,9 @@ def inspect_cmd(
     output = make_output(json_, quiet, verbose)
 
     def body() -> int:
-        from mmprep.dataset.inspect import contact_sheet, summarize
+        from mmprep.dataset.inspect import summarize
         from mmprep.dataset.reader import PackedDataset
+        from mmprep.dataset.sheet import contact_sheet
 
         ds = PackedDataset(path)
         summary = summarize(ds, vocab=vocab, top_tags=top_tags)
@@ -57,11 +60,10 @@ def verify_cmd(
     output = make_output(json_, quiet, verbose)
 
     def body() -> int:
-        from mmprep.dataset.reader import load_index
+        from mmprep.dataset.index_file import read_index
         from mmprep.dataset.verify import entry_bytes, verify
 
-        _, index = load_index(path)
-        total = sum(entry_bytes(s) for s in index["shards"])
+        total = sum(entry_bytes(e) for e in read_index(path).entries)
         with output.progress(total, "verify", unit="B") as bar:
             report = verify(path, deep=deep, progress=bar.update)
         _render_verify(output, report)
@@ -71,6 +73,8 @@ def verify_cmd(
 
 
 def _render_summary(output: Output, s: DatasetSummary, info: SheetInfo | None) -> None:
+    from mmprep.dataset.inspect import EncodedImagesSummary, PixelSummary
+
     if output.json_mode:
         report = {"summary": s, "sheet": info}
         output.emit_json(report)
@@ -82,13 +86,12 @@ def _render_summary(output: Output, s: DatasetSummary, info: SheetInfo | None) -
         ("bytes", s.bytes),
         ("bytes per row", s.bytes_per_row),
     ]
-    if s.pixels and "shape" in s.pixels:
-        px = s.pixels
-        rows += [("pixels", f"{px['dtype']} {px['shape']} {px['layout']}" + (" normalised" if px["normalized"]
-                                                                             else " raw")),
-                 ("resize mode", px["resize_mode"]), ("mean / std", f"{px['mean']} / {px['std']}")]
-    elif s.pixels:
-        rows.append(("images", f"encoded ({s.pixels.get('encoding')})"))
+    px = s.pixels
+    if isinstance(px, PixelSummary):
+        rows += [("pixels", f"{px.dtype} {px.shape} {px.layout}" + (" normalised" if px.normalized else " raw")),
+                 ("resize mode", px.resize_mode), ("mean / std", f"{px.mean} / {px.std}")]
+    elif isinstance(px, EncodedImagesSummary):
+        rows.append(("images", f"encoded ({px.encoding})"))
     rows.append(("images", s.images))
     if s.text:
         rows.append(("tokenizer", f"{s.text.get('tokenizer')} (max length {s.text.get('max_length')})"))
@@ -100,23 +103,21 @@ def _render_summary(output: Output, s: DatasetSummary, info: SheetInfo | None) -
         t = s.tokens
         output.table("tokens per row (before truncation)", ["min", "mean", "p50", "p95", "max", "max length",
                                                             "truncated"],
-                     [(t["min"], t["mean"], t["p50"], t["p95"], t["max"], t["max_length"], t["truncated"])])
+                     [(t.min, t.mean, t.p50, t.p95, t.max, t.max_length, t.truncated)])
     if s.tags:
         g = s.tags
         output.table("tags", ["per row min", "mean", "max", "distinct", "names from"],
-                     [(g["per_row_min"], g["per_row_mean"], g["per_row_max"], g["distinct"],
-                       g.get("names_from", "stored names"))],
-                     caption="top: " + ", ".join(f"{name} ({n})" for name, n in g["top"]))
-        if g.get("names_from") == "ids":
-            output.warn(f"tags shown as ids: {g['vocab_lookup']}")
-        elif "vocab_lookup" in g:
-            output.info(f"tag names from {g['vocab_lookup']}")
-    if s.read is not None:
-        output.table("rows read, written, rejected", ["", "rows"],
-                     [("read", s.read), ("written", s.rows), ("rejected", s.rejected),
-                      *((f"  {reason}", n) for reason, n in s.rejected_by_reason.items())])
+                     [(g.per_row_min, g.per_row_mean, g.per_row_max, g.distinct, g.names_from or "stored names")],
+                     caption="top: " + ", ".join(f"{name} ({n})" for name, n in g.top))
+        if g.names_from == "ids":
+            output.warn(f"tags shown as ids: {g.vocab_lookup}")
+        elif g.vocab_lookup is not None:
+            output.info(f"tag names from {g.vocab_lookup}")
+    output.table("rows read, written, rejected", ["", "rows"],
+                 [("read", s.read), ("written", s.rows), ("rejected", s.rejected),
+                  *((f"  {reason}", n) for reason, n in s.rejected_by_reason.items())])
     if output.verbose:
-        output.table("shards", ["shard", "rows", "bytes"], [(x["path"], x["rows"], x["bytes"]) for x in s.shard_list])
+        output.table("shards", ["shard", "rows", "bytes"], [(x.path, x.rows, x.bytes) for x in s.shard_list])
     if info is not None:
         output.info(f"contact sheet: {info.path} ({len(info.indices)} rows, {info.width}x{info.height} px, tags: "
                     f"{info.tags})")
@@ -133,10 +134,10 @@ def _render_verify(output: Output, r: VerifyReport) -> None:
             if output.quiet:
                 output.error(f"{f.where}: {f.check}: {f.message}")
         output.error(f"{len(r.findings)} problem(s) in {r.shards - r.shards_ok} of {r.shards} shards"
-                     + (" and the dataset files" if any(f.where in ("index.json", "rejected.jsonl")
+                     + (" and the dataset files" if any(f.where in (INDEX_NAME, REJECTS_NAME)
                                                          for f in r.findings) else ""),
                      hint="rerun the same `mmprep pack` command with --resume (it rewrites shards whose hash "
                           "differs from its records), or restore the files from a copy")
         return
-    output.info(f"ok: {r.shards} shards, {r.rows:,} rows, {r.bytes:,} bytes match index.json"
+    output.info(f"ok: {r.shards} shards, {r.rows:,} rows, {r.bytes:,} bytes match {INDEX_NAME}"
                 + (" (deep: pixel padding / image decoding checked)" if r.deep else ""))

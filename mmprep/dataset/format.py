@@ -32,6 +32,7 @@ __all__ = [
     "READABLE_VERSIONS",
     "REJECTS_NAME",
     "RUN_STATS_NAME",
+    "SHARD_GLOB",
     "SHARD_METADATA_KEY",
     "STATE_DIR",
     "ChunkRecord",
@@ -39,7 +40,10 @@ __all__ = [
     "ShardInfo",
     "Totals",
     "count_field",
+    "count_problem",
     "dumps_json",
+    "histogram_problem",
+    "shard_entry_problems",
     "shard_name",
 ]
 
@@ -63,6 +67,10 @@ def shard_name(index: int) -> str:
     return f"shard-{index:05d}.parquet"
 
 
+#: A glob matching every shard file name (:func:`shard_name`).
+SHARD_GLOB = "shard-*.parquet"
+
+
 def dumps_json(obj: Any) -> bytes:
     """How mmprep writes its JSON files: indented, sorted keys, UTF-8, final newline."""
     return (json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode()
@@ -77,19 +85,62 @@ def count_field(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
 
 
-def _count(d: Mapping[str, Any], key: str, where: str) -> int:
+def count_problem(d: Mapping[str, Any], key: str, name: str | None = None) -> str | None:
+    """What is wrong with the count ``d[key]`` (``"rows is 'abc', not a whole number"``), None when it is fine.
+
+    A missing key is fine here (the caller decides whether the field is required). ``name`` is how the message
+    names the field (default: ``key``).
+    """
+    if key not in d or count_field(d[key]) is not None:
+        return None
+    return f"{name or key} is {d[key]!r}, not a whole number"
+
+
+def histogram_problem(value: Any, name: str = "image_count_histogram") -> str | None:
+    """What is wrong with an image-count histogram ``{"<images per row>": rows}``, None when it is fine.
+
+    The lenient half of the parse: ``verify`` reports the problem and goes on checking; ``from_json`` raises it.
+    """
+    if not isinstance(value, dict):
+        return f"{name} is {value!r}, not a {{images: rows}} object"
+    for k, v in value.items():
+        if not (isinstance(k, str) and k.isdigit()):
+            return f"{name} has the key {k!r}, not a number of images"
+        if count_field(v) is None:
+            return f"{name}[{k!r}] is {v!r}, not a whole number"
+    return None
+
+
+def shard_entry_problems(d: Mapping[str, Any]) -> list[str]:
+    """Every damaged field of a shard entry that has a path and rows (``rows``, ``bytes``, the histogram).
+
+    ``verify`` lists them all in one finding; :meth:`ShardInfo.from_json` raises the first.
+    """
+    found = [count_problem(d, "rows"), count_problem(d, "bytes")]
+    if d.get("image_count_histogram") is not None:
+        found.append(histogram_problem(d["image_count_histogram"]))
+    return [p for p in found if p is not None]
+
+
+def _count(d: Mapping[str, Any], key: str, where: str, name: str | None = None) -> int:
+    """The required count ``d[key]`` (InputError naming the field when missing or damaged)."""
     value = count_field(d.get(key))
     if value is None:
-        raise InputError(f"{where}: {key} is {d.get(key)!r}, not a whole number", hint=_DAMAGED)
+        raise InputError(f"{where}: {name or key} is {d.get(key)!r}, not a whole number", hint=_DAMAGED)
     return value
 
 
-def _histogram(value: Any, where: str) -> dict[str, int]:
+def _optional_count(d: Mapping[str, Any], key: str, where: str, name: str | None = None) -> int:
+    """The count ``d[key]``, 0 when the key is missing (InputError naming the field when damaged)."""
+    return _count(d, key, where, name) if key in d else 0
+
+
+def _histogram(value: Any, where: str, name: str = "image_count_histogram") -> dict[str, int]:
     if value is None:
         return {}
-    if not isinstance(value, dict) or not all(str(k).isdigit() and count_field(v) is not None
-                                              for k, v in value.items()):
-        raise InputError(f"{where}: image_count_histogram is not a {{count: rows}} object", hint=_DAMAGED)
+    problem = histogram_problem(value, name)
+    if problem is not None:
+        raise InputError(f"{where}: {problem}", hint=_DAMAGED)
     return {str(k): int(v) for k, v in value.items()}
 
 
@@ -129,10 +180,11 @@ class ShardInfo:
         """Parse one shard entry (InputError naming the field when damaged)."""
         if not isinstance(d, dict) or not isinstance(d.get("path"), str) or "rows" not in d:
             raise InputError(f"{where} lacks path or rows", hint=_DAMAGED)
-        here = f"{where} ({d['path']})"
-        return cls(path=d["path"], rows=_count(d, "rows", here),
-                   bytes=_count(d, "bytes", here) if "bytes" in d else 0, sha256=str(d.get("sha256", "")),
-                   image_count_histogram=_histogram(d.get("image_count_histogram"), here),
+        problems = shard_entry_problems(d)
+        if problems:
+            raise InputError(f"{where} ({d['path']}): {problems[0]}", hint=_DAMAGED)
+        return cls(path=d["path"], rows=d["rows"], bytes=d.get("bytes", 0), sha256=str(d.get("sha256", "")),
+                   image_count_histogram=dict(d.get("image_count_histogram") or {}),
                    first_line=_line(d.get("first_line")), last_line=_line(d.get("last_line")))
 
 
@@ -162,18 +214,24 @@ class Totals:
     def from_json(cls, d: Any, where: str = INDEX_NAME) -> Totals:
         if not isinstance(d, dict):
             raise InputError(f"{where}: no 'totals' object", hint=_DAMAGED)
-        here = f"{where}: totals"
         reasons = d.get("rejected_by_reason") or {}
         if not isinstance(reasons, dict) or not all(count_field(v) is not None for v in reasons.values()):
-            raise InputError(f"{here}: rejected_by_reason is not a {{reason: count}} object", hint=_DAMAGED)
-        return cls(read=_count(d, "read", here), written=_count(d, "written", here),
-                   rejected=_count(d, "rejected", here), rejected_by_reason=dict(reasons),
-                   images_written=count_field(d.get("images_written")) or 0,
-                   images_dropped_by_limit=count_field(d.get("images_dropped_by_limit")) or 0,
-                   tags_dropped_unknown=count_field(d.get("tags_dropped_unknown")) or 0,
-                   text_truncated=count_field(d.get("text_truncated")) or 0,
-                   image_count_histogram=_histogram(d.get("image_count_histogram"), here),
-                   bytes=count_field(d.get("bytes")) or 0)
+            raise InputError(f"{where}: totals.rejected_by_reason is {reasons!r}, not a {{reason: count}} object",
+                             hint=_DAMAGED)
+
+        def count(key: str) -> int:
+            return _count(d, key, where, f"totals.{key}")
+
+        def optional(key: str) -> int:
+            return _optional_count(d, key, where, f"totals.{key}")
+
+        return cls(read=count("read"), written=count("written"), rejected=count("rejected"),
+                   rejected_by_reason=dict(reasons), images_written=optional("images_written"),
+                   images_dropped_by_limit=optional("images_dropped_by_limit"),
+                   tags_dropped_unknown=optional("tags_dropped_unknown"), text_truncated=optional("text_truncated"),
+                   image_count_histogram=_histogram(d.get("image_count_histogram"), where,
+                                                    "totals.image_count_histogram"),
+                   bytes=optional("bytes"))
 
 
 @dataclass(frozen=True)
@@ -243,7 +301,7 @@ class Index:
         config = d.get("config") if isinstance(d.get("config"), dict) else {}
         return cls(config=config, rows_per_shard=count_field(d.get("rows_per_shard")) or 0, metadata=metadata,
                    shards=shards, totals=Totals.from_json(d.get("totals"), where),
-                   rejects=str(d.get("rejects") or REJECTS_NAME), format_version=int(d["format_version"]))
+                   rejects=str(d.get("rejects") or REJECTS_NAME), format_version=d.get("format_version", 0))
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,8 @@ import numpy as np
 from mmprep.errors import UsageError
 
 if TYPE_CHECKING:
-    from mmprep.dataset.reader import Batch, PackedDataset
+    from mmprep.dataset.arrays import Batch
+    from mmprep.dataset.reader import PackedDataset
 
 __all__ = [
     "RATIO_MODES",

@@ -1,17 +1,20 @@
 """PyTorch datasets over packed data (this module imports torch; import it only where torch is wanted).
 
-- :class:`PackedIterableDataset`: streams batches (or rows). Each epoch's rows are split over the ranks of a
-  distributed job and over the ``DataLoader`` workers of each rank, every row exactly once per epoch
-  (:meth:`mmprep.dataset.reader.PackedDataset.epoch_plan`), shuffled by ``seed`` and the epoch set with ``set_epoch``:
-  row groups in a shuffled order, rows shuffled within windows of a few row groups. Use it with
-  ``DataLoader(ds, batch_size=None, num_workers=N)`` when it yields batches.
-- :class:`PackedTorchDataset`: map-style, for samplers (``DistributedSampler``, or the batch samplers of
-  :mod:`mmprep.dataset.samplers` via ``batch_sampler=``; ``__getitems__`` fetches a whole batch with one read per row
-  group). Use ``collate_fn=PackedTorchDataset.collate``.
+Importing it without torch installed raises :class:`mmprep.errors.MissingDependencyError` (a one-line message
+with the ``pip install`` hint).
+
+- :class:`PackedIterableDataset` (``PackedIterableDataset(ds_or_path, batch_size=64)``): streams batches (or
+  rows). Each epoch's rows are split over the ranks of a distributed job and over the ``DataLoader`` workers of
+  each rank, every row exactly once per epoch (:meth:`mmprep.dataset.reader.PackedDataset.epoch_plan`), shuffled
+  by ``seed`` and the epoch set with ``set_epoch``: row groups in a shuffled order, rows shuffled within windows of
+  a few row groups. Use it with ``DataLoader(ds, batch_size=None, num_workers=N)`` when it yields batches.
+- :class:`PackedTorchDataset` (``PackedTorchDataset(ds_or_path)``): map-style, for samplers
+  (``DistributedSampler``, or the batch samplers of :mod:`mmprep.dataset.samplers` via ``batch_sampler=``;
+  ``__getitems__`` fetches a whole batch with one read per row group). Use ``collate_fn=PackedTorchDataset.collate``.
 
 Batches become tensors: numeric arrays via ``torch.from_numpy`` (copied when the array is a read-only view of a
 Parquet buffer), strings and ragged columns stay lists (``tag_ids``: a list of int32 tensors; pass
-``multi_hot=V`` for ``[B, V]`` targets).
+``multi_hot_size=V`` for ``[B, V]`` targets).
 """
 
 from __future__ import annotations
@@ -21,11 +24,19 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
-import torch
-from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
-from mmprep.dataset.reader import Batch, PackedDataset, multi_hot
-from mmprep.errors import UsageError
+from mmprep.dataset.arrays import Batch, multi_hot
+from mmprep.dataset.plans import PlanRange
+from mmprep.dataset.reader import PackedDataset
+from mmprep.errors import MissingDependencyError, UsageError
+
+try:
+    import torch
+    from torch.utils.data import Dataset, IterableDataset, get_worker_info
+except ImportError as _exc:  # torch itself missing (or broken): say how to install it; anything else re-raises
+    if _exc.name and not _exc.name.startswith("torch"):
+        raise
+    raise MissingDependencyError("torch", "embed", purpose="the PyTorch dataset") from None
 
 __all__ = ["PackedIterableDataset", "PackedTorchDataset", "default_rank", "to_torch"]
 
@@ -118,7 +129,7 @@ class PackedIterableDataset(IterableDataset):  # type: ignore[type-arg]
         """Use this epoch's order."""
         self.epoch = int(epoch)
 
-    def plan(self, worker: int = 0, num_workers: int = 1) -> list[tuple[int, int, int]]:
+    def plan(self, worker: int = 0, num_workers: int = 1) -> list[PlanRange]:
         """The row-group ranges this rank's ``worker`` reads in the current epoch."""
         return self.ds.epoch_plan(epoch=self.epoch, seed=self.seed, shuffle=self.shuffle, rank=self.rank,
                                   world_size=self.world_size, worker=worker, num_workers=num_workers,

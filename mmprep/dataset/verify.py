@@ -28,9 +28,38 @@ from typing import Any
 
 import numpy as np
 
-from mmprep.dataset.reader import INDEX_NAME, PixelSpec, count_field, load_index
+from mmprep.dataset.arrays import PixelSpec
+from mmprep.dataset.format import (
+    INDEX_NAME,
+    METADATA_KEY,
+    REJECTS_NAME,
+    SHARD_GLOB,
+    SHARD_METADATA_KEY,
+    count_field,
+    histogram_problem,
+    shard_entry_problems,
+)
+from mmprep.dataset.index_file import IndexJson, read_index
+from mmprep.runtime.files import sha256_file
 
-__all__ = ["Finding", "VerifyReport", "verify"]
+__all__ = ["Finding", "VerifyReport", "entry_bytes", "verify"]
+
+
+@dataclass(frozen=True)
+class _ColumnFacts:
+    """What the dataset-wide checks need from one shard's small columns."""
+
+    ids: list[str]
+    lines: np.ndarray
+    images: int
+
+
+@dataclass(frozen=True)
+class _ShardFacts(_ColumnFacts):
+    """A readable shard: its columns' facts, its row count and schema (compared with the first shard's)."""
+
+    rows: int
+    schema: Any
 
 
 @dataclass(frozen=True)
@@ -72,18 +101,19 @@ def verify(
     Raises:
         InputError: ``path`` is not an mmprep packed directory (no readable index).
     """
-    root, index = load_index(path)
+    raw = read_index(path)
+    root = raw.root
     report = VerifyReport(path=str(root), deep=deep)
     found: list[Finding] = report.findings
 
     def add(where: str, check: str, message: str) -> None:
         found.append(Finding(where, check, message))
 
-    meta = index.get("metadata") or {}
-    entries = index["shards"]
+    meta = raw.data.get("metadata") or {}
+    entries = raw.entries
     report.shards = len(entries)
     listed = {str(e.get("path")) for e in entries if isinstance(e, dict)}
-    for p in sorted(root.glob("shard-*.parquet")):
+    for p in sorted(root.glob(SHARD_GLOB)):
         if p.name not in listed:
             add(p.name, "unlisted", f"{p.name} is in the directory but not in {INDEX_NAME}")
     ids: Counter[str] = Counter()
@@ -95,15 +125,14 @@ def verify(
         before = len(found)
         facts = _check_shard(root, k, entry, meta, deep, add, ref_schema)
         if facts is not None:
-            ref_schema = ref_schema if ref_schema is not None else facts["schema"]
-            ids.update(facts["ids"])
-            lines.append(facts["lines"])
-            images_total += facts["images"]
-            report.rows += facts["rows"]
+            ref_schema = ref_schema if ref_schema is not None else facts.schema
+            ids.update(facts.ids)
+            lines.append(facts.lines)
+            images_total += facts.images
+            report.rows += facts.rows
         if isinstance(entry, dict):
             hist = entry.get("image_count_histogram") or {}
-            if isinstance(hist, dict) and all(str(h).isdigit() and count_field(c) is not None
-                                              for h, c in hist.items()):
+            if histogram_problem(hist) is None:
                 hist_total.update({str(h): c for h, c in hist.items()})
             report.bytes += entry_bytes(entry)
         if len(found) == before:
@@ -117,7 +146,7 @@ def verify(
     uniq, counts = np.unique(all_lines, return_counts=True)
     if (counts > 1).any():
         add(INDEX_NAME, "duplicate_line", f"input line {int(uniq[counts > 1][0])} is written more than once")
-    _check_totals(root, index, report.rows, hist_total, images_total, set(uniq.tolist()), add)
+    _check_totals(raw, report.rows, hist_total, images_total, set(uniq.tolist()), add)
     report.ok = not found
     return report
 
@@ -130,23 +159,17 @@ def _check_shard(
     deep: bool,
     add: Callable[[str, str, str], None],
     ref_schema: Any,
-) -> dict[str, Any] | None:
+) -> _ShardFacts | None:
     """Check one shard; returns its facts (ids, lines, rows, images) when it could be read."""
     import pyarrow.parquet as pq
-
-    from mmprep.runtime.files import sha256_file as file_sha256
 
     if not isinstance(entry, dict) or "path" not in entry or "rows" not in entry:
         add(INDEX_NAME, "index", f"shard entry {k} lacks path or rows")
         return None
     name = str(entry["path"])
-    bad = [f"{key} is {entry[key]!r}" for key in ("rows", "bytes") if key in entry and count_field(entry[key]) is None]
-    hist = entry.get("image_count_histogram")
-    if hist is not None and not (isinstance(hist, dict) and all(str(h).isdigit() and count_field(c) is not None
-                                                                for h, c in hist.items())):
-        bad.append(f"image_count_histogram is {hist!r}")
+    bad = shard_entry_problems(entry)
     if bad:
-        add(name, "index", f"{name}: its {INDEX_NAME} entry is damaged: {', '.join(bad)} (whole numbers expected)")
+        add(name, "index", f"{name}: its {INDEX_NAME} entry is damaged: {'; '.join(bad)}")
     p = root / name
     if not p.is_file():
         add(name, "missing", f"{name} is listed in {INDEX_NAME} but missing")
@@ -154,7 +177,7 @@ def _check_shard(
     size = p.stat().st_size
     if size != entry.get("bytes"):
         add(name, "size", f"{name}: {size} bytes, {INDEX_NAME} says {entry.get('bytes')}")
-    digest = file_sha256(p)
+    digest = sha256_file(p)
     if digest != entry.get("sha256"):
         add(name, "sha256",
             f"{name}: sha256 {digest[:16]}… differs from {INDEX_NAME} ({str(entry.get('sha256'))[:16]}…)")
@@ -170,42 +193,41 @@ def _check_shard(
             add(name, "rows", f"{name}: {rows} rows, {INDEX_NAME} says {entry['rows']}")
         kv = {**(f.metadata.metadata or {}), **(schema.metadata or {})}
         try:
-            shard_meta = json.loads(kv[b"mmprep"])
+            shard_meta = json.loads(kv[METADATA_KEY.encode()])
         except (KeyError, ValueError):
-            add(name, "metadata", f"{name}: no readable 'mmprep' metadata")
+            add(name, "metadata", f"{name}: no readable '{METADATA_KEY}' metadata")
             return None
         if shard_meta != meta:
             diff = sorted(key for key in set(shard_meta) | set(meta) if shard_meta.get(key) != meta.get(key))
-            add(name, "metadata", f"{name}: 'mmprep' metadata differs from {INDEX_NAME} in {', '.join(diff)}")
+            add(name, "metadata", f"{name}: '{METADATA_KEY}' metadata differs from {INDEX_NAME} in {', '.join(diff)}")
         if ref_schema is not None and not schema.remove_metadata().equals(ref_schema.remove_metadata()):
             add(name, "schema", f"{name}: columns or types differ from the first shard's")
         _check_shard_record(name, k, entry, kv, add)
         try:
-            facts = _check_columns(name, f, entry, meta, deep, add)
+            cols = _check_columns(name, f, entry, meta, deep, add)
         except Exception as exc:  # damaged pages surface as ArrowInvalid/OSError while reading
             add(name, "read", f"{name}: reading the columns failed ({str(exc).splitlines()[0]})")
             return None
-    facts["schema"] = schema
-    facts["rows"] = rows
-    return facts
+    return _ShardFacts(schema=schema, rows=rows, ids=cols.ids, lines=cols.lines, images=cols.images)
 
 
 def _check_shard_record(name: str, k: int, entry: dict[str, Any], kv: dict[bytes, bytes],
                         add: Callable[[str, str, str], None]) -> None:
     try:
-        rec = json.loads(kv[b"mmprep.shard"])
+        rec = json.loads(kv[SHARD_METADATA_KEY.encode()])
     except (KeyError, ValueError):
-        add(name, "shard_record", f"{name}: no readable 'mmprep.shard' metadata")
+        add(name, "shard_record", f"{name}: no readable '{SHARD_METADATA_KEY}' metadata")
         return
     expect = {"index": k, "rows": entry.get("rows"), "image_count_histogram": entry.get("image_count_histogram"),
               "first_line": entry.get("first_line"), "last_line": entry.get("last_line")}
     bad = [key for key, v in expect.items() if rec.get(key) != v]
     if bad:
-        add(name, "shard_record", f"{name}: its 'mmprep.shard' record differs from {INDEX_NAME} in {', '.join(bad)}")
+        add(name, "shard_record",
+            f"{name}: its '{SHARD_METADATA_KEY}' record differs from {INDEX_NAME} in {', '.join(bad)}")
 
 
 def _check_columns(name: str, f: Any, entry: dict[str, Any], meta: dict[str, Any], deep: bool,
-                   add: Callable[[str, str, str], None]) -> dict[str, Any]:
+                   add: Callable[[str, str, str], None]) -> _ColumnFacts:
     names = set(f.schema_arrow.names)
     small = [c for c in ("id", "line", "image_count", "image_mask", "image_sizes", "content_boxes", "attention_mask",
                          "n_tokens", "truncated", "tag_ids") if c in names]
@@ -266,7 +288,7 @@ def _check_columns(name: str, f: Any, entry: dict[str, Any], meta: dict[str, Any
     if deep:
         _check_deep(name, f, count, meta, add)
     ids = cols["id"].to_pylist() if "id" in cols else []
-    return {"ids": ids, "lines": lines, "images": int(count.sum())}
+    return _ColumnFacts(ids=ids, lines=lines, images=int(count.sum()))
 
 
 def _check_deep(name: str, f: Any, count: np.ndarray, meta: dict[str, Any],
@@ -338,16 +360,16 @@ def _first_bad(bad: np.ndarray) -> str:
     return f"row {int(r[0][0])}" if len(r) else "a row"
 
 
-def _check_totals(root: Path, index: dict[str, Any], rows: int, hist_total: Counter[str], images_total: int,
+def _check_totals(raw: IndexJson, rows: int, hist_total: Counter[str], images_total: int,
                   written_lines: set[int], add: Callable[[str, str, str], None]) -> None:
-    t = index.get("totals") or {}
+    t = raw.data.get("totals") or {}
     read, written, rejected = t.get("read"), t.get("written"), t.get("rejected")
-    if not all(isinstance(v, int) for v in (read, written, rejected)):
+    if not (isinstance(read, int) and isinstance(written, int) and isinstance(rejected, int)):
         add(INDEX_NAME, "totals", f"{INDEX_NAME}: totals lack read/written/rejected")
         return
     if read != written + rejected:
         add(INDEX_NAME, "accounting", f"{INDEX_NAME}: read {read} != written {written} + rejected {rejected}")
-    listed_rows = sum(count_field(e.get("rows")) or 0 for e in index["shards"] if isinstance(e, dict))
+    listed_rows = sum(count_field(e.get("rows")) or 0 for e in raw.entries if isinstance(e, dict))
     if listed_rows != written:
         add(INDEX_NAME, "accounting", f"{INDEX_NAME}: shards list {listed_rows} rows, totals say written {written}")
     if rows != written:
@@ -362,8 +384,8 @@ def _check_totals(root: Path, index: dict[str, Any], rows: int, hist_total: Coun
     if "images_written" in t and t["images_written"] != images_total:
         add(INDEX_NAME, "images", f"{INDEX_NAME}: images_written {t['images_written']}, the shards hold "
                                   f"{images_total}")
-    rej_name = str(index.get("rejects") or "rejected.jsonl")
-    rej_path = root / rej_name
+    rej_name = str(raw.data.get("rejects") or REJECTS_NAME)
+    rej_path = raw.root / rej_name
     if not rej_path.is_file():
         add(rej_name, "missing", f"{rej_name} is missing (index says {rejected} rejected)")
         return
