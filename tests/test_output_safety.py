@@ -49,7 +49,7 @@ def run(*args: str) -> Any:
                                "1", "--rows-per-shard", "8", "--workers", "1"])
 
 
-# -- symbolic links: never followed when writing ------------------------------------------------------------------
+# -- symbolic links: never followed when writing
 
 
 @pytest.mark.parametrize("resume", [False, True])
@@ -119,7 +119,7 @@ def test_overwrite_of_an_earlier_failed_run_removes_its_files(corpus: Path, tmp_
     assert report.failed is None and (out / "index.json").exists()
 
 
-# -- resume never mixes two runs ----------------------------------------------------------------------------------------
+# -- resume never mixes two runs
 
 
 def _interrupt_after_first_shards(manifest: Path, out: Path, **kw: Any) -> None:
@@ -189,7 +189,7 @@ def test_resume_keeps_chunks_whose_images_did_not_change(tmp_path: Path) -> None
     assert report.resumed_shards == 4  # shards 0-3 kept, shard 4 redone
 
 
-# -- a run that writes nothing, and the order of the last writes ------------------------------------------------------
+# -- a run that writes nothing, and the order of the last writes
 
 
 @pytest.mark.parametrize("body,name", [(b"", "m.jsonl"), (b"id,images,text\n", "m.csv"), (b"\n\n", "m.jsonl")])

@@ -369,7 +369,7 @@ class ChunkRecord:
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> ChunkRecord:
-        """Parse a record (KeyError/TypeError/ValueError when damaged: the caller redoes the chunk)."""
+        """Parse a record (KeyError/TypeError/ValueError/InputError when damaged: the caller redoes the chunk)."""
         return cls(index=int(d["index"]), items=int(d["items"]), shard=ShardInfo.from_json(d["shard"]),
                    rows=int(d["rows"]), rejected=tuple(RejectRecord.from_json(r) for r in d["rejected"]),
                    images_written=int(d["images_written"]), images_dropped=int(d["images_dropped"]),

@@ -30,7 +30,7 @@ from mmprep.dataset.format import (
     Totals,
     shard_name,
 )
-from mmprep.errors import RunFailed, UsageError
+from mmprep.errors import InputError, RunFailed, UsageError
 from mmprep.images.sources import ImageSource
 from mmprep.pack.config import PackConfig
 from mmprep.pack.plan import PackPlan, plan_pack, rereadable
@@ -177,8 +177,8 @@ class PackJob:
     def restore(self, entry: ChunkEntry, chunk: Chunk[list[Item]], out: OutputDir) -> ChunkRecord | None:
         try:
             rec = ChunkRecord.from_json(entry.record)
-        except (KeyError, TypeError, ValueError, AttributeError):
-            return None
+        except (KeyError, TypeError, ValueError, AttributeError, InputError):
+            return None  # a damaged record: the chunk is redone
         if rec.index != chunk.index or rec.items != chunk.size:
             return None
         if not out.intact(rec.shard.path, rec.shard.bytes, rec.shard.sha256):
