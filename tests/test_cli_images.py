@@ -13,8 +13,9 @@ from typer.testing import CliRunner
 
 from mmprep.cli import app
 from mmprep.errors import EXIT_FAILED, EXIT_USAGE
+from mmprep.images.collect import collect_images
 from mmprep.images.decode import NORM_PRESETS, ImageConfig, Normalization, load_image
-from mmprep.images.jobs import collect_images, compute_image_stats
+from mmprep.images.stats import compute_image_stats
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "tests" / "data" / "images"

@@ -16,8 +16,8 @@ from mmprep.cli._app import JsonOpt, QuietOpt, VerboseOpt, app, make_output, run
 from mmprep.errors import EXIT_FAILED, EXIT_OK, InputError, RunFailed, UsageError
 
 if TYPE_CHECKING:
+    from mmprep.images.collect import ImageSet
     from mmprep.images.decode import ImageConfig
-    from mmprep.images.jobs import ImageSet
     from mmprep.output import Output
 
 __all__ = ["IMAGE_OPTION_NAMES", "image_config_from_options"]
@@ -113,7 +113,7 @@ def _local(value: str, what: str, command: str) -> str:
 
 
 def _workers(n: int) -> int:
-    from mmprep.images.jobs import default_workers
+    from mmprep.images.pool import default_workers
 
     if n < 0:
         raise UsageError(f"--workers must be 0 (all cores) or more, got {n}")
@@ -123,7 +123,7 @@ def _workers(n: int) -> int:
 def _collect(src: str, image_root: str | None, input_format: str | None, image_column: str | None,
              allow_outside_root: bool, limit: int | None, exclude: tuple[str, ...] = (),
              command: str = "image-stats") -> ImageSet:
-    from mmprep.images.jobs import IMAGE_EXTENSIONS, collect_images
+    from mmprep.images.collect import IMAGE_EXTENSIONS, collect_images
     from mmprep.inputs.manifest import ColumnMap
 
     src = _local(src, "SRC", command)
@@ -188,7 +188,7 @@ def image_stats(
     ui = make_output(json_, quiet, verbose)
 
     def body() -> int:
-        from mmprep.images.jobs import compute_image_stats
+        from mmprep.images.stats import compute_image_stats
         from mmprep.output import to_jsonable
 
         cfg = image_config_from_options(**image_opts)
@@ -214,7 +214,7 @@ def image_stats(
             where = "the 'unreadable' list of the JSON output" if ui.json_mode else "the reasons above"
             not_written = f"; {out_file} was not written" if out_file else ""
             raise RunFailed(f"none of the {stats.images} images could be decoded{not_written}",
-                            hint=f"see {where}; the first is: " + stats.unreadable[0]["detail"])
+                            hint=f"see {where}; the first is: " + stats.unreadable[0].detail)
         return EXIT_OK
 
     run_command(ui, body)
@@ -325,7 +325,7 @@ def normalize_images_cmd(
         import json
 
         from mmprep.images.decode import OUTPUT_FORMATS, Normalization
-        from mmprep.images.jobs import normalize_images
+        from mmprep.images.normalize import normalize_images
         from mmprep.output import to_jsonable
 
         cfg = image_config_from_options(**image_opts)
