@@ -303,6 +303,14 @@ def test_normalize_images_refuses_to_write_into_the_source(tmp_path: Path) -> No
     assert result.exit_code == EXIT_USAGE and "--out is the source folder" in result.stderr
 
 
+def test_normalize_images_rejects_file_in_the_current_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)  # --rejects NAME without a folder part: written where the command runs
+    result = runner.invoke(app, ["normalize-images", str(SAMPLE_MANIFEST), "--out", "o", "--rejects", "rej.jsonl",
+                                 "-q", "-j", "1"])
+    assert result.exit_code == 0, result.stderr
+    assert len((tmp_path / "rej.jsonl").read_text().splitlines()) == 2
+
+
 def test_normalize_images_fail_on_reject(tmp_path: Path) -> None:
     result = runner.invoke(app, ["normalize-images", str(SAMPLE_MANIFEST), "--out", str(tmp_path / "o"),
                                  "--fail-on-reject", "-q", "-j", "1"])

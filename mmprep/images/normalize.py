@@ -78,7 +78,7 @@ def _write_file(path: str, data: bytes, *, fsync: bool = True) -> None:
         RunFailed: the file cannot be written.
         UsageError: ``path`` is a symbolic link.
     """
-    os.makedirs(os.path.dirname(path), exist_ok=True)
+    os.makedirs(os.path.dirname(path) or os.curdir, exist_ok=True)  # a bare name lies in the current folder
     atomic_write(path, data, fsync=fsync)
 
 
