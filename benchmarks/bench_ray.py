@@ -48,7 +48,7 @@ def _digests(out: Path) -> dict[str, str]:
 def _config(manifest: Path, out: Path, rows_per_shard: int) -> Any:
     from mmprep.images.decode import ImageConfig
     from mmprep.pack.config import PackConfig
-    from mmprep.text.encoder import TextConfig
+    from mmprep.text.config import TextConfig
 
     sample = REPO_ROOT / "sample_data"
     return PackConfig(

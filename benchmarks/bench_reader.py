@@ -73,7 +73,7 @@ def prepare(samples: int, size: int, seed: int, workers: int, shard_rows: int) -
     from mmprep.images.decode import ImageConfig
     from mmprep.pack.config import PackConfig
     from mmprep.pack.job import pack
-    from mmprep.text.encoder import TextConfig
+    from mmprep.text.config import TextConfig
 
     corpus_dir = REPO_ROOT / ".bench" / f"corpus-{samples}-{seed}"
     manifest = make_corpus(corpus_dir, samples, seed)

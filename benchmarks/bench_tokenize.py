@@ -42,7 +42,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from mmprep.text.encoder import TextConfig, TextEncoder  # noqa: E402
+from mmprep.text.config import TextConfig  # noqa: E402
+from mmprep.text.encoder import TextEncoder  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "realdata" / "annotations"
 BATCH = 1024

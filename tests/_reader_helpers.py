@@ -35,7 +35,7 @@ def pack_config(out: Path, **kw: Any) -> Any:
     """A PackConfig over sample_data with small images (32x48 letterbox), 4 slots, 16 tokens, 4 rows a shard."""
     from mmprep.images.decode import ImageConfig
     from mmprep.pack.config import PackConfig
-    from mmprep.text.encoder import TextConfig
+    from mmprep.text.config import TextConfig
 
     base: dict[str, Any] = dict(
         manifest=str(SAMPLE / "manifest.jsonl"),

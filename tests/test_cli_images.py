@@ -13,8 +13,9 @@ from typer.testing import CliRunner
 
 from mmprep.cli import app
 from mmprep.errors import EXIT_FAILED, EXIT_USAGE
+from mmprep.images.collect import collect_images
 from mmprep.images.decode import NORM_PRESETS, ImageConfig, Normalization, load_image
-from mmprep.images.jobs import collect_images, compute_image_stats
+from mmprep.images.stats import compute_image_stats
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "tests" / "data" / "images"
@@ -300,6 +301,14 @@ def test_normalize_images_refuses_to_write_into_the_source(tmp_path: Path) -> No
     shutil.copy(DATA / "pillow_hopper.jpg", tmp_path / "h.jpg")
     result = runner.invoke(app, ["normalize-images", str(tmp_path), "--out", str(tmp_path)])
     assert result.exit_code == EXIT_USAGE and "--out is the source folder" in result.stderr
+
+
+def test_normalize_images_rejects_file_in_the_current_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)  # --rejects NAME without a folder part: written where the command runs
+    result = runner.invoke(app, ["normalize-images", str(SAMPLE_MANIFEST), "--out", "o", "--rejects", "rej.jsonl",
+                                 "-q", "-j", "1"])
+    assert result.exit_code == 0, result.stderr
+    assert len((tmp_path / "rej.jsonl").read_text().splitlines()) == 2
 
 
 def test_normalize_images_fail_on_reject(tmp_path: Path) -> None:

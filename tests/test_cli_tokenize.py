@@ -17,8 +17,10 @@ from mmprep.cli import app
 from mmprep.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE
 from mmprep.inputs.manifest import iter_samples
 from mmprep.text import tokenize as text_tokenize
-from mmprep.text.encoder import LengthHistogram, TextConfig, TextEncoder
-from mmprep.text.tokenize import _length_bins, _short_title, tokenize_manifest, tokenize_samples
+from mmprep.text.config import TextConfig
+from mmprep.text.encoder import TextEncoder
+from mmprep.text.lengths import LengthHistogram, _length_bins, _short_title
+from mmprep.text.tokenize import tokenize_manifest, tokenize_samples
 
 runner = CliRunner()
 SAMPLE_MANIFEST = REPO / "sample_data" / "manifest.jsonl"
@@ -270,7 +272,7 @@ def test_large_max_length_uses_smaller_batches(tmp_path: Path, monkeypatch: pyte
     monkeypatch.setattr(text_tokenize, "_BUFFER_BYTES", 5 * 1000 * 7)  # room for 7 padded rows
     batches: list[int] = []
     small = tmp_path / "small.parquet"
-    report, _ = tokenize_manifest(str(manifest), CLIP_DIR, small, cfg, encoder=enc, progress=batches.append)
+    report = tokenize_manifest(str(manifest), CLIP_DIR, small, cfg, encoder=enc, progress=batches.append)
     assert batches == [7] * 8 + [4] and report.rows_written == 60
     assert pq.ParquetFile(small).metadata.row_group(0).num_rows == 7
     assert pq.read_table(small).equals(pq.read_table(full))
@@ -302,8 +304,8 @@ def test_tokenize_samples_writes_what_tokenize_manifest_writes(tmp_path: Path) -
     enc = TextEncoder(MINILM_DIR, cfg)
     manifest = TEXT_DATA / "mllm_demo.json"
     a, b = tmp_path / "a.parquet", tmp_path / "b.parquet"
-    ra, _ = tokenize_manifest(str(manifest), MINILM_DIR, a, cfg, encoder=enc)
-    rb, _ = tokenize_samples(list(iter_samples(str(manifest))), b, enc, source=str(manifest))
+    ra = tokenize_manifest(str(manifest), MINILM_DIR, a, cfg, encoder=enc)
+    rb = tokenize_samples(list(iter_samples(str(manifest))), b, enc, source=str(manifest))
     assert a.read_bytes() == b.read_bytes()
     assert (ra.rows_in, ra.rows_written, ra.lengths) == (rb.rows_in, rb.rows_written, rb.lengths)
 

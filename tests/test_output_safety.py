@@ -21,7 +21,7 @@ from mmprep.errors import UsageError
 from mmprep.images.decode import ImageConfig
 from mmprep.pack.config import PackConfig
 from mmprep.pack.job import pack
-from mmprep.text.encoder import TextConfig
+from mmprep.text.config import TextConfig
 from tests._reliab_helpers import digests, temp_files, write_noise_corpus
 
 runner = CliRunner()

@@ -17,7 +17,7 @@ from mmprep.cli import app
 from mmprep.images.decode import ImageConfig, Normalization
 from mmprep.pack.config import PackConfig
 from mmprep.pack.job import pack
-from mmprep.text.encoder import TextConfig
+from mmprep.text.config import TextConfig
 
 SAMPLE = Path("sample_data")
 CLIP = str(SAMPLE / "tokenizers" / "clip")

@@ -48,7 +48,7 @@ from mmprep.errors import InputError, RunFailed, UsageError
 from mmprep.images.decode import ImageConfig
 from mmprep.pack.config import PackConfig
 from mmprep.pack.job import pack
-from mmprep.text.encoder import TextConfig
+from mmprep.text.config import TextConfig
 
 runner = CliRunner()
 CLIP = str(REPO / "sample_data" / "tokenizers" / "clip")

@@ -24,16 +24,10 @@ from _text_helpers import (
 
 from mmprep.errors import InputError, UsageError
 from mmprep.records import Sample
-from mmprep.text.encoder import (
-    MAX_LENGTH_LIMIT,
-    LengthHistogram,
-    TextConfig,
-    TextEncoder,
-    TextError,
-    count_placeholders,
-    inline_images,
-    sample_image_count,
-)
+from mmprep.text.config import MAX_LENGTH_LIMIT, TextConfig, TextError
+from mmprep.text.encoder import TextEncoder
+from mmprep.text.lengths import LengthHistogram
+from mmprep.text.render import count_placeholders, inline_images, sample_image_count
 
 CAT = "a photo of a cat"
 CLIP_CAT = [49406, 320, 1125, 539, 320, 2368, 49407]

@@ -25,7 +25,9 @@ from typer.testing import CliRunner
 
 from mmprep.cli import app
 from mmprep.errors import EXIT_OK
-from mmprep.text.encoder import TextConfig, TextEncoder, tokenizer_cache_dir, tokenizer_cache_key
+from mmprep.text.cache import tokenizer_cache_dir, tokenizer_cache_key
+from mmprep.text.config import TextConfig
+from mmprep.text.encoder import TextEncoder
 
 CAT = "a photo of a cat"
 # Everything an encoder records or uses: what pack and tokenize write into metadata, and what encoding depends on.
@@ -85,7 +87,7 @@ def test_a_warm_encoder_equals_the_cold_one(tok: str, built: dict[str, Path], ca
 def test_warm_construction_in_a_fresh_process_does_not_import_transformers(cache: Path) -> None:
     code = (
         "import sys\n"
-        "from mmprep.text.encoder import TextConfig, TextEncoder\n"
+        "from mmprep.text.config import TextConfig\nfrom mmprep.text.encoder import TextEncoder\n"
         f"enc = TextEncoder({str(CLIP_DIR)!r}, TextConfig(max_length=10))\n"
         f"ids = enc.encode_batch([enc.render({CAT!r})]).input_ids[0].tolist()\n"
         "print(ids, enc.name_or_path, enc.pad_token_id, 'transformers' in sys.modules, 'torch' in sys.modules)\n"

@@ -9,7 +9,9 @@ from _text_helpers import CLIP_DIR, MINILM_DIR, coco_captions
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mmprep.text.encoder import LengthHistogram, TextConfig, TextEncoder
+from mmprep.text.config import TextConfig
+from mmprep.text.encoder import TextEncoder
+from mmprep.text.lengths import LengthHistogram
 
 WORDS = [w for c in coco_captions() for w in c.split()][:200]
 # Real caption words mixed with arbitrary unicode, placeholders and whitespace.

@@ -1,7 +1,7 @@
 """``mmprep image-stats`` and ``mmprep normalize-images``.
 
-The option aliases and :func:`image_config_from_options` are meant to be shared by every command that decodes
-images, so the flags read the same everywhere. Nothing heavy (numpy, Pillow) is imported at module level.
+The image decoding/resizing options are shared with ``pack`` and live in :mod:`mmprep.cli._options`. Nothing heavy
+(numpy, Pillow) is imported at module level.
 """
 
 from __future__ import annotations
@@ -13,16 +13,28 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from mmprep.cli._app import JsonOpt, QuietOpt, VerboseOpt, app, make_output, run_command
+from mmprep.cli._options import (
+    IMAGE_OPTION_NAMES,
+    BackgroundOpt,
+    FillOpt,
+    ImageSizeOpt,
+    InterpolationOpt,
+    MaxPixelsOpt,
+    MinPixelsOpt,
+    NoDraftOpt,
+    PixelLimitOpt,
+    ResizeModeOpt,
+    ShortestEdgeOpt,
+    image_config_from_options,
+)
 from mmprep.errors import EXIT_FAILED, EXIT_OK, InputError, RunFailed, UsageError
+from mmprep.runtime.files import atomic_write
 
 if TYPE_CHECKING:
-    from mmprep.images.decode import ImageConfig
-    from mmprep.images.jobs import ImageSet
+    from mmprep.images.collect import ImageSet
     from mmprep.output import Output
 
-__all__ = ["IMAGE_OPTION_NAMES", "image_config_from_options"]
-
-_MODES = "stretch|center-crop|letterbox|shortest-edge|max-pixels|none"
+__all__ = ["image_stats", "normalize_images_cmd"]
 
 SrcArg = Annotated[str, typer.Argument(help="An image folder (scanned recursively) or a manifest (- for stdin).",
                                        show_default=False)]
@@ -36,69 +48,9 @@ ImageColumnOpt = Annotated[str | None, typer.Option(
     help="Manifest column with the image path(s) (default: found by name: images, image, ...).")]
 AllowOutsideOpt = Annotated[bool, typer.Option(
     "--allow-outside-root", help="Accept image paths (../, absolute, symlinks) that lead outside the image root.")]
-ResizeModeOpt = Annotated[str, typer.Option("--resize-mode", metavar=_MODES, help="How images are resized.")]
-ImageSizeOpt = Annotated[str, typer.Option(
-    "--image-size", metavar="N|HxW", help="Target size for stretch, center-crop and letterbox (height x width).")]
-InterpolationOpt = Annotated[str, typer.Option(
-    "--interpolation", metavar="nearest|bilinear|bicubic|lanczos|box|hamming", help="Resampling filter.")]
-ShortestEdgeOpt = Annotated[int | None, typer.Option(
-    "--shortest-edge", metavar="N", help="Shorter side for --resize-mode shortest-edge.")]
-MaxPixelsOpt = Annotated[int | None, typer.Option(
-    "--max-pixels", metavar="N", help="Pixel budget (w*h) upper bound for --resize-mode max-pixels.")]
-MinPixelsOpt = Annotated[int | None, typer.Option(
-    "--min-pixels", metavar="N",
-    help="Pixel budget lower bound for --resize-mode max-pixels (sides truncated as EasyR1: may fall just short).")]
-BackgroundOpt = Annotated[str, typer.Option(
-    "--background", metavar="R,G,B|#hex|name", help="Colour transparent pixels are composited over.")]
-FillOpt = Annotated[str, typer.Option("--fill", metavar="R,G,B|#hex|name", help="Letterbox padding colour.")]
-PixelLimitOpt = Annotated[int, typer.Option(
-    "--pixel-limit", metavar="N", help="Reject images whose header declares more pixels (decompression bombs).")]
-NoDraftOpt = Annotated[bool, typer.Option(
-    "--no-draft", help="Decode JPEGs at full size before resizing (slower; no DCT-domain downscaling).")]
 WorkersOpt = Annotated[int, typer.Option(
     "--workers", "-j", metavar="N", help="Worker processes (0 = all cores).")]
 LimitOpt = Annotated[int | None, typer.Option("--limit", metavar="N", help="Only the first N distinct images.")]
-
-
-#: Parameter names of the decoding/resizing options above, as :func:`image_config_from_options` takes them; a
-#: command declares them with the aliases and passes ``{k: v for k, v in locals().items() if k in IMAGE_OPTION_NAMES}``.
-IMAGE_OPTION_NAMES = frozenset({
-    "resize_mode", "image_size", "interpolation", "shortest_edge", "max_pixels", "min_pixels", "background", "fill",
-    "pixel_limit", "no_draft",
-})
-
-
-def image_config_from_options(
-    *,
-    resize_mode: str = "center-crop",
-    image_size: str | None = "224",
-    interpolation: str = "bicubic",
-    shortest_edge: int | None = None,
-    max_pixels: int | None = None,
-    min_pixels: int | None = None,
-    background: str = "255,255,255",
-    fill: str = "0,0,0",
-    pixel_limit: int = 89_478_485,
-    no_draft: bool = False,
-) -> ImageConfig:
-    """Build and validate an :class:`~mmprep.images.decode.ImageConfig` from CLI option values (UsageError if bad)."""
-    from mmprep.images.decode import ImageConfig, parse_color, parse_image_size
-
-    size = parse_image_size(image_size) if image_size not in (None, "") else None
-    cfg = ImageConfig(
-        size=size,
-        resize_mode=resize_mode,
-        interpolation=interpolation.lower(),
-        background=parse_color(background),
-        fill=parse_color(fill),
-        shortest_edge=shortest_edge,
-        max_pixels=max_pixels,
-        min_pixels=min_pixels,
-        pixel_limit=pixel_limit,
-        draft=not no_draft,
-    )
-    cfg.validate()
-    return cfg
 
 
 def _local(value: str, what: str, command: str) -> str:
@@ -113,7 +65,7 @@ def _local(value: str, what: str, command: str) -> str:
 
 
 def _workers(n: int) -> int:
-    from mmprep.images.jobs import default_workers
+    from mmprep.images.pool import default_workers
 
     if n < 0:
         raise UsageError(f"--workers must be 0 (all cores) or more, got {n}")
@@ -123,7 +75,7 @@ def _workers(n: int) -> int:
 def _collect(src: str, image_root: str | None, input_format: str | None, image_column: str | None,
              allow_outside_root: bool, limit: int | None, exclude: tuple[str, ...] = (),
              command: str = "image-stats") -> ImageSet:
-    from mmprep.images.jobs import IMAGE_EXTENSIONS, collect_images
+    from mmprep.images.collect import IMAGE_EXTENSIONS, collect_images
     from mmprep.inputs.manifest import ColumnMap
 
     src = _local(src, "SRC", command)
@@ -188,7 +140,7 @@ def image_stats(
     ui = make_output(json_, quiet, verbose)
 
     def body() -> int:
-        from mmprep.images.jobs import compute_image_stats
+        from mmprep.images.stats import compute_image_stats
         from mmprep.output import to_jsonable
 
         cfg = image_config_from_options(**image_opts)
@@ -214,7 +166,7 @@ def image_stats(
             where = "the 'unreadable' list of the JSON output" if ui.json_mode else "the reasons above"
             not_written = f"; {out_file} was not written" if out_file else ""
             raise RunFailed(f"none of the {stats.images} images could be decoded{not_written}",
-                            hint=f"see {where}; the first is: " + stats.unreadable[0]["detail"])
+                            hint=f"see {where}; the first is: " + stats.unreadable[0].detail)
         return EXIT_OK
 
     run_command(ui, body)
@@ -222,13 +174,10 @@ def image_stats(
 
 def _write_text(path: Path, text: str) -> None:
     try:
-        if path.parent and not path.parent.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
+        path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise RunFailed(f"{path}: cannot write: {exc.strerror or exc}") from None
+    atomic_write(path, text.encode("utf-8"))
 
 
 def _render_stats(out: Output, r: dict[str, Any]) -> None:
@@ -325,7 +274,7 @@ def normalize_images_cmd(
         import json
 
         from mmprep.images.decode import OUTPUT_FORMATS, Normalization
-        from mmprep.images.jobs import normalize_images
+        from mmprep.images.normalize import normalize_images
         from mmprep.output import to_jsonable
 
         cfg = image_config_from_options(**image_opts)

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from mmprep.cli._app import JsonOpt, QuietOpt, VerboseOpt, app, make_output, run_command
-from mmprep.cli.cmd_images import (
+from mmprep.cli._options import (
     BackgroundOpt,
     FillOpt,
     ImageSizeOpt,
@@ -142,7 +142,7 @@ def pack_cmd(
         from mmprep.pack.config import PackConfig
         from mmprep.pack.job import pack
         from mmprep.runtime.storage import parse_storage_options
-        from mmprep.text.encoder import TextConfig
+        from mmprep.text.config import TextConfig
 
         storage_options = parse_storage_options(storage_option)
 

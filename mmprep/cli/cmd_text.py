@@ -72,8 +72,10 @@ def tokenize(
 
     def body() -> int:
         from mmprep.inputs.manifest import ColumnMap
-        from mmprep.text.encoder import TextConfig, TextEncoder
-        from mmprep.text.tokenize import check_plot_path, plot_lengths, tokenize_manifest
+        from mmprep.text.config import TextConfig
+        from mmprep.text.encoder import TextEncoder
+        from mmprep.text.lengths import check_plot_path, plot_lengths
+        from mmprep.text.tokenize import tokenize_manifest
 
         cfg = TextConfig(
             max_length=max_length,
@@ -99,7 +101,7 @@ def tokenize(
             out_.warn(note)
         columns = ColumnMap(id=id_column, images=image_column, text=text_column)
         with out_.progress(None, "tokenize", unit="rows") as bar:
-            report, hist = tokenize_manifest(
+            report = tokenize_manifest(
                 manifest, tokenizer, out, cfg, columns=columns, fmt=format, batch_size=batch_size,
                 progress=bar.update, encoder=encoder,
             )
@@ -107,7 +109,7 @@ def tokenize(
             out_.warn(note)
         if plot is not None:
             title = f"{Path(manifest).name if manifest != '-' else 'stdin'} — {Path(report.tokenizer).name}"
-            plot_lengths(hist, max_length, plot, title=title)
+            plot_lengths(report.histogram, max_length, plot, title=title)
             report.plot = plot
         _render(out_, report)
         if report.rows_in > 0 and report.rows_written == 0:

@@ -73,7 +73,7 @@ def _open(ds: PackedDataset | str | os.PathLike[str], kwargs: dict[str, Any]) ->
     return PackedDataset(ds, **kwargs)
 
 
-class PackedIterableDataset(IterableDataset):  # type: ignore[type-arg]
+class PackedIterableDataset(IterableDataset):
     """Stream a packed dataset, split over ranks and DataLoader workers, each row exactly once per epoch.
 
     Args:
@@ -154,7 +154,7 @@ class PackedIterableDataset(IterableDataset):  # type: ignore[type-arg]
                     yield {k: v[i] for k, v in tb.items()}
 
 
-class PackedTorchDataset(Dataset):  # type: ignore[type-arg]
+class PackedTorchDataset(Dataset):
     """Map-style access to a packed dataset: ``ds[i]`` is a row of tensors, ``ds.__getitems__(idx)`` a batch.
 
     Args:

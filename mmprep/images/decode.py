@@ -293,7 +293,7 @@ def parse_color(text: str | Sequence[int]) -> tuple[int, int, int]:
         except ValueError:
             values = ()
         if _is_rgb(values):
-            return values[0], values[1], values[2]  # type: ignore[misc]
+            return values[0], values[1], values[2]
         raise UsageError(f"invalid colour '{s}'", hint="use R,G,B with values 0-255, #rrggbb or a name")
     from PIL import ImageColor
 

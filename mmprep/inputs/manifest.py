@@ -12,12 +12,13 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import re
 import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Literal
+from typing import IO, Any, Literal, Protocol, cast, runtime_checkable
 
 from mmprep.errors import InputError, UsageError
 from mmprep.records import Rejected, Sample
@@ -25,6 +26,8 @@ from mmprep.records import Rejected, Sample
 __all__ = [
     "FORMATS",
     "ColumnMap",
+    "InputLocation",
+    "ManifestSource",
     "RawRecord",
     "detect_format",
     "iter_json_array",
@@ -38,6 +41,19 @@ Format = Literal["jsonl", "json", "csv", "parquet"]
 FORMATS: tuple[str, ...] = ("jsonl", "json", "csv", "parquet")
 
 _CHUNK = 1 << 20
+
+
+@runtime_checkable
+class InputLocation(Protocol):
+    """A readable location that opens itself, e.g. a remote :class:`mmprep.runtime.storage.Location`."""
+
+    def open_input(self) -> IO[bytes]:
+        """A binary file open for reading (raises InputError naming the location)."""
+        ...
+
+
+#: What the readers take: a local path, ``-`` for standard input, or an :class:`InputLocation`.
+ManifestSource = str | os.PathLike[str] | InputLocation
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,15 +71,15 @@ class RawRecord:
     fmt: str = ""  # the format it was read as; CSV cells may hold a list as JSON or as ``a|b``
 
 
-def open_binary(path: str | Path) -> IO[bytes]:
+def open_binary(path: ManifestSource) -> IO[bytes]:
     """Open a file for binary reading; ``-`` is standard input. Raises InputError naming the file.
 
     ``path`` may also be an opened remote location (anything with ``open_input()``, e.g. ``storage.Location``).
     """
     if str(path) == "-":
         return sys.stdin.buffer
-    if hasattr(path, "open_input"):
-        return path.open_input()  # type: ignore[no-any-return]
+    if isinstance(path, InputLocation):
+        return path.open_input()
     p = Path(path)
     try:
         if p.is_dir():
@@ -77,7 +93,7 @@ def open_binary(path: str | Path) -> IO[bytes]:
         raise InputError(f"{p}: cannot open: {exc.strerror or exc}") from None
 
 
-def detect_format(path: str | Path, head: bytes = b"") -> Format:
+def detect_format(path: ManifestSource, head: bytes = b"") -> Format:
     """Choose a manifest format from the extension, or from the first bytes (``head``) for stdin/unknown."""
     suffixes = [s.lower() for s in Path(str(path)).suffixes]
     ext = suffixes[-1] if suffixes else ""
@@ -104,14 +120,15 @@ def detect_format(path: str | Path, head: bytes = b"") -> Format:
     )
 
 
-def iter_records(path: str | Path, fmt: str | None = None) -> Iterator[RawRecord]:
+def iter_records(path: ManifestSource, fmt: str | None = None) -> Iterator[RawRecord]:
     """Yield every record of a manifest, in file order."""
     if fmt is not None and fmt not in FORMATS:
         raise UsageError(f"unknown format '{fmt}'", hint="choose one of " + ", ".join(FORMATS))
     name = "<stdin>" if str(path) == "-" else str(path)
     fh = open_binary(path)
     try:
-        stream = io.BufferedReader(fh, _CHUNK) if not isinstance(fh, io.BufferedReader) else fh  # type: ignore[arg-type]
+        # BufferedReader only needs read/readinto of the raw file, which every binary file has
+        stream = fh if isinstance(fh, io.BufferedReader) else io.BufferedReader(cast(io.RawIOBase, fh), _CHUNK)
         head = stream.peek(64)[:64]
         chosen = fmt or detect_format(path, head)
         if fmt is None and chosen == "jsonl" and str(path).lower().endswith(".json"):
@@ -518,7 +535,7 @@ def to_sample(rec: RawRecord, cmap: ColumnMap, *, csv_cells: bool = False) -> Sa
 
 
 def iter_samples(
-    path: str | Path,
+    path: ManifestSource,
     cmap: ColumnMap | None = None,
     *,
     fmt: str | None = None,

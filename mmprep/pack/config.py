@@ -14,7 +14,7 @@ import numpy as np
 from mmprep.errors import UsageError
 from mmprep.images.decode import ImageConfig, Normalization
 from mmprep.inputs.manifest import ColumnMap
-from mmprep.text.encoder import TextConfig
+from mmprep.text.config import TextConfig
 
 __all__ = ["COMPRESSIONS", "ENCODE_FORMATS", "PAD_MODES", "ROW_GROUP_BYTES", "PackConfig", "padded_row_group_rows"]
 

@@ -41,7 +41,7 @@ from mmprep.runtime.engines.base import Engine, InlineEngine, ProgressFn
 from mmprep.runtime.job import Chunk, JobRun, Policy, Publication, run_job
 from mmprep.runtime.outdir import ChunkEntry, OutputDir
 from mmprep.runtime.storage import Location
-from mmprep.text.encoder import inline_images
+from mmprep.text.render import inline_images
 
 __all__ = ["PackJob", "PackReport", "PackTask", "pack"]
 
@@ -149,7 +149,7 @@ class PackJob:
         self.processor = processor
         tokenizer_key = None
         if plan.cfg.tokenizer:
-            from mmprep.text.encoder import tokenizer_cache_key
+            from mmprep.text.cache import tokenizer_cache_key
 
             tokenizer_key = tokenizer_cache_key(plan.cfg.tokenizer)
         self._identity = plan.identity(tokenizer_key=tokenizer_key,

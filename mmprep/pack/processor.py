@@ -21,7 +21,8 @@ from mmprep.images.decode import ImageError, encode_image, to_output
 from mmprep.images.sources import ImageSource, LoadedImage
 from mmprep.pack.config import PackConfig
 from mmprep.records import Rejected, RowReject, Sample
-from mmprep.text.encoder import TextError, inline_images
+from mmprep.text.config import TextError
+from mmprep.text.render import inline_images
 
 __all__ = ["ChunkResult", "PackedRow", "SampleProcessor"]
 

@@ -203,7 +203,7 @@ class Location:
     def open_input(self) -> IO[bytes]:
         """A seekable binary file (raises InputError naming the location)."""
         try:
-            return self.fs.open_input_file(self.path)  # type: ignore[no-any-return]
+            return self.fs.open_input_file(self.path)
         except FileNotFoundError:
             raise InputError(f"{self}: no such file") from None
         except OSError as exc:
@@ -213,7 +213,7 @@ class Location:
         if self.local:
             return Path(self.path).read_bytes()
         with self.fs.open_input_stream(self.path) as f:
-            return f.read()  # type: ignore[no-any-return]
+            return f.read()
 
     def size(self) -> int | None:
         """The file's size, or None when there is no such file (a link or folder is no file here)."""

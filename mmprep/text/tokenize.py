@@ -28,27 +28,30 @@ The Parquet schema metadata key ``mmprep`` records the tokenizer and settings.
 
 from __future__ import annotations
 
-import io
+import contextlib
+import copy
 import json
 import os
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
-from mmprep.errors import MissingDependencyError, RunFailed, UsageError
+from mmprep.errors import RunFailed, UsageError
 from mmprep.inputs.manifest import ColumnMap, iter_samples
 from mmprep.records import Rejected, Sample
-from mmprep.text.encoder import LengthHistogram, TextConfig, TextEncoder, TextError, TokenBatch, sample_image_count
+from mmprep.runtime.files import atomic_write
+from mmprep.text.config import TextConfig, TextError, TokenBatch
+from mmprep.text.encoder import TextEncoder
+from mmprep.text.lengths import LengthHistogram
+from mmprep.text.render import sample_image_count
 
 __all__ = [
     "TokenizeReport",
-    "check_plot_path",
-    "plot_lengths",
     "rejects_path_for",
     "token_table",
     "tokenize_manifest",
@@ -72,6 +75,8 @@ class TokenizeReport:
         lengths: the length report (see :meth:`LengthHistogram.summary`), over written rows.
         tokens: real (unpadded) tokens written; ``tokens_per_s`` over the whole run, file reading included.
         duplicate_ids: written rows whose id an earlier row already used (see the module docs).
+        histogram: the token-count histogram of the written rows (for :func:`mmprep.text.lengths.plot_lengths`);
+            not part of :meth:`to_dict`, which holds its summary as ``lengths``.
     """
 
     manifest: str
@@ -90,9 +95,10 @@ class TokenizeReport:
     tokens_per_s: float = 0.0
     warnings: list[str] = field(default_factory=list)
     plot: str | None = None
+    histogram: LengthHistogram = field(default_factory=LengthHistogram, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(self) if f.name != "histogram"}
 
 
 def rejects_path_for(out: str | os.PathLike[str]) -> Path:
@@ -147,18 +153,6 @@ def _check_paths(manifest: str, out: Path) -> None:
         raise UsageError(f"--out {out} is the input manifest", hint="write the tokens to another file")
 
 
-def check_plot_path(plot: str | os.PathLike[str]) -> None:
-    """Raise :class:`UsageError` when a ``--plot`` file cannot be written there (checked before any work)."""
-    path = Path(plot)
-    if path.is_dir():
-        raise UsageError(f"--plot {path}: is a directory", hint="pass a file name such as lengths.png")
-    parent = path.parent
-    if not parent.is_dir():
-        raise UsageError(f"--plot {path}: the directory {parent} does not exist", hint="create it first")
-    if not os.access(parent, os.W_OK):
-        raise UsageError(f"--plot {path}: the directory {parent} is not writable", hint="choose another directory")
-
-
 def tokenize_manifest(
     manifest: str,
     tokenizer_dir: str | os.PathLike[str],
@@ -170,7 +164,7 @@ def tokenize_manifest(
     batch_size: int = 1024,
     progress: Callable[[int], None] | None = None,
     encoder: TextEncoder | None = None,
-) -> tuple[TokenizeReport, LengthHistogram]:
+) -> TokenizeReport:
     """Tokenise the text of every manifest row into ``out`` (Parquet) and ``<out>.rejected.jsonl``.
 
     Reads the manifest as a stream and encodes ``batch_size`` rows at a time (fewer when ``max_length`` is very
@@ -188,7 +182,7 @@ def tokenize_manifest(
         encoder: an already constructed encoder for ``tokenizer_dir``/``cfg`` (else one is built).
 
     Returns:
-        The report and the token-count histogram of the written rows.
+        The report; ``report.histogram`` is the token-count histogram of the written rows.
 
     Raises:
         InputError, UsageError: unreadable manifest or tokenizer, bad settings (nothing is written).
@@ -215,7 +209,7 @@ def tokenize_samples(
     batch_size: int = 1024,
     progress: Callable[[int], None] | None = None,
     source: str = "<samples>",
-) -> tuple[TokenizeReport, LengthHistogram]:
+) -> TokenizeReport:
     """:func:`tokenize_manifest` for samples already read (e.g. by :func:`mmprep.inputs.manifest.iter_samples`).
 
     ``items`` may hold :class:`Rejected` rows from reading; they go to the rejects file and count as rows read.
@@ -242,7 +236,7 @@ def _write_tokens(
     batch_size: int,
     progress: Callable[[int], None] | None,
     started: float,
-) -> tuple[TokenizeReport, LengthHistogram]:
+) -> TokenizeReport:
     # Rows per tokenizer call and per row group, bounded so padded arrays stay within _BUFFER_BYTES.
     max_rows = max(1, _BUFFER_BYTES // (_BYTES_PER_POSITION * cfg.max_length))
     batch_size = min(batch_size, max_rows)
@@ -256,11 +250,9 @@ def _write_tokens(
         config=asdict(cfg) | {"pad_token_id": enc.pad_token_id},
         warnings=list(enc.warnings),
     )
-    hist = LengthHistogram()
+    hist = report.histogram
     reasons: Counter[str] = Counter()
     first_dup = ""
-    tmp_out = out_path.with_name(f".{out_path.name}.tmp-{os.getpid()}")
-    tmp_rej = rej_path.with_name(f".{rej_path.name}.tmp-{os.getpid()}")
 
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -273,14 +265,15 @@ def _write_tokens(
         "pad_token_id": enc.pad_token_id,
         **asdict(cfg),
     }
-    writer = None
-    try:
+
+    def fill(out_fh: BinaryIO, rej_fh: BinaryIO) -> None:
+        """Stream every row into the Parquet file or the rejects file (both open under temporary names)."""
+        nonlocal first_dup
         try:
-            writer = pq.ParquetWriter(str(tmp_out), _schema(cfg.max_length, metadata))
-            rej_fh = tmp_rej.open("w", encoding="utf-8")
+            writer = pq.ParquetWriter(out_fh, _schema(cfg.max_length, metadata))
         except OSError as exc:
             raise RunFailed(f"{out_path}: cannot write: {exc.strerror or exc}") from None
-        with rej_fh:
+        try:
             texts: list[str] = []
             ids: list[str] = []
             lines: list[int] = []
@@ -289,7 +282,7 @@ def _write_tokens(
 
             def reject(item: Rejected) -> None:
                 reasons[item.reason] += 1
-                rej_fh.write(json.dumps(item.to_dict(), ensure_ascii=False) + "\n")
+                rej_fh.write((json.dumps(item.to_dict(), ensure_ascii=False) + "\n").encode("utf-8"))
 
             def flush_batch() -> None:
                 nonlocal pending_rows
@@ -320,7 +313,6 @@ def _write_tokens(
                 if isinstance(item, Rejected):
                     reject(item)
                     continue
-                assert isinstance(item, Sample)
                 try:
                     rendered = enc.render(item.text, sample_id=item.id, image_count=sample_image_count(item))
                 except TextError as exc:
@@ -340,16 +332,16 @@ def _write_tokens(
                 flush_batch()
             flush_rows()
             writer.close()
-            writer = None
-        os.replace(tmp_rej, rej_path)
-        os.replace(tmp_out, out_path)
-    except OSError as exc:
-        raise RunFailed(f"{out_path}: cannot write: {exc.strerror or exc}") from None
-    finally:
-        if writer is not None:
-            writer.close()
-        for tmp in (tmp_out, tmp_rej):
-            tmp.unlink(missing_ok=True)
+        except BaseException as exc:
+            with contextlib.suppress(Exception):  # the writer must not outlive the file it writes into
+                writer.close()
+            if isinstance(exc, OSError):  # the Parquet writer (ArrowIOError is an OSError) or the rejects file
+                raise RunFailed(f"{out_path}: cannot write: {exc.strerror or exc}") from None
+            raise
+
+    # Both files are written under temporary names; the rejects file is renamed first, then the Parquet file.
+    atomic_write(out_path, lambda out_fh: atomic_write(rej_path, lambda rej_fh: fill(out_fh, rej_fh), fsync=False),
+                 fsync=False)
     if report.duplicate_ids:
         report.warnings.append(
             f"{report.duplicate_ids:,} written row(s) reuse an id of an earlier row ({first_dup}); they are kept "
@@ -360,69 +352,4 @@ def _write_tokens(
     report.lengths = hist.summary(cfg.max_length)
     report.seconds = time.perf_counter() - started
     report.tokens_per_s = report.tokens / report.seconds if report.seconds > 0 else 0.0
-    return report, hist
-
-
-_TITLE_CHARS = 70
-
-
-def _short_title(title: str) -> str:
-    """A title that fits the figure: long ones keep their start and end around an ellipsis."""
-    if len(title) <= _TITLE_CHARS:
-        return title
-    keep = _TITLE_CHARS - 1
-    return title[: keep // 2] + "…" + title[len(title) - (keep - keep // 2) :]
-
-
-def _length_bins(counts: np.ndarray, max_length: int, max_bins: int = 120) -> tuple[np.ndarray, np.ndarray, int]:
-    """Histogram bins over token counts: ``(starts, rows, width)``, bin ``k`` holding counts ``starts[k] ..
-    starts[k] + width - 1``. Bins are aligned so that ``max_length + 1`` starts a bin: no bin mixes kept rows with
-    truncated ones."""
-    top = len(counts)
-    width = max(1, int(np.ceil(top / max_bins)))
-    first = (max_length + 1) % width
-    first = first - width if first else 0  # the first bin start, <= 0 (count 0 falls in the first bin)
-    binned = np.bincount((np.arange(top) - first) // width, weights=counts).astype(np.int64)
-    return first + width * np.arange(len(binned)), binned, width
-
-
-def plot_lengths(hist: LengthHistogram, max_length: int, path: str | os.PathLike[str], *, title: str = "") -> None:
-    """Draw the token-count histogram with the max length (and the 99% length) marked, as a PNG.
-
-    The PNG is written under a temporary name and renamed. Long titles are shortened around an ellipsis.
-
-    Raises:
-        MissingDependencyError: matplotlib is not installed (extra ``plot``).
-        RunFailed: the file could not be written.
-    """
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-        from matplotlib.ticker import MaxNLocator
-    except ImportError:
-        raise MissingDependencyError("matplotlib", "plot", purpose="--plot") from None
-    from mmprep.runtime.files import atomic_write as atomic_write_bytes
-
-    fig = Figure(figsize=(8, 4.5), dpi=100)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
-    if hist.total:
-        starts, rows, width = _length_bins(hist.counts, max_length)
-        # Count n is drawn over [n - 0.5, n + 0.5): the max-length line at L + 0.5 is a bin edge and splits kept
-        # rows from truncated ones.
-        ax.bar(starts - 0.5, rows, width=width, align="edge", color="#4C72B0", linewidth=0)
-        summary = hist.summary(max_length)
-        ax.axvline(
-            max_length + 0.5, color="#C44E52", linestyle="--",
-            label=f"max length {max_length} ({summary['truncated_pct']:.1f}% truncated)",
-        )
-        ax.axvline(summary["covers_99_pct"] + 0.5, color="#555555", linestyle=":",
-                   label=f"99% of rows fit in {summary['covers_99_pct']}")
-        ax.legend(loc="upper right")
-    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("tokens per row (before truncation)")
-    ax.set_ylabel("rows")
-    ax.set_title(_short_title(title or "token counts"), fontsize="medium")
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    atomic_write_bytes(path, buf.getvalue())
+    return report
