@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
@@ -37,7 +36,8 @@ from mmprep.pack.plan import PackPlan, plan_pack, rereadable
 from mmprep.pack.processor import SampleProcessor
 from mmprep.pack.writer import write_shard
 from mmprep.records import Rejected, Sample
-from mmprep.runtime.engines.base import Engine, InlineEngine, ProgressFn
+from mmprep.runtime.engines import make_engine
+from mmprep.runtime.engines.base import ProgressFn
 from mmprep.runtime.job import Chunk, JobRun, Policy, Publication, run_job
 from mmprep.runtime.outdir import ChunkEntry, OutputDir
 from mmprep.runtime.storage import Location
@@ -187,15 +187,16 @@ class PackJob:
             return None  # an image changed since the shard was written: redo the chunk
         return rec
 
-    def accept(self, record: ChunkRecord, out: OutputDir) -> None:
-        if not out.visible(record.shard.path, record.shard.bytes):
+    def accept(self, record: ChunkRecord, out: OutputDir | None) -> ChunkRecord:
+        if out is not None and not out.visible(record.shard.path, record.shard.bytes):
             raise RunFailed(
                 f"shard {record.shard.path} written by a worker is not visible in {out}",
                 hint="on a multi-node cluster --out must be storage every node shares (a shared mount or an object "
                      "store such as s3://)",
             )
+        return record
 
-    def finish(self, records: list[ChunkRecord], run: JobRun[ChunkRecord], out: OutputDir) -> Publication:
+    def finish(self, records: list[ChunkRecord], run: JobRun[ChunkRecord], out: OutputDir | None) -> Publication:
         rejected = sorted((r for rec in records for r in rec.rejected), key=lambda r: r.line)
         hist: Counter[str] = Counter()
         for rec in records:
@@ -223,28 +224,6 @@ class PackJob:
 
 def _is_shard_name(name: str) -> bool:
     return name.startswith("shard-") and name.endswith(".parquet") and name[6:-8].isdigit()
-
-
-def make_engine(engine: str, workers: int | None, *, ray_address: str | None, progress: bool) -> Engine:
-    """The engine for ``--engine``/``--workers`` (a local pool starts its workers now, to warm up while planning).
-
-    Raises:
-        UsageError: an unknown engine, a bad worker count, Ray missing or its address unreachable.
-    """
-    if engine not in ("local", "ray"):
-        raise UsageError(f"--engine must be local or ray, got '{engine}'")
-    if workers is not None and workers < 1:
-        raise UsageError(f"--workers must be at least 1, got {workers}", hint="leave it out to use every core")
-    if engine == "ray":
-        from mmprep.runtime.engines.ray import RayEngine
-
-        return RayEngine(workers, ray_address, size_of=lambda chunk: chunk.size)
-    n = workers or os.cpu_count() or 1
-    if n == 1:
-        return InlineEngine()
-    from mmprep.runtime.engines.local import LocalEngine
-
-    return LocalEngine(n, with_progress=progress, preload=_PRELOAD)
 
 
 def pack(
@@ -281,7 +260,8 @@ def pack(
     cfg.validate()
     if resume and not rereadable(cfg.manifest):
         raise UsageError("--resume needs a manifest file, not stdin or a pipe")
-    with make_engine(engine, workers, ray_address=ray_address, progress=progress is not None) as eng:
+    with make_engine(engine, workers, ray_address=ray_address, progress=progress is not None, preload=_PRELOAD,
+                     size_of=lambda chunk: chunk.size) as eng:
         plan = plan_pack(cfg, storage_options, workers=eng.workers, engine=engine)
         if on_total is not None and plan.total is not None:
             on_total(plan.total)

@@ -18,6 +18,7 @@ in the worker). :func:`run_job` owns everything around that, once for all jobs:
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import resource
 import time
@@ -47,13 +48,7 @@ class Chunk(Generic[T]):
 
 
 class Reject(Protocol):
-    """A rejected input row, as the runtime reads it."""
-
-    @property
-    def line(self) -> int: ...
-
-    @property
-    def stage(self) -> str: ...
+    """A rejected input row (or item), as the runtime reads it."""
 
     @property
     def reason(self) -> str: ...
@@ -162,11 +157,13 @@ class Job(Protocol[T, R]):
         """The record of a chunk an earlier run finished, if it still holds (files intact, inputs unchanged)."""
         ...
 
-    def accept(self, record: R, out: OutputDir) -> None:
-        """Take one record in the parent (checks, bookkeeping); raise to stop the run."""
+    def accept(self, record: R, out: OutputDir | None) -> R:
+        """Take one record in the parent (checks, bookkeeping, writing it where it goes); raise to stop the run.
+
+        Returns what the runtime keeps of it until :meth:`finish` (drop bulky parts already written)."""
         ...
 
-    def finish(self, records: list[R], run: JobRun[R], out: OutputDir) -> Publication:
+    def finish(self, records: list[R], run: JobRun[R], out: OutputDir | None) -> Publication:
         """The files to publish once every chunk is done (``run.failed`` says whether the run failed)."""
         ...
 
@@ -186,9 +183,11 @@ def _failure(policy: Policy, read: int, written: int, rejected: int, by_reason: 
 
 def _check_fail_fast(policy: Policy, record: JobRecord) -> None:
     if policy.on_error == "fail" and record.rejected:
-        first = min(record.rejected, key=lambda r: r.line)
+        first = record.rejected[0]  # records list their rejects in input order
+        stage = getattr(first, "stage", "")
         raise RunFailed(
-            f"--on-error fail: {first.detail or first.reason} (stage {first.stage}, reason {first.reason})",
+            f"--on-error fail: {first.detail or first.reason} ({f'stage {stage}, ' if stage else ''}reason "
+            f"{first.reason})",
             hint="fix that row, or use --on-error skip to write bad rows to the rejects file and go on",
         )
 
@@ -203,7 +202,7 @@ def peak_rss_mb() -> float:
 def run_job(
     job: Job[T, R],
     engine: Engine,
-    out: OutputDir,
+    out: OutputDir | None,
     *,
     policy: Policy = Policy(),
     progress: ProgressFn | None = None,
@@ -214,7 +213,8 @@ def run_job(
     Args:
         job: the job.
         engine: where the tasks run (already started, so its workers warm up while the job plans).
-        out: the output folder (not yet opened; this opens, locks and closes it).
+        out: the output folder (not yet opened; this opens, locks and closes it), or None for a job that writes
+            its output itself as records arrive (no resume, nothing published here).
         policy: when the run fails.
         progress: called with ``(rows, images)`` increments.
         started: when the run began (``time.perf_counter()``), for the statistics.
@@ -226,31 +226,30 @@ def run_job(
     t0 = started if started is not None else time.perf_counter()
     records: list[R] = []
     resumed = 0
-    order: list[tuple[int, R]] = []  # records waiting for an earlier chunk (ordered jobs)
+    order: list[tuple[int, int, R]] = []  # records waiting for an earlier chunk (ordered jobs)
     next_index = [0]
     report = progress if progress is not None and engine.streams_progress else None
 
     def take(record: R) -> None:
         _check_fail_fast(policy, record)
         if not job.ordered:
-            job.accept(record, out)
-            records.append(record)
+            records.append(job.accept(record, out))
             return
-        heapq.heappush(order, (record.index, record))
+        heapq.heappush(order, (record.index, id(record), record))
         while order and order[0][0] == next_index[0]:
-            _, rec = heapq.heappop(order)
-            job.accept(rec, out)
-            records.append(rec)
+            rec = heapq.heappop(order)[2]
+            records.append(job.accept(rec, out))
             next_index[0] += 1
 
-    with out:
-        out.open(job.identity())
+    with out if out is not None else contextlib.nullcontext():
+        if out is not None:
+            out.open(job.identity())
 
         def pending() -> Iterator[Chunk[T]]:
             nonlocal resumed
             for chunk in job.chunks():
-                entry = out.finished(chunk.index)
-                kept = job.restore(entry, chunk, out) if entry is not None else None
+                entry = out.finished(chunk.index) if out is not None else None
+                kept = job.restore(entry, chunk, out) if entry is not None and out is not None else None
                 if kept is None:
                     yield chunk
                     continue
@@ -260,12 +259,13 @@ def run_job(
                 take(kept)
 
         for record in engine.map(job.task(), pending(), report):
-            out.save(record.index, record.to_json(), record.files)
+            if out is not None:
+                out.save(record.index, record.to_json(), record.files)
             if progress is not None and report is None:
                 progress(record.items, record.images)
             take(record)
         if order:
-            raise RunFailed(f"internal error: chunks {sorted(i for i, _ in order)[:5]} finished but an earlier one "
+            raise RunFailed(f"internal error: chunks {sorted(o[0] for o in order)[:5]} finished but an earlier one "
                             "never did")
         records.sort(key=lambda r: r.index)
         read = sum(r.items for r in records)
@@ -281,14 +281,15 @@ def run_job(
             workers=engine.workers, peak_rss_mb=0.0, stats=dict(engine.stats),
         )
         publication = job.finish(records, run, out)
-        for name, data in publication.files:
-            out.write(name, data)
         run.seconds = time.perf_counter() - t0
         run.peak_rss_mb = peak_rss_mb()
-        if publication.stats_name is not None:
-            out.write(publication.stats_name, dumps_json(run_stats(run)))
-        if publication.index is not None and run.failed is None:
-            out.write(*publication.index)  # last: its presence means the output is complete
+        if out is not None:
+            for name, data in publication.files:
+                out.write(name, data)
+            if publication.stats_name is not None:
+                out.write(publication.stats_name, dumps_json(run_stats(run)))
+            if publication.index is not None and run.failed is None:
+                out.write(*publication.index)  # last: its presence means the output is complete
     return run
 
 

@@ -34,7 +34,7 @@ import json
 import os
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -44,7 +44,9 @@ import numpy as np
 from mmprep.errors import RunFailed, UsageError
 from mmprep.inputs.manifest import ColumnMap, iter_samples
 from mmprep.records import Rejected, Sample
+from mmprep.runtime.engines.base import InlineEngine, ProgressFn
 from mmprep.runtime.files import atomic_write
+from mmprep.runtime.job import Chunk, Policy, Publication, run_job
 from mmprep.text.config import TextConfig, TextError, TokenBatch
 from mmprep.text.encoder import TextEncoder
 from mmprep.text.lengths import LengthHistogram
@@ -225,6 +227,156 @@ def tokenize_samples(
     )
 
 
+@dataclass
+class TokenChunk:
+    """One chunk of rows, tokenised (a runtime record): the table of its written rows and its rejects."""
+
+    index: int
+    items: int
+    rejected: list[Rejected]
+    ids: list[str]
+    lines: list[int]
+    table: Any  # pyarrow Table of the written rows (None once written)
+    n_tokens: Any  # numpy int array: tokens per written row, before truncation
+    tokens: int
+    written: int
+    source: str = ""
+
+    @property
+    def rows(self) -> int:
+        return self.written
+
+    @property
+    def images(self) -> int:
+        return 0
+
+    @property
+    def files(self) -> tuple[str, ...]:
+        return ()
+
+    def to_json(self) -> dict[str, Any]:
+        return {"index": self.index, "items": self.items}
+
+
+@dataclass(frozen=True)
+class TokenizeTask:
+    """Render and tokenise one chunk of manifest items (rows that cannot be rendered become rejects)."""
+
+    encoder: TextEncoder
+
+    def __call__(self, chunk: Chunk[list[Sample | Rejected]], progress: ProgressFn | None) -> TokenChunk:
+        enc = self.encoder
+        rejected: list[Rejected] = []
+        texts: list[str] = []
+        ids: list[str] = []
+        lines: list[int] = []
+        for item in chunk.items:
+            if isinstance(item, Rejected):
+                rejected.append(item)
+                continue
+            try:
+                texts.append(enc.render(item.text, sample_id=item.id, image_count=sample_image_count(item)))
+            except TextError as exc:
+                rejected.append(Rejected(item.line, item.id, "text", exc.reason,
+                                         f"{item.source}:{item.line}: {exc.detail}"))
+                continue
+            ids.append(item.id)
+            lines.append(item.line)
+        table, n_tokens, tokens = None, np.zeros(0, dtype=np.int32), 0
+        if texts:
+            batch = enc.encode_batch(texts)
+            table, n_tokens = token_table(batch, ids, lines), batch.n_tokens
+            tokens = int(batch.attention_mask.sum(dtype=np.int64))
+        if progress is not None:
+            progress(chunk.size, 0)
+        source = next((it.source for it in chunk.items if isinstance(it, Sample)), "")
+        return TokenChunk(chunk.index, chunk.size, rejected, ids, lines, table, n_tokens, tokens, len(ids), source)
+
+
+class TokenizeJob:
+    """``tokenize`` on the job runtime: chunks of ``batch_size`` rows, tokenised in order and streamed into one
+    Parquet file (row groups of ``group_rows``) and the rejects file."""
+
+    ordered = True
+
+    def __init__(self, items: Iterable[Sample | Rejected], encoder: TextEncoder, report: TokenizeReport, *,
+                 batch_size: int, group_rows: int, writer: Any, rejects: BinaryIO) -> None:
+        self.items = items
+        self.encoder = encoder
+        self.report = report
+        self.batch_size = batch_size
+        self.group_rows = group_rows
+        self.writer = writer
+        self.rejects = rejects
+        self.pending: list[Any] = []
+        self.pending_rows = 0
+        self.seen: dict[str, int] = {}
+        self.reasons: Counter[str] = Counter()
+        self.first_dup = ""
+
+    def identity(self) -> dict[str, Any]:
+        return {}
+
+    def chunks(self) -> Iterator[Chunk[list[Sample | Rejected]]]:
+        chunk: list[Sample | Rejected] = []
+        accepted = 0
+        index = 0
+        for item in self.items:
+            chunk.append(item)
+            accepted += isinstance(item, Sample)
+            if accepted >= self.batch_size:  # a tokenizer call per batch_size rows
+                yield Chunk(index, chunk, len(chunk))
+                index, chunk, accepted = index + 1, [], 0
+        if chunk:
+            yield Chunk(index, chunk, len(chunk))
+
+    def task(self) -> TokenizeTask:
+        return TokenizeTask(self.encoder)
+
+    def restore(self, entry: Any, chunk: Any, out: Any) -> None:
+        return None  # one output file, written in order: nothing to resume
+
+    def accept(self, record: TokenChunk, out: Any) -> TokenChunk:
+        report = self.report
+        for rej in record.rejected:
+            self.reasons[rej.reason] += 1
+            self.rejects.write((json.dumps(rej.to_dict(), ensure_ascii=False) + "\n").encode("utf-8"))
+        for sid, line in zip(record.ids, record.lines, strict=True):
+            first = self.seen.setdefault(sid, line)
+            if first != line:
+                if not report.duplicate_ids:
+                    self.first_dup = f"{record.source}:{line}: id '{sid}' already used on line {first}"
+                report.duplicate_ids += 1
+        report.rows_in += record.items
+        report.rows_written += record.rows
+        report.tokens += record.tokens
+        report.histogram.add(record.n_tokens)
+        if record.table is not None:
+            self.pending.append(record.table)
+            self.pending_rows += record.rows
+            while self.pending_rows >= self.group_rows:
+                self._write_group(self.group_rows)
+        return TokenChunk(record.index, record.items, record.rejected, [], [], None, None, record.tokens,
+                          record.written, record.source)
+
+    def _write_group(self, rows: int) -> None:
+        import pyarrow as pa
+
+        table = pa.concat_tables(self.pending)
+        self.writer.write_table(table.slice(0, rows))
+        rest = table.slice(rows)
+        self.pending = [rest] if rest.num_rows else []
+        self.pending_rows = rest.num_rows
+
+    def close(self) -> None:
+        if self.pending_rows:
+            self._write_group(self.pending_rows)
+        self.writer.close()
+
+    def finish(self, records: list[TokenChunk], run: Any, out: Any) -> Publication:
+        return Publication()
+
+
 def _write_tokens(
     items: Iterable[Sample | Rejected],
     out_path: Path,
@@ -241,6 +393,7 @@ def _write_tokens(
     max_rows = max(1, _BUFFER_BYTES // (_BYTES_PER_POSITION * cfg.max_length))
     batch_size = min(batch_size, max_rows)
     flush_at = min(_FLUSH_ROWS, max_rows)
+    group_rows = -(-flush_at // batch_size) * batch_size  # whole tokenizer batches per row group
     rej_path = rejects_path_for(out_path)
     report = TokenizeReport(
         manifest=manifest,
@@ -250,11 +403,6 @@ def _write_tokens(
         config=asdict(cfg) | {"pad_token_id": enc.pad_token_id},
         warnings=list(enc.warnings),
     )
-    hist = report.histogram
-    reasons: Counter[str] = Counter()
-    first_dup = ""
-
-    import pyarrow as pa
     import pyarrow.parquet as pq
 
     metadata = {
@@ -265,73 +413,21 @@ def _write_tokens(
         "pad_token_id": enc.pad_token_id,
         **asdict(cfg),
     }
+    jobs: list[TokenizeJob] = []
 
     def fill(out_fh: BinaryIO, rej_fh: BinaryIO) -> None:
         """Stream every row into the Parquet file or the rejects file (both open under temporary names)."""
-        nonlocal first_dup
         try:
             writer = pq.ParquetWriter(out_fh, _schema(cfg.max_length, metadata))
         except OSError as exc:
             raise RunFailed(f"{out_path}: cannot write: {exc.strerror or exc}") from None
+        job = TokenizeJob(items, enc, report, batch_size=batch_size, group_rows=group_rows, writer=writer,
+                          rejects=rej_fh)
+        jobs.append(job)
         try:
-            texts: list[str] = []
-            ids: list[str] = []
-            lines: list[int] = []
-            pending: list[Any] = []
-            pending_rows = 0
-
-            def reject(item: Rejected) -> None:
-                reasons[item.reason] += 1
-                rej_fh.write((json.dumps(item.to_dict(), ensure_ascii=False) + "\n").encode("utf-8"))
-
-            def flush_batch() -> None:
-                nonlocal pending_rows
-                batch = enc.encode_batch(texts)
-                hist.add(batch.n_tokens)
-                report.tokens += int(batch.attention_mask.sum(dtype=np.int64))
-                pending.append(token_table(batch, ids, lines))
-                pending_rows += len(texts)
-                report.rows_written += len(texts)
-                if progress is not None:
-                    progress(len(texts))
-                texts.clear()
-                ids.clear()
-                lines.clear()
-                if pending_rows >= flush_at:
-                    flush_rows()
-
-            def flush_rows() -> None:
-                nonlocal pending_rows
-                if pending:
-                    writer.write_table(pa.concat_tables(pending))
-                    pending.clear()
-                    pending_rows = 0
-
-            seen: dict[str, int] = {}
-            for item in items:
-                report.rows_in += 1
-                if isinstance(item, Rejected):
-                    reject(item)
-                    continue
-                try:
-                    rendered = enc.render(item.text, sample_id=item.id, image_count=sample_image_count(item))
-                except TextError as exc:
-                    reject(Rejected(item.line, item.id, "text", exc.reason, f"{item.source}:{item.line}: {exc.detail}"))
-                    continue
-                first = seen.setdefault(item.id, item.line)
-                if first != item.line:
-                    if not report.duplicate_ids:
-                        first_dup = f"{item.source}:{item.line}: id '{item.id}' already used on line {first}"
-                    report.duplicate_ids += 1
-                texts.append(rendered)
-                ids.append(item.id)
-                lines.append(item.line)
-                if len(texts) >= batch_size:
-                    flush_batch()
-            if texts:
-                flush_batch()
-            flush_rows()
-            writer.close()
+            run_job(job, InlineEngine(), None, policy=Policy(require_rows=False),
+                    progress=(lambda rows, _images: progress(rows)) if progress is not None else None)
+            job.close()
         except BaseException as exc:
             with contextlib.suppress(Exception):  # the writer must not outlive the file it writes into
                 writer.close()
@@ -342,6 +438,9 @@ def _write_tokens(
     # Both files are written under temporary names; the rejects file is renamed first, then the Parquet file.
     atomic_write(out_path, lambda out_fh: atomic_write(rej_path, lambda rej_fh: fill(out_fh, rej_fh), fsync=False),
                  fsync=False)
+    job = jobs[0]
+    reasons, first_dup = job.reasons, job.first_dup
+    hist = report.histogram
     if report.duplicate_ids:
         report.warnings.append(
             f"{report.duplicate_ids:,} written row(s) reuse an id of an earlier row ({first_dup}); they are kept "
