@@ -219,3 +219,41 @@ def test_disk_full_while_writing_the_run_statistics_publishes_no_index(corpus: P
     res = run(str(corpus), "--out", str(out))
     assert res.exit_code == 1 and "run-stats.json" in res.stderr and "No space left" in res.stderr
     assert not (out / "index.json").exists() and not temp_files(out)  # what is on disk agrees with exit 1
+
+
+# -- normalize-images: no writes through links --------------------------------------------------------------------
+
+
+def _image_tree(root: Path) -> Path:
+    (root / "sub").mkdir(parents=True)
+    Image.new("RGB", (20, 10), (200, 10, 10)).save(root / "a.png")
+    Image.new("RGB", (20, 10), (10, 200, 10)).save(root / "sub" / "b.png")
+    return root
+
+
+def test_normalize_images_refuses_a_symlinked_output_record(tmp_path: Path) -> None:
+    src = _image_tree(tmp_path / "src")
+    victim = tmp_path / "victim.jsonl"
+    victim.write_text("mine\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "normalize-images.outputs.jsonl").symlink_to(victim)
+    res = runner.invoke(app, ["normalize-images", str(src), "--out", str(out), "--image-size", "8"])
+    assert res.exit_code != 0 and "symbolic link" in res.stderr, res.stderr
+    assert victim.read_text() == "mine\n"
+
+
+def test_normalize_images_writes_nothing_through_a_symlinked_subfolder(tmp_path: Path) -> None:
+    src = _image_tree(tmp_path / "src")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "sub").symlink_to(elsewhere, target_is_directory=True)
+    res = runner.invoke(app, ["normalize-images", str(src), "--out", str(out), "--image-size", "8", "--json"])
+    assert list(elsewhere.iterdir()) == []
+    assert (out / "a.png").is_file()
+    report = json.loads(res.stdout)
+    assert report["written"] == 1 and report["reasons"] == {"write_failed": 1}
+    rej = [json.loads(line) for line in (out / "rejects.jsonl").read_text().splitlines()]
+    assert rej[0]["path"].endswith("b.png") and "symbolic link" in rej[0]["detail"]

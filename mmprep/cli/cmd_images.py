@@ -65,10 +65,11 @@ def _local(value: str, what: str, command: str) -> str:
 
 
 def _workers(n: int) -> int:
-    from mmprep.images.pool import default_workers
+    from mmprep.runtime.engines import MAX_WORKERS
+    from mmprep.runtime.engines.base import default_workers
 
-    if n < 0:
-        raise UsageError(f"--workers must be 0 (all cores) or more, got {n}")
+    if not 0 <= n <= MAX_WORKERS:
+        raise UsageError(f"--workers must be 0 (all cores) to {MAX_WORKERS}, got {n}")
     return n or default_workers()
 
 

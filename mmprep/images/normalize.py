@@ -9,10 +9,10 @@ import json
 import os
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from mmprep.errors import InputError, RunFailed, UsageError
 from mmprep.images.collect import ImageItem, ImageSet
@@ -25,8 +25,10 @@ from mmprep.images.decode import (
     load_image,
     to_output,
 )
-from mmprep.images.pool import parallel_map
-from mmprep.runtime.files import atomic_write
+from mmprep.runtime.engines import make_engine
+from mmprep.runtime.engines.base import ProgressFn
+from mmprep.runtime.files import atomic_write, ensure_dir, open_append
+from mmprep.runtime.job import Chunk, Policy, Publication, run_job
 
 __all__ = ["RECORD_NAME", "NormalizeReport", "normalize_images"]
 
@@ -69,16 +71,17 @@ def _target(relpath: str, fmt: str) -> str:
     return stem + _EXT[fmt]
 
 
-def _write_file(path: str, data: bytes, *, fsync: bool = True) -> None:
+def _write_file(path: str, data: bytes, *, root: str | None = None, fsync: bool = True) -> None:
     """Write ``data`` to ``path`` under a temporary name and rename it (:func:`~mmprep.runtime.files.atomic_write`),
-    creating its folder first.
+    creating its folder first; with ``root``, no folder between ``root`` and the file may be a symbolic link (an
+    output for ``sub/x.jpg`` never lands outside the output folder through a linked ``sub``).
 
     Raises:
         OSError: the folder cannot be created.
         RunFailed: the file cannot be written.
-        UsageError: ``path`` is a symbolic link.
+        UsageError: ``path`` or a folder on the way is a symbolic link.
     """
-    os.makedirs(os.path.dirname(path) or os.curdir, exist_ok=True)  # a bare name lies in the current folder
+    ensure_dir(os.path.dirname(path) or os.curdir, root=root)  # a bare name lies in the current folder
     atomic_write(path, data, fsync=fsync)
 
 
@@ -161,7 +164,7 @@ def _normalize_one(task: _Task, job: _NormalizeJob) -> _Outcome:
     arr = to_output(dec.array, job.norm) if job.fmt == "npy" else dec.array
     data = encode_image(arr, job.fmt, job.quality)
     try:
-        _write_file(dest, data, fsync=False)  # one fsync per image would cost more than the decode
+        _write_file(dest, data, root=job.out_dir, fsync=False)  # an fsync per image would cost more than the decode
     except OSError as exc:
         return _Outcome("rejected", item.ref, out_rel, "write_failed", f"{dest}: {exc.strerror or exc}")
     except (RunFailed, UsageError) as exc:  # the write itself failed, or a symbolic link is where the output goes
@@ -171,6 +174,99 @@ def _normalize_one(task: _Task, job: _NormalizeJob) -> _Outcome:
              "source_bytes": sig[0] if sig else None, "source_mtime_ns": sig[1] if sig else None,
              "original_size": list(dec.original_size), "size": [w, h], "content_box": list(dec.content_box)}
     return _Outcome("written", item.ref, out_rel, entry=entry)
+
+
+@dataclass
+class NormalizeChunk:
+    """What one chunk of images produced (a runtime record)."""
+
+    index: int
+    items: int
+    outcomes: list[_Outcome]  # once taken by the parent: only the rejected ones
+
+    @property
+    def rows(self) -> int:
+        return self.items - len(self.rejected)
+
+    @property
+    def images(self) -> int:
+        return sum(o.status == "written" for o in self.outcomes)
+
+    @property
+    def rejected(self) -> list[_Outcome]:
+        return [o for o in self.outcomes if o.status == "rejected"]
+
+    @property
+    def files(self) -> tuple[str, ...]:
+        return ()
+
+    def to_json(self) -> dict[str, Any]:
+        return {"index": self.index, "items": self.items}
+
+
+@dataclass(frozen=True)
+class _NormalizeTask:
+    job: _NormalizeJob
+
+    def __call__(self, chunk: Chunk[list[_Task]], progress: ProgressFn | None) -> NormalizeChunk:
+        return NormalizeChunk(chunk.index, chunk.size, [_normalize_one(t, self.job) for t in chunk.items])
+
+
+class _NormalizeRun:
+    """normalize-images on the job runtime: chunks of images, each written by a worker; the parent keeps the output
+    record (appended as outputs arrive) and the counts."""
+
+    ordered = False
+
+    def __init__(self, tasks: list[_Task], size: int, job: _NormalizeJob, journal: BinaryIO,
+                 report: NormalizeReport, entries: dict[str, dict[str, Any]], confirmed: set[str],
+                 rejects: list[dict[str, Any]], out: Path, on_progress: Callable[[int], None] | None) -> None:
+        self.tasks, self.size, self.job, self.journal = tasks, size, job, journal
+        self.report, self.entries, self.confirmed, self.rejects = report, entries, confirmed, rejects
+        self.out, self.on_progress = out, on_progress
+
+    def identity(self) -> dict[str, Any]:
+        return {}
+
+    def chunks(self) -> Iterator[Chunk[list[_Task]]]:
+        for k, i in enumerate(range(0, len(self.tasks), self.size)):
+            part = self.tasks[i:i + self.size]
+            yield Chunk(k, part, len(part))
+
+    def task(self) -> _NormalizeTask:
+        return _NormalizeTask(self.job)
+
+    def restore(self, entry: Any, chunk: Any, out: Any) -> None:
+        return None  # each output is checked against the record by the task itself
+
+    def accept(self, record: NormalizeChunk, out: Any) -> NormalizeChunk:
+        report, entries = self.report, self.entries
+        for res in record.outcomes:
+            if res.status == "written":
+                report.written += 1
+                assert res.entry is not None
+                entries[res.output] = res.entry
+                self.confirmed.add(res.output)
+                self.journal.write((json.dumps(res.entry, ensure_ascii=False) + "\n").encode("utf-8"))
+                self.journal.flush()
+            elif res.status == "skipped":
+                report.skipped += 1
+                self.confirmed.add(res.output)
+            else:
+                report.rejected += 1
+                report.reasons[res.reason] += 1
+                self.rejects.append({"path": res.ref, "reason": res.reason, "detail": res.detail})
+                if res.output and entries.pop(res.output, None) is not None:
+                    # the recorded output no longer matches its source (or its name now belongs to this one)
+                    with contextlib.suppress(OSError):
+                        os.unlink(self.out / res.output)
+                        report.removed += 1
+            if self.on_progress is not None:
+                self.on_progress(1)
+        return NormalizeChunk(record.index, record.items, record.rejected)
+
+    def finish(self, records: list[NormalizeChunk], run: Any, out: Any) -> Publication:
+        return Publication()
 
 
 @dataclass
@@ -322,7 +418,7 @@ def normalize_images(
     if engine == "ray":
         from mmprep.runtime.engines.ray import require_ray
 
-        require_ray()
+        require_ray()  # before any work
     fmt = fmt.lower()
     fmt = "jpeg" if fmt == "jpg" else fmt
     if fmt not in OUTPUT_FORMATS:
@@ -353,7 +449,7 @@ def normalize_images(
                 f"({_settings_diff(old_settings.get(entries[clash[0]]['settings']), settings)}), e.g. {clash[0]}",
                 hint="pass --overwrite to redo them with these settings, or write to another --out")
     try:
-        out.mkdir(parents=True, exist_ok=True)
+        ensure_dir(out)
     except OSError as exc:
         raise RunFailed(f"{out}: cannot create the output folder: {exc.strerror or exc}") from None
     for _ in range(report.rejected):  # output collisions, already decided
@@ -364,44 +460,22 @@ def normalize_images(
                         sid)
     produced = {t for _, t in planned if t}
     confirmed: set[str] = set()  # outputs written or verified by this run
-    if engine == "ray":
-        from mmprep.runtime.engines.base import map_items
-        from mmprep.runtime.engines.ray import RayEngine
-
-        results = map_items(RayEngine(workers or None, ray_address), _normalize_one, tasks, job)
-    else:
-        results = parallel_map(_normalize_one, tasks, job, workers=workers)
+    useful = 1 if len(tasks) <= 2 else len(tasks)
+    journal_ctx = open_append(record_file)
     try:
-        journal = open(record_file, "a", encoding="utf-8")  # noqa: SIM115 - closed in the finally below
-    except OSError as exc:
-        raise RunFailed(f"{record_file}: cannot write the output record: {exc.strerror or exc}") from None
+        journal = journal_ctx.__enter__()
+    except RunFailed as exc:
+        raise RunFailed(f"{record_file}: cannot write the output record: {exc.message}") from None
     try:
         if sid not in old_settings:
-            journal.write(json.dumps({"settings": sid, "values": settings}, sort_keys=True) + "\n")
-        for res in results:
-            if res.status == "written":
-                report.written += 1
-                assert res.entry is not None
-                entries[res.output] = res.entry
-                confirmed.add(res.output)
-                journal.write(json.dumps(res.entry, ensure_ascii=False) + "\n")
-                journal.flush()
-            elif res.status == "skipped":
-                report.skipped += 1
-                confirmed.add(res.output)
-            else:
-                report.rejected += 1
-                report.reasons[res.reason] += 1
-                rejects.append({"path": res.ref, "reason": res.reason, "detail": res.detail})
-                if res.output and entries.pop(res.output, None) is not None:
-                    # the recorded output no longer matches its source (or its name now belongs to this one)
-                    with contextlib.suppress(OSError):
-                        os.unlink(out / res.output)
-                        report.removed += 1
-            if on_progress is not None:
-                on_progress(1)
+            journal.write((json.dumps({"settings": sid, "values": settings}, sort_keys=True) + "\n").encode())
+        with make_engine(engine, workers, ray_address=ray_address, preload=("mmprep.images.normalize",),
+                         max_useful=useful) as eng:
+            size = max(1, min(16, -(-len(tasks) // (max(1, eng.workers) * 4))))
+            nj = _NormalizeRun(tasks, size, job, journal, report, entries, confirmed, rejects, out, on_progress)
+            run_job(nj, eng, None, policy=Policy(require_rows=False))
     finally:
-        journal.close()
+        journal_ctx.__exit__(None, None, None)
         old_settings[sid] = settings
         kept = {o: e for o, e in entries.items() if o in confirmed or (out / o).exists()}
         report.stale = sum(o not in produced for o in kept)
@@ -414,7 +488,7 @@ def normalize_images(
         payload = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows + rejects).encode("utf-8")
         for path, data in ((record_file, "".join(x + "\n" for x in lines).encode("utf-8")), (rejects_file, payload)):
             try:
-                _write_file(str(path), data)
+                _write_file(str(path), data, root=str(out) if path == record_file else None)
             except OSError as exc:  # the folder cannot be created (atomic_write raises RunFailed itself)
                 raise RunFailed(f"{path}: cannot write: {exc.strerror or exc}") from None
     report.elapsed_s = time.perf_counter() - start

@@ -12,7 +12,8 @@ from typing import Any
 
 from mmprep.images.collect import ImageItem, ImageReject, ImageSet
 from mmprep.images.decode import NORM_PRESETS, ImageConfig, ImageError, load_image
-from mmprep.images.pool import parallel_map
+from mmprep.runtime.engines import make_engine
+from mmprep.runtime.engines.base import map_items
 
 __all__ = ["ImageStats", "compute_image_stats"]
 
@@ -47,6 +48,11 @@ def _stats_one(item: ImageItem, cfg: ImageConfig) -> _Measured | ImageReject:
     r2, g2, b2 = (int(v) for v in (px * px).sum(axis=0))
     return _Measured(item.ref, (r, g, b), (r2, g2, b2), int(px.shape[0]), dec.original_size, dec.source_mode,
                      dec.source_format, dec.n_frames, len(dec.notes))
+
+
+def _ranked(counts: Counter[str]) -> list[tuple[str, int]]:
+    """Most common first, ties by name: the same order whatever order the workers finished in."""
+    return sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
 
 
 def _size_bucket(w: int, h: int) -> str:
@@ -88,7 +94,7 @@ class ImageStats:
 
     @property
     def reasons(self) -> dict[str, int]:
-        return dict(Counter(u.reason for u in self.unreadable).most_common())
+        return dict(_ranked(Counter(u.reason for u in self.unreadable)))
 
     def distances(self) -> dict[str, dict[str, float]]:
         """How far the dataset's mean/std are from each preset: max absolute and L2 differences."""
@@ -125,11 +131,11 @@ class ImageStats:
             "config": self.config,
             "distance": self.distances(),
             "closest_preset": self.closest_preset(),
-            "sizes": dict(self.sizes.most_common(top_sizes)),
+            "sizes": dict(_ranked(self.sizes)[:top_sizes]),
             "distinct_sizes": len(self.sizes),
-            "size_buckets": dict(self.size_buckets.most_common()),
-            "modes": dict(self.modes.most_common()),
-            "formats": dict(self.formats.most_common()),
+            "size_buckets": dict(_ranked(self.size_buckets)),
+            "modes": dict(_ranked(self.modes)),
+            "formats": dict(_ranked(self.formats)),
             "multi_frame": self.multi_frame,
             "with_decoder_warnings": self.with_warnings,
             "reasons": self.reasons,
@@ -137,6 +143,21 @@ class ImageStats:
             "manifest_rejects": self.manifest_rejects,
             "elapsed_s": round(self.elapsed_s, 3),
         }
+
+
+def _add(stats: ImageStats, res: _Measured, sums: list[int], squares: list[int]) -> None:
+    w, h = res.original_size
+    stats.decoded += 1
+    stats.pixels += res.pixels
+    for c in range(3):
+        sums[c] += res.sums[c]
+        squares[c] += res.squares[c]
+    stats.sizes[f"{w}x{h}"] += 1
+    stats.size_buckets[_size_bucket(w, h)] += 1
+    stats.modes[res.mode] += 1
+    stats.formats[res.format] += 1
+    stats.multi_frame += res.frames > 1
+    stats.with_warnings += res.notes > 0
 
 
 def compute_image_stats(
@@ -156,24 +177,15 @@ def compute_image_stats(
                        manifest_rejects=len(images.manifest_rejects))
     sums = [0, 0, 0]
     squares = [0, 0, 0]
-    for res in parallel_map(_stats_one, images.items, cfg, workers=workers):
-        if isinstance(res, ImageReject):
-            stats.unreadable.append(res)
-        else:
-            w, h = res.original_size
-            stats.decoded += 1
-            stats.pixels += res.pixels
-            for c in range(3):
-                sums[c] += res.sums[c]
-                squares[c] += res.squares[c]
-            stats.sizes[f"{w}x{h}"] += 1
-            stats.size_buckets[_size_bucket(w, h)] += 1
-            stats.modes[res.mode] += 1
-            stats.formats[res.format] += 1
-            stats.multi_frame += res.frames > 1
-            stats.with_warnings += res.notes > 0
-        if on_progress is not None:
-            on_progress(1)
+    useful = 1 if len(images.items) <= 2 else len(images.items)
+    with make_engine("local", workers, preload=("mmprep.images.stats",), max_useful=useful) as engine:
+        for res in map_items(engine, _stats_one, images.items, cfg):
+            if isinstance(res, ImageReject):
+                stats.unreadable.append(res)
+            else:
+                _add(stats, res, sums, squares)
+            if on_progress is not None:
+                on_progress(1)
     if stats.pixels:
         n = stats.pixels
         stats.mean = [s / n / 255.0 for s in sums]
