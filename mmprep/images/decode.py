@@ -130,6 +130,11 @@ _HIGH_DEPTH_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I", "F"})
 # -- configuration ---------------------------------------------------------------------------------------------
 
 
+#: The largest output side (and square root of the largest pixel budget) accepted: beyond it a single image slot
+#: would not fit in memory or in one Arrow value.
+MAX_SIDE = 16384
+
+
 def _is_rgb(value: Any) -> bool:
     return (
         isinstance(value, (tuple, list))
@@ -215,11 +220,16 @@ class ImageConfig:
             size = self.size
             if not (isinstance(size, (tuple, list)) and len(size) == 2 and all(map(_positive_int, size))):
                 raise UsageError(f"image size must be two positive integers (height, width), got {self.size!r}")
+            if max(size) > MAX_SIDE:
+                raise UsageError(f"--image-size {size[0]}x{size[1]} is out of range: each side must be 1 to "
+                                 f"{MAX_SIDE:,} pixels")
         if self.resize_mode == "shortest-edge" and not _positive_int(self.shortest_edge):
             raise UsageError(
                 f"resize mode 'shortest-edge' needs a positive shortest edge, got {self.shortest_edge!r}",
                 hint="pass --shortest-edge N",
             )
+        if self.resize_mode == "shortest-edge" and self.shortest_edge > MAX_SIDE:
+            raise UsageError(f"--shortest-edge {self.shortest_edge:,} is out of range: 1 to {MAX_SIDE:,} pixels")
         if self.resize_mode == "max-pixels":
             if self.max_pixels is None and self.min_pixels is None:
                 raise UsageError(
@@ -239,6 +249,11 @@ class ImageConfig:
                 raise UsageError(f"{name} must be three integers 0-255 (R, G, B), got {getattr(self, name)!r}")
         if not _positive_int(self.pixel_limit):
             raise UsageError(f"pixel limit must be a positive integer, got {self.pixel_limit!r}")
+        for name in ("max_pixels", "min_pixels", "pixel_limit"):
+            value = getattr(self, name)
+            if value is not None and value > MAX_SIDE * MAX_SIDE:
+                raise UsageError(f"--{name.replace('_', '-')} {value:,} is out of range: 1 to "
+                                 f"{MAX_SIDE * MAX_SIDE:,} pixels")
         if self.reducing_gap is not None and not (
             isinstance(self.reducing_gap, (int, float)) and self.reducing_gap >= 1.0
         ):

@@ -24,6 +24,10 @@ UNKNOWN_TAGS = ("reject", "drop")
 ON_ERROR = ("skip", "fail")
 COMPRESSIONS = ("zstd", "lz4", "snappy", "none")
 ENCODE_FORMATS = ("png", "jpeg", "webp", "original")
+#: Image slots per row at most (a manifest row with more images is rejected or truncated).
+MAX_LIMIT_IMAGES = 1024
+#: A padded row's pixels are one fixed-size binary value, whose width Arrow stores in 32 bits.
+MAX_ROW_PIXEL_BYTES = (1 << 31) - 1
 
 
 @dataclass(frozen=True)
@@ -72,8 +76,8 @@ class PackConfig:
         choice("on_error", self.on_error, ON_ERROR)
         choice("compression", self.compression, COMPRESSIONS)
         choice("encode_format", self.encode_format, ENCODE_FORMATS)
-        if self.limit_images < 1:
-            raise UsageError(f"--limit-images must be at least 1, got {self.limit_images}")
+        if not 1 <= self.limit_images <= MAX_LIMIT_IMAGES:
+            raise UsageError(f"--limit-images must be 1 to {MAX_LIMIT_IMAGES}, got {self.limit_images:,}")
         if self.image_root:  # a missing local root would reject every row
             from mmprep.runtime.storage import is_local, local_path
 
@@ -104,6 +108,14 @@ class PackConfig:
             raise UsageError(f"--quality must be in 1..100, got {self.encode_quality}")
         self.image.validate()
         self.text.validate()
+        if self.pad == "max" and self.pixel_bytes() > MAX_ROW_PIXEL_BYTES:
+            assert self.image.size is not None
+            raise UsageError(
+                f"a padded row would hold {self.pixel_bytes():,} bytes of pixels (--limit-images {self.limit_images} "
+                f"x {self.image.size[0]}x{self.image.size[1]} x 3 channels, {self.norm.dtype}), above the "
+                f"{MAX_ROW_PIXEL_BYTES:,}-byte limit of one Parquet value",
+                hint="lower --limit-images or --image-size, or use --pad none",
+            )
 
     @property
     def root(self) -> Path:

@@ -25,7 +25,7 @@ from concurrent.futures.process import BrokenProcessPool
 from typing import Any, TypeVar
 
 from mmprep.errors import RunFailed
-from mmprep.runtime.engines.base import ProgressFn, Task, sigint_blocked
+from mmprep.runtime.engines.base import ProgressFn, Task, default_workers, sigint_blocked
 
 __all__ = ["LocalEngine"]
 
@@ -97,8 +97,11 @@ class LocalEngine:
         self._closed = False
         self.executor = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init,
                                             initargs=(self.progress_q, os.getpid()))
-        with sigint_blocked():  # each submit starts a worker while none is idle
-            self._warm = [self.executor.submit(_warm_up, tuple(preload)) for _ in range(workers)]
+        # Workers start on demand (one per submit while none is idle): only as many as there are cores warm up
+        # now, so that more workers than cores, or than the input has chunks, cost nothing until there is work.
+        with sigint_blocked():
+            self._warm = [self.executor.submit(_warm_up, tuple(preload))
+                          for _ in range(min(workers, default_workers()))]
 
     def _ship(self, task: Any) -> str:
         path = os.path.join(self._dir, "task.pickle")
