@@ -3,6 +3,7 @@ there is work start no more processes than useful."""
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 import time
@@ -62,11 +63,9 @@ def test_more_workers_than_work_start_only_the_useful_processes(tmp_path: Path) 
     me = psutil.Process(proc.pid)
     peak = 0
     while proc.poll() is None:
-        try:
+        with contextlib.suppress(psutil.Error):
             peak = max(peak, len([c for c in me.children(recursive=True) if "resource_tracker" not in
                                   " ".join(c.cmdline())]))
-        except psutil.Error:
-            pass
         time.sleep(0.01)
     err = proc.communicate()[1]
     assert proc.returncode == 0, err
