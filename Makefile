@@ -25,10 +25,12 @@ test: venv
 	$(BIN)/python -m pip install -q $(TORCH_PIN)
 	$(BIN)/python -m pip install -q -e '.[embed,ray,plot,dev]'
 	$(BIN)/ruff check mmprep tests benchmarks
+	$(BIN)/mypy mmprep
 	$(BIN)/python -m pytest -q
 
 lint: venv
 	$(BIN)/ruff check mmprep tests benchmarks
+	$(BIN)/mypy mmprep
 
 # The benchmark suite (BENCHMARKS.md): ~25 min on 2 cores; needs what `make test` installs.
 bench: venv

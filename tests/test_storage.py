@@ -194,3 +194,48 @@ def test_unknown_scheme_names_what_to_install() -> None:
         with pytest.raises(UsageError) as err:
             open_location("s3://bucket/x", {"anon": True})  # options need the fsspec client
         assert err.value.hint == "pip install s3fs" or "s3fs" in str(err.value)
+
+
+@pytest.fixture()
+def http_root():
+    """sample_data served by a real HTTP server on 127.0.0.1 (a free port), stopped after the test."""
+    import functools
+    import http.server
+    import threading
+
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(SAMPLE))
+    handler.log_message = lambda *a, **k: None  # type: ignore[attr-defined]
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("aiohttp") is None, reason="needs the remote extra (aiohttp)")
+@pytest.mark.parametrize("workers", [1, 2])
+def test_an_http_image_root_reads_every_image(http_root: str, tmp_path: Path, local_ref: Path, workers: int) -> None:
+    """--image-root http://...: the root was collapsed to http:/ and every image was "missing" without a request."""
+    out = tmp_path / "out"
+    report = pack(dataclasses.replace(sample_cfg(out), image_root=http_root), workers=workers)
+    assert report.failed is None
+    assert {k: v for k, v in shard_digests(out).items() if k != "index.json"} == \
+        {k: v for k, v in shard_digests(local_ref).items() if k != "index.json"}
+    assert rejects(out) == rejects(local_ref)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("aiohttp") is None, reason="needs the remote extra (aiohttp)")
+def test_an_http_image_root_refuses_paths_above_it(http_root: str, tmp_path: Path) -> None:
+    from mmprep.images.sources import RemoteImages
+
+    images = RemoteImages(open_location(http_root + "images/"))
+    assert images.resolve("astronaut.jpg").path == http_root + "images/astronaut.jpg"
+    from mmprep.images.decode import ImageError
+
+    with pytest.raises(ImageError, match="outside the image root"):
+        images.resolve("../manifest.jsonl")
+    with pytest.raises(ImageError, match="image root's host"):
+        images.resolve("http://127.0.0.2:1/images/x.jpg")

@@ -115,6 +115,15 @@ class LocalImages:
         return (st.st_size, st.st_mtime_ns)
 
 
+def _split_host(path: str) -> tuple[str, str]:
+    """``("http://host:port", "/a/b")`` for a URL path, ``("", path)`` for any other filesystem path."""
+    if "://" not in path:
+        return "", path
+    scheme, rest = path.split("://", 1)
+    host, sep, tail = rest.partition("/")
+    return f"{scheme}://{host}", sep + tail
+
+
 @dataclass(frozen=True)
 class RemoteImages:
     """Images under a folder on a remote filesystem (references relative to it, or full URIs of the same store).
@@ -136,21 +145,29 @@ class RemoteImages:
         if not isinstance(ref, str) or not ref.strip() or "\x00" in ref:
             raise ImageError("path_invalid", f"invalid image path {ref!r}")
         root = self.root
+        # URL filesystems (http, https) use whole URLs as paths: only the part after the host is a path to normalise.
+        prefix, base_path = _split_host(root.path)
         ref_scheme = scheme_of(ref)
         if ref_scheme is not None:
             if ref_scheme != root.scheme:
                 raise ImageError("path_invalid", f"{redact(ref)}: not on the image root's filesystem ({root})")
-            path = strip_uri(ref, root)
+            ref_prefix, path = _split_host(strip_uri(ref, root))
+            if ref_prefix != prefix:
+                raise ImageError("path_invalid", f"{redact(ref)}: not on the image root's host ({root})")
         elif ref.startswith("/"):
-            path = ref if root.path.startswith("/") else ref.lstrip("/")
+            path = ref if base_path.startswith("/") else ref.lstrip("/")
         else:
-            path = posixpath.join(root.path, ref)
+            path = posixpath.join(base_path, ref)
         path = posixpath.normpath(path)
-        base = posixpath.normpath(root.path)
-        if not self.allow_outside and path != base and not path.startswith(base.rstrip("/") + "/"):
+        base = posixpath.normpath(base_path) if base_path else ""
+        inside = not base or path == base or path.startswith(base.rstrip("/") + "/")
+        if prefix and not base:  # the root is a host: any path on it is inside
+            inside = not path.startswith("..")
+        if not self.allow_outside and not inside:
             raise ImageError("path_outside_root", f"{redact(ref)}: resolves outside the image root {root}")
-        rel = posixpath.relpath(path, base) if path.startswith(base) else path
-        return Location(root.fs, path, root.uri.rstrip("/") + "/" + rel, False, root.atomic_put, root.scheme,
+        rel = posixpath.relpath(path, base) if base and path.startswith(base) else path.lstrip("/")
+        full = prefix + (path if path.startswith("/") or not prefix else "/" + path)
+        return Location(root.fs, full, root.uri.rstrip("/") + "/" + rel, False, root.atomic_put, root.scheme,
                         root.secrets)
 
     def read(self, ref: str) -> bytes:
