@@ -257,3 +257,14 @@ def test_normalize_images_writes_nothing_through_a_symlinked_subfolder(tmp_path:
     assert report["written"] == 1 and report["reasons"] == {"write_failed": 1}
     rej = [json.loads(line) for line in (out / "rejects.jsonl").read_text().splitlines()]
     assert rej[0]["path"].endswith("b.png") and "symbolic link" in rej[0]["detail"]
+
+
+def test_a_refused_resume_names_the_flags_that_differ(corpus: Path, tmp_path: Path) -> None:
+    out = tmp_path / "o"
+    pack(cfg(corpus, out), workers=1)
+    res = runner.invoke(app, ["pack", str(corpus), "--out", str(out), "--resume", "--image-size", "24",
+                              "--resize-mode", "stretch", "--limit-images", "1", "--rows-per-shard", "8",
+                              "--compression", "lz4"])
+    assert res.exit_code == 2
+    assert "--image-size 16x16 -> 24x24" in res.stderr and '--compression "zstd" -> "lz4"' in res.stderr
+    assert "row_group_rows" not in res.stderr  # derived from the image size: not a flag the user changed

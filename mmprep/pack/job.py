@@ -222,6 +222,40 @@ class PackJob:
                            stats_name=RUN_STATS_NAME)
 
 
+_SPECIAL_FLAGS = {
+    "image.size": "--image-size", "image.draft": "--no-draft", "norm.preset": "--norm", "norm.applied": "--dtype",
+    "encode_quality": "--quality", "text.caption": "--caption", "text.separator": "--caption-separator",
+    "text.add_special_tokens": "--no-special-tokens", "text.check_placeholders": "--no-placeholder-check",
+    "format": "--format",
+}
+_DERIVED = frozenset({"norm.applied", "row_group_rows"})
+_CONTENT = {"manifest_sha256": "the manifest's content", "tokenizer_sha256": "the tokenizer's files (content)",
+            "vocab_sha256": "the vocabulary file's content", "rows_per_shard": "the shard plan (rows per shard)"}
+
+
+def describe_identity_change(key: str, old: Any, new: Any) -> str:
+    """A differing run-identity key as the user knows it: the flag (``--image-size 224x224 -> 64x64``), or what
+    changed under the same path (``the tokenizer's files (content)``)."""
+    if key in _CONTENT:
+        return f"{_CONTENT[key]} ({key})"
+    name = key.removeprefix("config.")
+    if name in _DERIVED:
+        return ""  # follows from a flag that is named on its own
+    if name in _SPECIAL_FLAGS:
+        flag = _SPECIAL_FLAGS[name]
+    elif name.startswith("columns."):
+        flag = f"--{name.split('.', 1)[1]}-column"
+    else:
+        flag = "--" + name.rsplit(".", 1)[-1].replace("_", "-")
+
+    def show(v: Any) -> str:
+        if name == "image.size" and isinstance(v, list) and len(v) == 2:
+            return f"{v[0]}x{v[1]}"
+        return "unset" if v is None else json.dumps(v)
+
+    return f"{flag} {show(old)} -> {show(new)}"
+
+
 def _is_shard_name(name: str) -> bool:
     return name.startswith("shard-") and name.endswith(".parquet") and name[6:-8].isdigit()
 
@@ -271,7 +305,7 @@ def pack(
         job = PackJob(plan, processor)
         out = OutputDir(plan.out, resume=resume, overwrite=overwrite,
                         fixed_names=(INDEX_NAME, REJECTS_NAME, RUN_STATS_NAME), temp_owner=_is_shard_name,
-                        kind="packed dataset")
+                        kind="packed dataset", describe=describe_identity_change)
         run = run_job(job, eng, out, policy=Policy(on_error=cfg.on_error, max_reject_rate=cfg.max_reject_rate),
                       progress=progress, started=start)
     totals = job.totals

@@ -97,8 +97,10 @@ class SampleProcessor:
                 if self.cfg.unknown_tags == "drop":
                     res.tags_dropped += 1
                     continue
-                what = f"id {t} is outside the vocabulary (size {size})" if isinstance(t, int) else f"'{t}'"
-                raise RowReject("labels", "unknown_tag", f"tag {what} is not in {self.vocab.path}")
+                if isinstance(t, int):
+                    raise RowReject("labels", "unknown_tag", f"tag id {t} is outside the vocabulary {self.vocab.path} "
+                                    f"(ids 0 to {size - 1})")
+                raise RowReject("labels", "unknown_tag", f"tag '{t}' is not in the vocabulary {self.vocab.path}")
             ids.append(i)
         return ids
 

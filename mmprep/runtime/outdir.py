@@ -68,6 +68,7 @@ class OutputDir:
             are removed at start.
         temp_owner: whether a final name is one of the job's (its temporary siblings are removed at start).
         kind: what the folder holds, for messages (``packed dataset``).
+        describe: how a differing identity key is shown (``--image-size: 224x224 -> 64x64``).
     """
 
     loc: Location
@@ -76,6 +77,7 @@ class OutputDir:
     fixed_names: tuple[str, ...] = ()
     temp_owner: Callable[[str], bool] = field(default=lambda name: False)
     kind: str = "output"
+    describe: Callable[[str, Any, Any], str] = field(default=lambda key, old, new: f"{key} ({old!r} -> {new!r})")
     _lock_fd: int | None = field(default=None, init=False, repr=False)
     _published: set[str] = field(default_factory=set, init=False, repr=False)
 
@@ -132,10 +134,13 @@ class OutputDir:
                     raise UsageError(f"{self.loc}: has output files but no run record to resume from",
                                      hint="rerun with --overwrite to start again")
             elif old != identity:
-                diff = identity_diff(old, identity)
+                keys = identity_diff(old, identity)
+                shown = [self.describe(key, _at(old, key), _at(identity, key)) for key in keys]
+                diff = list(dict.fromkeys(d for d in shown if d)) or [  # derived keys describe as ""
+                    f"{k} ({_at(old, k)!r} -> {_at(identity, k)!r})" for k in keys]
                 raise UsageError(
-                    f"{self.loc}: cannot resume: the earlier run differs in " + ", ".join(diff[:6])
-                    + (f" and {len(diff) - 6} more" if len(diff) > 6 else ""),
+                    f"{self.loc}: cannot resume: the earlier run differs in " + "; ".join(diff[:4])
+                    + (f"; and {len(diff) - 4} more" if len(diff) > 4 else ""),
                     hint="use the same inputs and flags, or --overwrite to start again",
                 )
         else:
@@ -328,6 +333,12 @@ class OutputDir:
             self._published.add(name)
             self._write_state(_FILES, sorted(self._published))
         self.child(name).write_bytes(data)
+
+
+def _at(tree: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        tree = tree.get(part) if isinstance(tree, dict) else None
+    return tree
 
 
 def posixpath_dir(name: str) -> str:
