@@ -268,3 +268,16 @@ def test_a_refused_resume_names_the_flags_that_differ(corpus: Path, tmp_path: Pa
     assert res.exit_code == 2
     assert "--image-size 16x16 -> 24x24" in res.stderr and '--compression "zstd" -> "lz4"' in res.stderr
     assert "row_group_rows" not in res.stderr  # derived from the image size: not a flag the user changed
+
+
+@pytest.mark.parametrize("damage", [b"{not json", b"", b"\xff\xfe"])
+def test_a_damaged_run_record_on_resume_is_one_line(corpus: Path, tmp_path: Path, damage: bytes) -> None:
+    out = tmp_path / "o"
+    pack(cfg(corpus, out), workers=1)
+    (out / ".mmprep" / "run.json").write_bytes(damage)
+    res = run(str(corpus), "--out", str(out), "--resume")
+    assert res.exit_code == 2, res.stderr
+    assert "run.json" in res.stderr and "damaged" in res.stderr and "--overwrite" in res.stderr
+    assert "internal error" not in res.stderr
+    res = run(str(corpus), "--out", str(out), "--overwrite")
+    assert res.exit_code == 0, res.stderr
