@@ -16,7 +16,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-import mmprep.labels.audit as audit_mod
+import mmprep.labels.audit.ramjson as ramjson_mod
+import mmprep.labels.audit.tally as tally_mod
 from mmprep.cli import app
 from mmprep.errors import InputError, UsageError
 from mmprep.labels.audit import (
@@ -71,12 +72,12 @@ def ram_record(ids: list[Any], n_caps: int = 2, **extra: Any) -> dict[str, Any]:
 @pytest.fixture
 def small_batches(monkeypatch: pytest.MonkeyPatch) -> None:
     """Tiny read/batch sizes so that small files cross many batch and buffer boundaries."""
-    monkeypatch.setattr(audit_mod, "_BATCH", 160)
-    monkeypatch.setattr(audit_mod, "_READ", 333)
+    monkeypatch.setattr(ramjson_mod, "_BATCH", 160)
+    monkeypatch.setattr(ramjson_mod, "_READ", 333)
 
 
 def slow_only(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(audit_mod._Tally, "ram_batch_fast", lambda self, values, loc_of: False)
+    monkeypatch.setattr(tally_mod.Tally, "ram_batch_fast", lambda self, values, loc_of: False)
 
 
 def summary(report: Any) -> dict[str, Any]:
@@ -619,8 +620,8 @@ def test_wrong_types_and_unknown_ids_are_findings_with_lines(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, layout: str, batches: str
 ) -> None:
     if batches == "small":
-        monkeypatch.setattr(audit_mod, "_BATCH", 160)
-        monkeypatch.setattr(audit_mod, "_READ", 333)
+        monkeypatch.setattr(ramjson_mod, "_BATCH", 160)
+        monkeypatch.setattr(ramjson_mod, "_READ", 333)
     elif batches == "slow":
         slow_only(monkeypatch)
     cases = bad_records()
@@ -643,8 +644,8 @@ def test_wrong_types_and_unknown_ids_are_findings_with_lines(
 
 
 def test_cut_inside_a_caption_is_recovered_exactly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(audit_mod, "_BATCH", 120)
-    monkeypatch.setattr(audit_mod, "_READ", 200)
+    monkeypatch.setattr(ramjson_mod, "_BATCH", 120)
+    monkeypatch.setattr(ramjson_mod, "_READ", 200)
     tricky = ram_record([5, 6], n_caps=1)
     tricky["caption"] = ['a "quoted" }, {"union_label_id": [4999]}, {  caption \\ with }, { braces']
     records = [ram_record([1, 2, 3]), tricky, ram_record([4600, 2]), tricky, ram_record([3])] * 4
@@ -658,8 +659,8 @@ def test_cut_inside_a_caption_is_recovered_exactly(tmp_path: Path, monkeypatch: 
 
 
 def test_records_larger_than_a_batch_or_a_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(audit_mod, "_BATCH", 100)
-    monkeypatch.setattr(audit_mod, "_READ", 64)
+    monkeypatch.setattr(ramjson_mod, "_BATCH", 100)
+    monkeypatch.setattr(ramjson_mod, "_READ", 64)
     huge = ram_record([7, 8], n_caps=2)
     huge["caption"] = ["x" * 5000, "y}, {" * 300]
     records = [ram_record([1]), huge, ram_record([4700]), huge, huge, ram_record([2])]
@@ -673,13 +674,13 @@ def test_records_larger_than_a_batch_or_a_read(tmp_path: Path, monkeypatch: pyte
 def count_fast_batches(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
     """Record what the real bulk path answers for each batch (True: counted in bulk)."""
     answers: list[bool] = []
-    real = audit_mod._Tally.ram_batch_fast
+    real = tally_mod.Tally.ram_batch_fast
 
     def spy(self: Any, values: list[Any], loc_of: Any) -> bool:
         answers.append(real(self, values, loc_of))
         return answers[-1]
 
-    monkeypatch.setattr(audit_mod._Tally, "ram_batch_fast", spy)
+    monkeypatch.setattr(tally_mod.Tally, "ram_batch_fast", spy)
     return answers
 
 
@@ -702,7 +703,7 @@ def test_unknown_ids_stay_on_the_bulk_path_with_exact_results(
     else:  # CSV-style explicit ids: 0..119 except the multiples of 10
         kept = [i for i in range(120) if i % 10]
         vocab = Vocabulary(names=tuple(RAM_NAMES[i] for i in kept), ids=tuple(kept))
-    monkeypatch.setattr(audit_mod, "_BATCH", 2000)
+    monkeypatch.setattr(ramjson_mod, "_BATCH", 2000)
     with monkeypatch.context() as m:
         answers = count_fast_batches(m)
         fast = audit_labels(vocab, [path], fmt="ram-json")
@@ -731,8 +732,8 @@ def test_capped_unknown_values_are_counted_and_flagged(tmp_path: Path, monkeypat
     records = [ram_record([1, 5000 + k % 40, 6000 + k], n_caps=1) for k in range(300)]
     path = tmp_path / "many.json"
     write_ram_json(path, records, "compact")
-    monkeypatch.setattr(audit_mod, "_MAX_TRACKED", 50)
-    monkeypatch.setattr(audit_mod, "_BATCH", 1500)
+    monkeypatch.setattr(tally_mod, "_MAX_TRACKED", 50)
+    monkeypatch.setattr(ramjson_mod, "_BATCH", 1500)
     fast = audit_labels(RAM, [path])
     slow_only(monkeypatch)
     assert summary(audit_labels(RAM, [path])) == summary(fast)
@@ -778,11 +779,11 @@ def test_bulk_path_equals_record_by_record(
     write_ram_json(path, records, layout)
     vocab = Vocabulary(names=tuple(RAM_NAMES[:100]))  # ids 0..99; the strategy also writes -3..4700
     with monkeypatch.context() as m:
-        m.setattr(audit_mod, "_BATCH", 90)
-        m.setattr(audit_mod, "_READ", 150)
+        m.setattr(ramjson_mod, "_BATCH", 90)
+        m.setattr(ramjson_mod, "_READ", 150)
         fast = summary(audit_labels(vocab, [path], fmt="ram-json"))
     with monkeypatch.context() as m:
-        m.setattr(audit_mod, "_MAX_TRACKED", 2)  # the cap on distinct unknowns must cut at the same values
+        m.setattr(tally_mod, "_MAX_TRACKED", 2)  # the cap on distinct unknowns must cut at the same values
         capped = summary(audit_labels(vocab, [path], fmt="ram-json"))
         slow_only(m)
         capped_slow = summary(audit_labels(vocab, [path], fmt="ram-json"))
@@ -800,8 +801,8 @@ def test_bulk_path_equals_record_by_record(
 @pytest.mark.parametrize("batches", ["default", "small"])
 def test_malformed_json_names_file_and_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, batches: str) -> None:
     if batches == "small":
-        monkeypatch.setattr(audit_mod, "_BATCH", 160)
-        monkeypatch.setattr(audit_mod, "_READ", 333)
+        monkeypatch.setattr(ramjson_mod, "_BATCH", 160)
+        monkeypatch.setattr(ramjson_mod, "_READ", 333)
     records = [ram_record([k % 50, 60]) for k in range(80)]
     path = tmp_path / "bad.json"
     lines = write_ram_json(path, records, "indent")

@@ -222,7 +222,7 @@ def test_clip_pooling_choices(clip) -> None:
     with torch.inference_mode():
         h = clip[1].text_model(**inp).last_hidden_state
     m = inp["attention_mask"].unsqueeze(-1).float()
-    vecs, _ = enc.encode(["a dog", "hot air balloon"])
+    vecs = enc.encode(["a dog", "hot air balloon"]).vectors
     assert vecs.shape == (2, 32)  # the text tower's width: no projection
     np.testing.assert_allclose(vecs, ((h * m).sum(1) / m.sum(1)).numpy(), atol=1e-5)
 
@@ -427,7 +427,8 @@ def _ram_processed_name(name, rm_dot=False):
 
 
 def _ram_texts(category: str) -> list[str]:
-    from mmprep.labels.embed import _RAM_BASE_TEMPLATES  # RAM's multiple_templates, without the "This is " prefix
+    # RAM's multiple_templates, without the "This is " prefix
+    from mmprep.labels.embed.templates import _RAM_BASE_TEMPLATES
 
     texts = [t.format(_ram_processed_name(category, rm_dot=True), article=_ram_article(category))
              for t in _RAM_BASE_TEMPLATES]

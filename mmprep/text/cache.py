@@ -19,14 +19,13 @@ import importlib.metadata
 import importlib.util
 import json
 import os
-import warnings
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from mmprep.errors import InputError, MissingDependencyError, RunFailed, UsageError
 from mmprep.runtime.files import atomic_write
+from mmprep.text.hf import quiet_transformers
 
 __all__ = [
     "LoadedTokenizer",
@@ -36,23 +35,6 @@ __all__ = [
     "tokenizer_cache_dir",
     "tokenizer_cache_key",
 ]
-
-
-@contextlib.contextmanager
-def _quiet_transformers() -> Iterator[None]:
-    """Silence transformers' logging and warnings while loading (library code never prints)."""
-    # transformers prints an advisory at import when torch is absent (tokenizers need no torch).
-    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-    from transformers.utils import logging as hf_logging
-
-    level = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        hf_logging.set_verbosity(level)
 
 
 def load_hf_tokenizer(path: Path) -> Any:
@@ -65,7 +47,7 @@ def load_hf_tokenizer(path: Path) -> Any:
         "(vocab.txt, vocab.json + merges.txt, tokenizer.model) plus tokenizer_config.json"
     )
     try:
-        with _quiet_transformers():
+        with quiet_transformers():
             tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True, use_fast=True)
     except Exception as exc:  # transformers raises OSError/ValueError/KeyError/... for unusable directories
         _raise_if_needs_sentencepiece(path)

@@ -1,0 +1,71 @@
+"""Hygiene of a list of tags (the vocabulary, or a file aligned with it): duplicates and line endings.
+
+:func:`audit_vocab` gives the vocabulary's :class:`~mmprep.labels.audit.report.VocabReport`; the helpers are shared
+with the aligned-file checks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from mmprep.labels.audit.report import DuplicateGroup, VocabReport
+from mmprep.labels.vocab import Vocabulary, normalize_tag
+
+__all__ = ["LineEndings", "audit_vocab", "duplicate_groups", "line_endings"]
+
+
+@dataclass(frozen=True, slots=True)
+class LineEndings:
+    """How many lines of a text file end in CRLF, and the first such line (1-based; None when none does)."""
+
+    crlf_lines: int = 0
+    first_crlf_line: int | None = None
+
+
+def line_endings(path: str) -> LineEndings:
+    """The CRLF facts of a text file (none for a file that cannot be read)."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError:
+        return LineEndings()
+    n = data.count(b"\r\n")
+    if not n:
+        return LineEndings()
+    return LineEndings(n, data.count(b"\n", 0, data.index(b"\r\n")) + 1)
+
+
+def duplicate_groups(ids: Sequence[int], raw: Sequence[str]) -> tuple[DuplicateGroup, ...]:
+    """Entries of ``raw`` (with ids ``ids``) that are the same tag after normalisation, in first-seen order."""
+    groups: dict[str, list[int]] = {}
+    for k, entry in enumerate(raw):
+        key = normalize_tag(entry)
+        if key:
+            groups.setdefault(key, []).append(k)
+    out = []
+    for key, ks in groups.items():
+        if len(ks) > 1:
+            entries = tuple(raw[k] for k in ks)
+            out.append(DuplicateGroup(key, tuple(ids[k] for k in ks), entries, len(set(entries)) == 1))
+    return tuple(out)
+
+
+def audit_vocab(vocab: Vocabulary) -> VocabReport:
+    """Hygiene facts of a loaded vocabulary: duplicates, empty and whitespace entries, BOM, CRLF, final newline."""
+    endings = line_endings(vocab.path) if vocab.has_crlf else LineEndings()
+    return VocabReport(
+        path=vocab.path,
+        format=vocab.format,
+        entries=len(vocab),
+        size=vocab.size,
+        sha256=vocab.sha256,
+        final_newline=vocab.final_newline,
+        has_bom=vocab.has_bom,
+        crlf_lines=endings.crlf_lines,
+        first_crlf_line=endings.first_crlf_line,
+        empty_ids=tuple(i for i, n in zip(vocab.ids, vocab.names, strict=True) if not n),
+        whitespace_ids=tuple(i for i, r in zip(vocab.ids, vocab.raw, strict=True) if r.strip() and r != r.strip()),
+        duplicates=duplicate_groups(vocab.ids, vocab.raw),
+        first_line=vocab.first_line,
+    )
