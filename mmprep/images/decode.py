@@ -228,7 +228,7 @@ class ImageConfig:
                 f"resize mode 'shortest-edge' needs a positive shortest edge, got {self.shortest_edge!r}",
                 hint="pass --shortest-edge N",
             )
-        if self.resize_mode == "shortest-edge" and self.shortest_edge > MAX_SIDE:
+        if self.resize_mode == "shortest-edge" and (self.shortest_edge or 0) > MAX_SIDE:
             raise UsageError(f"--shortest-edge {self.shortest_edge:,} is out of range: 1 to {MAX_SIDE:,} pixels")
         if self.resize_mode == "max-pixels":
             if self.max_pixels is None and self.min_pixels is None:

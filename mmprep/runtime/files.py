@@ -123,7 +123,7 @@ def fsync_dir(path: str | os.PathLike[str]) -> None:
 
 
 def _open_new(path: Path) -> BinaryIO:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _CLOEXEC, 0o644)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _CLOEXEC, 0o666)  # the umask applies
     return os.fdopen(fd, "wb")
 
 
@@ -182,7 +182,7 @@ def open_append(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
     p = Path(path)
     refuse_link(p)
     try:
-        fd = os.open(p, os.O_WRONLY | os.O_APPEND | os.O_CREAT | _NOFOLLOW | _CLOEXEC, 0o644)
+        fd = os.open(p, os.O_WRONLY | os.O_APPEND | os.O_CREAT | _NOFOLLOW | _CLOEXEC, 0o666)
     except OSError as exc:
         if p.is_symlink():
             refuse_link(p)
