@@ -14,6 +14,7 @@ import io
 import json
 import os
 import re
+import stat
 import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from mmprep.records import Rejected, Sample
 
 __all__ = [
     "FORMATS",
+    "MAX_RECORD_BYTES",
     "ColumnMap",
     "InputLocation",
     "ManifestSource",
@@ -41,6 +43,9 @@ Format = Literal["jsonl", "json", "csv", "parquet"]
 FORMATS: tuple[str, ...] = ("jsonl", "json", "csv", "parquet")
 
 _CHUNK = 1 << 20
+#: The longest record accepted: a JSONL line, a JSON list element or a CSV row/cell. A longer one is rejected with its
+#: line (JSONL, CSV) or stops the file (JSON list, where the rest cannot be trusted); memory stays bounded by it.
+MAX_RECORD_BYTES = 64 << 20
 
 
 @runtime_checkable
@@ -84,7 +89,12 @@ def open_binary(path: ManifestSource) -> IO[bytes]:
     try:
         if p.is_dir():
             raise InputError(f"{p}: is a directory, expected a file")
-        return p.open("rb")
+        fh = p.open("rb")
+        kind = os.fstat(fh.fileno()).st_mode
+        if not (stat.S_ISREG(kind) or stat.S_ISFIFO(kind)):  # /dev/zero, /dev/urandom: endless, never a manifest
+            fh.close()
+            raise InputError(f"{p}: not a regular file or a pipe", hint="give a manifest file")
+        return fh
     except FileNotFoundError:
         raise InputError(f"{p}: no such file") from None
     except PermissionError:
@@ -191,9 +201,33 @@ def _typename(value: Any) -> str:
     )
 
 
+def _bounded_lines(stream: IO[bytes]) -> Iterator[tuple[int, bytes | None]]:
+    """``(line number, line)`` with every line at most :data:`MAX_RECORD_BYTES`; a longer line comes as
+    ``(line number, None)`` and is skipped to its end without being held in memory."""
+    lineno = 0
+    while True:
+        raw = stream.readline(MAX_RECORD_BYTES + 1)
+        if not raw:
+            return
+        lineno += 1
+        if len(raw) <= MAX_RECORD_BYTES or raw.endswith(b"\n"):
+            yield lineno, raw
+            continue
+        while raw and not raw.endswith(b"\n"):  # the rest of the long line, a block at a time
+            raw = stream.readline(_CHUNK)
+        yield lineno, None
+
+
+def _too_long(name: str, lineno: int) -> RawRecord:
+    return RawRecord(name, lineno, None, f"line longer than {MAX_RECORD_BYTES >> 20} MB (the limit of one record)")
+
+
 def _iter_jsonl(stream: IO[bytes], name: str) -> Iterator[RawRecord]:
     loads = json.loads
-    for lineno, raw in enumerate(stream, 1):
+    for lineno, raw in _bounded_lines(stream):
+        if raw is None:
+            yield _too_long(name, lineno)
+            continue
         if not raw.strip():
             continue
         if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
@@ -271,6 +305,12 @@ def iter_json_array(stream: IO[bytes], name: str) -> Iterator[tuple[int, Any, st
         if pos >= len(buf):
             raise InputError(f"{name}:{line}: unexpected end of file inside the JSON list")
         if buf[pos] == "]":
+            pos += 1
+            skip_ws()
+            if pos < len(buf):  # a second list (cat a.json b.json), or anything else after the end
+                raise InputError(f"{name}:{line}: data after the end of the JSON list",
+                                 hint="a JSON manifest holds exactly one list [...]; concatenate lists into one, or "
+                                      "use JSON Lines")
             return
         if not first:
             if buf[pos] != ",":
@@ -285,8 +325,19 @@ def iter_json_array(stream: IO[bytes], name: str) -> Iterator[tuple[int, Any, st
             except RecursionError:
                 raise InputError(f"{name}:{start_line}: invalid JSON: an element nested too deeply to read") from None
             except json.JSONDecodeError as exc:
-                # Maybe the element continues in the next chunk.
-                if fill():
+                # Maybe the element continues in the next chunks. Read at least as much again as is buffered
+                # before parsing it anew: each retry parses twice the text of the last, so a huge element costs
+                # linear time, not one full re-parse per chunk.
+                have = len(buf) - pos
+                if have > MAX_RECORD_BYTES:
+                    raise InputError(f"{name}:{start_line}: a list element longer than {MAX_RECORD_BYTES >> 20} MB "
+                                     "(the limit of one record)") from None
+                grown = False
+                while fill():
+                    grown = True
+                    if len(buf) - pos >= 2 * have:
+                        break
+                if grown:
                     continue
                 raise InputError(
                     f"{name}:{start_line + buf.count(chr(10), pos, exc.pos)}: invalid JSON: {exc.msg}"
@@ -336,7 +387,9 @@ _BAD_UTF8 = re.compile("[\udc80-\udcff]")  # bytes that surrogateescape could no
 
 def _csv_rows(text: IO[str], name: str) -> Iterator[RawRecord]:
     delimiter = "\t" if name.lower().endswith(".tsv") else ","
-    reader = csv.reader(text, delimiter=delimiter)
+    if csv.field_size_limit() < MAX_RECORD_BYTES:
+        csv.field_size_limit(MAX_RECORD_BYTES)  # the module's default (128 KB) rejects long captions
+    reader = csv.reader(_bounded_text_lines(text), delimiter=delimiter, strict=True)
     try:
         header = next(reader)
     except StopIteration:
@@ -357,17 +410,49 @@ def _csv_rows(text: IO[str], name: str) -> Iterator[RawRecord]:
         except UnicodeDecodeError as exc:
             raise InputError(f"{name}:{start}: not valid UTF-8 (byte {exc.start})") from None
         except csv.Error as exc:
-            yield RawRecord(name, start, None, f"malformed CSV: {exc}")
+            yield RawRecord(name, start, None, f"malformed CSV{_spanning(start, reader.line_num)}: {exc}")
             continue
         if not row or all(not c.strip() for c in row):
+            continue
+        if row == [_LONG_LINE]:
+            yield _too_long(name, start)
             continue
         if _BAD_UTF8.search("".join(row)):
             yield RawRecord(name, start, None, "not valid UTF-8")
             continue
         if len(row) != len(header):
-            yield RawRecord(name, start, None, f"expected {len(header)} fields, got {len(row)}")
+            # A stray quote makes the csv module read on to the next quote: the lines it swallowed are named, so
+            # no row disappears unseen.
+            yield RawRecord(name, start, None,
+                            f"expected {len(header)} fields, got {len(row)}{_spanning(start, reader.line_num)}")
             continue
         yield RawRecord(name, start, dict(zip(header, row, strict=True)), fmt="csv")
+
+
+#: Stands for a line over the size limit in the CSV reader's input (it cannot occur in text: a private-use mark).
+_LONG_LINE = "\ue000mmprep: line too long\ue000"
+
+
+def _bounded_text_lines(text: IO[str]) -> Iterator[str]:
+    """The lines of ``text``, each at most :data:`MAX_RECORD_BYTES` characters; a longer one is skipped to its end
+    and replaced by :data:`_LONG_LINE` (so the CSV reader never holds more than one record's worth)."""
+    while True:
+        line = text.readline(MAX_RECORD_BYTES + 1)
+        if not line:
+            return
+        if len(line) <= MAX_RECORD_BYTES or line.endswith("\n"):
+            yield line
+            continue
+        while line and not line.endswith("\n"):
+            line = text.readline(_CHUNK)
+        yield _LONG_LINE + "\n"
+
+
+def _spanning(start: int, end: int) -> str:
+    if end <= start:
+        return ""
+    return (f" (this record runs from line {start} to line {end}: an unclosed quote on line {start} swallowed "
+            f"{end - start} line(s))")
 
 
 def _iter_parquet(stream: IO[bytes], name: str) -> Iterator[RawRecord]:
@@ -436,7 +521,7 @@ def _as_list(value: Any, *, csv_cell: bool) -> list[Any] | None:
         if s.startswith("["):
             try:
                 parsed = json.loads(s)
-            except json.JSONDecodeError:
+            except (json.JSONDecodeError, RecursionError):  # not JSON, or nested too deeply to read
                 return None
             return parsed if isinstance(parsed, list) else None
         return [p.strip() for p in s.split("|") if p.strip()]
