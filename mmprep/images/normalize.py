@@ -28,7 +28,7 @@ from mmprep.images.decode import (
 from mmprep.runtime.engines import make_engine
 from mmprep.runtime.engines.base import ProgressFn
 from mmprep.runtime.files import atomic_write, ensure_dir, open_append
-from mmprep.runtime.job import Chunk, Policy, Publication, run_job
+from mmprep.runtime.job import Chunk, Policy, StreamedRecord, StreamingJob, run_job
 
 __all__ = ["RECORD_NAME", "NormalizeReport", "normalize_images"]
 
@@ -177,7 +177,7 @@ def _normalize_one(task: _Task, job: _NormalizeJob) -> _Outcome:
 
 
 @dataclass
-class NormalizeChunk:
+class NormalizeChunk(StreamedRecord):
     """What one chunk of images produced (a runtime record)."""
 
     index: int
@@ -196,13 +196,6 @@ class NormalizeChunk:
     def rejected(self) -> list[_Outcome]:
         return [o for o in self.outcomes if o.status == "rejected"]
 
-    @property
-    def files(self) -> tuple[str, ...]:
-        return ()
-
-    def to_json(self) -> dict[str, Any]:
-        return {"index": self.index, "items": self.items}
-
 
 @dataclass(frozen=True)
 class _NormalizeTask:
@@ -212,7 +205,7 @@ class _NormalizeTask:
         return NormalizeChunk(chunk.index, chunk.size, [_normalize_one(t, self.job) for t in chunk.items])
 
 
-class _NormalizeRun:
+class _NormalizeRun(StreamingJob):
     """normalize-images on the job runtime: chunks of images, each written by a worker; the parent keeps the output
     record (appended as outputs arrive) and the counts."""
 
@@ -225,9 +218,6 @@ class _NormalizeRun:
         self.report, self.entries, self.confirmed, self.rejects = report, entries, confirmed, rejects
         self.out, self.on_progress = out, on_progress
 
-    def identity(self) -> dict[str, Any]:
-        return {}
-
     def chunks(self) -> Iterator[Chunk[list[_Task]]]:
         for k, i in enumerate(range(0, len(self.tasks), self.size)):
             part = self.tasks[i:i + self.size]
@@ -235,9 +225,6 @@ class _NormalizeRun:
 
     def task(self) -> _NormalizeTask:
         return _NormalizeTask(self.job)
-
-    def restore(self, entry: Any, chunk: Any, out: Any) -> None:
-        return None  # each output is checked against the record by the task itself
 
     def accept(self, record: NormalizeChunk, out: Any) -> NormalizeChunk:
         report, entries = self.report, self.entries
@@ -264,9 +251,6 @@ class _NormalizeRun:
             if self.on_progress is not None:
                 self.on_progress(1)
         return NormalizeChunk(record.index, record.items, record.rejected)
-
-    def finish(self, records: list[NormalizeChunk], run: Any, out: Any) -> Publication:
-        return Publication()
 
 
 @dataclass

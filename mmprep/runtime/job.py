@@ -32,7 +32,7 @@ from mmprep.errors import RunFailed
 from mmprep.runtime.engines.base import Engine, ProgressFn, Task
 from mmprep.runtime.outdir import ChunkEntry, OutputDir
 
-__all__ = ["Chunk", "Job", "JobRecord", "JobRun", "Policy", "Publication", "run_job"]
+__all__ = ["Chunk", "Job", "JobRecord", "JobRun", "Policy", "Publication", "StreamedRecord", "StreamingJob", "run_job"]
 
 T = TypeVar("T")
 R = TypeVar("R", bound="JobRecord")
@@ -166,6 +166,35 @@ class Job(Protocol[T, R]):
     def finish(self, records: list[R], run: JobRun[R], out: OutputDir | None) -> Publication:
         """The files to publish once every chunk is done (``run.failed`` says whether the run failed)."""
         ...
+
+
+class StreamedRecord:
+    """Base for the records of a job that writes its output itself as records arrive: no files of the chunk's own,
+    nothing for ``--resume`` to keep (subclasses are dataclasses with ``index`` and ``items``)."""
+
+    index: int
+    items: int
+
+    @property
+    def files(self) -> tuple[str, ...]:
+        return ()
+
+    def to_json(self) -> dict[str, Any]:
+        return {"index": self.index, "items": self.items}
+
+
+class StreamingJob:
+    """Defaults for a job that writes its output in :meth:`Job.accept` (tokenize's one file, normalize-images'
+    record): no run identity, nothing to resume, nothing for the runtime to publish."""
+
+    def identity(self) -> dict[str, Any]:
+        return {}
+
+    def restore(self, entry: ChunkEntry, chunk: Chunk[Any], out: OutputDir) -> None:
+        return None
+
+    def finish(self, records: list[Any], run: JobRun[Any], out: OutputDir | None) -> Publication:
+        return Publication()
 
 
 def _failure(policy: Policy, read: int, written: int, rejected: int, by_reason: Counter[str]) -> str | None:

@@ -46,7 +46,7 @@ from mmprep.inputs.manifest import ColumnMap, iter_samples
 from mmprep.records import Rejected, Sample
 from mmprep.runtime.engines.base import InlineEngine, ProgressFn
 from mmprep.runtime.files import atomic_write
-from mmprep.runtime.job import Chunk, Policy, Publication, run_job
+from mmprep.runtime.job import Chunk, Policy, StreamedRecord, StreamingJob, run_job
 from mmprep.text.config import TextConfig, TextError, TokenBatch
 from mmprep.text.encoder import TextEncoder
 from mmprep.text.lengths import LengthHistogram
@@ -228,7 +228,7 @@ def tokenize_samples(
 
 
 @dataclass
-class TokenChunk:
+class TokenChunk(StreamedRecord):
     """One chunk of rows, tokenised (a runtime record): the table of its written rows and its rejects."""
 
     index: int
@@ -249,13 +249,6 @@ class TokenChunk:
     @property
     def images(self) -> int:
         return 0
-
-    @property
-    def files(self) -> tuple[str, ...]:
-        return ()
-
-    def to_json(self) -> dict[str, Any]:
-        return {"index": self.index, "items": self.items}
 
 
 @dataclass(frozen=True)
@@ -293,7 +286,7 @@ class TokenizeTask:
         return TokenChunk(chunk.index, chunk.size, rejected, ids, lines, table, n_tokens, tokens, len(ids), source)
 
 
-class TokenizeJob:
+class TokenizeJob(StreamingJob):
     """``tokenize`` on the job runtime: chunks of ``batch_size`` rows, tokenised in order and streamed into one
     Parquet file (row groups of ``group_rows``) and the rejects file."""
 
@@ -314,9 +307,6 @@ class TokenizeJob:
         self.reasons: Counter[str] = Counter()
         self.first_dup = ""
 
-    def identity(self) -> dict[str, Any]:
-        return {}
-
     def chunks(self) -> Iterator[Chunk[list[Sample | Rejected]]]:
         chunk: list[Sample | Rejected] = []
         accepted = 0
@@ -332,9 +322,6 @@ class TokenizeJob:
 
     def task(self) -> TokenizeTask:
         return TokenizeTask(self.encoder)
-
-    def restore(self, entry: Any, chunk: Any, out: Any) -> None:
-        return None  # one output file, written in order: nothing to resume
 
     def accept(self, record: TokenChunk, out: Any) -> TokenChunk:
         report = self.report
@@ -372,9 +359,6 @@ class TokenizeJob:
         if self.pending_rows:
             self._write_group(self.pending_rows)
         self.writer.close()
-
-    def finish(self, records: list[TokenChunk], run: Any, out: Any) -> Publication:
-        return Publication()
 
 
 def _write_tokens(
