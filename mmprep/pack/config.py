@@ -24,6 +24,7 @@ UNKNOWN_TAGS = ("reject", "drop")
 ON_ERROR = ("skip", "fail")
 COMPRESSIONS = ("zstd", "lz4", "snappy", "none")
 ENCODE_FORMATS = ("png", "jpeg", "webp", "original")
+DEVICES = ("cpu", "cuda", "auto")
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,9 @@ class PackConfig:
     seed: int = 0
     on_error: str = "skip"
     max_reject_rate: float = 1.0
+    #: where images are decoded and resized: cpu, cuda (the GPU path, mmprep.images.gpu) or auto (resolved by
+    #: pack() before the run, so the recorded config says which one ran)
+    device: str = "cpu"
 
     def validate(self) -> None:
         """Raise UsageError naming the first bad value."""
@@ -72,6 +76,10 @@ class PackConfig:
         choice("on_error", self.on_error, ON_ERROR)
         choice("compression", self.compression, COMPRESSIONS)
         choice("encode_format", self.encode_format, ENCODE_FORMATS)
+        choice("device", self.device, DEVICES)
+        if self.device == "cuda" and self.pad != "max":
+            raise UsageError("--device cuda decodes into padded tensors; --pad none stores encoded images",
+                             hint="use --device cpu (or auto) with --pad none")
         if self.limit_images < 1:
             raise UsageError(f"--limit-images must be at least 1, got {self.limit_images}")
         if self.image_root:  # a missing local root would reject every row
@@ -132,6 +140,8 @@ class PackConfig:
         d.pop("out", None)
         d["manifest"] = "-" if self.manifest == "-" else os.path.basename(self.manifest)
         d.pop("image_root", None)
+        if d.get("device") == "cpu":  # the CPU path records no device, as before --device existed
+            d.pop("device")
         return d
 
 
