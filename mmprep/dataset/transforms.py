@@ -309,25 +309,32 @@ def erase_mask(
 def _image_means(images: Tensor, layout: str, content_boxes: Tensor | None) -> Tensor:
     """``[N, 3]`` per-image, per-channel mean over the content box (the whole image without boxes).
 
-    Integer pixels: an exact int64 sum, rounded half up to the pixels' dtype (identical on every device). Float
-    pixels: a float64 sum, cast back.
+    The box sum is two products with 0/1 row and column indicators. Integer pixels: every partial sum is an integer
+    below 2**24 (float32) or 2**53 (float64 for images over 65,793 pixels), so the sums are exact in any order, on
+    any device (TF32 included: 8-bit values and 0/1 are exact in it); the mean is rounded half up. Float pixels:
+    float64 sums, cast back.
     """
     chw = images if layout == "CHW" else images.permute(0, 3, 1, 2)
     n, _, h, w = chw.shape
+    device = images.device
     if content_boxes is None:
-        inside = torch.ones((n, h, w), dtype=torch.bool, device=images.device)
+        rows = torch.ones((n, h), dtype=torch.bool, device=device)
+        cols = torch.ones((n, w), dtype=torch.bool, device=device)
     else:
-        b = content_boxes.to(images.device, torch.int64).reshape(n, 4)
-        ys = torch.arange(h, device=images.device)
-        xs = torch.arange(w, device=images.device)
-        inside = (((ys[None, :] >= b[:, 1:2]) & (ys[None, :] < b[:, 3:4]))[:, :, None]
-                  & ((xs[None, :] >= b[:, 0:1]) & (xs[None, :] < b[:, 2:3]))[:, None, :])
-    cnt = inside.sum(dim=(1, 2)).to(torch.int64)[:, None]  # [N, 1]
+        b = content_boxes.to(device, torch.int64).reshape(n, 4)
+        ys = torch.arange(h, device=device)[None, :]
+        xs = torch.arange(w, device=device)[None, :]
+        rows = (ys >= b[:, 1:2]) & (ys < b[:, 3:4])
+        cols = (xs >= b[:, 0:1]) & (xs < b[:, 2:3])
+    cnt = rows.sum(dim=1, dtype=torch.int64) * cols.sum(dim=1, dtype=torch.int64)  # [N]
+    exact_in_float32 = not images.is_floating_point() and 255 * h * w < (1 << 24)
+    acc = torch.float32 if exact_in_float32 else torch.float64
+    per_row = torch.matmul(chw.to(acc), cols.to(acc)[:, None, :, None])[..., 0]  # [N, 3, H]: sums inside the box
+    total = torch.matmul(per_row, rows.to(acc)[:, :, None])[..., 0]  # [N, 3]
     if images.is_floating_point():
-        total = (chw.to(torch.float64) * inside[:, None]).sum(dim=(2, 3))
-        return (total / cnt.clamp(min=1)).to(images.dtype)
-    total = (chw.to(torch.int64) * inside[:, None]).sum(dim=(2, 3))
-    mean = (2 * total + cnt) // (2 * cnt.clamp(min=1))
+        return (total / cnt.clamp(min=1)[:, None]).to(images.dtype)
+    total_i = total.to(torch.int64)
+    mean = (2 * total_i + cnt[:, None]) // (2 * cnt.clamp(min=1)[:, None])
     return mean.to(images.dtype)
 
 
