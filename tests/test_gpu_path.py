@@ -339,6 +339,10 @@ def test_device_choice_without_a_gpu_path(tmp_path: Path) -> None:
     assert "device" not in cfg.to_dict()  # the CPU path records what it always recorded
     import dataclasses
 
+    with pytest.raises(UsageError, match="local engine"):
+        pack(dataclasses.replace(cfg, device="cuda"), engine="ray")
+    assert not (tmp_path / "a").exists()
+
     assert dataclasses.replace(cfg, device="cuda").to_dict()["device"] == "cuda"  # a resume cannot mix the two
     if GPU_PROBLEM is None:
         pytest.skip("this machine has the GPU path")

@@ -287,7 +287,11 @@ def pack(
 
         from mmprep.images.gpu import resolve_device
 
-        cfg = dataclasses.replace(cfg, device=resolve_device(cfg.device, padded=cfg.pad == "max"))
+        if engine == "ray" and cfg.device == "cuda":
+            raise UsageError("--device cuda runs with the local engine: Ray's workers are given no GPU",
+                             hint="use --engine local, or --device cpu with --engine ray")
+        device = "cpu" if engine == "ray" else resolve_device(cfg.device, padded=cfg.pad == "max")
+        cfg = dataclasses.replace(cfg, device=device)
     cfg.validate()
     if resume and not rereadable(cfg.manifest):
         raise UsageError("--resume needs a manifest file, not stdin or a pipe")
