@@ -293,7 +293,7 @@ def test_map_style_dataset_with_a_transform_in_dataloader_workers() -> None:
     second = run()
     for x, y in zip(first, second, strict=True):
         assert torch.equal(x["erase_mask"], y["erase_mask"]) and torch.equal(x["pixel_values"], y["pixel_values"])
-    assert not torch.equal(first[0]["erase_counts"][:3], first[1]["erase_counts"][:3])
+    assert not torch.equal(first[0]["erase_counts"], first[1]["erase_counts"])  # worker 0's batch, worker 1's
     # erased pixels of a real image hold its mean colour (normalised), others equal the plain normalisation
     plain = normalize(to_torch(ds.take(batches[0]))["pixel_values"], ds.pixels, "float16",
                       image_count=to_torch(ds.take(batches[0]))["image_count"])
