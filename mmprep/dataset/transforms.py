@@ -309,10 +309,10 @@ def erase_mask(
 def _image_means(images: Tensor, layout: str, content_boxes: Tensor | None) -> Tensor:
     """``[N, 3]`` per-image, per-channel mean over the content box (the whole image without boxes).
 
-    The box sum is two products with 0/1 row and column indicators. Integer pixels: every partial sum is an integer
-    below 2**24 (float32) or 2**53 (float64 for images over 65,793 pixels), so the sums are exact in any order, on
-    any device (TF32 included: 8-bit values and 0/1 are exact in it); the mean is rounded half up. Float pixels:
-    float64 sums, cast back.
+    Integer pixels: the box sum is two matrix products with 0/1 row and column indicators; every partial sum is an
+    integer below 2**24 (float32) or 2**53 (float64, for images over 65,793 pixels), so the sums are exact in any
+    order, on any device (TF32 included: 8-bit values and 0/1 are exact in it); the mean is rounded half up. Float
+    pixels: masked reductions accumulated in float64, cast back.
     """
     chw = images if layout == "CHW" else images.permute(0, 3, 1, 2)
     n, _, h, w = chw.shape
@@ -327,12 +327,13 @@ def _image_means(images: Tensor, layout: str, content_boxes: Tensor | None) -> T
         rows = (ys >= b[:, 1:2]) & (ys < b[:, 3:4])
         cols = (xs >= b[:, 0:1]) & (xs < b[:, 2:3])
     cnt = rows.sum(dim=1, dtype=torch.int64) * cols.sum(dim=1, dtype=torch.int64)  # [N]
-    exact_in_float32 = not images.is_floating_point() and 255 * h * w < (1 << 24)
-    acc = torch.float32 if exact_in_float32 else torch.float64
+    if images.is_floating_point():  # reductions, not matrix products: a global TF32 setting must not round them
+        per_row_f = (chw * cols[:, None, None, :].to(chw.dtype)).sum(dim=-1, dtype=torch.float64)  # [N, 3, H]
+        total_f = (per_row_f * rows[:, None, :].to(torch.float64)).sum(dim=-1)  # [N, 3]
+        return (total_f / cnt.clamp(min=1)[:, None]).to(images.dtype)
+    acc = torch.float32 if 255 * h * w < (1 << 24) else torch.float64
     per_row = torch.matmul(chw.to(acc), cols.to(acc)[:, None, :, None])[..., 0]  # [N, 3, H]: sums inside the box
     total = torch.matmul(per_row, rows.to(acc)[:, :, None])[..., 0]  # [N, 3]
-    if images.is_floating_point():
-        return (total / cnt.clamp(min=1)[:, None]).to(images.dtype)
     total_i = total.to(torch.int64)
     mean = (2 * total_i + cnt[:, None]) // (2 * cnt.clamp(min=1)[:, None])
     return mean.to(images.dtype)
