@@ -223,6 +223,21 @@ def test_normalised_slots_hold_exactly_the_cpu_paths_values_for_their_pixels(dty
     assert bar.size and (bar == np.array([10, 200, 30], dtype=np.uint8)).all()
 
 
+def test_a_row_group_renders_as_its_images_one_by_one() -> None:
+    """Images of one size and geometry are resampled as one batch; the result is the same as one at a time."""
+    cfg = ImageConfig(size=(48, 40), resize_mode="letterbox", interpolation="lanczos")
+    g = GpuImages(cfg, Normalization.from_spec("clip", dtype="float16"), device="cpu", decoder=pillow_decoder)
+    datas = [jpeg(size=(120, 80), seed=s) for s in range(3)] + [jpeg(size=(80, 120), seed=7),
+                                                                   with_orientation(jpeg(size=(120, 80), seed=8), 6)]
+    jobs = [(slot, g.probe(d)) for slot, d in zip((0, 1, 3, 4, 5), datas, strict=True)]
+    together, failed = g.render(jobs, 2, 3)
+    assert not failed
+    for slot, job in jobs:
+        alone, _ = g.render([(0, job)], 1, 1)
+        assert np.array_equal(together.reshape(6, *together.shape[2:])[slot], alone[0, 0]), slot
+    assert not together[0, 2].any()
+
+
 def test_decoder_failures_are_reported_per_image() -> None:
     cfg = ImageConfig(size=(32, 32))
 

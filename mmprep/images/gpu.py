@@ -422,7 +422,7 @@ def _weights_on(device: Any, key: tuple[int, float, float, int, str]) -> tuple[A
 
 
 def orient(img: torch.Tensor, orientation: int) -> torch.Tensor:
-    """``[C, H, W]`` as stored -> upright, for an EXIF orientation (as ``ImageOps.exif_transpose``)."""
+    """``[..., C, H, W]`` as stored -> upright, for an EXIF orientation (as ``ImageOps.exif_transpose``)."""
     if orientation == 2:
         return img.flip(-1)
     if orientation == 3:
@@ -441,14 +441,19 @@ def orient(img: torch.Tensor, orientation: int) -> torch.Tensor:
 
 
 def _pass(x: torch.Tensor, parts: torch.Tensor, axis: str) -> torch.Tensor:
-    """One resampling pass of ``[C, H, W]`` float pixels along ``x`` (columns) or ``y`` (rows), rounded to 8 bits
+    """One resampling pass of ``[..., C, H, W]`` float pixels along ``x`` (columns) or ``y`` (rows), rounded to 8 bits
     exactly as Pillow's fixed point: ``clamp(floor((sum + 2^21) / 2^22), 0, 255)``."""
     import torch
 
     xs = x.to(parts.dtype)
-    sums = [torch.matmul(xs, p.T) if axis == "x" else torch.matmul(p, xs) for p in parts]
+    k, n_out, span = parts.shape
+    stacked = parts.reshape(k * n_out, span)  # one product for the k parts
+    if axis == "x":
+        sums = torch.matmul(xs, stacked.T).unflatten(-1, (k, n_out)).movedim(-2, 0)
+    else:
+        sums = torch.matmul(stacked, xs).unflatten(-2, (k, n_out)).movedim(-3, 0)
     total = sums[0].to(torch.float64)
-    if len(sums) == 3:
+    if k == 3:
         total = total * 65536.0 + sums[1].to(torch.float64) * 256.0 + sums[2].to(torch.float64)
     out = torch.floor((total + float(1 << (_PRECISION_BITS - 1))) * (1.0 / (1 << _PRECISION_BITS)))
     return out.clamp_(0.0, 255.0).to(torch.float32)
@@ -456,7 +461,7 @@ def _pass(x: torch.Tensor, parts: torch.Tensor, axis: str) -> torch.Tensor:
 
 def resize_image(img: torch.Tensor, plan: ResizePlan, interpolation: str, *, stored_first_axis: str = "x"
                  ) -> torch.Tensor:
-    """Resample an upright ``[C, H, W]`` uint8 image to ``plan.resized`` (``[C, rh, rw]`` uint8), antialiased.
+    """Resample upright ``[..., C, H, W]`` uint8 images to ``plan.resized`` (``[..., C, rh, rw]``), antialiased.
 
     Pillow's ``Image.resize(size, filter, box=plan.src_box)`` of the same pixels (no ``reducing_gap``): the same
     coefficients and fixed-point rounding, horizontal pass first (see the module notes on the pass order).
@@ -472,12 +477,12 @@ def resize_image(img: torch.Tensor, plan: ResizePlan, interpolation: str, *, sto
         return img
     import torch
 
-    _, h, w = img.shape
+    h, w = img.shape[-2:]
     x0, y0, x1, y1 = plan.src_box
     rw, rh = plan.resized
     wx, xlo, xhi = _weights_on(img.device, (w, x0, x1, rw, interpolation))
     wy, ylo, yhi = _weights_on(img.device, (h, y0, y1, rh, interpolation))
-    region = img[:, ylo:yhi, xlo:xhi].to(torch.float32)
+    region = img[..., ylo:yhi, xlo:xhi].to(torch.float32)
     if interpolation == "nearest":
         return torch.matmul(wy[0], torch.matmul(region, wx[0].T)).to(torch.uint8)
     first, second = ((wx, "x"), (wy, "y")) if stored_first_axis == "x" else ((wy, "y"), (wx, "x"))
@@ -637,6 +642,7 @@ class GpuImages:
                 stop += 1
             group = jobs[start:stop]
             decoded = self._decode([job.data for _, job in group])
+            same: dict[tuple[Any, ...], list[tuple[int, Any, GpuImage]]] = {}
             for (slot, job), img in zip(group, decoded, strict=True):
                 if isinstance(img, BaseException):
                     failed[slot] = img
@@ -646,23 +652,28 @@ class GpuImages:
                     failed[slot] = ImageError("image_invalid", f"GPU decoder returned {tuple(img.shape)}, the header "
                                                                f"says (3, {h}, {w})")
                     continue
-                self._place(canvas[slot], img.to(device), job, fill)
-                filled[slot] = True
+                same.setdefault((job.stored_size, job.orientation, job.plan), []).append((slot, img, job))
+            for members in same.values():  # images of one size and geometry are resampled as one batch
+                slots = [slot for slot, _, _ in members]
+                imgs = torch.stack([img.to(device) for _, img, _ in members])
+                self._place(canvas, torch.tensor(slots, device=device), imgs, members[0][2], fill)
+                filled[slots] = True
             start = stop
         out = self._normalise(canvas, lut, filled.to(device))
         host = out.reshape(rows, limit, *out.shape[1:]).cpu().numpy()
         return host, failed
 
-    def _place(self, slot: Any, img: Any, job: GpuImage, fill: Any) -> None:
+    def _place(self, canvas: Any, slots: Any, imgs: Any, job: GpuImage, fill: Any) -> None:
+        """Orient, resample and write ``imgs`` ``[G, 3, H, W]`` (one stored size and geometry) into their slots."""
         plan = job.plan
-        upright = orient(img, job.orientation)
+        upright = orient(imgs, job.orientation)
         first = "y" if job.orientation >= 5 else "x"
         resized = resize_image(upright, plan, self.cfg.interpolation, stored_first_axis=first)
         x, y = plan.offset
         rw, rh = plan.resized
         if plan.out_size != plan.resized:
-            slot.copy_(fill.expand_as(slot))
-        slot[:, y:y + rh, x:x + rw] = resized
+            canvas[slots] = fill.expand(len(slots), *canvas.shape[1:])
+        canvas[slots, :, y:y + rh, x:x + rw] = resized
 
     def _normalise(self, canvas: Any, lut: Any, filled: Any) -> Any:
         import torch
