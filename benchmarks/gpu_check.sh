@@ -14,7 +14,9 @@
 #   TORCH_SPEC        torch to install when no CUDA torch + torchvision pair imports, e.g. torch==2.13.0
 #   TORCHVISION_SPEC  the torchvision built for it, e.g. torchvision==0.28.0 (pip's index must serve the CUDA
 #                     wheels: set PIP_INDEX_URL / PIP_EXTRA_INDEX_URL to PyTorch's CUDA wheel index)
-#   PIP_FIND_LINKS    a folder of wheels for a machine without network (pip reads it itself)
+#   WHEELS            a folder of wheels to install missing packages from, without any index (a machine with no
+#                     network: e.g. orjson, which the workplace's CUDA image lacks; fetch it elsewhere with
+#                     `pip download --no-deps --only-binary=:all: --python-version 3.12 orjson -d WHEELS_DIR`)
 #   SAMPLES           corpus samples for bench_gpu.py (default 1000, ~2,250 images)
 #   OUT_DIR           where logs and JSON go (default .bench/gpu-check)
 set -euo pipefail
@@ -39,8 +41,13 @@ EOF
 )
 if [[ -n "$missing" ]]; then
   echo "installing: $missing"
-  # shellcheck disable=SC2086
-  "$PY" -m pip install -q $missing
+  if [[ -n "${WHEELS:-}" ]]; then
+    # shellcheck disable=SC2086
+    "$PY" -m pip install -q --no-index --find-links "$WHEELS" $missing
+  else
+    # shellcheck disable=SC2086
+    "$PY" -m pip install -q $missing
+  fi
 fi
 "$PY" -c "import mmprep.cli, mmprep.images.gpu; print('mmprep imports')"
 
