@@ -15,8 +15,8 @@
 #   TORCHVISION_SPEC  the torchvision built for it, e.g. torchvision==0.28.0 (pip's index must serve the CUDA
 #                     wheels: set PIP_INDEX_URL / PIP_EXTRA_INDEX_URL to PyTorch's CUDA wheel index)
 #   WHEELS            a folder of wheels to install missing packages from, without any index (a machine with no
-#                     network: e.g. orjson, which the workplace's CUDA image lacks; fetch it elsewhere with
-#                     `pip download --no-deps --only-binary=:all: --python-version 3.12 orjson -d WHEELS_DIR`)
+#                     network; fetch them elsewhere with `pip download --no-deps --only-binary=:all:
+#                     --python-version 3.12 NAME -d WHEELS_DIR`)
 #   SAMPLES           corpus samples for bench_gpu.py (default 1000, ~2,250 images)
 #   OUT_DIR           where logs and JSON go (default .bench/gpu-check)
 set -euo pipefail
@@ -34,8 +34,8 @@ step "1/5 mmprep's dependencies"
 missing=$("$PY" - <<'EOF'
 import importlib.util
 need = {"typer": "typer", "rich": "rich", "PIL": "pillow", "numpy": "numpy", "pyarrow": "pyarrow", "tqdm": "tqdm",
-        "transformers": "transformers", "tokenizers": "tokenizers", "jinja2": "jinja2", "orjson": "orjson",
-        "fsspec": "fsspec", "psutil": "psutil", "pytest": "pytest", "hypothesis": "hypothesis"}
+        "transformers": "transformers", "tokenizers": "tokenizers", "jinja2": "jinja2", "fsspec": "fsspec",
+        "psutil": "psutil", "pytest": "pytest"}
 print(" ".join(pkg for mod, pkg in need.items() if importlib.util.find_spec(mod) is None))
 EOF
 )
