@@ -228,7 +228,7 @@ class SampleProcessor:
         res.last_line = row.line
 
     def _device_images(self, rows: list[PackedRow], samples: list[Sample], res: ChunkResult
-                       ) -> tuple[list[PackedRow], np.ndarray]:
+                       ) -> tuple[list[PackedRow], np.ndarray | None]:
         """Decode a row group's device images (one copy back); the CPU path takes each one the device refused, and
         a row whose image fails there too is rejected. Returns the accepted rows (counted) and their pixels."""
         from mmprep.images.gpu import GpuImage
@@ -237,6 +237,10 @@ class SampleProcessor:
         limit = self.cfg.limit_images
         jobs = [(i * limit + k, img) for i, row in enumerate(rows) for k, img in enumerate(row.images)
                 if isinstance(img, GpuImage)]
+        if not jobs:  # no device image in this row group
+            for row in rows:
+                self._commit(row, res)
+            return rows, None
         pixels, failed = self.gpu.render(jobs, len(rows), limit)
         kept: list[PackedRow] = []
         keep_index: list[int] = []
