@@ -335,6 +335,25 @@ def test_processor_with_the_device_path_keeps_rows_rejects_and_accounting(tmp_pa
         assert not a[g["image_count"]:].any()
 
 
+def test_row_groups_without_device_images(tmp_path: Path) -> None:
+    manifest = make_manifest(tmp_path)
+    only_cpu = [line for line in manifest.read_text().splitlines()
+                if not any(n in line for n in ("astronaut", "chelsea", "rocket", "landscape", "gray", "broken"))]
+    manifest.write_text("\n".join(only_cpu) + "\n")
+    cfg = pack_config(tmp_path / "out", manifest=str(manifest), tokenizer=None, vocab=None,
+                      image=ImageConfig(size=(64, 80), resize_mode="center-crop"), limit_images=3)
+
+    class Untouched(GpuImages):
+        def render(self, jobs, rows, limit):
+            raise AssertionError("a row group without device images reached the device")
+
+    want_rows, want = run_processor(cfg, None)
+    got_rows, got = run_processor(cfg, Untouched(cfg.image, cfg.norm, device="cpu", decoder=pillow_decoder))
+    assert [r["id"] for r in got_rows] == [r["id"] for r in want_rows] and len(got_rows) == 2
+    assert [r["pixel_values"] for r in got_rows] == [r["pixel_values"] for r in want_rows]
+    assert [(r.line, r.reason) for r in got.rejected] == [(r.line, r.reason) for r in want.rejected]
+
+
 # -- the device choice ---------------------------------------------------------------------------------------------
 
 
