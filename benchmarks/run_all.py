@@ -36,6 +36,9 @@ SUITE: dict[str, tuple[str, list[str], list[str] | None]] = {
     "audit": ("bench_audit.py", [], None),
     "embed": ("bench_embed.py", [], ["--quick"]),
     "reader": ("bench_reader.py", [], ["--quick"]),
+    # info only, not in --check: on a CPU the vectorised masks and the loop are within a few x of each other, and
+    # the small --quick batch swings with the machine's load
+    "masks": ("bench_masks.py", ["--threads", "1"], None),
     "ray": ("bench_ray.py", [], None),
 }
 

@@ -61,6 +61,10 @@ def pack_cmd(
     min_pixels: MinPixelsOpt = None,
     pixel_limit: PixelLimitOpt = 89_478_485,
     no_draft: NoDraftOpt = False,
+    device: Annotated[str, typer.Option(
+        "--device", metavar="cpu|cuda|auto",
+        help="Decode and resize JPEGs on the GPU (cuda; needs the gpu extra, padded layout; other images take the "
+             "CPU path) or where possible (auto).", rich_help_panel=_IMG)] = "cpu",
     norm: Annotated[str | None, typer.Option(help="Normalisation preset: imagenet|clip.", rich_help_panel=_IMG)] = None,
     mean: Annotated[str | None, typer.Option(help="Custom mean R,G,B in [0,1].", rich_help_panel=_IMG)] = None,
     std: Annotated[str | None, typer.Option(help="Custom std R,G,B in [0,1].", rich_help_panel=_IMG)] = None,
@@ -196,6 +200,7 @@ def pack_cmd(
             seed=seed,
             on_error=on_error,
             max_reject_rate=max_reject_rate,
+            device=device,
         )
         total = _count_rows(manifest)
         with output.progress(total, "pack", unit="row") as bar:
@@ -270,6 +275,7 @@ def _render(output: Output, report: PackReport) -> None:
             ("shards", f"{len(report.shards)} ({report.rows_per_shard} rows each at most)"),
             ("bytes written", report.bytes_written),
             ("resumed shards", report.resumed_shards),
+            *((("device", report.device),) if report.device != "cpu" else ()),
             ("seconds", round(report.seconds, 2)),
             ("samples/s", round(report.samples_per_s, 1)),
             ("images/s", round(report.images_per_s, 1)),

@@ -15,12 +15,16 @@ with the ``pip install`` hint).
 Batches become tensors: numeric arrays via ``torch.from_numpy`` (copied when the array is a read-only view of a
 Parquet buffer), strings and ragged columns stay lists (``tag_ids``: a list of int32 tensors; pass
 ``multi_hot_size=V`` for ``[B, V]`` targets).
+
+``transform=`` (both datasets) runs a batch transform on every batch in the worker, such as
+:class:`mmprep.dataset.transforms.BatchTransform` (normalisation, patch masks, dynamic masking); rows are cut from
+the transformed batch. :class:`TransformCollate` does the same as a ``collate_fn``.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -38,7 +42,10 @@ except ImportError as _exc:  # torch itself missing (or broken): say how to inst
         raise
     raise MissingDependencyError("torch", "embed", purpose="the PyTorch dataset") from None
 
-__all__ = ["PackedIterableDataset", "PackedTorchDataset", "default_rank", "to_torch"]
+__all__ = ["PackedIterableDataset", "PackedTorchDataset", "TransformCollate", "default_rank", "to_torch"]
+
+#: A batch transform: a dict of tensors in, a dict of tensors out (e.g. ``transforms.BatchTransform``).
+BatchFn = Callable[[dict[str, Any]], dict[str, Any]]
 
 
 def to_torch(batch: Batch, *, multi_hot_size: int | None = None) -> dict[str, Any]:
@@ -89,6 +96,8 @@ class PackedIterableDataset(IterableDataset):
         rank: this process's rank (default: :func:`default_rank`).
         world_size: number of ranks (default: :func:`default_rank`).
         multi_hot_size: turn ``tag_ids`` into ``[B, V]`` float targets of this vocabulary size.
+        transform: applied to every batch in the worker (before rows are cut from it when ``batch_size`` is None);
+            its ``set_epoch`` is called by :meth:`set_epoch` when it has one.
 
     Call :meth:`set_epoch` before each epoch (DataLoader workers get a fresh copy each epoch unless
     ``persistent_workers=True``, in which case the epoch they see does not change).
@@ -107,6 +116,7 @@ class PackedIterableDataset(IterableDataset):
         rank: int | None = None,
         world_size: int | None = None,
         multi_hot_size: int | None = None,
+        transform: BatchFn | None = None,
         **reader_kwargs: Any,
     ) -> None:
         super().__init__()
@@ -123,11 +133,13 @@ class PackedIterableDataset(IterableDataset):
         self.drop_last = drop_last
         self.even = even
         self.multi_hot_size = multi_hot_size
+        self.transform = transform
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
-        """Use this epoch's order."""
+        """Use this epoch's order (and this epoch's draws of the transform)."""
         self.epoch = int(epoch)
+        _set_epoch(self.transform, self.epoch)
 
     def plan(self, worker: int = 0, num_workers: int = 1) -> list[PlanRange]:
         """The row-group ranges this rank's ``worker`` reads in the current epoch."""
@@ -146,6 +158,8 @@ class PackedIterableDataset(IterableDataset):
                                     drop_last=self.drop_last and self.batch_size is not None)
         for batch in batches:
             tb = to_torch(batch, multi_hot_size=self.multi_hot_size)
+            if self.transform is not None:
+                tb = self.transform(tb)
             if self.batch_size is not None:
                 yield tb
             else:
@@ -160,6 +174,7 @@ class PackedTorchDataset(Dataset):
     Args:
         ds: a :class:`PackedDataset` or a path (then ``reader_kwargs`` are its options).
         multi_hot_size: turn ``tag_ids`` into ``[B, V]`` float targets of this vocabulary size.
+        transform: applied to every fetched batch (``ds[i]`` is a batch of one, transformed, then unbatched).
     """
 
     def __init__(
@@ -167,10 +182,16 @@ class PackedTorchDataset(Dataset):
         ds: PackedDataset | str | os.PathLike[str],
         *,
         multi_hot_size: int | None = None,
+        transform: BatchFn | None = None,
         **reader_kwargs: Any,
     ) -> None:
         self.ds = _open(ds, reader_kwargs)
         self.multi_hot_size = multi_hot_size
+        self.transform = transform
+
+    def set_epoch(self, epoch: int) -> None:
+        """Pass the epoch to the transform (a new stream of random draws per epoch)."""
+        _set_epoch(self.transform, epoch)
 
     def __len__(self) -> int:
         return len(self.ds)
@@ -180,7 +201,8 @@ class PackedTorchDataset(Dataset):
         return {k: v[0] for k, v in batch.items()}
 
     def __getitems__(self, indices: Sequence[int]) -> dict[str, Any]:
-        return to_torch(self.ds.take(list(indices)), multi_hot_size=self.multi_hot_size)
+        batch = to_torch(self.ds.take(list(indices)), multi_hot_size=self.multi_hot_size)
+        return self.transform(batch) if self.transform is not None else batch
 
     @staticmethod
     def collate(batch: Any) -> dict[str, Any]:
@@ -194,3 +216,25 @@ class PackedTorchDataset(Dataset):
             out[k] = torch.stack(vals) if isinstance(vals[0], torch.Tensor) and vals[0].dim() >= 0 and all(
                 v.shape == vals[0].shape for v in vals) else vals
         return out
+
+
+def _set_epoch(transform: Any, epoch: int) -> None:
+    set_epoch = getattr(transform, "set_epoch", None)
+    if callable(set_epoch):
+        set_epoch(int(epoch))
+
+
+class TransformCollate:
+    """A ``collate_fn`` that collates like :meth:`PackedTorchDataset.collate`, then applies a batch transform.
+
+    Picklable (DataLoader workers started with spawn receive it), as long as the transform is.
+    """
+
+    def __init__(self, transform: BatchFn) -> None:
+        self.transform = transform
+
+    def set_epoch(self, epoch: int) -> None:
+        _set_epoch(self.transform, epoch)
+
+    def __call__(self, batch: Any) -> dict[str, Any]:
+        return self.transform(PackedTorchDataset.collate(batch))

@@ -28,6 +28,7 @@ ENCODE_FORMATS = ("png", "jpeg", "webp", "original")
 MAX_LIMIT_IMAGES = 1024
 #: A padded row's pixels are one fixed-size binary value, whose width Arrow stores in 32 bits.
 MAX_ROW_PIXEL_BYTES = (1 << 31) - 1
+DEVICES = ("cpu", "cuda", "auto")
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,9 @@ class PackConfig:
     seed: int = 0
     on_error: str = "skip"
     max_reject_rate: float = 1.0
+    #: where images are decoded and resized: cpu, cuda (the GPU path, mmprep.images.gpu) or auto (resolved by
+    #: pack() before the run, so the recorded config says which one ran)
+    device: str = "cpu"
 
     def validate(self) -> None:
         """Raise UsageError naming the first bad value."""
@@ -76,6 +80,10 @@ class PackConfig:
         choice("on_error", self.on_error, ON_ERROR)
         choice("compression", self.compression, COMPRESSIONS)
         choice("encode_format", self.encode_format, ENCODE_FORMATS)
+        choice("device", self.device, DEVICES)
+        if self.device == "cuda" and self.pad != "max":
+            raise UsageError("--device cuda decodes into padded tensors; --pad none stores encoded images",
+                             hint="use --device cpu (or auto) with --pad none")
         if not 1 <= self.limit_images <= MAX_LIMIT_IMAGES:
             raise UsageError(f"--limit-images must be 1 to {MAX_LIMIT_IMAGES}, got {self.limit_images:,}")
         if self.image_root:  # a missing local root would reject every row
@@ -144,6 +152,8 @@ class PackConfig:
         d.pop("out", None)
         d["manifest"] = "-" if self.manifest == "-" else os.path.basename(self.manifest)
         d.pop("image_root", None)
+        if d.get("device") == "cpu":  # the CPU path records no device, as before --device existed
+            d.pop("device")
         return d
 
 

@@ -77,6 +77,7 @@ class PackReport:
     reject_rate: float = 0.0
     failed: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    device: str = "cpu"
 
 
 def input_signature(items: list[Item], images: ImageSource) -> str:
@@ -289,8 +290,21 @@ def pack(
         UsageError: bad configuration or output directory (exit 2).
         RunFailed: a failed run: ``--on-error fail`` met a bad row, a worker died, too many rejects (exit 1).
         MissingDependencyError: ``engine="ray"`` without Ray installed (exit 2).
+
+    ``cfg.device``: ``cuda`` decodes JPEGs on the GPU (:mod:`mmprep.images.gpu`; a UsageError when the ``gpu``
+    extra or a CUDA device is missing), ``auto`` uses it when it can; the report says which ran.
     """
     start = time.perf_counter()
+    if cfg.device != "cpu":  # auto -> cpu or cuda; cuda without a usable GPU path is a usage error (exit 2)
+        import dataclasses
+
+        from mmprep.images.gpu import resolve_device
+
+        if engine == "ray" and cfg.device == "cuda":
+            raise UsageError("--device cuda runs with the local engine: Ray's workers are given no GPU",
+                             hint="use --engine local, or --device cpu with --engine ray")
+        device = "cpu" if engine == "ray" else resolve_device(cfg.device, padded=cfg.pad == "max")
+        cfg = dataclasses.replace(cfg, device=device)
     cfg.validate()
     if resume and not rereadable(cfg.manifest):
         raise UsageError("--resume needs a manifest file, not stdin or a pipe")
@@ -322,4 +336,5 @@ def pack(
         images_per_s=totals.images_written / run.seconds if run.seconds else 0.0, peak_rss_mb=run.peak_rss_mb,
         resumed_shards=run.resumed, workers=run.workers, engine=run.engine,
         reject_rate=run.rejected / run.read if run.read else 0.0, failed=failed, extra=dict(run.stats),
+        device=cfg.device,
     )

@@ -12,8 +12,8 @@ import json
 import os
 from collections import Counter
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -23,6 +23,9 @@ from mmprep.pack.config import PackConfig
 from mmprep.records import Rejected, RowReject, Sample
 from mmprep.text.config import TextError
 from mmprep.text.render import inline_images
+
+if TYPE_CHECKING:
+    from mmprep.images.gpu import GpuImage, GpuImages
 
 __all__ = ["ChunkResult", "PackedRow", "SampleProcessor"]
 
@@ -49,10 +52,11 @@ class PackedRow:
 
     id: str
     line: int
-    images: list[LoadedImage]
+    images: list[LoadedImage | GpuImage]  # GpuImage: decoded with its row group on the device (--device cuda)
     refs: list[str]
     text: str
     tags: list[int] | list[str]
+    dropped: int = 0  # images dropped by --too-many-images truncate
 
 
 class SampleProcessor:
@@ -62,9 +66,13 @@ class SampleProcessor:
         cfg: the validated pack configuration.
         images: where image references are read from.
         row_group_rows: rows per Parquet row group (the plan decides it).
+        gpu: the device image path (default with ``cfg.device == "cuda"``: :class:`mmprep.images.gpu.GpuImages` on
+            CUDA). Its JPEGs are decoded a row group at a time, after the row's other steps; an image it cannot
+            decode goes through the CPU path, and a row whose image fails there too is rejected then.
     """
 
-    def __init__(self, cfg: PackConfig, images: ImageSource, row_group_rows: int) -> None:
+    def __init__(self, cfg: PackConfig, images: ImageSource, row_group_rows: int,
+                 gpu: GpuImages | None = None) -> None:
         from mmprep.pack.schema import build_schema
 
         self.cfg = cfg
@@ -84,6 +92,11 @@ class SampleProcessor:
                                    tokenizer_name=self.encoder.name_or_path if self.encoder else None,
                                    vocab=self.vocab)
         self.slot_shape = cfg.slot_shape() if cfg.pad == "max" else None
+        if gpu is None and cfg.device == "cuda":
+            from mmprep.images.gpu import GpuImages
+
+            gpu = GpuImages(cfg.image, cfg.norm, device="cuda")
+        self.gpu = gpu
 
     # -- per-sample steps (each raises RowReject) ---------------------------------------------------------
     def _tags(self, s: Sample, res: ChunkResult) -> list[int] | list[str]:
@@ -114,15 +127,24 @@ class SampleProcessor:
             return ""
         return s.text if isinstance(s.text, str) else json.dumps(s.text, ensure_ascii=False)
 
-    def _images(self, refs: Sequence[str]) -> list[LoadedImage]:
+    def _images(self, refs: Sequence[str]) -> list[LoadedImage | GpuImage]:
         keep_bytes = self.cfg.pad == "none" and self.cfg.encode_format == "original"
-        out: list[LoadedImage] = []
+        out: list[LoadedImage | GpuImage] = []
         for k, ref in enumerate(refs):
-            try:
-                out.append(self.images.load(ref, self.cfg.image, keep_bytes=keep_bytes))
-            except ImageError as exc:
-                raise RowReject("image", exc.reason, f"image {k + 1} '{ref}': {exc.detail}") from None
+            if self.gpu is not None:  # a JPEG the device decodes later, with its row group
+                routed = self.gpu.prepare(self.images, ref)
+                if routed is not None:
+                    out.append(routed)
+                    continue
+            out.append(self._load(k, ref, keep_bytes))
         return out
+
+    def _load(self, k: int, ref: str, keep_bytes: bool = False) -> LoadedImage:
+        """The CPU path for one image (RowReject naming the image when it cannot be used)."""
+        try:
+            return self.images.load(ref, self.cfg.image, keep_bytes=keep_bytes)
+        except ImageError as exc:
+            raise RowReject("image", exc.reason, f"image {k + 1} '{ref}': {exc.detail}") from None
 
     # -- chunks -------------------------------------------------------------------------------------------
     def process_chunk(self, index: int, items: Sequence[Sample | Rejected]) -> Iterator[tuple[Any, ChunkResult]]:
@@ -134,11 +156,17 @@ class SampleProcessor:
 
         res = ChunkResult(index=index)
         pending: list[PackedRow] = []
+        samples: list[Sample] = []  # of the pending rows (the device path may still reject them)
 
         def flush() -> Any:
-            batch = self._to_batch(pending, res)
+            rows, pixels = list(pending), None
             pending.clear()
-            return batch
+            if self.gpu is not None:
+                rows, pixels = self._device_images(rows, samples, res)
+                samples.clear()
+                if not rows:
+                    return None
+            return self._to_batch(rows, res, pixels)
 
         for item in items:
             if isinstance(item, Rejected):
@@ -158,13 +186,17 @@ class SampleProcessor:
                                              f"{item.source}:{item.line}: {type(exc).__name__}: {exc} (a bug in "
                                              "mmprep: please report it with this row)"))
                 continue
+            if self.gpu is None:
+                self._commit(row, res)
+            else:
+                samples.append(item)
             pending.append(row)
             if len(pending) >= self.row_group_rows:
                 yield flush(), res
-        if pending:
-            yield flush(), res
-        else:
-            yield pa.RecordBatch.from_pylist([], schema=self.schema), res
+        batch = flush() if pending else None
+        if self.gpu is not None:
+            res.rejected.sort(key=lambda r: r.line)  # rows the device path rejected came after later ones
+        yield (batch if batch is not None else pa.RecordBatch.from_pylist([], schema=self.schema)), res
 
     def _process(self, s: Sample, res: ChunkResult) -> PackedRow:
         cfg = self.cfg
@@ -186,15 +218,52 @@ class SampleProcessor:
         if dropped and self.encoder is not None:
             text = _keep_placeholders(text, cfg.text.image_placeholder, len(refs))
         images = self._images(refs)
-        res.images_dropped += dropped
-        res.images_written += len(images)
-        res.image_count_histogram[len(images)] += 1
-        res.rows += 1
-        res.first_line = s.line if res.first_line is None else res.first_line
-        res.last_line = s.line
-        return PackedRow(s.id, s.line, images, refs, text, tags)
+        return PackedRow(s.id, s.line, images, refs, text, tags, dropped)
 
-    def _to_batch(self, rows: list[PackedRow], res: ChunkResult) -> Any:
+    @staticmethod
+    def _commit(row: PackedRow, res: ChunkResult) -> None:
+        """Count an accepted row."""
+        res.images_dropped += row.dropped
+        res.images_written += len(row.images)
+        res.image_count_histogram[len(row.images)] += 1
+        res.rows += 1
+        res.first_line = row.line if res.first_line is None else res.first_line
+        res.last_line = row.line
+
+    def _device_images(self, rows: list[PackedRow], samples: list[Sample], res: ChunkResult
+                       ) -> tuple[list[PackedRow], np.ndarray | None]:
+        """Decode a row group's device images (one copy back); the CPU path takes each one the device refused, and
+        a row whose image fails there too is rejected. Returns the accepted rows (counted) and their pixels."""
+        from mmprep.images.gpu import GpuImage
+
+        assert self.gpu is not None
+        limit = self.cfg.limit_images
+        jobs = [(i * limit + k, img) for i, row in enumerate(rows) for k, img in enumerate(row.images)
+                if isinstance(img, GpuImage)]
+        if not jobs:  # no device image in this row group
+            for row in rows:
+                self._commit(row, res)
+            return rows, None
+        pixels, failed = self.gpu.render(jobs, len(rows), limit)
+        kept: list[PackedRow] = []
+        keep_index: list[int] = []
+        for i, (row, sample) in enumerate(zip(rows, samples, strict=True)):
+            if any(i * limit + k in failed for k in range(len(row.images))):
+                try:
+                    images = [self._load(k, row.refs[k]) if i * limit + k in failed else img
+                              for k, img in enumerate(row.images)]
+                except RowReject as rej:
+                    res.rejected.append(rej.for_sample(sample))
+                    continue
+                row = replace(row, images=images)
+            self._commit(row, res)
+            kept.append(row)
+            keep_index.append(i)
+        if len(kept) != len(rows):
+            pixels = pixels[keep_index]
+        return kept, pixels
+
+    def _to_batch(self, rows: list[PackedRow], res: ChunkResult, pixels: np.ndarray | None = None) -> Any:
         import pyarrow as pa
 
         cfg = self.cfg
@@ -209,14 +278,16 @@ class SampleProcessor:
             shape = self.slot_shape
             assert shape is not None
             dtype = np.dtype(cfg.norm.dtype)
-            pixels = np.zeros((n, limit, *shape), dtype=dtype)
+            if pixels is None:
+                pixels = np.zeros((n, limit, *shape), dtype=dtype)
             mask = np.zeros((n, limit), dtype=bool)
             sizes = np.zeros((n, limit, 2), dtype=np.int32)
             boxes = np.zeros((n, limit, 4), dtype=np.int32)
             for i, r in enumerate(rows):
                 for k, loaded in enumerate(r.images):
-                    img = loaded.image
-                    to_output(img.array, cfg.norm, out=pixels[i, k])
+                    img = loaded if not isinstance(loaded, LoadedImage) else loaded.image
+                    if isinstance(loaded, LoadedImage):  # device images are already in `pixels`
+                        to_output(loaded.image.array, cfg.norm, out=pixels[i, k])
                     mask[i, k] = True
                     sizes[i, k] = img.original_size
                     boxes[i, k] = img.content_box
@@ -233,12 +304,14 @@ class SampleProcessor:
             for r in rows:
                 entry = []
                 for loaded, ref in zip(r.images, r.refs, strict=True):
+                    assert isinstance(loaded, LoadedImage)  # the device path is for padded slots only
                     data = loaded.data
                     if data is None:
                         data = encode_image(loaded.image.array, cfg.encode_format, cfg.encode_quality)
                     entry.append({"bytes": data, "path": ref})
                 structs.append(entry)
-                sizes_l.append([list(loaded.image.original_size) for loaded in r.images])
+                sizes_l.append([list(loaded.original_size if not isinstance(loaded, LoadedImage)
+                                     else loaded.image.original_size) for loaded in r.images])
             cols["images"] = pa.array(structs, self.schema.field("images").type)
             cols["image_sizes"] = pa.array(sizes_l, self.schema.field("image_sizes").type)
         if self.encoder is not None:
