@@ -150,6 +150,11 @@ class Job(Protocol[T, R]):
         """What decides the output (inputs' content hashes, settings); ``--resume`` requires it unchanged."""
         ...
 
+    def begin(self, out: OutputDir) -> None:
+        """Called once the folder is open and locked, before any chunk (e.g. to withdraw this run's part from a
+        shared index while it is rewritten)."""
+        ...
+
     def chunks(self) -> Iterable[Chunk[T]]:
         """The planned chunks, in order (streamed: memory must not grow with the input)."""
         ...
@@ -245,6 +250,7 @@ def run_job(
 
     with out:
         out.open(job.identity())
+        job.begin(out)
 
         def pending() -> Iterator[Chunk[T]]:
             nonlocal resumed
