@@ -16,7 +16,8 @@ from mmprep.images.decode import ImageConfig, Normalization
 from mmprep.inputs.manifest import ColumnMap
 from mmprep.text.config import TextConfig
 
-__all__ = ["COMPRESSIONS", "ENCODE_FORMATS", "PAD_MODES", "ROW_GROUP_BYTES", "PackConfig", "padded_row_group_rows"]
+__all__ = ["COMPRESSIONS", "ENCODE_FORMATS", "PAD_MODES", "ROW_GROUP_BYTES", "TARGETS", "PackConfig",
+           "padded_row_group_rows"]
 
 PAD_MODES = ("max", "none")
 TOO_MANY = ("reject", "truncate")
@@ -24,6 +25,8 @@ UNKNOWN_TAGS = ("reject", "drop")
 ON_ERROR = ("skip", "fail")
 COMPRESSIONS = ("zstd", "lz4", "snappy", "none")
 ENCODE_FORMATS = ("png", "jpeg", "webp", "original")
+#: ``--target``: the trainer the output is laid out for (see :mod:`mmprep.pack.columns`).
+TARGETS = ("hf", "easyr1", "llamafactory")
 
 
 @dataclass(frozen=True)
@@ -58,6 +61,11 @@ class PackConfig:
     seed: int = 0
     on_error: str = "skip"
     max_reject_rate: float = 1.0
+    # -- trainer-ready output (issue 16): the split written, the target's columns, the input columns carried --
+    split: str = "train"
+    target: str = "hf"
+    keep_columns: tuple[str, ...] | None = None
+    drop_columns: tuple[str, ...] = ()
 
     def validate(self) -> None:
         """Raise UsageError naming the first bad value."""
@@ -104,6 +112,24 @@ class PackConfig:
             raise UsageError(f"--quality must be in 1..100, got {self.encode_quality}")
         self.image.validate()
         self.text.validate()
+        self._validate_output_columns()
+
+    def _validate_output_columns(self) -> None:
+        """--split, --target, --keep-columns and --drop-columns (trainer-ready output)."""
+        from mmprep.dataset.format import split_problem
+
+        problem = split_problem(self.split)
+        if problem is not None:
+            raise UsageError(f"--split: {problem}", hint="e.g. train, validation, test")
+        if self.target not in TARGETS:
+            raise UsageError(f"--target must be one of {', '.join(TARGETS)}, got '{self.target}'")
+        if self.target != "hf" and self.pad != "none":
+            raise UsageError(f"--target {self.target} stores the images encoded, as the trainer loads them; "
+                             f"--pad {self.pad} would store pixel tensors",
+                             hint="leave out --pad (--target sets --pad none)")
+        if self.keep_columns is not None and self.drop_columns:
+            raise UsageError("--keep-columns and --drop-columns exclude each other",
+                             hint="--keep-columns lists every input column to keep; the others are left out")
 
     @property
     def root(self) -> Path:
