@@ -481,6 +481,7 @@ def table_input(path: ManifestSource, fmt: str | None = None) -> TableInput | No
     """
     if str(path) == "-":
         return None
+    chosen: str | None
     if isinstance(path, InputLocation):
         chosen = fmt or detect_format(str(path))
         if chosen not in ("parquet", "arrow"):

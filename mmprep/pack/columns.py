@@ -137,6 +137,7 @@ class ColumnPlan:
         turns = _turns(s, placeholder)
         first_user, last_assistant = prompt_and_answer(turns) if turns is not None else (None, None)
         given = s.extra.get("problem") if self.has_problem else None
+        prompt: str | None
         if isinstance(given, str) and given.strip():
             prompt, where = given, "the problem column"
         elif turns is not None:
