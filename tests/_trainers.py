@@ -84,7 +84,19 @@ def easyr1_example(dataset: Any, index: int, prompt_key: str = "problem", answer
     n_parts = sum(1 for part in content_list if part["type"] == "image")
     assert n_parts == len(processed), f"{n_parts} <image> in the prompt, {len(processed)} images"
     ground_truth = example.pop(answer_key)  # KeyError without the answer column, as in EasyR1
-    return {"messages": messages, "images": processed, "ground_truth": ground_truth}
+    example["ground_truth"] = ground_truth
+    return {"messages": messages, "images": processed, "ground_truth": ground_truth, "example": example}
+
+
+def easyr1_collate(features: list[dict[str, Any]]) -> dict[str, Any]:
+    """``collate_fn`` for the non-tensor values (the columns a dataset brings besides the processor's tensors)."""
+    import numpy as np
+
+    non_tensors: dict[str, list[Any]] = {}
+    for feature in features:
+        for key, value in feature.items():
+            non_tensors.setdefault(key, []).append(value)
+    return {key: np.array(value, dtype=object) for key, value in non_tensors.items()}
 
 
 # -- LLaMA-Factory -------------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from _trainers import (
+    easyr1_collate,
     easyr1_example,
     easyr1_load,
     listing_types,
@@ -77,6 +78,8 @@ def test_easyr1_loads_out_data_as_it_is(easyr1_out: Path, tmp_path: Path) -> Non
         ds = easyr1_load(path, cache_dir=str(tmp_path / path[-5:]))
         assert len(ds) == 7
         assert {"images", "problem", "answer"} <= set(ds.column_names)
+        batch = easyr1_collate([easyr1_example(ds, i)["example"] for i in range(len(ds))])
+        assert len(batch["ground_truth"]) == 7 and len(batch["conversations"]) == 7  # every column batches
         for i in range(len(ds)):
             sid = ds[i]["id"]
             got = easyr1_example(ds, i)  # one <image> content part per image, ground truth present
