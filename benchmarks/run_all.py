@@ -37,6 +37,7 @@ SUITE: dict[str, tuple[str, list[str], list[str] | None]] = {
     "embed": ("bench_embed.py", [], ["--quick"]),
     "reader": ("bench_reader.py", [], ["--quick"]),
     "ray": ("bench_ray.py", [], None),
+    "embedded": ("bench_embedded.py", [], None),
 }
 
 # Regression bounds for --check (the targets of the issues are in each benchmark's own headline).

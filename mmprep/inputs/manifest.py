@@ -397,14 +397,16 @@ def _iter_parquet(stream: IO[bytes], name: str, first_row: int = 0) -> Iterator[
     if not (hasattr(stream, "seekable") and stream.seekable()):
         source = io.BytesIO(stream.read())  # Parquet needs random access (footer first)
     try:
-        pf = pq.ParquetFile(source)
+        # A buffered stream: unbuffered, pyarrow holds whole column chunks (and more) of a file of large values
+        # (image bytes) while it iterates, and the reader's memory grows with the input.
+        pf = pq.ParquetFile(source, buffer_size=1 << 20, pre_buffer=False)
     except (pa.ArrowInvalid, OSError) as exc:
         raise InputError(f"{name}: not a readable Parquet file: {exc}") from None
     md = pf.metadata
     row_bytes = sum(md.row_group(g).total_byte_size for g in range(md.num_row_groups)) / max(1, md.num_rows)
     row = first_row
     try:
-        for batch in pf.iter_batches(batch_size=_batch_rows(row_bytes)):
+        for batch in pf.iter_batches(batch_size=_batch_rows(row_bytes), use_threads=False):
             for rec in batch.to_pylist():
                 row += 1
                 yield RawRecord(name, row, rec, fmt="parquet")
@@ -582,10 +584,11 @@ def _iter_table_files(table: TableInput, name: str) -> Iterator[RawRecord]:
                 for rec in _iter_parquet(fh, name, row):
                     row = rec.line
                     yield rec
-        else:
-            for batch in _arrow_batches(pa.memory_map(f), f):
-                yield from _records_of(batch, name, row, "arrow")
-                row += batch.num_rows
+        else:  # read, not memory-mapped: the pages of a mapped file would count as this process's memory
+            with pa.OSFile(f) as fh:
+                for batch in _arrow_batches(fh, f):
+                    yield from _records_of(batch, name, row, "arrow")
+                    row += batch.num_rows
 
 
 # -- mapping records onto Sample ---------------------------------------------------------------------------

@@ -188,11 +188,11 @@ class SampleProcessor:
         text = self._text(s, len(refs) + dropped)
         if dropped and self.encoder is not None:
             text = _keep_placeholders(text, cfg.text.image_placeholder, len(refs))
-        images = self._images(refs)
         # -- trainer-ready output (issue 16): the target's and the carried columns (RowReject when one does not fit)
         extra = self.columns.values(s, kept=len(refs), original=len(refs) + dropped,
                                     placeholder=cfg.text.image_placeholder)
         # ---------------------------------------------------------------------------------------------------------
+        images = self._images(refs)
         res.images_dropped += dropped
         res.images_written += len(images)
         res.image_count_histogram[len(images)] += 1
