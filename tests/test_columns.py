@@ -18,7 +18,19 @@ from typer.testing import CliRunner
 from mmprep.cli import app
 from mmprep.errors import UsageError
 from mmprep.images.decode import ImageConfig
-from mmprep.inputs.schema import FLOAT, INT, NULL, STR, ColumnTypes, fits, to_arrow, unify, value_type
+from mmprep.inputs.schema import (
+    FLOAT,
+    INT,
+    JSON,
+    MAX_FIELDS,
+    NULL,
+    STR,
+    ColumnTypes,
+    fits,
+    to_arrow,
+    unify,
+    value_type,
+)
 from mmprep.pack.config import PackConfig
 from mmprep.pack.job import pack
 
@@ -53,6 +65,24 @@ def test_unify_widens_as_documented() -> None:
     assert fits(3, FLOAT) and not fits(True, INT) and not fits(1 << 63, INT) and fits(None, STR)
     assert not fits({"x": 1, "w": 2}, unify(a, b))  # a field the column does not have
     assert str(to_arrow(unify(a, b))) == "struct<x: int64, y: string, z: list<item: double>>"
+
+
+def test_objects_keyed_by_data_become_json_text(tmp_path: Path) -> None:
+    """A column of per-row maps ({image name: score}) would union into thousands of fields: past MAX_FIELDS
+    distinct keys it is stored as JSON text instead, one schema still."""
+    votes = ColumnTypes()
+    votes.add_all({"m": {f"img{i}.jpg": i / 10}} for i in range(MAX_FIELDS + 1))
+    assert votes.decided() == {"m": JSON} and to_arrow(JSON) == pa.string()
+    (tmp_path / "a.png").write_bytes((SAMPLE / "images" / "coins.png").read_bytes())
+    rows = [{"id": f"r{i}", "images": ["a.png"], "scores": {f"img{i}.jpg": i}} for i in range(MAX_FIELDS + 2)]
+    rows[3]["scores"] = None
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "o"
+    pack(cfg(manifest, out, rows_per_shard=100), workers=1)
+    got = read(out).column("scores").to_pylist()
+    assert read(out).schema.field("scores").type == pa.string()
+    assert json.loads(got[0]) == {"img0.jpg": 0} and got[3] is None and len(got) == MAX_FIELDS + 2
 
 
 def test_the_largest_group_of_compatible_values_wins_and_ties_go_to_the_first() -> None:

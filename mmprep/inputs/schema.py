@@ -12,7 +12,9 @@ The widening rule (:func:`unify`), applied in input order:
 - two lists widen to a list of their widened element types;
 - two objects widen to an object with the union of their fields (fields in order of first appearance), each field
   widened; a field a row lacks is null in that row;
-- nothing else widens: a string and a number, a list and an object, a boolean and an int stay apart.
+- nothing else widens: a string and a number, a list and an object, a boolean and an int stay apart;
+- objects whose keys are data rather than field names (more than :data:`MAX_FIELDS` distinct keys over the input)
+  become JSON text (:data:`JSON`), so a column of per-row maps cannot grow a schema of a million fields.
 
 A value that does not fit its column's final type (:func:`fits`) is the row's fault, not the column's: ``pack``
 rejects the row (reason ``bad_column``, naming the column and the line). Types are kept as small tuples here
@@ -30,6 +32,8 @@ __all__ = [
     "BYTES",
     "FLOAT",
     "INT",
+    "JSON",
+    "MAX_FIELDS",
     "NULL",
     "STR",
     "ColumnTypes",
@@ -52,6 +56,10 @@ INT: JsonType = ("int",)
 FLOAT: JsonType = ("float",)
 STR: JsonType = ("str",)
 BYTES: JsonType = ("bytes",)
+#: Objects stored as JSON text (see MAX_FIELDS).
+JSON: JsonType = ("json",)
+#: Distinct keys an object column may have before it is stored as JSON text.
+MAX_FIELDS = 256
 _INT64 = (-(1 << 63), 1 << 63)
 
 
@@ -79,6 +87,8 @@ def value_type(value: Any) -> JsonType | None:
                 return None
         return ("list", element)
     if isinstance(value, dict):
+        if len(value) > MAX_FIELDS:
+            return JSON if all(isinstance(k, str) for k in value) else None
         fields = []
         for k, v in value.items():
             t = value_type(v)
@@ -102,6 +112,8 @@ def unify(a: JsonType, b: JsonType) -> JsonType | None:
     if a[0] == b[0] == "list":
         element = unify(a[1], b[1])
         return None if element is None else ("list", element)
+    if {a[0], b[0]} <= {"struct", "json"} and "json" in (a[0], b[0]):
+        return JSON
     if a[0] == b[0] == "struct":
         merged = dict(a[1])
         order = [name for name, _ in a[1]]
@@ -114,6 +126,8 @@ def unify(a: JsonType, b: JsonType) -> JsonType | None:
             else:
                 merged[name] = t
                 order.append(name)
+        if len(order) > MAX_FIELDS:
+            return JSON
         return ("struct", tuple((name, merged[name]) for name in order))
     return None
 
@@ -135,6 +149,8 @@ def fits(value: Any, t: JsonType) -> bool:
         return isinstance(value, str)
     if kind == "bytes":
         return isinstance(value, bytes | bytearray)
+    if kind == "json":
+        return isinstance(value, dict)
     if kind == "list":
         return isinstance(value, list) and all(fits(v, t[1]) for v in value)
     if kind == "struct":
@@ -147,19 +163,27 @@ def fits(value: Any, t: JsonType) -> bool:
     return False
 
 
-def _has_empty_struct(t: JsonType) -> bool:
+def _needs_cleaning(t: JsonType) -> bool:
+    """Whether values of ``t`` need :func:`clean_value` (an object type without fields, or JSON text inside)."""
+    if t[0] == "json":
+        return True
     if t[0] == "list":
-        return _has_empty_struct(t[1])
+        return _needs_cleaning(t[1])
     if t[0] == "struct":
-        return not t[1] or any(_has_empty_struct(ft) for _, ft in t[1])
+        return not t[1] or any(_needs_cleaning(ft) for _, ft in t[1])
     return False
 
 
 def clean_value(value: Any, t: JsonType) -> Any:
     """``value`` ready for Arrow: an object without keys becomes null where its type has no fields (Parquet cannot
-    store an object type without fields, so such a type is stored as null)."""
-    if value is None or not _has_empty_struct(t):
+    store an object type without fields, so such a type is stored as null); a :data:`JSON` object becomes its
+    JSON text."""
+    if value is None or not _needs_cleaning(t):
         return value
+    if t[0] == "json":
+        import json
+
+        return json.dumps(value, ensure_ascii=False)
     if t[0] == "struct":
         if not t[1]:
             return None
@@ -176,7 +200,7 @@ def to_arrow(t: JsonType) -> Any:
 
     kind = t[0]
     simple = {"null": pa.null, "bool": pa.bool_, "int": pa.int64, "float": pa.float64, "str": pa.string,
-              "bytes": pa.binary}
+              "bytes": pa.binary, "json": pa.string}
     if kind in simple:
         return simple[kind]()
     if kind == "list":
@@ -191,7 +215,8 @@ def type_name(t: JsonType | None) -> str:
     if t is None:
         return "mixed"
     kind = t[0]
-    names = {"null": "null", "bool": "bool", "int": "int64", "float": "double", "str": "string", "bytes": "binary"}
+    names = {"null": "null", "bool": "bool", "int": "int64", "float": "double", "str": "string", "bytes": "binary",
+             "json": "JSON text"}
     if kind in names:
         return names[kind]
     if kind == "list":
