@@ -67,7 +67,7 @@ def verify_cmd(
         from mmprep.dataset.index_file import read_index
         from mmprep.dataset.verify import entry_bytes, verify
 
-        total = sum(entry_bytes(e) for e in read_index(path, split).entries)
+        total = sum(entry_bytes(e) for e in read_index(path, split=split).entries)
         with output.progress(total, "verify", unit="B") as bar:
             report = verify(path, split=split, deep=deep, progress=bar.update)
         _render_verify(output, report)

@@ -62,7 +62,7 @@ class IndexJson:
         return entries
 
 
-def read_index(path: str | os.PathLike[str], split: str | None = None) -> IndexJson:
+def read_index(path: str | os.PathLike[str], *, split: str | None = None) -> IndexJson:
     """Find and read ``index.json`` of a packed directory (the directory or the index file itself), and pick one
     split (:func:`~mmprep.dataset.format.select_split`).
 
@@ -80,14 +80,14 @@ def read_index(path: str | os.PathLike[str], split: str | None = None) -> IndexJ
     return IndexJson(root=root, data=select_split(Index.check_header(data, where), split, where))
 
 
-def load_index(path: str | os.PathLike[str], split: str | None = None) -> LoadedIndex:
+def load_index(path: str | os.PathLike[str], *, split: str | None = None) -> LoadedIndex:
     """:func:`read_index`, then every field of the split parsed and checked into an
     :class:`~mmprep.dataset.format.Index`.
 
     Raises:
         InputError: as :func:`read_index`, or a damaged field (named, with its value).
     """
-    raw = read_index(path, split)
+    raw = read_index(path, split=split)
     return LoadedIndex(root=raw.root, index=Index.from_json(raw.data, str(raw.file)))
 
 

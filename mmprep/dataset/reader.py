@@ -114,7 +114,7 @@ class PackedDataset:
         decode_images: Any = False,
         cache_row_groups: int = 4,
     ) -> None:
-        loaded = load_index(path, split)
+        loaded = load_index(path, split=split)
         self.path: Path = loaded.root
         self.index: Index = loaded.index
         self.split: str = loaded.index.split

@@ -107,7 +107,7 @@ def verify(
     Raises:
         InputError: ``path`` is not an mmprep packed directory (no readable index), or has no such split.
     """
-    raw = read_index(path, split)
+    raw = read_index(path, split=split)
     root = raw.root
     report = VerifyReport(path=str(root), deep=deep, split=str(raw.data.get("split")))
     found: list[Finding] = report.findings
