@@ -248,3 +248,30 @@ def test_resume_and_shuffle_keep_the_columns(tmp_path: Path) -> None:
     with pytest.raises(UsageError, match=r"cannot resume .* columns"):
         pack(cfg(CONVERSATIONS, a, drop_columns=("meta",), **base), workers=1, resume=True)
     assert [r["reason"] for r in rejects(b)] == ["bad_column"]
+
+
+def test_carried_columns_keep_their_datasets_features_in_a_form_every_version_reads(tmp_path: Path) -> None:
+    """A Parquet written by datasets 4+ declares lists as `List`, which datasets 3.x cannot read: carried columns
+    keep their features (an extra Image column stays an Image) written as `Sequence` / list literals."""
+    import datasets
+
+    mask = {"bytes": (SAMPLE / "images" / "coins.png").read_bytes(), "path": "coins.png"}
+    features = datasets.Features({
+        "images": datasets.List(datasets.Image()), "mask": datasets.Image(),
+        "turns": datasets.List({"role": datasets.Value("string"), "text": datasets.Value("string")}),
+        "scores": datasets.List(datasets.Value("float32"))})
+    rows = {"images": [[mask]], "mask": [mask], "turns": [[{"role": "user", "text": "hi"}]], "scores": [[0.5]]}
+    src = tmp_path / "in.parquet"
+    datasets.Dataset.from_dict(rows, features=features).to_parquet(str(src))
+    assert '"List"' in pq.read_schema(src).metadata[b"huggingface"].decode()  # what datasets 5 writes
+    out = tmp_path / "o"
+    pack(cfg(src, out, pad="none", image=ImageConfig(size=None, resize_mode="none")), workers=1)
+    meta = json.loads(pq.read_schema(next((out / "data").iterdir())).metadata[b"huggingface"])["info"]["features"]
+    assert '"List"' not in json.dumps(meta)
+    assert meta["mask"] == {"_type": "Image"} and meta["scores"]["_type"] == "Sequence"
+    assert meta["turns"] == [{"role": {"_type": "Value", "dtype": "string"}, "text": {"_type": "Value",
+                                                                                    "dtype": "string"}}]
+    ds = datasets.load_dataset("parquet", data_dir=str(out / "data"), split="train", cache_dir=str(tmp_path / "c"))
+    row = ds[0]
+    assert row["mask"].size == (384, 303) and row["turns"] == [{"role": "user", "text": "hi"}]
+    assert row["scores"] == [0.5] and row["images"][0].size == (384, 303)

@@ -126,8 +126,8 @@ def pack_cmd(
                                                     "(default: $RAY_ADDRESS, else a local Ray on this machine).",
                                                     rich_help_panel=_OUT)] = None,
     # -- trainer-ready output (issue 16) ----------------------------------------------------------------------
-    split: Annotated[str, typer.Option(help="The split written (data/SPLIT-*.parquet); packing another split into "
-                                       "the same --out adds it.", rich_help_panel=_OUT)] = "train",
+    split: Annotated[str, typer.Option(help="Name of the split written; packing another split into the same --out "
+                                       "adds it.", rich_help_panel=_OUT)] = "train",
     target: Annotated[str, typer.Option(metavar="hf|easyr1|llamafactory", help="Lay the output out for a trainer: "
                                         "easyr1 adds problem/answer, llamafactory ShareGPT messages (both: encoded "
                                         "images).", rich_help_panel=_OUT)] = "hf",

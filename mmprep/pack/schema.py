@@ -146,13 +146,32 @@ def _hf_features(fields: list[Any], given: dict[str, Any] | None = None) -> dict
         if f.name == "images":
             out[f.name] = {"_type": "Sequence", "feature": {"_type": "Image"}}
         elif given and f.name in given:
-            out[f.name] = given[f.name]
+            out[f.name] = _portable(given[f.name])
         else:
             feature = _hf_feature(f.type)
             if feature is None:
                 return None
             out[f.name] = feature
     return {"info": {"features": out}}
+
+
+def _portable(feature: Any) -> Any:
+    """An input's feature JSON as every ``datasets`` version reads it: ``List`` (datasets >= 4; 3.x cannot read it)
+    becomes ``Sequence``, or a list literal ``[...]`` for a list of objects (``Sequence`` of an object would be an
+    object of lists)."""
+    if isinstance(feature, list):
+        return [_portable(f) for f in feature]
+    if not isinstance(feature, dict):
+        return feature
+    if feature.get("_type") == "List":
+        inner = _portable(feature.get("feature"))
+        if isinstance(inner, dict) and "_type" not in inner and "length" not in feature:
+            return [inner]
+        out = {"_type": "Sequence", "feature": inner}
+        if feature.get("length", -1) != -1:
+            out["length"] = feature["length"]
+        return out
+    return {k: _portable(v) if k != "_type" else v for k, v in feature.items()}
 
 
 def _hf_feature(t: Any) -> Any:
