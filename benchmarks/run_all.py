@@ -40,6 +40,7 @@ SUITE: dict[str, tuple[str, list[str], list[str] | None]] = {
     # the small --quick batch swings with the machine's load
     "masks": ("bench_masks.py", ["--threads", "1"], None),
     "ray": ("bench_ray.py", [], None),
+    "embedded": ("bench_embedded.py", [], None),
 }
 
 # Regression bounds for --check (the targets of the issues are in each benchmark's own headline).

@@ -146,10 +146,13 @@ class Output:
         from rich.table import Table
 
         table = Table(title=title, caption=caption, title_justify="left")
+        cells = [[_fmt(v) for v in row] for row in rows]
+        # the first column names things (a file, a setting): it keeps its width, up to 48, the others wrap
+        first = min(48, max([len(col) for col in columns[:1]] + [len(r[0]) for r in cells if r]))
         for i, col in enumerate(columns):
-            table.add_column(col, justify="left" if i == 0 else "right")
-        for row in rows:
-            table.add_row(*(_fmt(v) for v in row))
+            table.add_column(col, justify="left" if i == 0 else "right", min_width=first if i == 0 else None)
+        for row in cells:
+            table.add_row(*row)
         self.console.print(table)
 
     def show_progress(self) -> bool:

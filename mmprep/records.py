@@ -5,7 +5,47 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["Rejected", "RowReject", "Sample"]
+__all__ = ["EmbeddedImage", "ImageRef", "Rejected", "RowReject", "Sample", "describe_image_ref", "image_ref_key"]
+
+
+@dataclass(frozen=True, slots=True)
+class EmbeddedImage:
+    """An image whose encoded bytes are in the input itself (a Hugging Face ``Image`` value ``{bytes, path}`` or a
+    binary cell of a Parquet or Arrow manifest), not in a file the manifest names.
+
+    The bytes travel either here (``data``) or in a spool file the reader wrote (``offset``, ``size``), so chunks of
+    rows stay small on their way to the workers. ``path`` is the name stored beside the bytes (never opened).
+
+    Attributes:
+        size: the number of encoded bytes.
+        path: the stored file name, or None.
+        data: the bytes, when held in memory.
+        offset: where the bytes start in the spool file, when spooled (-1 otherwise).
+    """
+
+    size: int
+    path: str | None = None
+    data: bytes | None = field(default=None, repr=False)
+    offset: int = -1
+
+
+#: An image reference of a sample: a path (relative to the image root, or a URI), or embedded bytes.
+ImageRef = str | EmbeddedImage
+
+
+def describe_image_ref(ref: ImageRef) -> str:
+    """How an image reference reads in a message: the path, or ``embedded image (N bytes, path 'x')``; never the
+    bytes."""
+    if isinstance(ref, EmbeddedImage):
+        return f"embedded image ({ref.size:,} bytes" + (f", path '{ref.path}')" if ref.path else ")")
+    return f"'{ref}'"
+
+
+def image_ref_key(ref: ImageRef) -> str:
+    """A stable text key of a reference (the same for the same input, wherever its bytes are held)."""
+    if isinstance(ref, EmbeddedImage):
+        return f"<embedded:{ref.size}:{ref.path or ''}>"
+    return ref
 
 
 @dataclass(frozen=True, slots=True)
@@ -14,15 +54,17 @@ class Sample:
 
     Attributes:
         id: the sample id (from the id column, else ``"L<line>"``).
-        images: image references as written in the manifest (paths, relative to the image root).
+        images: image references: paths as written in the manifest (relative to the image root), or
+            :class:`EmbeddedImage` for image bytes held in the input itself.
         text: a plain string, a list of captions, or a conversation (list of dicts); None when absent.
         tags: tag names or integer ids as written.
         line: 1-based position in the input: the line for JSONL/CSV, the record number for JSON/Parquet.
         source: the manifest file name (for messages).
+        extra: the record's other columns (not id, images or tags), as read; filled only when asked for.
     """
 
     id: str
-    images: tuple[str, ...] = ()
+    images: tuple[ImageRef, ...] = ()
     text: Any = None
     tags: tuple[str | int, ...] = ()
     line: int = 0

@@ -65,11 +65,24 @@ def write_noise_corpus(root: Path, rows: int, side: int = 384, every_missing: in
 
 
 def rejects(out: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in (out / "rejected.jsonl").read_text().splitlines()]
+    return [json.loads(line) for line in (out / "rejected-train.jsonl").read_text().splitlines()]
+
+
+def split_index(out: Path, split: str = "train") -> dict[str, Any]:
+    """One split's entry of index.json."""
+    entry: dict[str, Any] = json.loads((out / "index.json").read_text())["splits"][split]
+    return entry
+
+
+def shard_file(out: Path, k: int, split: str = "train") -> Path:
+    """Shard ``k`` of a split (``data/<split>-0000k-of-NNNNN.parquet``)."""
+    found = sorted((out / "data").glob(f"{split}-{k:05d}-of-*.parquet"))
+    assert len(found) == 1, found
+    return found[0]
 
 
 def written_rows(out: Path, columns: tuple[str, ...] = ("id", "line")) -> list[dict[str, Any]]:
-    index = json.loads((out / "index.json").read_text())
+    index = split_index(out)
     rows: list[dict[str, Any]] = []
     for shard in index["shards"]:
         rows.extend(pq.read_table(out / shard["path"], columns=list(columns)).to_pylist())
@@ -79,8 +92,7 @@ def written_rows(out: Path, columns: tuple[str, ...] = ("id", "line")) -> list[d
 def assert_nothing_lost(out: Path, read: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """read == written + rejected, each rejected line once, no line both written and rejected; the shards hold
     exactly the rows the index counts. Returns (written rows, rejects)."""
-    index = json.loads((out / "index.json").read_text())
-    t = index["totals"]
+    t = split_index(out)["totals"]
     rows = written_rows(out)
     rej = rejects(out)
     assert t["read"] == read, (t, read)
@@ -98,14 +110,17 @@ def temp_files(out: Path) -> list[str]:
     return sorted(str(p.relative_to(out)) for p in out.rglob(".*.tmp-*"))
 
 
-def digests(out: Path) -> dict[str, str]:
-    """sha256 of every file of the dataset (and of the per-shard resume records), except run-stats.json (timings)
-    and the lock file (which holds a pid). Entry names are compared too, dotfiles included."""
+def digests(out: Path, split: str = "train") -> dict[str, str]:
+    """sha256 of every file of the dataset (``data/`` included, and the per-shard resume records), except the run
+    statistics (timings) and the lock file (which holds a pid). Entry names are compared too, dotfiles included."""
     result = {p.name: "dir" for p in out.iterdir() if p.is_dir()}
-    for p in sorted(out.iterdir()):
-        if p.is_file() and p.name != "run-stats.json":
-            result[p.name] = hashlib.sha256(p.read_bytes()).hexdigest()
-    chunks = out / ".mmprep" / "chunks"
+    for folder in (out, out / "data"):
+        if not folder.is_dir():
+            continue
+        for p in sorted(folder.iterdir()):
+            if p.is_file() and not p.name.startswith("run-stats"):
+                result[p.relative_to(out).as_posix()] = hashlib.sha256(p.read_bytes()).hexdigest()
+    chunks = out / ".mmprep" / "splits" / split / "chunks"
     if chunks.is_dir():
         for p in sorted(chunks.iterdir()):
             result[f".mmprep/chunks/{p.name}"] = hashlib.sha256(p.read_bytes()).hexdigest()

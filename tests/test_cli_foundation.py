@@ -291,7 +291,7 @@ def test_progress_bar_on_a_terminal_stderr(tmp_path) -> None:
 def test_no_progress_bar_on_a_pipe_with_quiet_or_env(tmp_path) -> None:
     stdout, stderr = _pack_with_stderr(tmp_path, tty=False)
     assert not re.search(BAR, stderr) and b"\r" not in stderr
-    assert b"rejected.jsonl" in stderr and stdout == b""  # the human report is on stderr, stdout stays empty
+    assert b"rejected-train.jsonl" in stderr and stdout == b""  # the human report is on stderr, stdout stays empty
 
     stdout, stderr = _pack_with_stderr(tmp_path, "-q", "--json", tty=True)
     assert stderr == b""
@@ -299,5 +299,5 @@ def test_no_progress_bar_on_a_pipe_with_quiet_or_env(tmp_path) -> None:
 
     env = {**os.environ, "MMPREP_NO_PROGRESS": "1"}
     stdout, stderr = _pack_with_stderr(tmp_path, tty=True, env=env)
-    assert not re.search(BAR, stderr) and b"rejected.jsonl" in stderr  # the report still shows, the bar does not
+    assert not re.search(BAR, stderr) and b"rejected-train.jsonl" in stderr  # the report still shows, the bar does not
     assert stdout == b""

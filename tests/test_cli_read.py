@@ -18,6 +18,8 @@ from mmprep.cli import app
 from mmprep.runtime.files import sha256_file as file_sha256
 
 runner = CliRunner()
+#: the shards of the packed sample (5 shards of split train)
+S0, S1, S2 = (f"data/train-{k:05d}-of-00005.parquet" for k in range(3))
 
 
 # -- inspect ------------------------------------------------------------------------------------------------------
@@ -38,7 +40,7 @@ def test_inspect_tables_on_stderr_and_json_on_stdout() -> None:
     assert s["image_count_histogram"] == {"1": 11, "2": 2, "3": 1, "4": 1}
     assert s["rejected_by_reason"] == {"image_missing": 1, "image_truncated": 1, "unknown_tag": 1}
     assert s["pixels"]["shape"] == [4, 3, 32, 48] and s["pixels"]["dtype"] == "uint8"
-    totals = json.loads((packed("uint8") / "index.json").read_text())["totals"]
+    totals = json.loads((packed("uint8") / "index.json").read_text())["splits"]["train"]["totals"]
     assert s["tokens"]["max_length"] == 16 and s["tokens"]["max"] == 33
     assert s["tokens"]["truncated"] == totals["text_truncated"] == 8  # n_tokens over 16: 17,18,18,20,17,17,29,33
     assert s["tags"]["names_from"] == "vocabulary" and ["astronaut", 3] in s["tags"]["top"]
@@ -108,54 +110,54 @@ def test_verify_intact_directories() -> None:
         assert code == 0 and report["ok"] and report["findings"] == [], report
         assert report["shards"] == report["shards_ok"] == 5 and report["rows"] == 15
     human = runner.invoke(app, ["verify", str(packed("uint8"))])
-    assert human.exit_code == 0 and human.stdout == "" and "ok: 5 shards, 15 rows" in human.stderr
+    assert human.exit_code == 0 and human.stdout == "" and "ok: split train: 5 shards, 15 rows" in human.stderr
 
 
 def test_verify_flipped_byte_names_the_shard(tmp_path: Path) -> None:
     d = copy_packed("uint8", tmp_path / "d")
-    shard = d / "shard-00002.parquet"
+    shard = d / S2
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 0xFF
     shard.write_bytes(bytes(data))
     code, report = verify_json(d)
     assert code == 1 and not report["ok"]
-    assert ("shard-00002.parquet", "sha256") in checks(report)
-    assert all(f["where"] == "shard-00002.parquet" for f in report["findings"])
+    assert (S2, "sha256") in checks(report)
+    assert all(f["where"] == S2 for f in report["findings"])
     human = runner.invoke(app, ["verify", str(d)])
-    assert human.exit_code == 1 and "shard-00002.parquet" in human.stderr and "sha256" in human.stderr
+    assert human.exit_code == 1 and S2 in human.stderr and "sha256" in human.stderr
 
 
 def test_verify_deleted_and_unlisted_shards(tmp_path: Path) -> None:
     d = copy_packed("uint8", tmp_path / "d")
-    (d / "shard-00001.parquet").rename(d / "shard-00009.parquet")
+    (d / S1).rename(d / "data/train-00009-of-00005.parquet")
     code, report = verify_json(d)
     assert code == 1
     found = checks(report)
-    assert ("shard-00001.parquet", "missing") in found and ("shard-00009.parquet", "unlisted") in found
+    assert (S1, "missing") in found and ("data/train-00009-of-00005.parquet", "unlisted") in found
     assert ("index.json", "accounting") in found  # the shards now hold 11 rows, not 15
 
 
 def test_verify_edited_index_and_rejects(tmp_path: Path) -> None:
     d = copy_packed("uint8", tmp_path / "d")
     index = json.loads((d / "index.json").read_text())
-    index["shards"][0]["rows"] = 5
-    index["totals"]["rejected_by_reason"]["image_missing"] = 2
+    index["splits"]["train"]["shards"][0]["rows"] = 5
+    index["splits"]["train"]["totals"]["rejected_by_reason"]["image_missing"] = 2
     (d / "index.json").write_text(json.dumps(index))
-    lines = (d / "rejected.jsonl").read_text().splitlines()
-    (d / "rejected.jsonl").write_text("\n".join(lines[:-1]) + "\n")
+    lines = (d / "rejected-train.jsonl").read_text().splitlines()
+    (d / "rejected-train.jsonl").write_text("\n".join(lines[:-1]) + "\n")
     code, report = verify_json(d)
     assert code == 1
     found = checks(report)
-    assert ("shard-00000.parquet", "rows") in found and ("shard-00000.parquet", "shard_record") in found
+    assert (S0, "rows") in found and (S0, "shard_record") in found
     assert ("index.json", "accounting") in found
-    assert ("rejected.jsonl", "accounting") in found
+    assert ("rejected-train.jsonl", "accounting") in found
     messages = " ".join(f["message"] for f in report["findings"])
     assert "2 lines, index.json says rejected 3" in messages
 
 
 def test_verify_deep_catches_dirty_padding_with_a_consistent_hash(tmp_path: Path) -> None:
     d = copy_packed("uint8", tmp_path / "d")
-    name = "shard-00000.parquet"
+    name = S0
     f = pq.ParquetFile(d / name)
     table = f.read()
     kv = f.metadata.metadata
@@ -167,12 +169,12 @@ def test_verify_deep_catches_dirty_padding_with_a_consistent_hash(tmp_path: Path
     pq.write_table(table.replace_schema_metadata({k: v for k, v in kv.items() if k != b"ARROW:schema"}),
                    d / name, row_group_size=2)
     index = json.loads((d / "index.json").read_text())
-    index["shards"][0].update(bytes=(d / name).stat().st_size, sha256=file_sha256(d / name))
+    index["splits"]["train"]["shards"][0].update(bytes=(d / name).stat().st_size, sha256=file_sha256(d / name))
     (d / "index.json").write_text(json.dumps(index))
     code, report = verify_json(d)
     assert code == 0, report  # hashes, schema and the small columns all agree
     code, report = verify_json(d, "--deep")
-    assert code == 1 and ("shard-00000.parquet", "padding") in checks(report)
+    assert code == 1 and (S0, "padding") in checks(report)
     assert "row 0 slot 3" in report["findings"][0]["message"]
 
 
@@ -184,7 +186,7 @@ def test_verify_not_a_packed_dir(tmp_path: Path) -> None:
 @pytest.mark.parametrize("column", ["image_mask", "attention_mask"])
 def test_verify_inconsistent_columns(tmp_path: Path, column: str) -> None:
     d = copy_packed("uint8", tmp_path / "d")
-    name = "shard-00001.parquet"
+    name = S1
     f = pq.ParquetFile(d / name)
     table, kv = f.read(), f.metadata.metadata
     rows = table.column(column).to_pylist()
@@ -193,7 +195,7 @@ def test_verify_inconsistent_columns(tmp_path: Path, column: str) -> None:
     table = table.set_column(i, table.schema.field(column), pa.array(rows, table.schema.field(column).type))
     pq.write_table(table.replace_schema_metadata({k: v for k, v in kv.items() if k != b"ARROW:schema"}), d / name)
     index = json.loads((d / "index.json").read_text())
-    index["shards"][1].update(bytes=(d / name).stat().st_size, sha256=file_sha256(d / name))
+    index["splits"]["train"]["shards"][1].update(bytes=(d / name).stat().st_size, sha256=file_sha256(d / name))
     (d / "index.json").write_text(json.dumps(index))
     code, report = verify_json(d)
     assert code == 1 and checks(report) == {(name, column)}
@@ -204,25 +206,25 @@ def test_verify_inconsistent_columns(tmp_path: Path, column: str) -> None:
 def test_verify_non_integer_index_fields_are_findings(tmp_path: Path, key: str, value: object) -> None:
     d = copy_packed("uint8", tmp_path / "d")
     index = json.loads((d / "index.json").read_text())
-    index["shards"][1][key] = value
-    index["shards"][2]["image_count_histogram"] = {"1": "three"}
+    index["splits"]["train"]["shards"][1][key] = value
+    index["splits"]["train"]["shards"][2]["image_count_histogram"] = {"1": "three"}
     (d / "index.json").write_text(json.dumps(index))
     code, report = verify_json(d)
     assert code == 1
     found = checks(report)
-    assert ("shard-00001.parquet", "index") in found and ("shard-00002.parquet", "index") in found
+    assert (S1, "index") in found and (S2, "index") in found
     messages = [f["message"] for f in report["findings"] if f["check"] == "index"]
     assert any(f"{key} is {value!r}" in m for m in messages), messages
     human = runner.invoke(app, ["verify", str(d)])
-    assert human.exit_code == 1 and "internal error" not in human.stderr and "shard-00001.parquet" in human.stderr
+    assert human.exit_code == 1 and "internal error" not in human.stderr and S1 in human.stderr
 
 
 @pytest.mark.parametrize(("edit", "message"), [
-    (lambda ix: ix["shards"][1].update(rows="abc"), "shard entry 1 (shard-00001.parquet): rows is 'abc'"),
-    (lambda ix: ix["shards"][0].update(bytes="x"), "shard entry 0 (shard-00000.parquet): bytes is 'x'"),
-    (lambda ix: ix["totals"]["image_count_histogram"].update({"1": "x"}),
+    (lambda ix: ix["splits"]["train"]["shards"][1].update(rows="abc"), f"shard entry 1 ({S1}): rows is 'abc'"),
+    (lambda ix: ix["splits"]["train"]["shards"][0].update(bytes="x"), f"shard entry 0 ({S0}): bytes is 'x'"),
+    (lambda ix: ix["splits"]["train"]["totals"]["image_count_histogram"].update({"1": "x"}),
      "totals.image_count_histogram['1'] is 'x'"),
-    (lambda ix: ix["totals"].update(images_written=[1]), "totals.images_written is [1]"),
+    (lambda ix: ix["splits"]["train"]["totals"].update(images_written=[1]), "totals.images_written is [1]"),
     (lambda ix: ix.update(format_version="1"), "format_version is '1'"),
 ])
 def test_inspect_damaged_index_is_one_line(tmp_path: Path, edit, message: str) -> None:
@@ -243,7 +245,7 @@ def test_inspect_says_where_tag_names_come_from(tmp_path: Path) -> None:
     assert tags["names_from"] == "vocabulary" and tags["vocab_file"].endswith("ram_tag_list.txt")
     assert "the path recorded at pack time" in tags["vocab_lookup"]
     index = json.loads((d / "index.json").read_text())
-    index["config"]["vocab"] = "nowhere/ram_tag_list.txt"
+    index["splits"]["train"]["config"]["vocab"] = "nowhere/ram_tag_list.txt"
     (d / "index.json").write_text(json.dumps(index))
     result = runner.invoke(app, ["inspect", str(d)])
     assert result.exit_code == 0 and "warning: tags shown as ids" in result.stderr and "--vocab" in result.stderr

@@ -43,7 +43,7 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     ref = tmp_path_factory.mktemp("kill_ref") / "out"
     result = runner.invoke(app, ["pack", str(manifest), "--out", str(ref), *ARGS, "--workers", "1"])
     assert result.exit_code == 0, result.stderr
-    assert len(list(ref.glob("shard-*.parquet"))) == N_SHARDS
+    assert len(list(ref.glob("data/train-*.parquet"))) == N_SHARDS
     return manifest, ref
 
 
@@ -64,7 +64,7 @@ def wait_for(cond: Callable[[], bool], proc: subprocess.Popen[str], what: str) -
 
 
 def first_shard_done(out: Path) -> Callable[[], bool]:
-    return lambda: (out / ".mmprep" / "chunks" / "00000.json").exists()
+    return lambda: (out / ".mmprep" / "splits" / "train" / "chunks" / "00000.json").exists()
 
 
 def finish(proc: subprocess.Popen[str]) -> tuple[int, str, float]:
@@ -90,7 +90,7 @@ def resume_and_compare(manifest: Path, out: Path, ref: Path, workers: int = 1) -
 def assert_final_names_are_whole(out: Path) -> None:
     """No index (the run did not finish); every shard under its final name is a complete Parquet file."""
     assert not (out / "index.json").exists()
-    for shard in out.glob("shard-*.parquet"):
+    for shard in out.glob("data/train-*.parquet"):
         assert pq.read_metadata(shard).num_rows > 0
 
 
@@ -105,7 +105,7 @@ def test_kill_9_then_resume_is_byte_identical(corpus, tmp_path: Path) -> None:
     psutil.wait_procs(members, timeout=TIMEOUT)
     assert proc.returncode == -signal.SIGKILL
     assert_final_names_are_whole(out)
-    finished = len(list(out.glob("shard-*.parquet")))
+    finished = len(list(out.glob("data/train-*.parquet")))
     assert 1 <= finished < N_SHARDS
     resumed = resume_and_compare(manifest, out, ref)
     assert 1 <= resumed <= finished

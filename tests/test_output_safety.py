@@ -64,7 +64,7 @@ def test_a_symlinked_lock_file_is_refused_and_its_target_untouched(corpus: Path,
     assert res.exit_code == 2, res.stderr
     assert "symbolic link" in res.stderr and "lock" in res.stderr
     assert victim.read_text() == "keep\n"
-    assert not list(out.glob("shard-*"))
+    assert not list(out.glob("data/*"))
 
 
 def test_a_symlinked_state_folder_is_refused(corpus: Path, tmp_path: Path) -> None:
@@ -82,14 +82,21 @@ def test_a_symlink_at_a_shard_name_is_refused_not_followed(corpus: Path, tmp_pat
     victim = tmp_path / "victim.bin"
     victim.write_bytes(b"precious")
     out = tmp_path / "o"
-    out.mkdir()
-    (out / "shard-00000.parquet").symlink_to(victim)
+    (out / "data").mkdir(parents=True)
+    link = out / "data" / "train-00000-of-00005.parquet"
+    link.symlink_to(victim)
     res = run(str(corpus), "--out", str(out), "--overwrite")
     assert res.exit_code == 2, res.stderr
-    assert "shard-00000.parquet" in res.stderr and "symbolic link" in res.stderr
+    assert "data/train-00000-of-00005.parquet" in res.stderr and "symbolic link" in res.stderr
     assert "free disk space" not in res.stderr
-    assert victim.read_bytes() == b"precious" and (out / "shard-00000.parquet").is_symlink()
+    assert victim.read_bytes() == b"precious" and link.is_symlink()
     assert not temp_files(out)
+    (out / "data").rename(out / "elsewhere")  # a link at the data folder itself
+    (out / "data").symlink_to(out / "elsewhere", target_is_directory=True)
+    res = run(str(corpus), "--out", str(out), "--overwrite")
+    assert res.exit_code == 2 and "symbolic link" in res.stderr, res.stderr
+    assert victim.read_bytes() == b"precious" and sorted(p.name for p in (out / "elsewhere").iterdir()) == [
+        "train-00000-of-00005.parquet"]
 
 
 # -- --overwrite deletes only what an earlier run wrote -------------------------------------------------------------
@@ -106,15 +113,15 @@ def test_overwrite_deletes_only_files_mmprep_wrote(corpus: Path, tmp_path: Path)
     report = pack(cfg(corpus, out, rows_per_shard=16), workers=1, overwrite=True)  # fewer, larger shards
     assert (out / "shard-backups" / "old.parquet").read_bytes() == b"backup"
     assert (out / "shard-plan.md").read_text() == "my notes\n" and (out / "notes.txt").read_text() == "mine\n"
-    shards = sorted(p.name for p in out.glob("shard-*.parquet"))
+    shards = sorted(p.relative_to(out).as_posix() for p in out.glob("data/train-*.parquet"))
     assert shards == [s.path for s in report.shards]  # the earlier run's extra shards are gone, by name
-    assert len(shards) < sum(1 for k in first if k.startswith("shard-0"))
+    assert len(shards) < sum(1 for k in first if k.startswith("data/"))
 
 
 def test_overwrite_of_an_earlier_failed_run_removes_its_files(corpus: Path, tmp_path: Path) -> None:
     out = tmp_path / "o"
     report = pack(cfg(corpus, out, max_reject_rate=0.01), workers=1)  # 4 of 40 rows miss their image
-    assert report.failed and not (out / "index.json").exists() and (out / "rejected.jsonl").exists()
+    assert report.failed and not (out / "index.json").exists() and (out / "rejected-train.jsonl").exists()
     report = pack(cfg(corpus, out), workers=1, overwrite=True)
     assert report.failed is None and (out / "index.json").exists()
 
@@ -172,7 +179,8 @@ def test_resume_redoes_the_chunks_whose_images_changed(tmp_path: Path) -> None:
     after = digests(out)
     assert {k: v for k, v in after.items() if not k.startswith(".mmprep")} == \
         {k: v for k, v in digests(fresh).items() if not k.startswith(".mmprep")}
-    assert after["shard-00000.parquet"] != before["shard-00000.parquet"]
+    first_shard = "data/train-00000-of-00005.parquet"
+    assert after[first_shard] != before[first_shard]
 
 
 def test_resume_keeps_chunks_whose_images_did_not_change(tmp_path: Path) -> None:
@@ -200,7 +208,7 @@ def test_an_empty_input_is_a_failed_run(tmp_path: Path, body: bytes, name: str) 
     res = run(str(manifest), "--out", str(out))
     assert res.exit_code == 1, res.stderr
     assert "no rows" in res.stderr
-    assert not (out / "index.json").exists() and not list(out.glob("shard-*"))
+    assert not (out / "index.json").exists() and not list(out.glob("data/*"))
 
 
 def test_disk_full_while_writing_the_run_statistics_publishes_no_index(corpus: Path, tmp_path: Path,
@@ -210,14 +218,14 @@ def test_disk_full_while_writing_the_run_statistics_publishes_no_index(corpus: P
     real_replace = os.replace
 
     def replace(src: Any, dst: Any) -> None:
-        if Path(dst).name == "run-stats.json":
+        if Path(dst).name == "run-stats-train.json":
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         real_replace(src, dst)
 
     monkeypatch.setattr(files.os, "replace", replace)
     out = tmp_path / "o"
     res = run(str(corpus), "--out", str(out))
-    assert res.exit_code == 1 and "run-stats.json" in res.stderr and "No space left" in res.stderr
+    assert res.exit_code == 1 and "run-stats-train.json" in res.stderr and "No space left" in res.stderr
     assert not (out / "index.json").exists() and not temp_files(out)  # what is on disk agrees with exit 1
 
 
@@ -274,7 +282,8 @@ def test_a_refused_resume_names_the_flags_that_differ(corpus: Path, tmp_path: Pa
 def test_a_damaged_run_record_on_resume_is_one_line(corpus: Path, tmp_path: Path, damage: bytes) -> None:
     out = tmp_path / "o"
     pack(cfg(corpus, out), workers=1)
-    (out / ".mmprep" / "run.json").write_bytes(damage)
+    (record,) = (out / ".mmprep").rglob("run.json")
+    record.write_bytes(damage)
     res = run(str(corpus), "--out", str(out), "--resume")
     assert res.exit_code == 2, res.stderr
     assert "run.json" in res.stderr and "damaged" in res.stderr and "--overwrite" in res.stderr

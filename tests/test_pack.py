@@ -41,8 +41,19 @@ def sample_cfg(out: Path, **kw) -> PackConfig:
 
 
 def digests(out: Path) -> dict[str, str]:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(out.iterdir()) if p.is_file() and p.name != "run-stats.json"}
+    """sha256 of every file of the dataset (data/ included), except the run statistics (timings) and the state."""
+    return {p.relative_to(out).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(out.rglob("*")) if p.is_file() and not p.name.startswith("run-stats")
+            and ".mmprep" not in p.relative_to(out).parts}
+
+
+def split_index(out: Path, split: str = "train") -> dict:
+    """One split's entry of index.json."""
+    return json.loads((out / "index.json").read_text())["splits"][split]
+
+
+def shards(out: Path, split: str = "train") -> list[Path]:
+    return sorted((out / "data").glob(f"{split}-*.parquet"))
 
 
 @pytest.fixture(scope="module")
@@ -54,32 +65,37 @@ def packed(tmp_path_factory) -> Path:
 
 
 def test_accounting_and_rejects(packed: Path) -> None:
-    index = json.loads((packed / "index.json").read_text())
+    index = split_index(packed)
     t = index["totals"]
     assert t["read"] == 18
     assert t["written"] == 15
     assert t["rejected"] == 3
     assert t["read"] == t["written"] + t["rejected"]
     assert t["rejected_by_reason"] == {"image_missing": 1, "image_truncated": 1, "unknown_tag": 1}
-    rejects = [json.loads(line) for line in (packed / "rejected.jsonl").read_text().splitlines()]
+    rejects = [json.loads(line) for line in (packed / "rejected-train.jsonl").read_text().splitlines()]
     assert [(r["line"], r["id"], r["stage"]) for r in rejects] == [
         (16, "s016", "image"), (17, "s017", "image"), (18, "s018", "labels")
     ]
     assert "does_not_exist.jpg" in rejects[0]["detail"]
     assert "feline friend" in rejects[2]["detail"]
     assert sum(s["rows"] for s in index["shards"]) == 15
-    assert [s["path"] for s in index["shards"]] == ["shard-00000.parquet", "shard-00001.parquet", "shard-00002.parquet"]
+    assert [s["path"] for s in index["shards"]] == ["data/train-00000-of-00003.parquet",
+                                                    "data/train-00001-of-00003.parquet",
+                                                    "data/train-00002-of-00003.parquet"]
+    assert index["rejects"] == "rejected-train.jsonl"
+    assert sorted(p.name for p in packed.iterdir()) == [".mmprep", "README.md", "data", "index.json",
+                                                        "rejected-train.jsonl", "run-stats-train.json"]
     assert t["image_count_histogram"] == {"1": 11, "2": 2, "3": 1, "4": 1}
     for s in index["shards"]:
         data = (packed / s["path"]).read_bytes()
         assert len(data) == s["bytes"] and hashlib.sha256(data).hexdigest() == s["sha256"]
-    assert not list(packed.glob(".*tmp*"))
+    assert not list(packed.rglob(".*tmp*"))
 
 
 def read_all(packed: Path):
     import pyarrow as pa
 
-    return pa.concat_tables(pq.read_table(packed / s) for s in sorted(p.name for p in packed.glob("shard-*")))
+    return pa.concat_tables(pq.read_table(p) for p in shards(packed))
 
 
 def test_pixels_masks_tokens_tags(packed: Path) -> None:
@@ -121,7 +137,7 @@ def test_other_readers_agree(packed: Path) -> None:
     import pandas as pd
     import polars as pl
 
-    files = sorted(str(p) for p in packed.glob("shard-*.parquet"))
+    files = [str(p) for p in shards(packed)]
     base = read_all(packed).to_pylist()
     ids = [r["id"] for r in base]
     df = pd.concat([pd.read_parquet(f) for f in files])
@@ -129,7 +145,7 @@ def test_other_readers_agree(packed: Path) -> None:
     assert bytes(df.iloc[2]["pixel_values"]) == base[2]["pixel_values"]
     pl_df = pl.read_parquet(files)
     assert pl_df["id"].to_list() == ids and pl_df["n_tokens"].to_list() == [r["n_tokens"] for r in base]
-    glob = str(packed / "shard-*.parquet")
+    glob = str(packed / "data" / "*.parquet")
     con = duckdb.connect()
     got = con.execute(f"select id, image_count, input_ids, pixel_values from '{glob}' order by line").fetchall()
     assert [g[0] for g in got] == ids and [g[1] for g in got] == [r["image_count"] for r in base]
@@ -149,10 +165,11 @@ def test_resume_after_losing_shards_is_identical(packed: Path, tmp_path) -> None
     out = tmp_path / "partial"
     shutil.copytree(packed, out)
     # simulate a run killed after shard 0: later shards, their records and the final files are gone
-    for name in ("shard-00001.parquet", "shard-00002.parquet", "index.json", "rejected.jsonl"):
+    for name in ("data/train-00001-of-00003.parquet", "data/train-00002-of-00003.parquet", "index.json",
+                 "README.md", "rejected-train.jsonl"):
         (out / name).unlink()
-    (out / ".mmprep/chunks/00002.json").unlink()
-    (out / ".shard-00001.parquet.tmp-999").write_bytes(b"half")  # a temp left by the killed worker
+    (out / ".mmprep/splits/train/chunks/00002.json").unlink()
+    (out / "data" / ".train-00001-of-00003.parquet.tmp-999").write_bytes(b"half")  # left by the killed worker
     report = pack(sample_cfg(out), workers=1, resume=True)
     assert report.resumed_shards == 1
     assert digests(out) == digests(packed)
@@ -161,7 +178,7 @@ def test_resume_after_losing_shards_is_identical(packed: Path, tmp_path) -> None
 def test_refuses_non_empty_dir_and_changed_resume(packed: Path, tmp_path) -> None:
     from mmprep.errors import UsageError
 
-    with pytest.raises(UsageError, match="not empty"):
+    with pytest.raises(UsageError, match="already holds split 'train'"):
         pack(sample_cfg(packed), workers=1)
     with pytest.raises(UsageError, match="cannot resume"):
         pack(sample_cfg(packed, limit_images=5), workers=1, resume=True)
@@ -199,7 +216,7 @@ def test_pad_none_is_hf_image_storage(tmp_path) -> None:
     out = tmp_path / "enc"
     report = pack(sample_cfg(out, pad="none", image=ImageConfig(size=None, resize_mode="none")), workers=1)
     assert report.written == 15
-    files = sorted(str(p) for p in out.glob("shard-*.parquet"))
+    files = [str(p) for p in shards(out)]
     ds = datasets.load_dataset("parquet", data_files=files, split="train")
     first = ds[0]
     assert isinstance(first["images"], list) and len(first["images"]) == first["image_count"] == 1
@@ -218,11 +235,11 @@ def test_cli_json_report_and_exit_codes(tmp_path) -> None:
     assert report["read"] == 18 and report["written"] == 15 and report["rejected"] == 3
     # non-empty output dir: usage error, nothing on stdout
     again = runner.invoke(app, [*args, "--json"])
-    assert again.exit_code == 2 and again.stdout == "" and "not empty" in again.stderr
+    assert again.exit_code == 2 and again.stdout == "" and "already holds split 'train'" in again.stderr
     # too many rejects: the run completes but fails, and publishes no index (its presence means success) ...
     fail = runner.invoke(app, [*args, "--overwrite", "--max-reject-rate", "0.1"])
     assert fail.exit_code == 1 and "max-reject-rate" in fail.stderr and "--resume" in fail.stderr
-    assert not (out / "index.json").exists() and len((out / "rejected.jsonl").read_text().splitlines()) == 3
+    assert not (out / "index.json").exists() and len((out / "rejected-train.jsonl").read_text().splitlines()) == 3
     # ... until a rerun with a higher bound resumes every shard and indexes them
     again = runner.invoke(app, [*args, "--resume", "--max-reject-rate", "0.5", "--json"])
     assert again.exit_code == 0, again.stderr
@@ -250,7 +267,7 @@ def test_config_file_supplies_defaults(tmp_path) -> None:
     result = runner.invoke(app, ["--config", str(cfg), "pack", str(SAMPLE / "manifest.jsonl"), "--out", str(out),
                                  "--limit-images", "4", "--json"])
     assert result.exit_code == 0, result.stderr
-    index = json.loads((out / "index.json").read_text())
+    index = split_index(out)
     assert index["config"]["limit_images"] == 4  # the command line wins
     assert index["config"]["text"]["max_length"] == 16  # the file supplies the rest
     bad = tmp_path / "bad.toml"
@@ -303,7 +320,7 @@ def test_pad_none_resizing_needs_re_encoding(tmp_path) -> None:
     args = ["pack", str(SAMPLE / "manifest.jsonl"), "--pad", "none", "--workers", "1", "--json"]
     kept = runner.invoke(app, [*args, "--out", str(tmp_path / "a")])
     assert kept.exit_code == 0, kept.stderr
-    row = pq.read_table(sorted((tmp_path / "a").glob("shard-*.parquet"))[0]).to_pylist()[0]
+    row = pq.read_table(shards(tmp_path / "a")[0]).to_pylist()[0]
     assert row["images"][0]["bytes"] == (SAMPLE / "images/astronaut.jpg").read_bytes()
     refused = runner.invoke(app, [*args, "--out", str(tmp_path / "b"), "--resize-mode", "max-pixels",
                                   "--max-pixels", "4096"])
@@ -312,7 +329,7 @@ def test_pad_none_resizing_needs_re_encoding(tmp_path) -> None:
     small = runner.invoke(app, [*args, "--out", str(tmp_path / "c"), "--resize-mode", "max-pixels",
                                 "--max-pixels", "4096", "--encode-format", "png"])
     assert small.exit_code == 0, small.stderr
-    for row in pq.read_table(next((tmp_path / "c").glob("shard-*.parquet"))).to_pylist():
+    for row in pq.read_table(shards(tmp_path / "c")[0]).to_pylist():
         for img in row["images"]:
             with Image.open(__import__("io").BytesIO(img["bytes"])) as im:
                 assert im.format == "PNG" and im.width * im.height <= 4096
@@ -353,11 +370,10 @@ def test_pad_none_row_groups_are_sized_by_image_bytes(tmp_path) -> None:
     report = pack(PackConfig(manifest=str(manifest), out=str(out), pad="none", image=ImageConfig(size=None,
                              resize_mode="none"), limit_images=1, rows_per_shard=120), workers=1)
     assert report.written == 119
-    meta = pq.read_metadata(out / "shard-00000.parquet")
+    meta = pq.read_metadata(out / "data" / "train-00000-of-00001.parquet")
     sizes = [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
     assert meta.num_row_groups >= 2 and max(sizes) < 119
-    index = json.loads((out / "index.json").read_text())
-    assert index["config"]["row_group_rows"] == max(sizes)
+    assert split_index(out)["config"]["row_group_rows"] == max(sizes)
 
 
 def test_verbose_lists_the_plan_and_every_shard(tmp_path) -> None:
@@ -412,7 +428,7 @@ def test_every_manifest_format_and_codec_round_trips_through_other_readers(tmp_p
     jsonl.write_text("".join(json.dumps(r) + "\n" for r in records))
     same = pack(PackConfig(manifest=str(jsonl), out=str(tmp_path / "j"), **base), workers=1)
     assert ref.written == same.written == len(records) - 3 and ref.rejected == 3
-    glob = str(tmp_path / "o" / "shard-*.parquet")
+    glob = str(tmp_path / "o" / "data" / "*.parquet")
     cols = ["id", "image_count", "image_paths", "content_boxes", "pixel_values", "tag_ids", "input_ids"]
     ours = read_all(tmp_path / "j").select(cols).to_pylist()
     via_duckdb = duckdb.sql(f"select {', '.join(cols)} from read_parquet('{glob}') order by line").fetchall()

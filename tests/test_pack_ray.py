@@ -61,9 +61,9 @@ def test_parity_with_local_engine(ray_out, local_ref: Path) -> None:
     assert report["written"] == 15 and report["rejected"] == 3 and report["workers"] == 2
     assert report["rejected_by_reason"] == {"image_missing": 1, "image_truncated": 1, "unknown_tag": 1}
     assert report["extra"]["ray_workers"] == 2
-    stats = json.loads((out / "run-stats.json").read_text())
+    stats = json.loads((out / "run-stats-train.json").read_text())
     assert stats["engine"] == "ray" and stats["ray_workers"] == 2
-    records = sorted((out / ".mmprep" / "chunks").iterdir())
+    records = sorted((out / ".mmprep" / "splits" / "train" / "chunks").iterdir())
     assert [p.name for p in records] == ["00000.json", "00001.json", "00002.json"]  # saved by the parent
 
 
@@ -75,10 +75,11 @@ def test_resume_on_ray(ray_out, local_ref: Path, tmp_path: Path, monkeypatch: py
     shutil.copytree(ray_out[0], out)
     # an interrupted run: no index yet, one shard never finished, one damaged
     (out / "index.json").unlink()
-    (out / "shard-00002.parquet").unlink()
-    data = bytearray((out / "shard-00000.parquet").read_bytes())
+    (out / "data" / "train-00002-of-00003.parquet").unlink()
+    first = out / "data" / "train-00000-of-00003.parquet"
+    data = bytearray(first.read_bytes())
     data[100] ^= 0xFF
-    (out / "shard-00000.parquet").write_bytes(bytes(data))
+    first.write_bytes(bytes(data))
     report = pack(sample_cfg(out), workers=2, engine="ray", resume=True)
     assert report.resumed_shards == 1
     assert digests(out) == digests(local_ref)
@@ -104,7 +105,7 @@ def test_remote_storage_on_ray(ray_up, local_ref: Path, tmp_path: Path) -> None:
     assert (report.written, report.rejected, report.out) == (15, 3, "objfs://bucket/out")
     out = root / "bucket" / "out"
     for name, digest in digests(local_ref).items():
-        if name != "rejected.jsonl":  # its details name the remote files
+        if name != "rejected-train.jsonl":  # its details name the remote files
             assert digests(out)[name] == digest, name
     for p in out.rglob("*"):
         if p.is_file():

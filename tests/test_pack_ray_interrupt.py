@@ -148,12 +148,13 @@ def test_interrupt_while_packing_on_ray(corpus, tmp_path: Path, whole_group: boo
     manifest, ref = corpus
     out = tmp_path / "out"
     proc = start(manifest, out)
-    wait_for(lambda: (out / ".mmprep" / "chunks" / "00000.json").exists(), proc, "the first shard")
+    wait_for(lambda: (out / ".mmprep" / "splits" / "train" / "chunks" / "00000.json").exists(), proc,
+             "the first shard")
     code, err = interrupt(proc, whole_group)
     assert_interrupted(code, err)
     assert_no_ray_left(proc.pid)
     assert not temp_files(out) and not (out / "index.json").exists()
-    finished = len(list(out.glob("shard-*.parquet")))
+    finished = len(list(out.glob("data/train-*.parquet")))
     assert 1 <= finished < ROWS // 8, "the run finished before the signal: make the corpus bigger"
     resume_matches(manifest, out, ref)
 

@@ -30,7 +30,7 @@ from mmprep.images.decode import Normalization, to_output
 
 def arrow_rows(path: Path) -> list[dict]:
     """Every row as pyarrow reads it, shards in index order (the reference)."""
-    index = json.loads((path / "index.json").read_text())
+    index = json.loads((path / "index.json").read_text())["splits"]["train"]
     return pa.concat_tables(pq.read_table(path / s["path"]) for s in index["shards"]).to_pylist()
 
 
@@ -52,11 +52,16 @@ def test_open_errors_name_the_problem(tmp_path: Path) -> None:
         PackedDataset(tmp_path)
     assert "mmprep pack" in (exc.value.hint or "")
     unfinished = tmp_path / "unfinished"
-    unfinished.mkdir()
-    (unfinished / "shard-00000.parquet").write_bytes(b"PAR1")
+    (unfinished / "data").mkdir(parents=True)
+    (unfinished / "data" / "train-00000-of-00002.parquet").write_bytes(b"PAR1")
     with pytest.raises(InputError, match="did not finish") as exc:
         PackedDataset(unfinished)
     assert "--resume" in (exc.value.hint or "")
+    old = tmp_path / "old"  # format 1: shards beside the index
+    old.mkdir()
+    (old / "shard-00000.parquet").write_bytes(b"PAR1")
+    with pytest.raises(InputError, match="did not finish"):
+        PackedDataset(old)
     (unfinished / "index.json").write_text("{not json")
     with pytest.raises(InputError, match="not valid JSON"):
         PackedDataset(unfinished)
@@ -77,9 +82,9 @@ def test_open_accepts_the_index_file_and_reports_facts(ds: PackedDataset) -> Non
 
 def test_missing_shard_is_an_input_error(tmp_path: Path) -> None:
     out = copy_packed("uint8", tmp_path / "d")
-    (out / "shard-00001.parquet").unlink()
+    (out / "data" / "train-00001-of-00005.parquet").unlink()
     d = PackedDataset(out)
-    with pytest.raises(InputError, match=r"shard-00001\.parquet: listed in index\.json but missing"):
+    with pytest.raises(InputError, match=r"data/train-00001-of-00005\.parquet: listed in index\.json but missing"):
         list(d.iter_batches(8))
 
 
@@ -375,7 +380,7 @@ def test_tag_names_from_the_recorded_vocabulary_or_none(ds: PackedDataset, tmp_p
     assert [names[i] for i in first["tag_ids"]] == ["astronaut", "flag", "woman", "suit", "portrait"]
     moved = copy_packed("uint8", tmp_path / "moved")
     index = json.loads((moved / "index.json").read_text())
-    index["config"]["vocab"] = "nowhere/ram_tag_list.txt"
+    index["splits"]["train"]["config"]["vocab"] = "nowhere/ram_tag_list.txt"
     (moved / "index.json").write_text(json.dumps(index))
     assert PackedDataset(moved).tag_names() is None
     other = tmp_path / "other.txt"
@@ -395,7 +400,8 @@ def test_recorded_relative_vocab_is_found_from_any_working_directory(
     shutil.copy(VOCAB, proj / "lists" / "ram.txt")
     d = copy_packed("uint8", proj / "runs" / "a" / "ds")
     index = json.loads((d / "index.json").read_text())
-    index["config"]["vocab"] = "lists/ram.txt"  # as `mmprep pack ... --vocab lists/ram.txt` run in proj/ records it
+    # as `mmprep pack ... --vocab lists/ram.txt` run in proj/ records it
+    index["splits"]["train"]["config"]["vocab"] = "lists/ram.txt"
     (d / "index.json").write_text(json.dumps(index))
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()

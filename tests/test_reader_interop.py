@@ -1,8 +1,8 @@
 """The same packed directory read by pyarrow, pandas, DuckDB, Polars, datasets and Ray Data gives the same rows
 as PackedDataset: every stored column of every row (pixels compared byte for byte, after PackedDataset's reshape).
 
-The shards are given to each reader as a list of files or as the glob ``DIR/shard-*.parquet``: ``index.json`` and
-``rejected.jsonl`` sit next to them, so readers that take the whole directory try to read those as Parquet too.
+Each reader is given the folder ``OUT/data`` itself, with no glob and no list of files: the shards live there
+alone (``index.json``, the card and the rejects sit beside ``data/``), as trainers that list a folder expect.
 """
 
 from __future__ import annotations
@@ -61,49 +61,33 @@ def expected() -> dict[str, dict[str, Any]]:
     return canon(rows)
 
 
-def shard_files() -> list[str]:
-    path = packed("uint8")
-    index = json.loads((path / "index.json").read_text())
-    return [str(path / s["path"]) for s in index["shards"]]
+def data_dir() -> str:
+    """The folder of the shards, as a trainer is given it."""
+    path = packed("uint8") / "data"
+    index = json.loads((packed("uint8") / "index.json").read_text())
+    listed = sorted(s["path"].split("/", 1)[1] for s in index["splits"]["train"]["shards"])
+    assert sorted(p.name for p in path.iterdir()) == listed and len(listed) >= 4  # the shards, and nothing else
+    return str(path)
 
 
 def test_pyarrow(expected) -> None:
     import pyarrow.dataset as pads
+    import pyarrow.parquet as pq
 
-    table = pads.dataset(shard_files(), format="parquet").to_table()
-    assert canon(table.to_pylist()) == expected
+    assert canon(pq.read_table(data_dir()).to_pylist()) == expected
+    assert canon(pads.dataset(data_dir(), format="parquet").to_table().to_pylist()) == expected
 
 
 def test_pandas(expected) -> None:
     import pandas as pd
 
-    df = pd.concat([pd.read_parquet(f) for f in shard_files()], ignore_index=True)
-    assert canon(df.to_dict("records")) == expected
-
-
-def test_globs_as_the_readme_gives_them(expected, tmp_path: Path) -> None:
-    """`DIR/shard-*.parquet` works where the bare directory does not (index.json is not Parquet)."""
-    import datasets
-    import duckdb
-    import polars as pl
-    import pyarrow
-
-    glob = str(packed("uint8") / "shard-*.parquet")
-    assert canon(pl.read_parquet(glob).to_dicts()) == expected
-    cur = duckdb.connect().execute(f"select * from read_parquet('{glob}')")
-    names = [d[0] for d in cur.description]
-    assert canon(dict(zip(names, row, strict=True)) for row in cur.fetchall()) == expected
-    hf = datasets.load_dataset("parquet", data_files=glob, split="train", cache_dir=str(tmp_path))
-    assert canon(hf) == expected
-    with pytest.raises(pyarrow.ArrowInvalid):  # why the README gives the glob
-        datasets.load_dataset("parquet", data_dir=str(packed("uint8")), split="train", cache_dir=str(tmp_path / "d"))
+    assert canon(pd.read_parquet(data_dir()).to_dict("records")) == expected
 
 
 def test_duckdb(expected) -> None:
     import duckdb
 
-    con = duckdb.connect()
-    cur = con.execute(f"select * from read_parquet({shard_files()!r})")
+    cur = duckdb.connect().execute(f"select * from read_parquet('{data_dir()}')")
     names = [d[0] for d in cur.description]
     assert canon(dict(zip(names, row, strict=True)) for row in cur.fetchall()) == expected
 
@@ -111,15 +95,17 @@ def test_duckdb(expected) -> None:
 def test_polars(expected) -> None:
     import polars as pl
 
-    df = pl.read_parquet(shard_files())
-    assert canon(df.to_dicts()) == expected
+    assert canon(pl.read_parquet(data_dir()).to_dicts()) == expected
 
 
 def test_datasets(expected, tmp_path: Path) -> None:
+    """`load_dataset("parquet", data_dir=OUT/data)` and `load_dataset(OUT)` (the card's configs) both work."""
     import datasets
 
-    ds = datasets.load_dataset("parquet", data_files=shard_files(), split="train", cache_dir=str(tmp_path))
+    ds = datasets.load_dataset("parquet", data_dir=data_dir(), split="train", cache_dir=str(tmp_path / "a"))
     assert canon(ds) == expected
+    whole = datasets.load_dataset(str(packed("uint8")), cache_dir=str(tmp_path / "b"))
+    assert list(whole) == ["train"] and canon(whole["train"]) == expected
 
 
 @pytest.mark.ray
@@ -149,7 +135,7 @@ def test_ray_data(expected, monkeypatch: pytest.MonkeyPatch) -> None:
     ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False, configure_logging=False,
              ignore_reinit_error=True, runtime_env={"worker_process_setup_hook": no_http_filesystem})
     try:
-        ds = ray.data.read_parquet(shard_files())
+        ds = ray.data.read_parquet(data_dir())
         rows = ds.take_all()
     finally:
         ray.shutdown()

@@ -32,6 +32,7 @@ from _reliab_helpers import (
     png_claiming,
     rejects,
     remount,
+    shard_file,
     subprocess_env,
     temp_files,
     tmpfs,
@@ -165,7 +166,7 @@ def test_bad_image_reason(image_run, case: str) -> None:
 
 def test_content_decides_not_the_extension_and_tiny_images_are_accepted(image_run) -> None:
     name, out, _ = image_run
-    rows = {r["id"]: r for p in sorted(out.glob("shard-*.parquet")) for r in pq.read_table(p).to_pylist()}
+    rows = {r["id"]: r for p in sorted(out.glob("data/train-*.parquet")) for r in pq.read_table(p).to_pylist()}
     if name.startswith("encoded"):
         stored = rows["png_named_jpg"]["images"][0]
         assert stored["bytes"][:8] == b"\x89PNG\r\n\x1a\n" and stored["path"] == "png_named.jpg"
@@ -513,7 +514,7 @@ def test_disk_full_on_a_real_tiny_filesystem_then_resume(noise, tmp_path: Path, 
             pack(_noise_cfg(manifest, out), workers=workers)
         assert "free disk space" in (info.value.hint or "")
         assert not (out / "index.json").exists() and not temp_files(out)
-        finished = sorted(p.name for p in out.glob("shard-*"))
+        finished = sorted(p.relative_to(out).as_posix() for p in out.glob("data/train-*"))
         assert finished, "the disk should hold a few shards"
         for name in finished:  # every file under a final name is a complete shard, the same as uninterrupted
             assert (out / name).read_bytes() == (ref / name).read_bytes()
@@ -591,8 +592,8 @@ def test_manifest_from_a_pipe_is_read_once_and_whole(noise, tmp_path: Path, name
     writer.join(timeout=5)
     assert res.returncode == 0, res.stderr
     assert json.loads(res.stdout)["read"] == 120
-    assert {k: v for k, v in digests(out).items() if k.startswith("shard-")} == {
-        k: v for k, v in digests(ref).items() if k.startswith("shard-")}
+    assert {k: v for k, v in digests(out).items() if k.startswith("data/")} == {
+        k: v for k, v in digests(ref).items() if k.startswith("data/")}
     resume = runner.invoke(app, ["pack", str(fifo), "--out", str(out), "--resume"])
     assert resume.exit_code == 2 and "not stdin or a pipe" in resume.stderr
 
@@ -603,10 +604,11 @@ def test_resume_rewrites_a_damaged_shard(noise, tmp_path: Path) -> None:
     manifest, ref = noise
     out = tmp_path / "out"
     shutil.copytree(ref, out)
-    data = bytearray((out / "shard-00002.parquet").read_bytes())
+    two, five = shard_file(out, 2), shard_file(out, 5)
+    data = bytearray(two.read_bytes())
     data[len(data) // 2] ^= 0xFF
-    (out / "shard-00002.parquet").write_bytes(bytes(data))
-    (out / "shard-00005.parquet").write_bytes((ref / "shard-00005.parquet").read_bytes()[:100])
+    two.write_bytes(bytes(data))
+    five.write_bytes(five.read_bytes()[:100])
     report = pack(_noise_cfg(manifest, out), workers=1, resume=True)
     assert report.resumed_shards == len(report.shards) - 2
     assert digests(out) == digests(ref)
@@ -746,7 +748,7 @@ def test_property_nothing_lost(prop_root: Path, rows: list[tuple[str, str]], row
 
 def test_usage_errors_name_the_problem(tmp_path: Path) -> None:
     """Output-directory misuse is one clear line, exit 2: a file where the directory should be; a dir that is
-    not empty; --resume of a run with other flags."""
+    not empty (it holds the split already); --resume of a run with other flags."""
     (tmp_path / "a.png").write_bytes(png_bytes())
     manifest = tmp_path / "m.jsonl"
     manifest.write_text('{"id": 1, "images": ["a.png"]}\n')
@@ -756,7 +758,7 @@ def test_usage_errors_name_the_problem(tmp_path: Path) -> None:
         pack(cfg_for(manifest, afile), workers=1)
     out = tmp_path / "out"
     pack(cfg_for(manifest, out), workers=1)
-    with pytest.raises(UsageError, match="not empty"):
+    with pytest.raises(UsageError, match="already holds split 'train'"):
         pack(cfg_for(manifest, out), workers=1)
     with pytest.raises(UsageError, match="rows_per_shard"):
         pack(cfg_for(manifest, out, rows_per_shard=9), workers=1, resume=True)

@@ -36,7 +36,7 @@ def local_ref(tmp_path_factory) -> Path:
 
 
 def shard_digests(out: Path) -> dict[str, str]:
-    return {k: v for k, v in digests(out).items() if k.startswith("shard-") or k == "index.json"}
+    return {k: v for k, v in digests(out).items() if k.startswith("data/") or k in ("index.json", "README.md")}
 
 
 def test_uri_helpers() -> None:
@@ -73,7 +73,7 @@ def test_file_uris_take_the_local_path(tmp_path: Path, local_ref: Path) -> None:
 
 
 def rejects(out: Path) -> list[tuple[int, str, str]]:
-    lines = (out / "rejected.jsonl").read_text().splitlines()
+    lines = (out / "rejected-train.jsonl").read_text().splitlines()
     return [(r["line"], r["id"], r["reason"]) for r in map(json.loads, lines)]
 
 
@@ -86,18 +86,21 @@ def test_memory_filesystem_in_process(tmp_path: Path, local_ref: Path) -> None:
                                   out="memory://mm-bucket/out")
         report = pack(cfg, workers=1)
         assert (report.written, report.rejected) == (15, 3)
-        got = {p.rsplit("/", 1)[-1]: mem.cat_file(p) for p in mem.find("/mm-bucket/out") if "/.mmprep/" not in p}
-        ref = {p.name: p.read_bytes() for p in local_ref.iterdir() if p.is_file()}
-        for name in ("shard-00000.parquet", "shard-00001.parquet", "shard-00002.parquet", "index.json"):
+        got = {p.split("/mm-bucket/out/", 1)[-1]: mem.cat_file(p) for p in mem.find("/mm-bucket/out")
+               if "/.mmprep/" not in p}
+        ref = {p.relative_to(local_ref).as_posix(): p.read_bytes() for p in local_ref.rglob("*") if p.is_file()}
+        for name in ("data/train-00000-of-00003.parquet", "data/train-00001-of-00003.parquet",
+                     "data/train-00002-of-00003.parquet", "index.json", "README.md"):
             assert got[name] == ref[name], name
-        rejects = [json.loads(line) for line in got["rejected.jsonl"].decode().splitlines()]
+        rejects = [json.loads(line) for line in got["rejected-train.jsonl"].decode().splitlines()]
         assert [(r["id"], r["reason"]) for r in rejects] == [
             ("s016", "image_missing"), ("s017", "image_truncated"), ("s018", "unknown_tag")]
         assert "memory://mm-bucket/data/images/coffee_truncated.jpg" in rejects[1]["detail"]
         # a local manifest with a remote --image-root reads the same images
         report = pack(dataclasses.replace(cfg, manifest=str(SAMPLE / "manifest.jsonl"), out="memory://mm-bucket/o2",
                                           image_root="memory://mm-bucket/data"), workers=1)
-        assert mem.cat_file("/mm-bucket/o2/shard-00001.parquet") == (local_ref / "shard-00001.parquet").read_bytes()
+        shard = "data/train-00001-of-00003.parquet"
+        assert mem.cat_file(f"/mm-bucket/o2/{shard}") == (local_ref / shard).read_bytes()
         # references may not leave the remote image root
         rows = [{"id": "e1", "images": ["../outside.jpg"], "text": "a"},
                 {"id": "e2", "images": ["images/coffee.jpg"], "text": "b"}]
@@ -137,16 +140,17 @@ def test_object_store_cli_worker_pool_and_secrets(objstore: Path, local_ref: Pat
     assert shard_digests(out) == shard_digests(local_ref)  # uploaded by spawned workers, same bytes
     assert not list(out.glob(".*tmp*"))
     files = [p for p in out.rglob("*") if p.is_file()]
-    assert {p.name for p in files} >= {"index.json", "rejected.jsonl", "run-stats.json", "run.json"}
+    assert {p.name for p in files} >= {"index.json", "README.md", "rejected-train.jsonl", "run-stats-train.json",
+                                       "run.json"}
     for text in [res.stdout, res.stderr, *(p.read_bytes().decode("utf-8", "replace") for p in files)]:
         assert not any(s in text for s in SECRETS)
-    assert "objfs://bucket/data/images/does_not_exist.jpg" in (out / "rejected.jsonl").read_text()
+    assert "objfs://bucket/data/images/does_not_exist.jpg" in (out / "rejected-train.jsonl").read_text()
 
     # a second run into the same location needs --resume or --overwrite; resume redoes only what is missing
     res = runner.invoke(app, args)
-    assert res.exit_code == 2 and "not empty" in res.stderr
+    assert res.exit_code == 2 and "already holds split 'train'" in res.stderr
     (out / "index.json").unlink()
-    (out / "shard-00001.parquet").unlink()
+    (out / "data" / "train-00001-of-00003.parquet").unlink()
     res = runner.invoke(app, [*args[:-3], "--workers", "1", "--resume", "--json"])
     assert res.exit_code == 0, res.stderr
     assert json.loads(res.stdout)["resumed_shards"] == 2
@@ -167,7 +171,7 @@ def test_remote_shards_read_back_with_filesystem(objstore: Path) -> None:
     report = pack(cfg, workers=1, storage_options={"root": str(objstore)})
     assert report.written == 15
     loc = open_location(out, {"root": str(objstore)})
-    index = json.loads(loc.child("index.json").read_bytes())
+    index = json.loads(loc.child("index.json").read_bytes())["splits"]["train"]
     with loc.fs.open_input_file(loc.child(index["shards"][0]["path"]).path) as f:
         table = pq.read_table(f)
     row = table.to_pylist()[0]

@@ -77,8 +77,9 @@ def pack_cmd(
                                               rich_help_panel=_IMG)] = 4,
     too_many_images: Annotated[str, typer.Option(help="reject|truncate samples with more images than the limit.",
                                                  rich_help_panel=_IMG)] = "reject",
-    pad: Annotated[str, typer.Option(help="max: padded tensors + masks; none: encoded images (HF Image storage).",
-                                     rich_help_panel=_IMG)] = "max",
+    pad: Annotated[str | None, typer.Option(help="max: padded tensors + masks; none: encoded images (HF Image "
+                                            "storage). Default: max; none with --target easyr1|llamafactory.",
+                                            show_default=False, rich_help_panel=_IMG)] = None,
     encode_format: Annotated[str, typer.Option(help="With --pad none: original (file bytes as-is) | png | jpeg | "
                                                "webp.", rich_help_panel=_IMG)] = "original",
     quality: Annotated[int, typer.Option(help="JPEG/WebP quality with --encode-format.", rich_help_panel=_IMG)] = 95,
@@ -128,6 +129,18 @@ def pack_cmd(
     ray_address: Annotated[str | None, typer.Option(help="Ray cluster for --engine ray, e.g. ray://head:10001 "
                                                     "(default: $RAY_ADDRESS, else a local Ray on this machine).",
                                                     rich_help_panel=_OUT)] = None,
+    # -- trainer-ready output (issue 16) ----------------------------------------------------------------------
+    split: Annotated[str, typer.Option(help="Name of the split written; packing another split into the same --out "
+                                       "adds it.", rich_help_panel=_OUT)] = "train",
+    target: Annotated[str, typer.Option(metavar="hf|easyr1|llamafactory", help="Lay the output out for a trainer: "
+                                        "easyr1 adds problem/answer, llamafactory ShareGPT messages (both: encoded "
+                                        "images).", rich_help_panel=_OUT)] = "hf",
+    keep_columns: Annotated[str | None, typer.Option(metavar="A,B", help="Carry only these input columns (default: "
+                                                     "every column mmprep does not read; '' for none).",
+                                                     rich_help_panel=_IN)] = None,
+    drop_columns: Annotated[str | None, typer.Option(metavar="A,B", help="Leave these input columns out.",
+                                                     rich_help_panel=_IN)] = None,
+    # ---------------------------------------------------------------------------------------------------------
     storage_option: Annotated[list[str] | None, typer.Option(
         "--storage-option", metavar="KEY=VALUE",
         help="fsspec option for remote URIs (s3://, gs://, ...), repeatable; never recorded. Prefer credentials "
@@ -149,6 +162,7 @@ def pack_cmd(
         from mmprep.text.config import TextConfig
 
         storage_options = parse_storage_options(storage_option)
+        pad_mode = pad or ("none" if target in ("easyr1", "llamafactory") else "max")
 
         cfg = PackConfig(
             manifest=manifest,
@@ -159,7 +173,7 @@ def pack_cmd(
             allow_outside_root=allow_outside_root,
             image=image_config_from_options(
                 # --pad none keeps image sizes unless told otherwise; padded slots need one size
-                resize_mode=resize_mode or ("none" if pad == "none" else "center-crop"), image_size=image_size,
+                resize_mode=resize_mode or ("none" if pad_mode == "none" else "center-crop"), image_size=image_size,
                 interpolation=interpolation,
                 shortest_edge=shortest_edge, max_pixels=max_pixels, min_pixels=min_pixels,
                 background=background, fill=fill, pixel_limit=pixel_limit, no_draft=no_draft,
@@ -174,7 +188,7 @@ def pack_cmd(
             ),
             limit_images=limit_images,
             too_many_images=too_many_images,
-            pad=pad,
+            pad=pad_mode,
             encode_format=encode_format,
             encode_quality=quality,
             tokenizer=tokenizer,
@@ -201,6 +215,10 @@ def pack_cmd(
             on_error=on_error,
             max_reject_rate=max_reject_rate,
             device=device,
+            split=split,
+            target=target,
+            keep_columns=_names(keep_columns),
+            drop_columns=_names(drop_columns) or (),
         )
         total = _count_rows(manifest)
         with output.progress(total, "pack", unit="row") as bar:
@@ -219,7 +237,7 @@ def pack_cmd(
                           progress=progress, ray_address=ray_address, storage_options=storage_options)
         _render(output, report)
         if report.failed:
-            hint = "see rejected.jsonl for every rejected row and its reason"
+            hint = f"see {report.rejects} for every rejected row and its reason"
             if report.written:
                 hint += "; to index the shards written anyway, rerun with --resume and a higher --max-reject-rate"
             output.error(report.failed, hint)
@@ -227,6 +245,13 @@ def pack_cmd(
         return 0
 
     run_command(output, body)
+
+
+def _names(text: str | None) -> tuple[str, ...] | None:
+    """``a,b`` as column names (None when the flag is not given; ``''`` is no column)."""
+    if text is None:
+        return None
+    return tuple(n.strip() for n in text.split(",") if n.strip())
 
 
 def _count_rows(manifest: str) -> int | None:
@@ -255,13 +280,16 @@ def _count_rows(manifest: str) -> int | None:
 def _render(output: Output, report: PackReport) -> None:
     output.debug(f"engine {report.engine}, {report.workers} worker(s); {report.rows_per_shard} rows per shard, "
                  f"{len(report.shards)} shard(s), {report.resumed_shards} resumed from an earlier run")
+    output.debug(f"split {report.split}; extra columns: {', '.join(report.columns) or 'none'}")
+    for note in report.notes:
+        output.info(note)
     for shard in report.shards:
         output.debug(f"  {shard.path}: {shard.rows} rows, {shard.bytes:,} bytes, sha256 {shard.sha256[:16]}…")
     if output.json_mode:
         output.emit_json(report)
         return
     output.table(
-        f"pack → {report.out}",
+        f"pack → {report.out} (split {report.split})",
         ["", "value"],
         [
             ("rows read", report.read),
@@ -283,4 +311,4 @@ def _render(output: Output, report: PackReport) -> None:
         ],
     )
     if report.rejected and not output.quiet:
-        output.info(f"rejected rows and reasons: {report.out}/rejected.jsonl")
+        output.info(f"rejected rows and reasons: {report.out}/{report.rejects}")

@@ -7,7 +7,9 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from mmprep.cli._app import JsonOpt, QuietOpt, VerboseOpt, app, make_output, run_command
-from mmprep.dataset.format import INDEX_NAME, REJECTS_NAME
+from mmprep.dataset.format import INDEX_NAME
+
+SplitOpt = Annotated[str | None, typer.Option("--split", help="Which split (default: the only one, else train).")]
 
 if TYPE_CHECKING:
     from mmprep.dataset.inspect import DatasetSummary
@@ -26,6 +28,7 @@ def inspect_cmd(
     vocab: Annotated[str | None, typer.Option(help="Vocabulary file for tag names (default: the one recorded at "
                                               "pack time, when reachable; else ids).")] = None,
     top_tags: Annotated[int, typer.Option(help="Most frequent tags to list.")] = 10,
+    split: SplitOpt = None,
     json_: JsonOpt = False,
     quiet: QuietOpt = False,
     verbose: VerboseOpt = False,
@@ -38,7 +41,7 @@ def inspect_cmd(
         from mmprep.dataset.reader import PackedDataset
         from mmprep.dataset.sheet import contact_sheet
 
-        ds = PackedDataset(path)
+        ds = PackedDataset(path, split=split)
         summary = summarize(ds, vocab=vocab, top_tags=top_tags)
         info = contact_sheet(ds, sheet, samples=samples, seed=seed, vocab=vocab) if sheet else None
         _render_summary(output, summary, info)
@@ -52,6 +55,7 @@ def verify_cmd(
     path: Annotated[str, typer.Argument(help="A packed directory (the --out of `mmprep pack`).")],
     deep: Annotated[bool, typer.Option(help="Also check the pixel bytes of padding slots (padded layout) or "
                                        "decode every image (encoded layout).")] = False,
+    split: SplitOpt = None,
     json_: JsonOpt = False,
     quiet: QuietOpt = False,
     verbose: VerboseOpt = False,
@@ -63,9 +67,9 @@ def verify_cmd(
         from mmprep.dataset.index_file import read_index
         from mmprep.dataset.verify import entry_bytes, verify
 
-        total = sum(entry_bytes(e) for e in read_index(path).entries)
+        total = sum(entry_bytes(e) for e in read_index(path, split=split).entries)
         with output.progress(total, "verify", unit="B") as bar:
-            report = verify(path, deep=deep, progress=bar.update)
+            report = verify(path, split=split, deep=deep, progress=bar.update)
         _render_verify(output, report)
         return 0 if report.ok else 1
 
@@ -80,6 +84,7 @@ def _render_summary(output: Output, s: DatasetSummary, info: SheetInfo | None) -
         output.emit_json(report)
         return
     rows: list[tuple[str, object]] = [
+        ("split", s.split),
         ("layout", s.layout),
         ("rows", s.rows),
         ("shards", s.shards),
@@ -134,10 +139,10 @@ def _render_verify(output: Output, r: VerifyReport) -> None:
             if output.quiet:
                 output.error(f"{f.where}: {f.check}: {f.message}")
         output.error(f"{len(r.findings)} problem(s) in {r.shards - r.shards_ok} of {r.shards} shards"
-                     + (" and the dataset files" if any(f.where in (INDEX_NAME, REJECTS_NAME)
+                     + (" and the dataset files" if any(not f.where.endswith(".parquet")
                                                          for f in r.findings) else ""),
                      hint="rerun the same `mmprep pack` command with --resume (it rewrites shards whose hash "
                           "differs from its records), or restore the files from a copy")
         return
-    output.info(f"ok: {r.shards} shards, {r.rows:,} rows, {r.bytes:,} bytes match {INDEX_NAME}"
+    output.info(f"ok: split {r.split}: {r.shards} shards, {r.rows:,} rows, {r.bytes:,} bytes match {INDEX_NAME}"
                 + (" (deep: pixel padding / image decoding checked)" if r.deep else ""))

@@ -41,8 +41,11 @@ def _ragged(arr: Any) -> list[Any]:
     import pyarrow as pa
 
     vt = arr.type.value_type
-    if pa.types.is_string(vt) or pa.types.is_large_string(vt) or pa.types.is_struct(vt):
-        return arr.to_pylist()
+    inner = vt
+    while pa.types.is_fixed_size_list(inner):
+        inner = inner.value_type
+    if not (pa.types.is_integer(inner) or pa.types.is_floating(inner) or pa.types.is_boolean(inner)):
+        return arr.to_pylist()  # strings, structs, nested lists...: Python values
     offsets = np.asarray(arr.offsets.to_numpy(zero_copy_only=False), dtype=np.int64)
     offsets -= offsets[0]
     values = arr.flatten()
@@ -72,6 +75,8 @@ def column_to_numpy(name: str, arr: Any, spec: PixelSpec | None, where: str) -> 
         return _ragged(arr)
     if pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_binary(t):
         return arr.to_pylist()
+    if pa.types.is_nested(t) or pa.types.is_large_binary(t) or pa.types.is_dictionary(t):
+        return arr.to_pylist()  # a carried input column of objects (or maps, large binaries...)
     return _primitive(arr)
 
 

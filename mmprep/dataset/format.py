@@ -4,20 +4,29 @@ The writer (:mod:`mmprep.pack`) builds these types and serialises them with ``to
 (:mod:`mmprep.dataset.reader`, ``verify``, ``inspect``) parse them with ``from_json``. Nothing here imports other
 mmprep modules except the error types, so every layer may depend on it.
 
-A packed directory (format version 1)::
+A packed directory (format version 2, the Hugging Face Hub layout; one or more splits)::
 
     OUT/
-      shard-00000.parquet ...   the rows (Parquet; schema metadata under METADATA_KEY, per-shard facts under
-                                SHARD_METADATA_KEY)
-      rejected.jsonl            one JSON object per rejected input row (line, id, stage, reason, detail)
-      run-stats.json            timings of the run (the only file that differs between identical runs)
-      index.json                written last: every shard with rows/bytes/sha256, and the row accounting
-      .mmprep/                  run state for --resume (lock, run identity, one record per finished chunk)
+      README.md                 the dataset card: YAML ``configs``/``data_files`` so ``datasets.load_dataset(OUT)``
+                                finds every split (regenerated from the index by every run)
+      data/
+        train-00000-of-00004.parquet ...   the rows of split ``train`` (Parquet; schema metadata under METADATA_KEY,
+                                per-shard facts under SHARD_METADATA_KEY); nothing else ever lives in data/
+        test-00000-of-00001.parquet ...
+      rejected-train.jsonl      one JSON object per rejected input row of the split (line, id, stage, reason, detail)
+      run-stats-train.json      timings of the split's run (the only file that differs between identical runs)
+      index.json                written last by each run: one entry per split (its shards with rows/bytes/sha256,
+                                and its row accounting)
+      .mmprep/                  run state for --resume (lock, and per split: run identity, finished chunks)
+
+Format version 1 (still read) had one unnamed split: ``shard-NNNNN.parquet``, ``rejected.jsonl``,
+``run-stats.json`` and ``index.json`` (the fields of one split entry, at the top) side by side in OUT.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,6 +34,9 @@ from typing import Any
 from mmprep.errors import InputError
 
 __all__ = [
+    "CARD_NAME",
+    "DATA_DIR",
+    "DEFAULT_SPLIT",
     "FORMAT_VERSION",
     "INDEX_FORMAT",
     "INDEX_NAME",
@@ -37,23 +49,34 @@ __all__ = [
     "STATE_DIR",
     "ChunkRecord",
     "Index",
+    "IndexFile",
     "ShardInfo",
     "Totals",
     "count_field",
     "count_problem",
     "dumps_json",
     "histogram_problem",
+    "rejects_name",
+    "run_stats_name",
+    "select_split",
     "shard_entry_problems",
     "shard_name",
+    "split_problem",
 ]
 
 INDEX_NAME = "index.json"
+#: The dataset card (Hub layout): its YAML tells ``datasets.load_dataset(OUT)`` the splits and their files.
+CARD_NAME = "README.md"
+#: The folder that holds the shards and nothing else (trainers read every file in it).
+DATA_DIR = "data"
+DEFAULT_SPLIT = "train"
+#: The rejects and run statistics of a format 1 directory (format 2: :func:`rejects_name`, :func:`run_stats_name`).
 REJECTS_NAME = "rejected.jsonl"
 RUN_STATS_NAME = "run-stats.json"
 STATE_DIR = ".mmprep"
 INDEX_FORMAT = "mmprep-index"
-FORMAT_VERSION = 1
-READABLE_VERSIONS = (1,)
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 #: Parquet schema metadata key holding the dataset-wide facts (layout, pixels, text, vocab).
 METADATA_KEY = "mmprep"
 #: Parquet file metadata key holding one shard's facts (index, rows, image-count histogram, line range).
@@ -62,12 +85,36 @@ SHARD_METADATA_KEY = "mmprep.shard"
 _DAMAGED = "the index is damaged; rerun `mmprep pack`, or run `mmprep verify` on the directory"
 
 
-def shard_name(index: int) -> str:
-    """The file name of shard ``index``."""
-    return f"shard-{index:05d}.parquet"
+_SPLIT_RE = re.compile(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*")
+_MAX_SPLIT = 64
 
 
-#: A glob matching every shard file name (:func:`shard_name`).
+def split_problem(split: object) -> str | None:
+    """What is wrong with a split name (None when fine): word characters and dots, as ``datasets`` requires, and no
+    ``-`` (it separates the split from the shard number in file names)."""
+    if not isinstance(split, str) or not _SPLIT_RE.fullmatch(split) or len(split) > _MAX_SPLIT:
+        return (f"split name {split!r} must be letters, digits and _ (dots between them), at most {_MAX_SPLIT} "
+                "characters")
+    return None
+
+
+def shard_name(index: int, split: str = DEFAULT_SPLIT, count: int = 1) -> str:
+    """The path of shard ``index`` of ``count`` of a split, relative to the dataset folder (the Hub's naming:
+    ``data/train-00000-of-00004.parquet``)."""
+    return f"{DATA_DIR}/{split}-{index:05d}-of-{count:05d}.parquet"
+
+
+def rejects_name(split: str) -> str:
+    """The rejects file of a split (beside ``data/``, never in it)."""
+    return f"rejected-{split}.jsonl"
+
+
+def run_stats_name(split: str) -> str:
+    """The run statistics file of a split."""
+    return f"run-stats-{split}.json"
+
+
+#: A glob matching every shard file name of a format 1 directory.
 SHARD_GLOB = "shard-*.parquet"
 
 
@@ -246,6 +293,8 @@ class Index:
         rejects: the rejects file name.
         totals: the row accounting.
         format_version: the on-disk format version.
+        split: the split's name (``train`` for a format 1 directory).
+        run_stats: the run statistics file name (None when not recorded).
     """
 
     config: dict[str, Any]
@@ -255,12 +304,23 @@ class Index:
     totals: Totals
     rejects: str = REJECTS_NAME
     format_version: int = FORMAT_VERSION
+    split: str = DEFAULT_SPLIT
+    run_stats: str | None = None
+
+    def entry_json(self) -> dict[str, Any]:
+        """The split's entry of a format 2 index (what a format 1 index held at its top)."""
+        out = {"config": self.config, "rows_per_shard": self.rows_per_shard, "metadata": self.metadata,
+               "shards": [s.to_json() for s in self.shards], "rejects": self.rejects,
+               "totals": self.totals.to_json()}
+        if self.run_stats is not None:
+            out["run_stats"] = self.run_stats
+        return out
 
     def to_json(self) -> dict[str, Any]:
-        return {"format": INDEX_FORMAT, "format_version": self.format_version, "config": self.config,
-                "rows_per_shard": self.rows_per_shard, "metadata": self.metadata,
-                "shards": [s.to_json() for s in self.shards], "rejects": self.rejects,
-                "totals": self.totals.to_json()}
+        """This split alone as a whole index of its format version (format 1: the entry at the top)."""
+        if self.format_version < 2:
+            return {"format": INDEX_FORMAT, "format_version": self.format_version, **self.entry_json()}
+        return IndexFile({self.split: self}).to_json()
 
     def dumps(self) -> bytes:
         return dumps_json(self.to_json())
@@ -286,22 +346,88 @@ class Index:
         if version > max(READABLE_VERSIONS):
             raise InputError(f"{where}: format version {version} is newer than this mmprep reads "
                              f"({max(READABLE_VERSIONS)})", hint="upgrade mmprep")
-        if not isinstance(d.get("shards"), list):
+        if version >= 2 and "split" not in d:  # a whole index (a split's view, from select_split, has "split")
+            if not isinstance(d.get("splits"), dict):
+                raise InputError(f"{where}: no 'splits' object", hint=_DAMAGED)
+            for name, entry in d["splits"].items():
+                if split_problem(name) is not None:
+                    raise InputError(f"{where}: {split_problem(name)}", hint=_DAMAGED)
+                if not isinstance(entry, dict) or not isinstance(entry.get("shards"), list):
+                    raise InputError(f"{where}: split '{name}' has no 'shards' list", hint=_DAMAGED)
+        elif not isinstance(d.get("shards"), list):
             raise InputError(f"{where}: no 'shards' list", hint=_DAMAGED)
         return d
 
     @classmethod
-    def from_json(cls, d: Any, where: str = INDEX_NAME) -> Index:
-        """Parse and check a whole index (InputError naming the first damaged field)."""
-        d = cls.check_header(d, where)
+    def from_json(cls, d: Any, where: str = INDEX_NAME, split: str | None = None) -> Index:
+        """Parse and check one split of an index (InputError naming the first damaged field); ``split`` as in
+        :func:`select_split`."""
+        d = select_split(cls.check_header(d, where), split, where)
         shards = tuple(ShardInfo.from_json(s, f"{where}: shard entry {k}") for k, s in enumerate(d["shards"]))
         metadata = d.get("metadata")
         if metadata is not None and not isinstance(metadata, dict):
             raise InputError(f"{where}: metadata is not an object", hint=_DAMAGED)
         config = d.get("config") if isinstance(d.get("config"), dict) else {}
+        stats = d.get("run_stats")
         return cls(config=config, rows_per_shard=count_field(d.get("rows_per_shard")) or 0, metadata=metadata,
                    shards=shards, totals=Totals.from_json(d.get("totals"), where),
-                   rejects=str(d.get("rejects") or REJECTS_NAME), format_version=d.get("format_version", 0))
+                   rejects=str(d.get("rejects") or REJECTS_NAME), format_version=d.get("format_version", 0),
+                   split=str(d.get("split") or DEFAULT_SPLIT), run_stats=stats if isinstance(stats, str) else None)
+
+
+def select_split(d: dict[str, Any], split: str | None = None, where: str = INDEX_NAME) -> dict[str, Any]:
+    """One split of a header-checked index, shaped as a format 1 index (header fields, then the entry's fields, and
+    ``split``): what verify and the parsers read.
+
+    ``split`` None picks the only split, else ``train``; a format 1 index holds one split, ``train``.
+
+    Raises:
+        InputError: no such split (naming the ones there), or several splits and none named ``train``.
+    """
+    if "split" in d and "splits" not in d:  # already one split's view
+        if split not in (None, d["split"]):
+            raise InputError(f"{where}: holds split '{d['split']}', not '{split}'")
+        return d
+    if d.get("format_version", 0) < 2:
+        if split not in (None, DEFAULT_SPLIT):
+            raise InputError(f"{where}: no split '{split}' (a format 1 dataset holds one split, {DEFAULT_SPLIT})",
+                             hint=f"leave out the split, or use --split {DEFAULT_SPLIT}")
+        return {**d, "split": DEFAULT_SPLIT}
+    splits: dict[str, Any] = d["splits"]
+    if split is None:
+        if len(splits) == 1:
+            split = next(iter(splits))
+        elif DEFAULT_SPLIT in splits:
+            split = DEFAULT_SPLIT
+        else:
+            raise InputError(f"{where}: holds the splits {', '.join(sorted(splits))}; say which one",
+                             hint="pass --split NAME (split= in Python)")
+    if split not in splits:
+        have = ", ".join(sorted(splits)) or "none"
+        raise InputError(f"{where}: no split '{split}' (splits: {have})", hint="pass one of those as --split")
+    header = {k: v for k, v in d.items() if k != "splits"}
+    return {**header, **splits[split], "split": split, "splits_present": sorted(splits)}
+
+
+@dataclass(frozen=True)
+class IndexFile:
+    """A whole format 2 ``index.json``: every split's :class:`Index`, by name (sorted when written)."""
+
+    splits: dict[str, Index]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"format": INDEX_FORMAT, "format_version": FORMAT_VERSION,
+                "splits": {name: self.splits[name].entry_json() for name in sorted(self.splits)}}
+
+    def dumps(self) -> bytes:
+        return dumps_json(self.to_json())
+
+    @classmethod
+    def from_json(cls, d: Any, where: str = INDEX_NAME) -> IndexFile:
+        """Parse every split (a format 1 index becomes one split, ``train``)."""
+        d = Index.check_header(d, where)
+        names = sorted(d["splits"]) if d.get("format_version", 0) >= 2 else [DEFAULT_SPLIT]
+        return cls({name: Index.from_json(d, where, name) for name in names})
 
 
 @dataclass(frozen=True)

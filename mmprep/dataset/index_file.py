@@ -4,6 +4,8 @@ Two ways in: :func:`load_index` parses the whole index into the typed :class:`~m
 raises on the first damaged field (the reader and ``inspect``); :func:`read_index` checks only the header (an
 mmprep index of a version this mmprep reads, with a list of shards) and hands the JSON over, so that ``verify`` can
 report every damaged field and go on checking. All file access is in :func:`_read_index_text`.
+
+Both read one split (``split=``; default: the only split, else ``train``); a format 1 index holds one, ``train``.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mmprep.dataset.format import INDEX_NAME, SHARD_GLOB, Index
+from mmprep.dataset.format import DATA_DIR, INDEX_NAME, SHARD_GLOB, Index, select_split
 from mmprep.errors import InputError
 
 __all__ = ["IndexJson", "LoadedIndex", "load_index", "read_index"]
@@ -41,7 +43,8 @@ class IndexJson:
 
     Attributes:
         root: the dataset folder.
-        data: the whole object; ``data["shards"]`` is a list, its entries are unchecked.
+        data: one split's part of the index, shaped as a format 1 index (header, then the split's fields, and
+            ``split``); ``data["shards"]`` is a list, its entries are unchecked.
     """
 
     root: Path
@@ -59,12 +62,13 @@ class IndexJson:
         return entries
 
 
-def read_index(path: str | os.PathLike[str]) -> IndexJson:
-    """Find and read ``index.json`` of a packed directory (the directory or the index file itself).
+def read_index(path: str | os.PathLike[str], *, split: str | None = None) -> IndexJson:
+    """Find and read ``index.json`` of a packed directory (the directory or the index file itself), and pick one
+    split (:func:`~mmprep.dataset.format.select_split`).
 
     Raises:
         InputError: the path is missing, not a directory, has no index (an unfinished run), or an index that is
-            not valid JSON, not mmprep's, of a newer version, or without a list of shards.
+            not valid JSON, not mmprep's, of a newer version, or without a list of shards; no such split.
     """
     root, text = _read_index_text(Path(path))
     try:
@@ -72,16 +76,18 @@ def read_index(path: str | os.PathLike[str]) -> IndexJson:
     except ValueError as exc:
         raise InputError(f"{root / INDEX_NAME}: not valid JSON: {exc}",
                          hint="the index is damaged; rerun `mmprep pack`") from None
-    return IndexJson(root=root, data=Index.check_header(data, str(root / INDEX_NAME)))
+    where = str(root / INDEX_NAME)
+    return IndexJson(root=root, data=select_split(Index.check_header(data, where), split, where))
 
 
-def load_index(path: str | os.PathLike[str]) -> LoadedIndex:
-    """:func:`read_index`, then every field parsed and checked into an :class:`~mmprep.dataset.format.Index`.
+def load_index(path: str | os.PathLike[str], *, split: str | None = None) -> LoadedIndex:
+    """:func:`read_index`, then every field of the split parsed and checked into an
+    :class:`~mmprep.dataset.format.Index`.
 
     Raises:
         InputError: as :func:`read_index`, or a damaged field (named, with its value).
     """
-    raw = read_index(path)
+    raw = read_index(path, split=split)
     return LoadedIndex(root=raw.root, index=Index.from_json(raw.data, str(raw.file)))
 
 
@@ -95,7 +101,7 @@ def _read_index_text(p: Path) -> tuple[Path, str]:
         raise InputError(f"{p}: not a directory", hint=_GIVE_OUT)
     idx = p / INDEX_NAME
     if not idx.is_file():
-        if any(p.glob(SHARD_GLOB)):
+        if any(p.glob(SHARD_GLOB)) or any((p / DATA_DIR).glob("*.parquet")):
             raise InputError(f"{p}: has shards but no {INDEX_NAME}: the pack run did not finish",
                              hint="rerun the same `mmprep pack` command with --resume (index.json is written last)")
         raise InputError(f"{p}: not an mmprep packed directory (no {INDEX_NAME})", hint=_GIVE_OUT)

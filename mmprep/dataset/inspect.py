@@ -130,6 +130,8 @@ class DatasetSummary:
     tokens: TokenSummary | None
     tags: TagSummary | None
     shard_list: list[ShardSummary] = field(default_factory=list)
+    split: str = "train"
+    columns: list[str] = field(default_factory=list)
 
 
 def summarize(ds: PackedDataset, *, vocab: str | os.PathLike[str] | None = None, top_tags: int = 10) -> DatasetSummary:
@@ -168,7 +170,8 @@ def summarize(ds: PackedDataset, *, vocab: str | os.PathLike[str] | None = None,
         bytes_per_row=round(size / len(ds), 1) if len(ds) else 0.0,
         read=totals.read, rejected=totals.rejected, rejected_by_reason=dict(totals.rejected_by_reason),
         image_count_histogram=dict(totals.image_count_histogram), images=totals.images_written,
-        pixels=pixels, text=text, tokens=tokens, tags=tags, shard_list=shards,
+        pixels=pixels, text=text, tokens=tokens, tags=tags, shard_list=shards, split=ds.split,
+        columns=ds.column_names,
     )
 
 

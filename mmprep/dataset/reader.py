@@ -78,6 +78,7 @@ class PackedDataset:
 
     Args:
         path: the directory (or its ``index.json``).
+        split: which split to read (default: the only one, else ``train``).
         columns: columns to read (default: all). Unknown names are a UsageError listing the available ones.
         normalize: ``float32`` or ``float16`` to return pixels normalised with the metadata's mean/std
             (uint8 shards), or cast (already normalised shards); None returns them as stored.
@@ -90,7 +91,8 @@ class PackedDataset:
 
     Attributes:
         path: the dataset folder.
-        index: its parsed ``index.json`` (:class:`mmprep.dataset.format.Index`).
+        split: the split read.
+        index: the split's part of ``index.json`` (:class:`mmprep.dataset.format.Index`).
         shards: the shards in row order, each with its first global row.
         metadata: the dataset's ``mmprep`` metadata (layout, pixels, text, vocab); empty without shards.
         pixels: the padded pixel layout, None for the encoded layout.
@@ -104,6 +106,7 @@ class PackedDataset:
         self,
         path: str | os.PathLike[str],
         *,
+        split: str | None = None,
         columns: Sequence[str] | None = None,
         normalize: str | None = None,
         mean: Sequence[float] | None = None,
@@ -111,9 +114,10 @@ class PackedDataset:
         decode_images: Any = False,
         cache_row_groups: int = 4,
     ) -> None:
-        loaded = load_index(path)
+        loaded = load_index(path, split=split)
         self.path: Path = loaded.root
         self.index: Index = loaded.index
+        self.split: str = loaded.index.split
         self.shards: list[ShardEntry] = []
         start = 0
         for s in self.index.shards:
@@ -156,7 +160,8 @@ class PackedDataset:
         return state
 
     def __repr__(self) -> str:
-        return f"PackedDataset({str(self.path)!r}, rows={self._len}, shards={len(self.shards)}, layout={self.layout})"
+        return (f"PackedDataset({str(self.path)!r}, split={self.split!r}, rows={self._len}, shards={len(self.shards)}, "
+                f"layout={self.layout})")
 
     # -- facts ---------------------------------------------------------------------------------------------
     def __len__(self) -> int:

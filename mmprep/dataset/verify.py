@@ -11,9 +11,11 @@ boxes zero exactly for empty slots and inside the image, ``attention_mask``/``tr
 tag ids inside the vocabulary. With ``deep``: padding slots hold all-zero pixel bytes (padded layout) or every
 encoded image decodes and the image lists match ``image_count`` (encoded layout).
 
-Dataset-wide: no unlisted ``shard-*.parquet`` files, unique ids and input lines, no line both written and
-rejected, and the totals: ``read == written + rejected``, written equals the shards' rows, the image-count
-histogram adds up, ``rejected.jsonl`` has as many lines as ``rejected`` with the same counts per reason.
+Dataset-wide (one split: ``split=``, default the only one, else ``train``): no unlisted shard files of the split,
+no file in ``data/`` that no split lists (trainers read every file there), unique ids and input lines, no line both
+written and rejected, and the totals: ``read == written + rejected``, written equals the shards' rows, the
+image-count histogram adds up, the split's rejects file has as many lines as ``rejected`` with the same counts per
+reason.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import numpy as np
 
 from mmprep.dataset.arrays import PixelSpec
 from mmprep.dataset.format import (
+    DATA_DIR,
     INDEX_NAME,
     METADATA_KEY,
     REJECTS_NAME,
@@ -77,6 +80,7 @@ class VerifyReport:
 
     path: str
     ok: bool = True
+    split: str = "train"
     shards: int = 0
     shards_ok: int = 0
     rows: int = 0
@@ -88,22 +92,24 @@ class VerifyReport:
 def verify(
     path: str | os.PathLike[str],
     *,
+    split: str | None = None,
     deep: bool = False,
     progress: Callable[[int], None] | None = None,
 ) -> VerifyReport:
-    """Verify a packed directory; see the module docstring for the checks.
+    """Verify one split of a packed directory; see the module docstring for the checks.
 
     Args:
         path: the packed directory.
+        split: the split (default: the only one, else ``train``).
         deep: also check pixel padding bytes (padded) or decode every image (encoded).
         progress: called with the bytes of each shard once checked.
 
     Raises:
-        InputError: ``path`` is not an mmprep packed directory (no readable index).
+        InputError: ``path`` is not an mmprep packed directory (no readable index), or has no such split.
     """
-    raw = read_index(path)
+    raw = read_index(path, split=split)
     root = raw.root
-    report = VerifyReport(path=str(root), deep=deep)
+    report = VerifyReport(path=str(root), deep=deep, split=str(raw.data.get("split")))
     found: list[Finding] = report.findings
 
     def add(where: str, check: str, message: str) -> None:
@@ -113,6 +119,8 @@ def verify(
     entries = raw.entries
     report.shards = len(entries)
     listed = {str(e.get("path")) for e in entries if isinstance(e, dict)}
+    if raw.data.get("format_version", 0) >= 2:
+        _check_data_folder(root, str(raw.data["split"]), raw.data.get("splits_present") or [], listed, add)
     for p in sorted(root.glob(SHARD_GLOB)):
         if p.name not in listed:
             add(p.name, "unlisted", f"{p.name} is in the directory but not in {INDEX_NAME}")
@@ -149,6 +157,25 @@ def verify(
     _check_totals(raw, report.rows, hist_total, images_total, set(uniq.tolist()), add)
     report.ok = not found
     return report
+
+
+def _check_data_folder(root: Path, split: str, splits: list[str], listed: set[str],
+                       add: Callable[[str, str, str], None]) -> None:
+    """Every file in ``data/`` is a shard some split owns; this split's are all listed."""
+    import re
+
+    folder = root / DATA_DIR
+    names = sorted(os.listdir(folder)) if folder.is_dir() else []
+    pattern = re.compile(r"(?P<split>.+)-\d{5}-of-\d{5}\.parquet")
+    for name in names:
+        rel = f"{DATA_DIR}/{name}"
+        m = pattern.fullmatch(name)
+        if m is not None and m.group("split") == split:
+            if rel not in listed:
+                add(rel, "unlisted", f"{rel} is a shard name of split '{split}' but not in {INDEX_NAME}")
+        elif m is None or m.group("split") not in splits:
+            add(rel, "foreign", f"{rel} is in {DATA_DIR}/ but no split of {INDEX_NAME} lists it (trainers read "
+                                f"every file in {DATA_DIR}/)")
 
 
 def _check_shard(

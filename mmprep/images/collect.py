@@ -147,6 +147,8 @@ def collect_images(
         out.samples += 1
         for ref in rec.images:
             out.references += 1
+            if not isinstance(ref, str):  # never here: only `pack` asks for embedded images
+                continue
             if ref in seen:
                 continue
             seen.add(ref)

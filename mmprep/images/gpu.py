@@ -43,6 +43,7 @@ import numpy as np
 
 from mmprep.errors import UsageError
 from mmprep.images.decode import ImageConfig, ImageError, Normalization, ResizePlan, plan_resize
+from mmprep.records import EmbeddedImage, ImageRef
 
 if TYPE_CHECKING:
     import torch
@@ -289,17 +290,23 @@ def _orientation_of(data: bytes) -> tuple[str, int] | None:
     return fmt, value if isinstance(value, int) and 1 <= value <= 8 else 1
 
 
-def read_bytes(images: ImageSource, ref: str) -> bytes | None:
-    """The bytes of an image from a local or remote image source; None when they cannot be read this way (the
-    CPU path then reads the image again and reports the problem exactly as it always does)."""
+def read_bytes(images: ImageSource, ref: ImageRef) -> bytes | None:
+    """The bytes of an image from a local or remote image source, or embedded in the input; None when they cannot
+    be read this way (the CPU path then reads the image again and reports the problem exactly as it always does)."""
     from mmprep.images.sources import LocalImages, RemoteImages, read_regular_file
+    from mmprep.images.spool import read_spooled
 
     try:
+        if isinstance(ref, EmbeddedImage):
+            if ref.data is not None:
+                return ref.data
+            spool = getattr(images, "spool", None)
+            return read_spooled(spool, ref.offset, ref.size) if spool is not None and ref.offset >= 0 else None
         if isinstance(images, LocalImages):
             return read_regular_file(images.path(ref))
         if isinstance(images, RemoteImages):
             return images.read(ref)
-    except ImageError:
+    except (ImageError, OSError):
         return None
     return None
 
@@ -575,7 +582,7 @@ class GpuImages:
         plan = plan_resize(uw, uh, self.cfg)
         return GpuImage(data, (scan.width, scan.height), orientation, plan)
 
-    def prepare(self, images: ImageSource, ref: str) -> GpuImage | None:
+    def prepare(self, images: ImageSource, ref: ImageRef) -> GpuImage | None:
         """Read ``ref`` and route it: a :class:`GpuImage`, or None for the CPU path (never raises)."""
         data = read_bytes(images, ref)
         return self.probe(data) if data is not None else None

@@ -7,6 +7,11 @@ reason) and a detail naming the file.
 
 ``signature`` returns cheap facts about a referenced file (size and modification time), which ``pack --resume``
 records per chunk to notice images that changed since a chunk was written.
+
+A reference may also be an :class:`~mmprep.records.EmbeddedImage`: image bytes that came with the input (a Parquet
+or Arrow manifest), held in memory or in the run's spool file (:mod:`mmprep.images.spool`). They go through the
+same decoder and the same rules (pixel limit, truncation, EXIF orientation) as files; messages name their size and
+stored path, never their bytes.
 """
 
 from __future__ import annotations
@@ -19,9 +24,11 @@ from pathlib import Path
 from typing import Protocol
 
 from mmprep.images.decode import DecodedImage, ImageConfig, ImageError, load_image, resolve_image_path
+from mmprep.images.spool import read_spooled
+from mmprep.records import EmbeddedImage, ImageRef, describe_image_ref
 from mmprep.runtime.storage import Location, redact, scheme_of, strip_uri
 
-__all__ = ["ImageSource", "LoadedImage", "LocalImages", "RemoteImages", "read_regular_file"]
+__all__ = ["ImageSource", "LoadedImage", "LocalImages", "RemoteImages", "load_embedded", "read_regular_file"]
 
 
 @dataclass(frozen=True)
@@ -35,17 +42,39 @@ class LoadedImage:
 class ImageSource(Protocol):
     """Reads the images a manifest refers to (picklable: it travels to the workers)."""
 
-    def load(self, ref: str, cfg: ImageConfig, *, keep_bytes: bool = False) -> LoadedImage:
+    def load(self, ref: ImageRef, cfg: ImageConfig, *, keep_bytes: bool = False) -> LoadedImage:
         """Read and decode one image (ImageError when it cannot be used)."""
         ...
 
-    def size(self, ref: str) -> int:
+    def size(self, ref: ImageRef) -> int:
         """The file's byte size (0 when it cannot be read)."""
         ...
 
-    def signature(self, ref: str) -> tuple[int, int] | None:
+    def signature(self, ref: ImageRef) -> tuple[int, int] | None:
         """``(size, mtime_ns)`` of the file, or None when it cannot be read."""
         ...
+
+
+def load_embedded(ref: EmbeddedImage, spool: str | None, cfg: ImageConfig, *, keep_bytes: bool = False) -> LoadedImage:
+    """Decode an embedded image (its bytes in memory, or in the spool file ``spool``).
+
+    Raises:
+        ImageError: the bytes cannot be read back or decoded; the detail names the image's size and stored path.
+    """
+    data = ref.data
+    if data is None:
+        if spool is None or ref.offset < 0:
+            raise ImageError("image_unreadable", f"{describe_image_ref(ref)}: its bytes were not kept")
+        try:
+            data = read_spooled(spool, ref.offset, ref.size)
+        except OSError as exc:
+            raise ImageError("image_unreadable", f"{describe_image_ref(ref)}: cannot read the spool: {exc}") from None
+    try:
+        image = load_image(data, cfg)
+    except ImageError as exc:  # the caller names the image; the decoder's detail names it "<bytes>"
+        detail = exc.detail[len("<bytes>: "):] if exc.detail.startswith("<bytes>: ") else exc.detail
+        raise ImageError(exc.reason, detail) from None
+    return LoadedImage(image, data if keep_bytes else None)
 
 
 def read_regular_file(path: str | os.PathLike[str]) -> bytes:
@@ -86,28 +115,36 @@ class LocalImages:
     Attributes:
         root: the folder relative references are joined to.
         allow_outside: accept references that leave the root (``..``, absolute paths, symbolic links).
+        spool: the spool file of embedded images (None when the input has none).
     """
 
     root: Path
     allow_outside: bool = False
+    spool: str | None = None
 
     def path(self, ref: str) -> Path:
         return resolve_image_path(ref, self.root, self.allow_outside)
 
-    def load(self, ref: str, cfg: ImageConfig, *, keep_bytes: bool = False) -> LoadedImage:
+    def load(self, ref: ImageRef, cfg: ImageConfig, *, keep_bytes: bool = False) -> LoadedImage:
+        if isinstance(ref, EmbeddedImage):
+            return load_embedded(ref, self.spool, cfg, keep_bytes=keep_bytes)
         path = self.path(ref)
         if keep_bytes:
             data = read_regular_file(path)
             return LoadedImage(load_image(data, cfg), data)
         return LoadedImage(load_image(path, cfg))
 
-    def size(self, ref: str) -> int:
+    def size(self, ref: ImageRef) -> int:
+        if isinstance(ref, EmbeddedImage):
+            return ref.size
         try:
             return self.path(ref).stat().st_size
         except (OSError, ImageError):
             return 0
 
-    def signature(self, ref: str) -> tuple[int, int] | None:
+    def signature(self, ref: ImageRef) -> tuple[int, int] | None:
+        if isinstance(ref, EmbeddedImage):
+            return (ref.size, 0)  # the bytes are part of the manifest, whose hash the run identity holds
         try:
             st = self.path(ref).stat()
         except (OSError, ImageError):
@@ -131,10 +168,12 @@ class RemoteImages:
     Attributes:
         root: the image root.
         allow_outside: accept references outside the root.
+        spool: the spool file of embedded images (None when the input has none).
     """
 
     root: Location
     allow_outside: bool = False
+    spool: str | None = None
 
     def resolve(self, ref: str) -> Location:
         """The location of a reference, refusing to leave the root (``..``) unless allowed.
@@ -174,7 +213,9 @@ class RemoteImages:
         """The bytes of an image (ImageError: path or read failures)."""
         return self._read(self.resolve(ref))
 
-    def load(self, ref: str, cfg: ImageConfig, *, keep_bytes: bool = False) -> LoadedImage:
+    def load(self, ref: ImageRef, cfg: ImageConfig, *, keep_bytes: bool = False) -> LoadedImage:
+        if isinstance(ref, EmbeddedImage):
+            return load_embedded(ref, self.spool, cfg, keep_bytes=keep_bytes)
         loc = self.resolve(ref)
         data = self._read(loc)
         try:
@@ -201,13 +242,17 @@ class RemoteImages:
                 raise ImageError("image_not_a_file", f"{loc}: is a directory") from None
             raise ImageError("image_unreadable", f"{loc}: {text}") from None
 
-    def size(self, ref: str) -> int:
+    def size(self, ref: ImageRef) -> int:
+        if isinstance(ref, EmbeddedImage):
+            return ref.size
         try:
             return self.resolve(ref).size() or 0
         except Exception:
             return 0
 
-    def signature(self, ref: str) -> tuple[int, int] | None:
+    def signature(self, ref: ImageRef) -> tuple[int, int] | None:
+        if isinstance(ref, EmbeddedImage):
+            return (ref.size, 0)
         try:
             import pyarrow.fs as pafs
 

@@ -1,5 +1,10 @@
 """Read manifests (JSONL, JSON list, CSV, Parquet; ``-`` for stdin) as a stream of records with positions.
 
+A manifest may also be a folder: one written by ``datasets.Dataset.save_to_disk`` (``state.json`` and Arrow
+files), or a folder of Parquet files (a Hub dataset's ``data/``, or the ``data/`` of ``mmprep pack``), read in
+file-name order as one input whose rows are numbered across the files. A single ``.arrow`` file (Arrow IPC stream
+or file) is read too.
+
 Row-level problems (a line that is not JSON, not UTF-8, not an object) come back as records with ``error`` set,
 so callers turn them into rejects with the line number; file-level problems (missing file, unknown format, a CSV
 without a header, a JSON document that is not a list) raise :class:`~mmprep.errors.InputError` (exit 2).
@@ -22,7 +27,7 @@ from pathlib import Path
 from typing import IO, Any, Literal, Protocol, cast, runtime_checkable
 
 from mmprep.errors import InputError, UsageError
-from mmprep.records import Rejected, Sample
+from mmprep.records import EmbeddedImage, ImageRef, Rejected, Sample
 
 __all__ = [
     "FORMATS",
@@ -31,21 +36,27 @@ __all__ = [
     "InputLocation",
     "ManifestSource",
     "RawRecord",
+    "TableInput",
+    "check_columns",
     "detect_format",
     "iter_json_array",
     "iter_records",
     "iter_samples",
     "open_binary",
+    "table_input",
     "to_sample",
 ]
 
-Format = Literal["jsonl", "json", "csv", "parquet"]
-FORMATS: tuple[str, ...] = ("jsonl", "json", "csv", "parquet")
+Format = Literal["jsonl", "json", "csv", "parquet", "arrow"]
+FORMATS: tuple[str, ...] = ("jsonl", "json", "csv", "parquet", "arrow")
 
 _CHUNK = 1 << 20
 #: The longest record accepted: a JSONL line, a JSON list element or a CSV row/cell. A longer one is rejected with its
 #: line (JSONL, CSV) or stops the file (JSON list, where the rest cannot be trusted); memory stays bounded by it.
 MAX_RECORD_BYTES = 64 << 20
+#: About this many bytes of a Parquet/Arrow input are turned into Python records at a time (rows holding image
+#: bytes are large: a fixed number of rows would hold gigabytes).
+_TABLE_BATCH_BYTES = 4 << 20
 
 
 @runtime_checkable
@@ -113,6 +124,8 @@ def detect_format(path: ManifestSource, head: bytes = b"") -> Format:
         return "csv"
     if ext in (".parquet", ".pq"):
         return "parquet"
+    if ext == ".arrow":
+        return "arrow"
     stripped = head.lstrip(b"\xef\xbb\xbf \t\r\n")
     if head.startswith(b"PAR1"):
         return "parquet"
@@ -130,11 +143,15 @@ def detect_format(path: ManifestSource, head: bytes = b"") -> Format:
     )
 
 
-def iter_records(path: ManifestSource, fmt: str | None = None) -> Iterator[RawRecord]:
-    """Yield every record of a manifest, in file order."""
+def iter_records(path: ManifestSource, fmt: str | None = None, *, name: str | None = None) -> Iterator[RawRecord]:
+    """Yield every record of a manifest, in file order (``name``: how records name their source, default the
+    path)."""
     if fmt is not None and fmt not in FORMATS:
         raise UsageError(f"unknown format '{fmt}'", hint="choose one of " + ", ".join(FORMATS))
-    name = "<stdin>" if str(path) == "-" else str(path)
+    name = name or ("<stdin>" if str(path) == "-" else str(path))
+    if not isinstance(path, InputLocation) and str(path) != "-" and Path(path).is_dir():
+        yield from _iter_table_files(_table_of_folder(Path(path), fmt), name)
+        return
     fh = open_binary(path)
     try:
         # BufferedReader only needs read/readinto of the raw file, which every binary file has
@@ -155,6 +172,8 @@ def iter_records(path: ManifestSource, fmt: str | None = None) -> Iterator[RawRe
                     yield RawRecord(name, line, value)
         elif chosen == "csv":
             yield from _iter_csv(stream, name)
+        elif chosen == "arrow":
+            yield from _iter_arrow_stream(stream, name)
         else:
             yield from _iter_parquet(stream, name)
     finally:
@@ -455,7 +474,7 @@ def _spanning(start: int, end: int) -> str:
             f"{end - start} line(s))")
 
 
-def _iter_parquet(stream: IO[bytes], name: str) -> Iterator[RawRecord]:
+def _iter_parquet(stream: IO[bytes], name: str, first_row: int = 0) -> Iterator[RawRecord]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -463,14 +482,198 @@ def _iter_parquet(stream: IO[bytes], name: str) -> Iterator[RawRecord]:
     if not (hasattr(stream, "seekable") and stream.seekable()):
         source = io.BytesIO(stream.read())  # Parquet needs random access (footer first)
     try:
-        pf = pq.ParquetFile(source)
+        # A buffered stream: unbuffered, pyarrow holds whole column chunks (and more) of a file of large values
+        # (image bytes) while it iterates, and the reader's memory grows with the input.
+        pf = pq.ParquetFile(source, buffer_size=1 << 20, pre_buffer=False)
     except (pa.ArrowInvalid, OSError) as exc:
         raise InputError(f"{name}: not a readable Parquet file: {exc}") from None
-    row = 0
-    for batch in pf.iter_batches(batch_size=1024):
-        for rec in batch.to_pylist():
+    md = pf.metadata
+    row_bytes = sum(md.row_group(g).total_byte_size for g in range(md.num_row_groups)) / max(1, md.num_rows)
+    row = first_row
+    try:
+        for batch in pf.iter_batches(batch_size=_batch_rows(row_bytes), use_threads=False):
+            for rec in batch.to_pylist():
+                row += 1
+                yield RawRecord(name, row, rec, fmt="parquet")
+    except (pa.ArrowException, OSError) as exc:
+        raise InputError(f"{name}: the Parquet data is damaged after row {row}: {str(exc).splitlines()[0]}") from None
+
+
+def _batch_rows(row_bytes: float) -> int:
+    """Rows per batch turned into records: about :data:`_TABLE_BATCH_BYTES`, 1 to 1024."""
+    return max(1, min(1024, int(_TABLE_BATCH_BYTES // max(1.0, row_bytes))))
+
+
+def _iter_arrow_stream(stream: IO[bytes], name: str, first_row: int = 0) -> Iterator[RawRecord]:
+    for batch in _arrow_batches(stream, name):
+        yield from _records_of(batch, name, first_row, "arrow")
+        first_row += batch.num_rows
+
+
+def _arrow_batches(source: Any, name: str) -> Iterator[Any]:
+    """The record batches of an Arrow IPC stream (as ``datasets`` writes them) or file."""
+    import pyarrow as pa
+
+    try:
+        reader: Any = pa.ipc.open_stream(source)
+    except (pa.ArrowInvalid, OSError):
+        try:
+            if hasattr(source, "seek"):
+                source.seek(0)
+            file_reader = pa.ipc.open_file(source)
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise InputError(f"{name}: not a readable Arrow file: {exc}") from None
+        reader = (file_reader.get_batch(i) for i in range(file_reader.num_record_batches))
+    try:
+        yield from reader
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise InputError(f"{name}: the Arrow data is damaged: {str(exc).splitlines()[0]}") from None
+
+
+def _records_of(batch: Any, name: str, first_row: int, fmt: str) -> Iterator[RawRecord]:
+    """The rows of a record batch as records, turned into Python values a few megabytes at a time."""
+    n = batch.num_rows
+    step = _batch_rows(batch.nbytes / max(1, n))
+    row = first_row
+    for start in range(0, n, step):
+        for rec in batch.slice(start, step).to_pylist():
             row += 1
-            yield RawRecord(name, row, rec, fmt="parquet")
+            yield RawRecord(name, row, rec, fmt=fmt)
+
+
+@dataclass(frozen=True)
+class TableInput:
+    """A manifest whose columns have types: Parquet or Arrow, one file or a folder of them.
+
+    Attributes:
+        fmt: ``parquet`` or ``arrow``.
+        files: the files of a folder manifest, in reading order (empty for a single file or stream).
+        schema: the Arrow schema of the rows (the files' schemas unified), with the first file's metadata.
+        rows: the number of rows.
+    """
+
+    fmt: str
+    files: tuple[str, ...]
+    schema: Any
+    rows: int
+
+
+def table_input(path: ManifestSource, fmt: str | None = None) -> TableInput | None:
+    """The schema and row count of a Parquet or Arrow manifest (file or folder), read from the footers and batch
+    headers alone; None for the text formats and for standard input.
+
+    Raises:
+        InputError: a folder that is neither a ``save_to_disk`` folder nor a folder of Parquet files, a damaged
+            file, or files whose schemas do not agree.
+    """
+    if str(path) == "-":
+        return None
+    chosen: str | None
+    if isinstance(path, InputLocation):
+        chosen = fmt or detect_format(str(path))
+        if chosen not in ("parquet", "arrow"):
+            return None
+        with path.open_input() as fh:
+            return _table_of_file(fh, str(path), chosen, local=False)
+    p = Path(path)
+    if p.is_dir():
+        return _table_of_folder(p, fmt)
+    chosen = fmt
+    if chosen is None:
+        try:
+            with p.open("rb") as fh:
+                chosen = detect_format(p, fh.read(64))
+        except OSError:
+            return None  # iter_records names the problem
+    if chosen not in ("parquet", "arrow"):
+        return None
+    try:
+        with p.open("rb") as fh:
+            return _table_of_file(fh, str(p), chosen)
+    except OSError:
+        return None
+
+
+def _table_of_file(fh: Any, name: str, fmt: str, *, local: bool = True) -> TableInput:
+    """Schema and rows of one Parquet or Arrow file (``fh`` open on it; a local Arrow file is memory-mapped, so
+    counting its rows reads only batch headers)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if fmt == "parquet":
+        try:
+            pf = pq.ParquetFile(fh)
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise InputError(f"{name}: not a readable Parquet file: {exc}") from None
+        return TableInput("parquet", (), pf.schema_arrow, pf.metadata.num_rows)
+    rows = 0
+    schema = None
+    for batch in _arrow_batches(pa.memory_map(name) if local else fh, name):
+        schema = batch.schema if schema is None else schema
+        rows += batch.num_rows
+    if schema is None:  # no batch at all: the stream's schema message
+        try:
+            schema = pa.ipc.open_stream(pa.memory_map(name) if local else fh).schema
+        except (pa.ArrowInvalid, OSError):
+            schema = pa.schema([])
+    return TableInput("arrow", (), schema, rows)
+
+
+def _table_of_folder(p: Path, fmt: str | None) -> TableInput:
+    import pyarrow as pa
+
+    if (p / "dataset_dict.json").is_file():
+        splits = sorted(d.name for d in p.iterdir() if d.is_dir() and (d / "state.json").is_file())
+        raise InputError(f"{p}: a datasets DatasetDict folder (splits: {', '.join(splits) or 'none'})",
+                         hint=f"give one split's folder, e.g. {p / (splits[0] if splits else 'train')}")
+    if (p / "state.json").is_file():
+        try:
+            state = json.loads((p / "state.json").read_text(encoding="utf-8"))
+            names = [f["filename"] for f in state["_data_files"]]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise InputError(f"{p / 'state.json'}: not a datasets save_to_disk state file ({exc})") from None
+        files = [p / n for n in names]
+        chosen = "arrow"
+    else:
+        files = sorted(f for f in p.iterdir() if f.suffix.lower() in (".parquet", ".pq") and not f.name.startswith("."))
+        chosen = "parquet"
+        if not files:
+            raise InputError(f"{p}: is a directory without Parquet files or a datasets save_to_disk folder",
+                             hint="give a manifest file, a folder of .parquet files, or a save_to_disk folder")
+    if fmt is not None and fmt != chosen:
+        raise UsageError(f"--format {fmt}: {p} is a folder of {chosen} files")
+    schemas, rows = [], 0
+    for f in files:
+        try:
+            with f.open("rb") as fh:
+                info = _table_of_file(fh, str(f), chosen)
+        except FileNotFoundError:
+            raise InputError(f"{f}: no such file (listed in {p / 'state.json'})") from None
+        schemas.append(info.schema)
+        rows += info.rows
+    try:
+        schema = pa.unify_schemas(schemas).with_metadata(schemas[0].metadata)
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+        raise InputError(f"{p}: its files have different columns or types: {str(exc).splitlines()[0]}") from None
+    return TableInput(chosen, tuple(str(f) for f in files), schema, rows)
+
+
+def _iter_table_files(table: TableInput, name: str) -> Iterator[RawRecord]:
+    """The rows of a folder manifest, file after file, numbered across the files."""
+    import pyarrow as pa
+
+    row = 0
+    for f in table.files:
+        if table.fmt == "parquet":
+            with open(f, "rb") as fh:
+                for rec in _iter_parquet(fh, name, row):
+                    row = rec.line
+                    yield rec
+        else:  # read, not memory-mapped: the pages of a mapped file would count as this process's memory
+            with pa.OSFile(f) as fh:
+                for batch in _arrow_batches(fh, f):
+                    yield from _records_of(batch, name, row, "arrow")
+                    row += batch.num_rows
 
 
 # -- mapping records onto Sample ---------------------------------------------------------------------------
@@ -533,18 +736,58 @@ def _is_list_cell(cell: str) -> bool:
     return cell.strip()[:1] == "[" or "|" in cell
 
 
-def _image_ref(value: Any) -> str | None:
+def _image_ref(value: Any, embedded: bool = False) -> ImageRef | None:
+    """A path, or (``embedded``) the bytes of a Hugging Face Image value ``{bytes, path}`` or of a binary cell;
+    a Hugging Face Image value without bytes stands for its path."""
     if isinstance(value, str) and value.strip():
         return value
     if isinstance(value, dict):  # Hugging Face Image storage {"bytes":..., "path":...}
-        path = value.get("path")
-        if isinstance(path, str) and path:
-            return path
+        data, path = value.get("bytes"), value.get("path")
+        path = path if isinstance(path, str) and path else None
+        if embedded and isinstance(data, bytes | bytearray) and data:
+            return EmbeddedImage(size=len(data), path=path, data=bytes(data))
+        return path
+    if embedded and isinstance(value, bytes | bytearray) and value:
+        return EmbeddedImage(size=len(value), data=bytes(value))
     return None
 
 
-def to_sample(rec: RawRecord, cmap: ColumnMap, *, csv_cells: bool = False) -> Sample | Rejected:
-    """Map one record onto a :class:`Sample`, or a manifest-stage :class:`Rejected` with the reason."""
+def _shape(value: Any) -> str:
+    """What a value is, for a message: never its bytes (an image's bytes would fill the terminal)."""
+    if isinstance(value, bytes | bytearray | memoryview):
+        return f"binary data ({len(value):,} bytes)"
+    if isinstance(value, dict):
+        if not value:
+            return "an empty object"
+        parts = []
+        for k, v in list(value.items())[:4]:
+            parts.append(f"{k}: {_shape(v) if isinstance(v, bytes | bytearray | dict | list) else _typename(v)}")
+        return "an object {" + ", ".join(parts) + (", ..." if len(value) > 4 else "") + "}"
+    if isinstance(value, str):
+        return "an empty string" if not value.strip() else f"the string {value!r:.60}"
+    if isinstance(value, list):
+        return f"a list of {len(value)}"
+    return _typename(value)
+
+
+def to_sample(
+    rec: RawRecord,
+    cmap: ColumnMap,
+    *,
+    csv_cells: bool = False,
+    embedded: bool = False,
+    keep_extra: bool = False,
+) -> Sample | Rejected:
+    """Map one record onto a :class:`Sample`, or a manifest-stage :class:`Rejected` with the reason.
+
+    Args:
+        rec: the record.
+        cmap: which fields hold the id, images, text and tags.
+        csv_cells: the record is a CSV row (lists may be written as ``a|b`` or as JSON in a cell).
+        embedded: image bytes in the record (Hugging Face Image values, binary cells) become
+            :class:`~mmprep.records.EmbeddedImage` references; otherwise only paths are references.
+        keep_extra: fill :attr:`Sample.extra` with the record's other fields (all but id, images and tags).
+    """
     if rec.data is None:
         reason = "not_utf8" if rec.error and "UTF-8" in rec.error else "bad_record"
         if rec.error and rec.error.startswith("invalid JSON"):
@@ -562,17 +805,20 @@ def to_sample(rec: RawRecord, cmap: ColumnMap, *, csv_cells: bool = False) -> Sa
     else:
         return Rejected(rec.line, None, "manifest", "bad_type", f"{loc}: id must be a string or integer")
 
-    images: tuple[str, ...] = ()
+    what = "an image path or embedded image" if embedded else "an image path"
+    images: tuple[ImageRef, ...] = ()
     if cmap.images is not None:
         if cmap.images not in data:
             return Rejected(rec.line, sid, "manifest", "missing_column", f"{loc}: no '{cmap.images}' field")
         raw = data[cmap.images]
         if raw is None:
             images = ()
-        elif isinstance(raw, dict) or (isinstance(raw, str) and not (csv_cells and _is_list_cell(raw))):
-            ref = _image_ref(raw)
+        elif isinstance(raw, dict | bytes | bytearray) or (isinstance(raw, str)
+                                                          and not (csv_cells and _is_list_cell(raw))):
+            ref = _image_ref(raw, embedded)
             if ref is None:
-                return Rejected(rec.line, sid, "manifest", "bad_type", f"{loc}: '{cmap.images}' is empty")
+                return Rejected(rec.line, sid, "manifest", "bad_type",
+                                f"{loc}: '{cmap.images}' is not {what}: {_shape(raw)}")
             images = (ref,)
         else:
             items = _as_list(raw, csv_cell=csv_cells)
@@ -581,11 +827,12 @@ def to_sample(rec: RawRecord, cmap: ColumnMap, *, csv_cells: bool = False) -> Sa
                     rec.line, sid, "manifest", "bad_type",
                     f"{loc}: '{cmap.images}' must be a path or a list of paths, got {_typename(raw)}",
                 )
-            refs = [_image_ref(v) for v in items]
-            if any(r is None for r in refs):
+            refs = [_image_ref(v, embedded) for v in items]
+            bad = next((k for k, r in enumerate(refs) if r is None), None)
+            if bad is not None:
                 return Rejected(
                     rec.line, sid, "manifest", "bad_type",
-                    f"{loc}: '{cmap.images}' holds a value that is not a path: {items!r:.80}",
+                    f"{loc}: '{cmap.images}' item {bad + 1} is not {what}: {_shape(items[bad])}",
                 )
             images = tuple(r for r in refs if r is not None)
 
@@ -616,7 +863,11 @@ def to_sample(rec: RawRecord, cmap: ColumnMap, *, csv_cells: bool = False) -> Sa
             clean.append(t)
         tags = tuple(clean)
 
-    return Sample(id=sid, images=images, text=text, tags=tags, line=rec.line, source=rec.source)
+    extra: dict[str, Any] = {}
+    if keep_extra:
+        used = (cmap.id, cmap.images, cmap.tags)
+        extra = {k: v for k, v in data.items() if k not in used}
+    return Sample(id=sid, images=images, text=text, tags=tags, line=rec.line, source=rec.source, extra=extra)
 
 
 def iter_samples(
@@ -625,33 +876,49 @@ def iter_samples(
     *,
     fmt: str | None = None,
     require_images: bool = False,
+    embedded: bool = False,
+    keep_extra: bool = False,
+    name: str | None = None,
 ) -> Iterator[Sample | Rejected]:
     """Read a manifest and map each record to a Sample or a manifest-stage Rejected.
 
     The column map is resolved against the first readable record; an explicitly named column that the first
     record lacks is a file-level error (exit 2), since every row would be rejected. With ``require_images``, a
-    CSV or Parquet manifest without an image column is one too.
+    CSV, Parquet or Arrow manifest without an image column is one too. ``embedded`` and ``keep_extra`` are passed
+    to :func:`to_sample`; ``name`` is how records name their source (default: the path).
     """
     cmap = cmap or ColumnMap()
     checked = False
-    name = "<stdin>" if str(path) == "-" else str(path)
-    for rec in iter_records(path, fmt):
+    name = name or ("<stdin>" if str(path) == "-" else str(path))
+    for rec in iter_records(path, fmt, name=name):
         if rec.data is not None and not checked:
             checked = True
-            for field_name, flag in _COLUMN_FLAGS.items():
-                explicit = getattr(cmap, field_name)
-                if explicit is not None and explicit not in rec.data:
-                    raise InputError(
-                        f"{name}:{rec.line}: column '{explicit}' ({flag}) not found",
-                        hint="columns present: " + ", ".join(sorted(rec.data)),
-                    )
-            if require_images and rec.fmt in ("csv", "parquet") and cmap.resolve(list(rec.data)).images is None:
-                # A CSV header or Parquet schema is the same for every row: all of them would be rejected.
-                raise InputError(
-                    f"{name}: no image column (looked for {', '.join(_IMAGE_CANDIDATES)})",
-                    hint="name it with --image-column; columns present: " + ", ".join(sorted(rec.data)),
-                )
-        yield to_sample(rec, cmap, csv_cells=rec.fmt == "csv")
+            check_columns(list(rec.data), cmap, name=name, line=rec.line, fmt=rec.fmt,
+                          require_images=require_images)
+        yield to_sample(rec, cmap, csv_cells=rec.fmt == "csv", embedded=embedded, keep_extra=keep_extra)
+
+
+def check_columns(keys: Sequence[str], cmap: ColumnMap, *, name: str, line: int, fmt: str,
+                  require_images: bool = False) -> None:
+    """The file-level checks of a column map against the first readable record's keys (``line``): an explicitly
+    named column it lacks; with ``require_images``, a CSV, Parquet or Arrow input without an image column (the
+    header or schema is the same for every row: all of them would be rejected).
+
+    Raises:
+        InputError: naming the column and the flag, with the columns present.
+    """
+    for field_name, flag in _COLUMN_FLAGS.items():
+        explicit = getattr(cmap, field_name)
+        if explicit is not None and explicit not in keys:
+            raise InputError(
+                f"{name}:{line}: column '{explicit}' ({flag}) not found",
+                hint="columns present: " + ", ".join(sorted(keys)),
+            )
+    if require_images and fmt in ("csv", "parquet", "arrow") and cmap.resolve(list(keys)).images is None:
+        raise InputError(
+            f"{name}: no image column (looked for {', '.join(_IMAGE_CANDIDATES)})",
+            hint="name it with --image-column; columns present: " + ", ".join(sorted(keys)),
+        )
 
 
 _COLUMN_FLAGS = {"id": "--id-column", "images": "--image-column", "text": "--text-column", "tags": "--tags-column"}

@@ -16,7 +16,8 @@ from mmprep.images.decode import ImageConfig, Normalization
 from mmprep.inputs.manifest import ColumnMap
 from mmprep.text.config import TextConfig
 
-__all__ = ["COMPRESSIONS", "ENCODE_FORMATS", "PAD_MODES", "ROW_GROUP_BYTES", "PackConfig", "padded_row_group_rows"]
+__all__ = ["COMPRESSIONS", "ENCODE_FORMATS", "PAD_MODES", "ROW_GROUP_BYTES", "TARGETS", "PackConfig",
+           "padded_row_group_rows"]
 
 PAD_MODES = ("max", "none")
 TOO_MANY = ("reject", "truncate")
@@ -29,6 +30,8 @@ MAX_LIMIT_IMAGES = 1024
 #: A padded row's pixels are one fixed-size binary value, whose width Arrow stores in 32 bits.
 MAX_ROW_PIXEL_BYTES = (1 << 31) - 1
 DEVICES = ("cpu", "cuda", "auto")
+#: ``--target``: the trainer the output is laid out for (see :mod:`mmprep.pack.columns`).
+TARGETS = ("hf", "easyr1", "llamafactory")
 
 
 @dataclass(frozen=True)
@@ -66,6 +69,11 @@ class PackConfig:
     #: where images are decoded and resized: cpu, cuda (the GPU path, mmprep.images.gpu) or auto (resolved by
     #: pack() before the run, so the recorded config says which one ran)
     device: str = "cpu"
+    # -- trainer-ready output (issue 16): the split written, the target's columns, the input columns carried --
+    split: str = "train"
+    target: str = "hf"
+    keep_columns: tuple[str, ...] | None = None
+    drop_columns: tuple[str, ...] = ()
 
     def validate(self) -> None:
         """Raise UsageError naming the first bad value."""
@@ -124,6 +132,24 @@ class PackConfig:
                 f"{MAX_ROW_PIXEL_BYTES:,}-byte limit of one Parquet value",
                 hint="lower --limit-images or --image-size, or use --pad none",
             )
+        self._validate_output_columns()
+
+    def _validate_output_columns(self) -> None:
+        """--split, --target, --keep-columns and --drop-columns (trainer-ready output)."""
+        from mmprep.dataset.format import split_problem
+
+        problem = split_problem(self.split)
+        if problem is not None:
+            raise UsageError(f"--split: {problem}", hint="e.g. train, validation, test")
+        if self.target not in TARGETS:
+            raise UsageError(f"--target must be one of {', '.join(TARGETS)}, got '{self.target}'")
+        if self.target != "hf" and self.pad != "none":
+            raise UsageError(f"--target {self.target} stores the images encoded, as the trainer loads them; "
+                             f"--pad {self.pad} would store pixel tensors",
+                             hint="leave out --pad (--target sets --pad none)")
+        if self.keep_columns is not None and self.drop_columns:
+            raise UsageError("--keep-columns and --drop-columns exclude each other",
+                             hint="--keep-columns lists every input column to keep; the others are left out")
 
     @property
     def root(self) -> Path:

@@ -1,7 +1,13 @@
-"""``pack``: manifest -> padded (or encoded) Parquet shards + ``index.json`` + ``rejected.jsonl``.
+"""``pack``: manifest -> padded (or encoded) Parquet shards of one split + ``index.json`` + the split's rejects.
+
+The output folder has the Hugging Face Hub layout (:mod:`mmprep.dataset.format`): the shards alone in ``data/``,
+named ``data/{split}-{k:05d}-of-{n:05d}.parquet``, a dataset card ``README.md`` and ``index.json`` listing every
+split, the split's rejects and run statistics beside ``data/``. Packing another split into the same folder adds
+it: the other splits' files are never touched; the index and the card are rewritten with this split's entry
+(withdrawn from both when the run starts, put back when it finishes).
 
 The work is split into *chunks* of consecutive input rows (after the optional shuffle); chunk ``k`` becomes
-``shard-k``. Chunk boundaries depend only on the input and the flags (:mod:`mmprep.pack.plan`), never on the
+shard ``k``. Chunk boundaries depend only on the input and the flags (:mod:`mmprep.pack.plan`), never on the
 number of workers, so output is byte-identical across runs, worker counts and engines, and ``--resume`` can keep
 chunks whose shard is intact. Workers write their own shards (pixels never travel through a pipe); the job runtime
 (:func:`mmprep.runtime.job.run_job`) merges the chunk records, and this module turns them into the index.
@@ -11,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
@@ -18,24 +25,28 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mmprep.dataset.format import (
+    CARD_NAME,
+    DATA_DIR,
     INDEX_NAME,
-    REJECTS_NAME,
-    RUN_STATS_NAME,
     SHARD_METADATA_KEY,
     ChunkRecord,
     Index,
+    IndexFile,
     RejectRecord,
     ShardInfo,
     Totals,
+    rejects_name,
+    run_stats_name,
     shard_name,
 )
 from mmprep.errors import InputError, RunFailed, UsageError
 from mmprep.images.sources import ImageSource
+from mmprep.pack.card import dataset_card
 from mmprep.pack.config import PackConfig
 from mmprep.pack.plan import PackPlan, plan_pack, rereadable
 from mmprep.pack.processor import SampleProcessor
 from mmprep.pack.writer import write_shard
-from mmprep.records import Rejected, Sample
+from mmprep.records import Rejected, Sample, image_ref_key
 from mmprep.runtime.engines import make_engine
 from mmprep.runtime.engines.base import ProgressFn
 from mmprep.runtime.job import Chunk, JobRun, Policy, Publication, run_job
@@ -78,6 +89,10 @@ class PackReport:
     failed: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     device: str = "cpu"
+    split: str = "train"
+    rejects: str = ""
+    columns: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
 
 def input_signature(items: list[Item], images: ImageSource) -> str:
@@ -88,7 +103,7 @@ def input_signature(items: list[Item], images: ImageSource) -> str:
         if not isinstance(item, Sample):
             continue
         for ref in list(item.images) or inline_images(item.text):
-            h.update(f"{ref}\0{images.signature(ref)}\n".encode(errors="surrogatepass"))
+            h.update(f"{image_ref_key(ref)}\0{images.signature(ref)}\n".encode(errors="surrogatepass"))
     return h.hexdigest()
 
 
@@ -98,6 +113,8 @@ class PackTask:
 
     processor: SampleProcessor
     out: Location
+    split: str = "train"
+    shards: int = 1
 
     def __call__(self, chunk: Chunk[list[Item]], progress: ProgressFn | None) -> ChunkRecord:
         processor = self.processor
@@ -122,7 +139,7 @@ class PackTask:
                                                     "first_line": res.first_line, "last_line": res.last_line},
                                                    sort_keys=True)}
 
-        name = shard_name(index)
+        name = shard_name(index, self.split, self.shards)
         with self.out.child(name).staged() as target:
             info = write_shard(target, processor.schema, batches(), compression=processor.cfg.compression,
                                extra_metadata=shard_meta, name=name)
@@ -159,6 +176,35 @@ class PackJob:
     def identity(self) -> dict[str, Any]:
         return self._identity
 
+    @property
+    def split(self) -> str:
+        return self.plan.cfg.split
+
+    def begin(self, out: OutputDir) -> None:
+        """Withdraw this split from the index and the card while it is (re)written: the index lists only splits
+        whose every shard is in place."""
+        index = self._read_index(out)
+        if index is None or self.split not in index.splits:
+            return
+        rest = IndexFile({k: v for k, v in index.splits.items() if k != self.split})
+        if rest.splits:
+            out.write(CARD_NAME, dataset_card(rest))
+            out.write(INDEX_NAME, rest.dumps())
+        else:
+            out.delete_shared(INDEX_NAME)
+            out.delete_shared(CARD_NAME)
+
+    def _read_index(self, out: OutputDir) -> IndexFile | None:
+        """The index other runs wrote into the folder (None when there is none)."""
+        raw = out.read(INDEX_NAME)
+        if raw is None:
+            return None
+        try:
+            return IndexFile.from_json(json.loads(raw), f"{out}/{INDEX_NAME}")
+        except (ValueError, InputError) as exc:
+            raise UsageError(f"{out}/{INDEX_NAME}: cannot add split '{self.split}': {exc}",
+                             hint="run `mmprep verify` on the folder, or pack into another --out") from None
+
     def chunks(self) -> Iterator[Chunk[list[Item]]]:
         size = self.plan.rows_per_shard
         chunk: list[Item] = []
@@ -166,14 +212,26 @@ class PackJob:
         for item in self.plan.items():
             chunk.append(item)
             if len(chunk) == size:
+                self._check_count(index + 1, done=False)
                 yield Chunk(index, chunk, len(chunk))
                 index += 1
                 chunk = []
         if chunk:
+            self._check_count(index + 1, done=False)
             yield Chunk(index, chunk, len(chunk))
+            index += 1
+        self._check_count(index, done=True)
+
+    def _check_count(self, chunks: int, *, done: bool) -> None:
+        """The shard names (``-of-NNNNN``) were fixed by counting the input: a different count means the input
+        changed while it was read."""
+        if chunks > self.plan.shards or (done and chunks != self.plan.shards):
+            raise RunFailed(f"{self.plan.manifest_shown}: the input changed while it was read: it had "
+                            f"{self.plan.total} rows ({self.plan.shards} shards) when counted",
+                            hint="pack a copy that does not change, then rerun with --overwrite")
 
     def task(self) -> PackTask:
-        return PackTask(self.processor, self.plan.out)
+        return PackTask(self.processor, self.plan.out, self.split, self.plan.shards)
 
     def restore(self, entry: ChunkEntry, chunk: Chunk[list[Item]], out: OutputDir) -> ChunkRecord | None:
         try:
@@ -215,12 +273,20 @@ class PackJob:
         self.totals = totals
         from mmprep.pack.schema import read_metadata
 
-        index = Index(config=self.plan.recorded_config(), rows_per_shard=self.plan.rows_per_shard,
+        split = self.split
+        entry = Index(config=self.plan.recorded_config(), rows_per_shard=self.plan.rows_per_shard,
                       metadata=read_metadata(self.processor.schema) if shards else None, shards=shards,
-                      totals=totals)
+                      totals=totals, rejects=rejects_name(split), split=split, run_stats=run_stats_name(split))
         lines = "".join(json.dumps(r.to_json(), ensure_ascii=False, sort_keys=True) + "\n" for r in rejected)
-        return Publication(files=((REJECTS_NAME, lines.encode()),), index=(INDEX_NAME, index.dumps()),
-                           stats_name=RUN_STATS_NAME)
+        files: tuple[tuple[str, bytes], ...] = ((rejects_name(split), lines.encode()),)
+        index = None
+        if run.failed is None:
+            assert out is not None  # pack always runs in an output folder
+            earlier = self._read_index(out)
+            merged = IndexFile({**(earlier.splits if earlier is not None else {}), split: entry})
+            files += ((CARD_NAME, dataset_card(merged)),)
+            index = (INDEX_NAME, merged.dumps())
+        return Publication(files=files, index=index, stats_name=run_stats_name(split))
 
 
 _SPECIAL_FLAGS = {
@@ -239,6 +305,8 @@ def describe_identity_change(key: str, old: Any, new: Any) -> str:
     changed under the same path (``the tokenizer's files (content)``)."""
     if key in _CONTENT:
         return f"{_CONTENT[key]} ({key})"
+    if key == "columns" or key.startswith("columns."):
+        return "the input columns carried, or their types (--keep-columns, --drop-columns, the manifest)"
     name = key.removeprefix("config.")
     if name in _DERIVED:
         return ""  # follows from a flag that is named on its own
@@ -257,8 +325,24 @@ def describe_identity_change(key: str, old: Any, new: Any) -> str:
     return f"{flag} {show(old)} -> {show(new)}"
 
 
-def _is_shard_name(name: str) -> bool:
-    return name.startswith("shard-") and name.endswith(".parquet") and name[6:-8].isdigit()
+_ANY_SHARD = re.compile(r"(?P<split>.+)-\d{5}-of-\d{5}\.parquet")
+
+
+def _split_of(name: str) -> str | None:
+    """The split a file name in ``data/`` is a shard of (None: not a shard name)."""
+    m = _ANY_SHARD.fullmatch(name)
+    return m.group("split") if m else None
+
+
+def shard_file_pattern(split: str) -> re.Pattern[str]:
+    """The file names (in ``data/``) of a split's shards."""
+    return re.compile(rf"{re.escape(split)}-\d{{5}}-of-\d{{5}}\.parquet")
+
+
+def _ray_elsewhere(address: str | None) -> bool:
+    from mmprep.runtime.engines.ray import check_address
+
+    return check_address(address) != "local"
 
 
 def pack(
@@ -311,21 +395,32 @@ def pack(
     with make_engine(engine, workers, ray_address=ray_address, progress=progress is not None, preload=_PRELOAD,
                      size_of=lambda chunk: chunk.size) as eng:
         plan = plan_pack(cfg, storage_options, workers=eng.workers, engine=engine)
-        if on_total is not None and plan.total is not None:
-            on_total(plan.total)
-        # Built once, before the output is touched: a bad tokenizer or vocabulary fails fast (exit 2), and workers
-        # receive this processor pickled (the tokenizer travels as its JSON, so workers do not import transformers).
-        processor = SampleProcessor(cfg, plan.images, plan.row_group_rows)
-        job = PackJob(plan, processor)
-        out = OutputDir(plan.out, resume=resume, overwrite=overwrite,
-                        fixed_names=(INDEX_NAME, REJECTS_NAME, RUN_STATS_NAME), temp_owner=_is_shard_name,
-                        kind="packed dataset", describe=describe_identity_change)
-        run = run_job(job, eng, out, policy=Policy(on_error=cfg.on_error, max_reject_rate=cfg.max_reject_rate),
-                      progress=progress, started=start)
+        try:
+            if plan.spooled and engine == "ray" and _ray_elsewhere(ray_address):
+                raise UsageError("the input's embedded images are spooled on this machine; Ray workers elsewhere "
+                                 "cannot read them", hint="use --engine local, or a Ray on this machine only")
+            if on_total is not None and plan.total is not None:
+                on_total(plan.total)
+            # Built once, before the output is touched: a bad tokenizer or vocabulary fails fast (exit 2), and
+            # workers receive this processor pickled (the tokenizer travels as its JSON, so workers do not import
+            # transformers).
+            processor = SampleProcessor(cfg, plan.images, plan.row_group_rows, plan.columns)
+            job = PackJob(plan, processor)
+            split = cfg.split
+            pattern = shard_file_pattern(split)
+            out = OutputDir(plan.out, resume=resume, overwrite=overwrite,
+                            fixed_names=(INDEX_NAME, CARD_NAME, rejects_name(split), run_stats_name(split)),
+                            temp_owner=lambda name: bool(pattern.fullmatch(name)), kind="split", scope=split,
+                            shared_names=(INDEX_NAME, CARD_NAME), guarded=(DATA_DIR,), scope_of=_split_of,
+                            describe=describe_identity_change)
+            run = run_job(job, eng, out, policy=Policy(on_error=cfg.on_error, max_reject_rate=cfg.max_reject_rate),
+                          progress=progress, started=start)
+        finally:
+            plan.close()
     totals = job.totals
     failed = run.failed
     if failed is not None and run.written:
-        failed += f"; no {INDEX_NAME} was written"
+        failed += f"; no {INDEX_NAME} entry was written for split '{cfg.split}'"
     return PackReport(
         out=str(plan.out), shards=[r.shard for r in run.records], read=run.read, written=run.written,
         rejected=run.rejected, rejected_by_reason=run.rejected_by_reason, images_written=totals.images_written,
@@ -337,4 +432,5 @@ def pack(
         resumed_shards=run.resumed, workers=run.workers, engine=run.engine,
         reject_rate=run.rejected / run.read if run.read else 0.0, failed=failed, extra=dict(run.stats),
         device=cfg.device,
+        split=cfg.split, rejects=rejects_name(cfg.split), columns=plan.columns.names(), notes=list(plan.notes),
     )

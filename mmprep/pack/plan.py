@@ -1,9 +1,16 @@
 """Planning a pack run, once: where everything is read and written, the shard plan, and the run identity.
 
-:func:`plan_pack` opens the manifest, output and image locations, reads ahead just enough of the manifest to size
-shards (the plan depends on the input and the flags only, never on the worker count, so output is byte-identical
-for any number of workers and engines), and computes the identity that ``--resume`` compares. Nothing computed here
-is written back into the configuration: the plan carries it.
+:func:`plan_pack` opens the manifest, output and image locations, reads the whole input once (the schema pass of
+:func:`mmprep.pack.columns.plan_columns`: it counts the rows, so the shard names ``-of-NNNNN`` are known before the
+first shard, and decides the type of every carried column), reads ahead just enough of the manifest to size shards
+(the plan depends on the input and the flags only, never on the worker count, so output is byte-identical for any
+number of workers and engines), and computes the identity that ``--resume`` compares. Nothing computed here is
+written back into the configuration: the plan carries it.
+
+An input that cannot be read twice (standard input, a pipe) is first copied to a temporary file (bounded by free
+disk space, not memory). Image bytes embedded in a Parquet or Arrow input are copied to a spool file as the rows
+are read (:mod:`mmprep.images.spool`), so the rows that travel to the workers stay small. Both files are removed
+when the run ends (:meth:`PackPlan.close`).
 """
 
 from __future__ import annotations
@@ -11,17 +18,22 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import shutil
 import stat
+import sys
+import tempfile
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from mmprep.errors import UsageError
+from mmprep.errors import InputError, RunFailed, UsageError
 from mmprep.images.sources import ImageSource, LocalImages, RemoteImages
-from mmprep.inputs.manifest import iter_samples
+from mmprep.images.spool import ImageSpool
+from mmprep.inputs.manifest import iter_samples, table_input
+from mmprep.pack.columns import ColumnPlan, plan_columns
 from mmprep.pack.config import ROW_GROUP_BYTES, PackConfig, padded_row_group_rows
-from mmprep.records import Rejected, Sample
+from mmprep.records import EmbeddedImage, ImageRef, Rejected, Sample
 from mmprep.runtime.storage import (
     Location,
     is_local,
@@ -60,7 +72,11 @@ class PackPlan:
         row_group_rows: rows per Parquet row group.
         head: the items read ahead to plan (they are the first items of the input, not kept beyond the run).
         rest: the rest of the input, streamed.
-        total: the number of input rows when known before the run (after a shuffle).
+        total: the number of input rows (records, rejected ones included), counted by the schema pass.
+        columns: the extra columns of every shard (carried input columns, the target's columns).
+        shards: how many shards the run writes (``ceil(total / rows_per_shard)``).
+        notes: what the plan decided that the user may want to know (logged).
+        spooled: embedded image bytes go to a spool file on this machine (workers must run here).
     """
 
     cfg: PackConfig
@@ -73,12 +89,23 @@ class PackPlan:
     head: list[Item]
     rest: Iterator[Item]
     total: int | None = None
+    columns: ColumnPlan = field(default_factory=ColumnPlan)
+    shards: int = 1
+    notes: tuple[str, ...] = ()
+    spooled: bool = False
+    _cleanup: list[Callable[[], None]] = field(default_factory=list, repr=False)
 
     def items(self) -> Iterator[Item]:
         """Every input item, in planned order (the head first)."""
         yield from self.head
         self.head = []
         yield from self.rest
+
+    def close(self) -> None:
+        """Remove the temporary copies the plan made (the standard-input copy, the image spool)."""
+        while self._cleanup:
+            with contextlib.suppress(OSError):
+                self._cleanup.pop()()
 
     def recorded_config(self) -> dict[str, Any]:
         """The settings as recorded in the index: the configuration with the planned row-group size."""
@@ -98,20 +125,34 @@ class PackPlan:
             "rows_per_shard": self.rows_per_shard,
             "tokenizer_sha256": tokenizer_key,
             "vocab_sha256": vocab_sha256,
+            "columns": self.columns.identity(),
         }
 
 
-def iter_items(cfg: PackConfig, source: str | Location) -> Iterator[Item]:
-    """Manifest items in input order; later duplicates of an id are rejected (``duplicate_id``)."""
+def iter_items(cfg: PackConfig, source: str | Location, *, name: str | None = None,
+               spool: ImageSpool | None = None) -> Iterator[Item]:
+    """Manifest items in input order; later duplicates of an id are rejected (``duplicate_id``).
+
+    With a ``spool``, the bytes of embedded images go to it and the items keep only where they are.
+    """
     seen: dict[str, int] = {}
-    for item in iter_samples(source, cfg.columns, fmt=cfg.format, require_images=True):
+    for item in iter_samples(source, cfg.columns, fmt=cfg.format, require_images=True, embedded=True,
+                             keep_extra=True, name=name):
         if isinstance(item, Sample):
+            if spool is not None and any(isinstance(ref, EmbeddedImage) for ref in item.images):
+                item = replace(item, images=tuple(_spooled(ref, spool) for ref in item.images))
             first = seen.setdefault(item.id, item.line)
             if first != item.line:
                 yield Rejected(item.line, item.id, "manifest", "duplicate_id",
                                f"{item.source}:{item.line}: id '{item.id}' already used on line {first}")
                 continue
         yield item
+
+
+def _spooled(ref: ImageRef, spool: ImageSpool) -> ImageRef:
+    if isinstance(ref, EmbeddedImage) and ref.data is not None:
+        return EmbeddedImage(size=ref.size, path=ref.path, offset=spool.put(ref.data))
+    return ref
 
 
 def rereadable(manifest: str) -> bool:
@@ -136,7 +177,7 @@ def _manifest_sha256(source: str | Location) -> str | None:
     return sha256_file(local_path(source))
 
 
-def estimate_row_bytes(cfg: PackConfig, head: list[Item], image_bytes: Callable[[str], int]) -> int:
+def estimate_row_bytes(cfg: PackConfig, head: list[Item], image_bytes: Callable[[ImageRef], int]) -> int:
     """Bytes of one packed row: exact for padded rows, the mean over ``head`` of the image files for ``--pad none``."""
     text_bytes = (cfg.text.max_length * 5 if cfg.tokenizer else 0) + 512
     if cfg.pad == "max":
@@ -153,10 +194,12 @@ def plan_pack(
     workers: int = 1,
     engine: str = "local",
 ) -> PackPlan:
-    """Open the locations of a validated ``cfg`` and plan its shards.
+    """Open the locations of a validated ``cfg``, survey the input and plan its shards (call
+    :meth:`PackPlan.close` when the run ends).
 
     Raises:
-        UsageError: a location cannot be opened, or a process-local store (``memory://``) with several processes.
+        UsageError: a location cannot be opened, or a process-local store (``memory://``) with several processes,
+            or the input's columns cannot be carried (see :func:`mmprep.pack.columns.plan_columns`).
     """
     man, out, root = cfg.manifest, cfg.out, cfg.image_root
     if man != "-" and not is_local(man) and root is None:
@@ -165,18 +208,40 @@ def plan_pack(
         if uri and uri != "-" and not is_local(uri) and is_process_local(uri) and (workers > 1 or engine != "local"):
             raise UsageError(f"{redact(uri)}: {scheme_of(uri)}:// exists only inside this process",
                              hint="use --workers 1 with --engine local, or a shared filesystem")
+    cleanup: list[Callable[[], None]] = []
+    try:
+        return _plan(cfg, man, out, root, storage_options, cleanup)
+    except BaseException:
+        for undo in reversed(cleanup):
+            with contextlib.suppress(OSError):
+                undo()
+        raise
+
+
+def _plan(cfg: PackConfig, man: str, out: str, root: str | None, storage_options: Mapping[str, Any] | None,
+          cleanup: list[Callable[[], None]]) -> PackPlan:
     source: str | Location = (man if man == "-" else local_path(man)) if is_local(man) else open_location(
         man, storage_options)
     out_loc = open_location(out, storage_options)
+    shown = man if man == "-" else (local_path(man) if is_local(man) else redact(man))
+    name = None
+    if isinstance(source, str) and _stream(source):
+        source = _copy_input(source, cleanup)  # the schema pass reads the input, then the run reads it again
+        name = "<stdin>" if man == "-" else shown
+    survey = plan_columns(cfg, source, name=name)
+    spool = None
+    if table_input(source, cfg.format) is not None:  # Parquet/Arrow: image bytes may come with the rows
+        spool = ImageSpool()
+        cleanup.append(spool.remove)
     images: ImageSource
     if root is not None and not is_local(root):
-        images = RemoteImages(open_location(root, storage_options), cfg.allow_outside_root)
+        images = RemoteImages(open_location(root, storage_options), cfg.allow_outside_root,
+                              spool.path if spool else None)
     else:
-        images = LocalImages(_image_root(cfg, root), cfg.allow_outside_root)
-    shown = man if man == "-" else (local_path(man) if is_local(man) else redact(man))
+        images = LocalImages(_image_root(cfg, root), cfg.allow_outside_root, spool.path if spool else None)
 
-    items: Iterator[Item] = iter_items(cfg, source)
-    total = None
+    items: Iterator[Item] = iter_items(cfg, source, name=name, spool=spool)
+    total = survey.rows
     if cfg.shuffle:
         import numpy as np
 
@@ -195,18 +260,53 @@ def plan_pack(
         row_group_rows = padded_row_group_rows(cfg)
     else:  # row groups of ~32 MB of encoded images, like padded ones
         row_group_rows = cfg.row_group_rows or max(1, min(1024, ROW_GROUP_BYTES // row_bytes))
-    if cfg.rows_per_shard is None and cfg.shard_size is None:
-        # The default size: a small input is still cut into MIN_SHARDS shards, so every worker gets work. Whether
-        # the input is small is found by reading ahead (the rows read are kept), so the plan depends on the
-        # input alone, never on the number of workers.
-        for item in items:
-            head.append(item)
-            if len(head) >= MIN_SHARDS * rows_per_shard:
-                break
-        else:
-            rows_per_shard = min(rows_per_shard, max(MIN_SHARD_ROWS, math.ceil(len(head) / MIN_SHARDS)))
+    if cfg.rows_per_shard is None and cfg.shard_size is None and total < MIN_SHARDS * rows_per_shard:
+        # The default size: a small input is still cut into MIN_SHARDS shards, so every worker gets work. The
+        # schema pass counted the rows, so the plan depends on the input alone, never on the number of workers.
+        rows_per_shard = min(rows_per_shard, max(MIN_SHARD_ROWS, math.ceil(total / MIN_SHARDS)))
+    shards = math.ceil(total / rows_per_shard)
     return PackPlan(cfg=cfg, manifest=source, manifest_shown=shown, out=out_loc, images=images,
-                    rows_per_shard=rows_per_shard, row_group_rows=row_group_rows, head=head, rest=items, total=total)
+                    rows_per_shard=rows_per_shard, row_group_rows=row_group_rows, head=head, rest=items, total=total,
+                    columns=survey.columns, shards=shards, notes=survey.notes, spooled=spool is not None,
+                    _cleanup=cleanup)
+
+
+def _stream(path: str) -> bool:
+    """Standard input, a FIFO or another file that cannot be read twice (a missing file is not: the reader says
+    that it is missing)."""
+    if path == "-":
+        return True
+    try:
+        mode = os.stat(local_path(path)).st_mode
+    except OSError:
+        return False
+    return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
+
+
+def _copy_input(path: str, cleanup: list[Callable[[], None]]) -> str:
+    """Copy standard input (or a pipe) to a temporary file, so it can be read twice; returns its path.
+
+    Raises:
+        RunFailed: the copy cannot be written (disk full).
+    """
+    fd, tmp = tempfile.mkstemp(prefix="mmprep-input-", dir=os.environ.get("MMPREP_SPOOL_DIR") or None)
+    cleanup.append(lambda: os.unlink(tmp))
+    try:
+        with os.fdopen(fd, "wb") as dst:
+            if path == "-":
+                shutil.copyfileobj(sys.stdin.buffer, dst, 1 << 20)
+            else:
+                try:
+                    src = open(local_path(path), "rb")  # noqa: SIM115 - closed by the with below
+                except OSError as exc:
+                    raise InputError(f"{path}: cannot open: {exc.strerror or exc}") from None
+                with src:
+                    shutil.copyfileobj(src, dst, 1 << 20)
+    except OSError as exc:
+        raise RunFailed(f"cannot copy the input to {tmp}: {exc.strerror or exc}",
+                        hint="an input read from a pipe is copied to a temporary file first: free disk space "
+                             "there, or set MMPREP_SPOOL_DIR to a folder with room") from None
+    return tmp
 
 
 def _image_root(cfg: PackConfig, root: str | None) -> Path:

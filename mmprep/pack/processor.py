@@ -19,8 +19,9 @@ import numpy as np
 
 from mmprep.images.decode import ImageError, encode_image, to_output
 from mmprep.images.sources import ImageSource, LoadedImage
+from mmprep.pack.columns import ColumnPlan
 from mmprep.pack.config import PackConfig
-from mmprep.records import Rejected, RowReject, Sample
+from mmprep.records import EmbeddedImage, ImageRef, Rejected, RowReject, Sample, describe_image_ref
 from mmprep.text.config import TextError
 from mmprep.text.render import inline_images
 
@@ -53,9 +54,10 @@ class PackedRow:
     id: str
     line: int
     images: list[LoadedImage | GpuImage]  # GpuImage: decoded with its row group on the device (--device cuda)
-    refs: list[str]
+    refs: list[ImageRef]
     text: str
     tags: list[int] | list[str]
+    extra: dict[str, Any] = field(default_factory=dict)  # the target's and the carried columns' values
     dropped: int = 0  # images dropped by --too-many-images truncate
 
 
@@ -66,16 +68,18 @@ class SampleProcessor:
         cfg: the validated pack configuration.
         images: where image references are read from.
         row_group_rows: rows per Parquet row group (the plan decides it).
+        columns: the extra columns (the target's, the carried input columns) the plan decided.
         gpu: the device image path (default with ``cfg.device == "cuda"``: :class:`mmprep.images.gpu.GpuImages` on
             CUDA). Its JPEGs are decoded a row group at a time, after the row's other steps; an image it cannot
             decode goes through the CPU path, and a row whose image fails there too is rejected then.
     """
 
     def __init__(self, cfg: PackConfig, images: ImageSource, row_group_rows: int,
-                 gpu: GpuImages | None = None) -> None:
+                 columns: ColumnPlan | None = None, gpu: GpuImages | None = None) -> None:
         from mmprep.pack.schema import build_schema
 
         self.cfg = cfg
+        self.columns = columns or ColumnPlan(target=cfg.target)
         self.images = images
         self.row_group_rows = row_group_rows
         self.encoder = None
@@ -90,7 +94,7 @@ class SampleProcessor:
             self.vocab = load_vocab(cfg.vocab)
         self.schema = build_schema(cfg, pad_token_id=self.encoder.pad_token_id if self.encoder else None,
                                    tokenizer_name=self.encoder.name_or_path if self.encoder else None,
-                                   vocab=self.vocab)
+                                   vocab=self.vocab, columns=self.columns)
         self.slot_shape = cfg.slot_shape() if cfg.pad == "max" else None
         if gpu is None and cfg.device == "cuda":
             from mmprep.images.gpu import GpuImages
@@ -127,7 +131,7 @@ class SampleProcessor:
             return ""
         return s.text if isinstance(s.text, str) else json.dumps(s.text, ensure_ascii=False)
 
-    def _images(self, refs: Sequence[str]) -> list[LoadedImage | GpuImage]:
+    def _images(self, refs: Sequence[ImageRef]) -> list[LoadedImage | GpuImage]:
         keep_bytes = self.cfg.pad == "none" and self.cfg.encode_format == "original"
         out: list[LoadedImage | GpuImage] = []
         for k, ref in enumerate(refs):
@@ -139,12 +143,12 @@ class SampleProcessor:
             out.append(self._load(k, ref, keep_bytes))
         return out
 
-    def _load(self, k: int, ref: str, keep_bytes: bool = False) -> LoadedImage:
+    def _load(self, k: int, ref: ImageRef, keep_bytes: bool = False) -> LoadedImage:
         """The CPU path for one image (RowReject naming the image when it cannot be used)."""
         try:
             return self.images.load(ref, self.cfg.image, keep_bytes=keep_bytes)
         except ImageError as exc:
-            raise RowReject("image", exc.reason, f"image {k + 1} '{ref}': {exc.detail}") from None
+            raise RowReject("image", exc.reason, f"image {k + 1} {describe_image_ref(ref)}: {exc.detail}") from None
 
     # -- chunks -------------------------------------------------------------------------------------------
     def process_chunk(self, index: int, items: Sequence[Sample | Rejected]) -> Iterator[tuple[Any, ChunkResult]]:
@@ -201,7 +205,7 @@ class SampleProcessor:
     def _process(self, s: Sample, res: ChunkResult) -> PackedRow:
         cfg = self.cfg
         # Images come from the images column, else from typed image parts inside the conversation (LLaMA-Factory v1).
-        refs = list(s.images) or inline_images(s.text)
+        refs: list[ImageRef] = list(s.images) or list(inline_images(s.text))
         if not refs:
             raise RowReject("manifest", "no_images", "the sample has no images")
         dropped = 0
@@ -217,8 +221,12 @@ class SampleProcessor:
         text = self._text(s, len(refs) + dropped)
         if dropped and self.encoder is not None:
             text = _keep_placeholders(text, cfg.text.image_placeholder, len(refs))
+        # -- trainer-ready output (issue 16): the target's and the carried columns (RowReject when one does not fit)
+        extra = self.columns.values(s, kept=len(refs), original=len(refs) + dropped,
+                                    placeholder=cfg.text.image_placeholder)
+        # ---------------------------------------------------------------------------------------------------------
         images = self._images(refs)
-        return PackedRow(s.id, s.line, images, refs, text, tags, dropped)
+        return PackedRow(s.id, s.line, images, refs, text, tags, extra, dropped)
 
     @staticmethod
     def _commit(row: PackedRow, res: ChunkResult) -> None:
@@ -308,7 +316,7 @@ class SampleProcessor:
                     data = loaded.data
                     if data is None:
                         data = encode_image(loaded.image.array, cfg.encode_format, cfg.encode_quality)
-                    entry.append({"bytes": data, "path": ref})
+                    entry.append({"bytes": data, "path": _ref_path(ref)})
                 structs.append(entry)
                 sizes_l.append([list(loaded.original_size if not isinstance(loaded, LoadedImage)
                                      else loaded.image.original_size) for loaded in r.images])
@@ -327,8 +335,14 @@ class SampleProcessor:
         else:
             cols["tags"] = pa.array([r.tags for r in rows], pa.list_(pa.string()))
         cols["text"] = pa.array([r.text for r in rows], pa.string())
-        cols["image_paths"] = pa.array([r.refs for r in rows], pa.list_(pa.string()))
+        cols["image_paths"] = pa.array([[_ref_path(ref) for ref in r.refs] for r in rows], pa.list_(pa.string()))
+        cols.update(self.columns.arrays([r.extra for r in rows]))  # trainer-ready output (issue 16)
         return pa.RecordBatch.from_arrays([cols[f.name] for f in self.schema], schema=self.schema)
+
+
+def _ref_path(ref: ImageRef) -> str | None:
+    """The path stored for an image: the manifest's path, or the one stored beside embedded bytes (may be None)."""
+    return ref.path if isinstance(ref, EmbeddedImage) else ref
 
 
 def _keep_placeholders(text: str, placeholder: str, keep: int) -> str:

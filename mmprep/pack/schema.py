@@ -16,6 +16,7 @@ from mmprep.dataset.format import FORMAT_VERSION, METADATA_KEY
 
 if TYPE_CHECKING:
     from mmprep.labels.vocab import Vocabulary
+    from mmprep.pack.columns import ColumnPlan
     from mmprep.pack.config import PackConfig
 
 __all__ = ["build_schema", "read_metadata"]
@@ -27,8 +28,10 @@ def build_schema(
     pad_token_id: int | None = None,
     tokenizer_name: str | None = None,
     vocab: Vocabulary | None = None,
+    columns: ColumnPlan | None = None,
 ) -> Any:
-    """The Arrow schema (with ``mmprep`` metadata) for a pack configuration."""
+    """The Arrow schema (with ``mmprep`` metadata) for a pack configuration; ``columns``: the target's and the
+    carried input columns, after mmprep's own."""
     import numpy as np
     import pyarrow as pa
 
@@ -108,9 +111,18 @@ def build_schema(
         pa.field("text", pa.string()),
         pa.field("image_paths", pa.list_(pa.string())),
     ]
+    # -- trainer-ready output (issue 16): the target's columns and the carried input columns ----------------------
+    given: dict[str, Any] = {}
+    if columns is not None:
+        fields += columns.fields()
+        given = columns.features()
+        meta["columns"] = {"target": columns.target, "carried": [c.name for c in columns.carried]}
+    # ------------------------------------------------------------------------------------------------------------
     metadata = {METADATA_KEY: json.dumps(meta, sort_keys=True)}
     if cfg.pad == "none":
-        metadata["huggingface"] = json.dumps(_hf_features(fields), sort_keys=True)
+        features = _hf_features(fields, given)
+        if features is not None:
+            metadata["huggingface"] = json.dumps(features, sort_keys=True)
     return pa.schema(fields, metadata=metadata)
 
 
@@ -120,37 +132,98 @@ def _basename(path: str) -> str:
     return os.path.basename(path)
 
 
-def _hf_features(fields: list[Any]) -> dict[str, Any]:
-    """``datasets`` feature metadata so ``load_dataset("parquet")`` decodes ``images`` as a list of Images.
+def _hf_features(fields: list[Any], given: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """``datasets`` feature metadata so ``load_dataset("parquet")`` decodes ``images`` as a list of Images, and
+    columns the input declared (an ``Image`` column) keep their feature (``given``).
 
-    Uses ``Sequence`` (not ``List``), which datasets 2.x, 3.x and 4+ all read.
+    Uses ``Sequence`` (not ``List``), which datasets 2.x, 3.x and 4+ all read, and a list literal ``[{...}]`` for
+    a list of objects (``Sequence`` of an object would turn it into an object of lists). None when a column has a
+    type ``datasets`` cannot name (then ``datasets`` infers every feature itself, and images read as
+    ``{bytes, path}`` objects).
     """
-    import pyarrow as pa
-
-    def feature(t: Any) -> dict[str, Any]:
-        if pa.types.is_fixed_size_list(t):
-            return {"_type": "Sequence", "feature": feature(t.value_type), "length": t.list_size}
-        if pa.types.is_list(t):
-            return {"_type": "Sequence", "feature": feature(t.value_type)}
-        return {"_type": "Value", "dtype": _hf_dtype(t)}
-
     out: dict[str, Any] = {}
     for f in fields:
         if f.name == "images":
             out[f.name] = {"_type": "Sequence", "feature": {"_type": "Image"}}
+        elif given and f.name in given:
+            out[f.name] = _portable(given[f.name])
         else:
-            out[f.name] = feature(f.type)
+            feature = _hf_feature(f.type)
+            if feature is None:
+                return None
+            out[f.name] = feature
     return {"info": {"features": out}}
 
 
-def _hf_dtype(t: Any) -> str:
+def _portable(feature: Any) -> Any:
+    """An input's feature JSON as every ``datasets`` version reads it: ``List`` (datasets >= 4; 3.x cannot read it)
+    becomes ``Sequence``, or a list literal ``[...]`` for a list of objects (``Sequence`` of an object would be an
+    object of lists)."""
+    if isinstance(feature, list):
+        return [_portable(f) for f in feature]
+    if not isinstance(feature, dict):
+        return feature
+    if feature.get("_type") == "List":
+        inner = _portable(feature.get("feature"))
+        if isinstance(inner, dict) and "_type" not in inner and "length" not in feature:
+            return [inner]
+        out = {"_type": "Sequence", "feature": inner}
+        if feature.get("length", -1) != -1:
+            out["length"] = feature["length"]
+        return out
+    return {k: _portable(v) if k != "_type" else v for k, v in feature.items()}
+
+
+def _hf_feature(t: Any) -> Any:
+    """The ``datasets`` feature (as JSON) of an Arrow type, None when it has none."""
     import pyarrow as pa
 
+    if pa.types.is_struct(t):
+        parts = {t.field(i).name: _hf_feature(t.field(i).type) for i in range(t.num_fields)}
+        return None if any(v is None for v in parts.values()) else parts
+    if pa.types.is_fixed_size_list(t):
+        inner = _hf_feature(t.value_type)
+        return None if inner is None else {"_type": "Sequence", "feature": inner, "length": t.list_size}
+    if pa.types.is_list(t):
+        inner = _hf_feature(t.value_type)
+        if inner is None:
+            return None
+        return [inner] if isinstance(inner, dict) and "_type" not in inner else {"_type": "Sequence", "feature": inner}
+    dtype = _hf_dtype(t)
+    return None if dtype is None else {"_type": "Value", "dtype": dtype}
+
+
+def _hf_dtype(t: Any) -> str | None:
+    """The ``datasets`` name of a plain Arrow type (as ``datasets`` names it), None for one it cannot hold."""
+    import pyarrow as pa
+
+    if pa.types.is_dictionary(t):
+        return _hf_dtype(t.value_type)
     if pa.types.is_string(t):
         return "string"
+    if pa.types.is_large_string(t):
+        return "large_string"
     if pa.types.is_boolean(t):
         return "bool"
-    return str(t)
+    if pa.types.is_binary(t):
+        return "binary"
+    if pa.types.is_large_binary(t):
+        return "large_binary"
+    if pa.types.is_null(t):
+        return "null"
+    if pa.types.is_integer(t):
+        return str(t)  # int8 ... uint64
+    if pa.types.is_floating(t):
+        return {16: "float16", 32: "float32", 64: "float64"}[t.bit_width]
+    if pa.types.is_timestamp(t):
+        return f"timestamp[{t.unit}" + (f", tz={t.tz}]" if t.tz else "]")
+    if pa.types.is_date32(t) or pa.types.is_date64(t) or pa.types.is_time(t):
+        return str(t)
+    if pa.types.is_duration(t):
+        return f"duration[{t.unit}]"
+    if pa.types.is_decimal(t):
+        return f"decimal{t.bit_width}({t.precision}, {t.scale})"
+    return None
 
 
 def read_metadata(schema: Any) -> dict[str, Any]:

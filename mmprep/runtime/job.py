@@ -145,6 +145,11 @@ class Job(Protocol[T, R]):
         """What decides the output (inputs' content hashes, settings); ``--resume`` requires it unchanged."""
         ...
 
+    def begin(self, out: OutputDir) -> None:
+        """Called once the folder is open and locked, before any chunk (e.g. to withdraw this run's part from a
+        shared index while it is rewritten)."""
+        ...
+
     def chunks(self) -> Iterable[Chunk[T]]:
         """The planned chunks, in order (streamed: memory must not grow with the input)."""
         ...
@@ -189,6 +194,9 @@ class StreamingJob:
 
     def identity(self) -> dict[str, Any]:
         return {}
+
+    def begin(self, out: OutputDir) -> None:
+        return None
 
     def restore(self, entry: ChunkEntry, chunk: Chunk[Any], out: OutputDir) -> None:
         return None
@@ -273,6 +281,8 @@ def run_job(
     with out if out is not None else contextlib.nullcontext():
         if out is not None:
             out.open(job.identity())
+        if out is not None:
+            job.begin(out)
 
         def pending() -> Iterator[Chunk[T]]:
             nonlocal resumed

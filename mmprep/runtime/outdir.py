@@ -11,6 +11,13 @@ Layout of the state folder ``.mmprep/``: ``lock``, ``run.json`` (the run identit
 ``files.json`` (every final file the last finished run published), ``chunks/NNNNN.json`` (one record per finished
 chunk, with the files it wrote). ``--overwrite`` deletes exactly the files those records name, never a folder and
 never a file mmprep did not write.
+
+Scopes (one per split of a packed dataset): an ``OutputDir`` with ``scope="train"`` keeps its state in
+``.mmprep/splits/train/`` (the same three records) and shares the lock. The files other scopes wrote are left
+alone (a second split is added to a folder without ``--overwrite``); ``shared_names`` (``index.json``,
+``README.md``) are files every scope rewrites: they are recorded in ``.mmprep/shared.json``, never deleted with a
+scope's files, and one that exists without that record (a user's ``README.md``) stops the run. In a ``guarded``
+folder (``data/``, which trainers read whole) any file that no scope wrote stops the run, ``--overwrite`` or not.
 """
 
 from __future__ import annotations
@@ -35,6 +42,8 @@ STATE_DIR = ".mmprep"
 _RUN = "run.json"
 _FILES = "files.json"
 _CHUNKS = "chunks"
+_SCOPES = "splits"
+_SHARED = "shared.json"
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 
 
@@ -69,6 +78,12 @@ class OutputDir:
         temp_owner: whether a final name is one of the job's (its temporary siblings are removed at start).
         kind: what the folder holds, for messages (``packed dataset``).
         describe: how a differing identity key is shown (``--image-size: 224x224 -> 64x64``).
+        scope: this run's part of a folder several runs share (a split): state in ``.mmprep/splits/<scope>/``,
+            other scopes' files left alone (see the module docstring). None: the run owns the whole folder.
+        shared_names: files every scope rewrites (recorded apart, never deleted with a scope's files).
+        guarded: folders where a file no scope wrote stops the run.
+        scope_of: the scope a file in a guarded folder would belong to by its name (a file a killed run wrote
+            before recording it), None when none.
     """
 
     loc: Location
@@ -78,8 +93,13 @@ class OutputDir:
     temp_owner: Callable[[str], bool] = field(default=lambda name: False)
     kind: str = "output"
     describe: Callable[[str, Any, Any], str] = field(default=lambda key, old, new: f"{key} ({old!r} -> {new!r})")
+    scope: str | None = None
+    shared_names: tuple[str, ...] = ()
+    guarded: tuple[str, ...] = ()
+    scope_of: Callable[[str], str | None] = field(default=lambda name: None)
     _lock_fd: int | None = field(default=None, init=False, repr=False)
     _published: set[str] = field(default_factory=set, init=False, repr=False)
+    _shared: set[str] = field(default_factory=set, init=False, repr=False)
 
     # -- paths --------------------------------------------------------------------------------------------------
     @property
@@ -89,8 +109,14 @@ class OutputDir:
     def child(self, name: str) -> Location:
         return self.loc.child(name)
 
-    def _state(self, name: str = "") -> Location:
-        return self.loc.child(f"{STATE_DIR}/{name}" if name else STATE_DIR)
+    def _state(self, name: str = "", scope: str | None = None) -> Location:
+        """A file of the state folder of this run's scope (of ``scope`` when given; ``""``: the unscoped one)."""
+        scope = self.scope if scope is None else scope
+        base = f"{STATE_DIR}/{_SCOPES}/{scope}" if scope else STATE_DIR
+        return self.loc.child(f"{base}/{name}" if name else base)
+
+    def _top_state(self, name: str) -> Location:
+        return self.loc.child(f"{STATE_DIR}/{name}")
 
     def __str__(self) -> str:
         return str(self.loc)
@@ -120,6 +146,9 @@ class OutputDir:
     def _open(self, identity: dict[str, Any]) -> None:
         if self.local:
             self._prepare_local()
+        if self.scope is not None:
+            self._open_scoped(identity)
+            return
         try:
             existing = self.loc.list_names()
             old = self._read_state_json(_RUN)
@@ -134,15 +163,7 @@ class OutputDir:
                     raise UsageError(f"{self.loc}: has output files but no run record to resume from",
                                      hint="rerun with --overwrite to start again")
             elif old != identity:
-                keys = identity_diff(old, identity)
-                shown = [self.describe(key, _at(old, key), _at(identity, key)) for key in keys]
-                diff = list(dict.fromkeys(d for d in shown if d)) or [  # derived keys describe as ""
-                    f"{k} ({_at(old, k)!r} -> {_at(identity, k)!r})" for k in keys]
-                raise UsageError(
-                    f"{self.loc}: cannot resume: the earlier run differs in " + "; ".join(diff[:4])
-                    + (f"; and {len(diff) - 4} more" if len(diff) > 4 else ""),
-                    hint="use the same inputs and flags, or --overwrite to start again",
-                )
+                raise self._mismatch(old, identity, "")
         else:
             if visible and not self.overwrite:
                 raise UsageError(f"{self.loc}: output directory is not empty",
@@ -152,6 +173,117 @@ class OutputDir:
         published = self._read_state_json(_FILES) if self.resume else None
         self._published = {n for n in published if isinstance(n, str)} if isinstance(published, list) else set()
         self._write_state(_RUN, identity)
+
+    def _open_scoped(self, identity: dict[str, Any]) -> None:
+        """:meth:`_open` for a scope: this scope's files are checked as a whole folder's would be; other scopes'
+        files and the recorded shared files are left alone; a foreign file in a guarded folder stops the run."""
+        what = f"{self.kind} '{self.scope}'"
+        try:
+            names = self._visible_names()
+            old = self._read_state_json(_RUN)
+            owned = self._earlier_files()
+            legacy = self._earlier_files(scope="")
+            others = self._other_scopes_files()
+            shared = self._read_shared()
+        except OSError as exc:
+            raise UsageError(f"{self.loc}: cannot read the output location: {self.loc.scrub(str(exc))}",
+                             hint="check the URI, the storage credentials and permissions") from None
+        if legacy or self._top_state(_RUN).size() is not None:
+            if self.resume or not self.overwrite:
+                raise UsageError(f"{self.loc}: holds output of an earlier mmprep format (one unnamed part)",
+                                 hint="use --overwrite to replace it, or choose another --out")
+            owned |= legacy
+            published = self._read_state_json(_FILES, scope="")  # its index.json: replaced, so deleted now
+            owned |= {n for n in published or [] if isinstance(n, str) and n in self.shared_names}
+        scopes = set(self._scopes()) | {self.scope}
+
+        def claimed(name: str) -> bool:  # recorded, or named as a known scope's file (a killed run's last file)
+            return name in owned or name in others or self.scope_of(name.rsplit("/", 1)[-1]) in scopes
+
+        foreign_guarded = sorted(n for n in names if "/" in n and not claimed(n))
+        if foreign_guarded:
+            folder = foreign_guarded[0].split("/", 1)[0]
+            shown = [n + (" (a symbolic link)" if self.local and self.child(n).os_path.is_symlink() else "")
+                     for n in foreign_guarded[:3]]
+            raise UsageError(
+                f"{self.loc}: {folder}/ holds files mmprep did not write there: " + ", ".join(shown)
+                + (f" and {len(foreign_guarded) - 3} more" if len(foreign_guarded) > 3 else ""),
+                hint=f"trainers read every file in {folder}/: move those files away, or choose another --out")
+        unrecorded = sorted(n for n in names if n in self.shared_names and n not in shared and n not in owned)
+        if unrecorded:
+            raise UsageError(f"{self.loc}: {unrecorded[0]} exists and was not written by mmprep; it would be replaced",
+                             hint="move it away, or choose another --out")
+        mine = [n for n in names if n in owned or ("/" in n and self.scope_of(n.rsplit("/", 1)[-1]) == self.scope)]
+        foreign = [n for n in names if n not in owned | others | shared and "/" not in n]
+        if self.resume:
+            if old is None:
+                if mine:
+                    raise UsageError(f"{self.loc}: has output files of {what} but no run record to resume from",
+                                     hint="rerun with --overwrite to start again")
+            elif old != identity:
+                raise self._mismatch(old, identity, f" {what}")
+        elif not self.overwrite:
+            if mine or old is not None:
+                raise UsageError(f"{self.loc}: already holds {what}",
+                                 hint="pass --resume to continue an interrupted run or --overwrite to replace it")
+            if foreign:
+                raise UsageError(f"{self.loc}: output directory is not empty ({', '.join(sorted(foreign)[:3])})",
+                                 hint="choose another --out, or --overwrite to write beside those files")
+        else:
+            self._delete_earlier(owned)
+            if legacy or self._top_state(_RUN).size() is not None:
+                self._delete_state(scope="")
+        self._remove_temps()
+        if self.local:  # created once the checks passed
+            for folder in self.guarded:
+                ensure_dir(self.loc.os_path / folder, root=self.loc.os_path)
+        self._shared = set(shared)
+        published = self._read_state_json(_FILES) if self.resume else None
+        self._published = {n for n in published if isinstance(n, str)} if isinstance(published, list) else set()
+        self._write_state(_RUN, identity)
+
+    def _visible_names(self) -> list[str]:
+        """The names in the folder, and in its guarded folders (as ``folder/name``), but the state folder and
+        mmprep's temporary files."""
+        out: list[str] = []
+        for name in self.loc.list_names():
+            if name == STATE_DIR or is_temp_name(name):
+                continue
+            if name in self.guarded:
+                out += [f"{name}/{n}" for n in self.child(name).list_names() if not is_temp_name(n)]
+            else:
+                out.append(name)
+        return out
+
+    def _scopes(self) -> list[str]:
+        return [n for n in self.loc.child(f"{STATE_DIR}/{_SCOPES}").list_names() if _safe_name(n) and "/" not in n]
+
+    def _other_scopes_files(self) -> set[str]:
+        """The files every other scope recorded (published, or written by a finished chunk)."""
+        names: set[str] = set()
+        for other in self._scopes():
+            if other != self.scope:
+                names |= self._earlier_files(scope=other)
+        return names
+
+    def _read_shared(self) -> set[str]:
+        try:
+            raw = json.loads(self._top_state(_SHARED).read_bytes()) if self._top_state(_SHARED).size() else []
+        except (OSError, ValueError):
+            raw = []
+        return {n for n in raw if isinstance(n, str) and n in self.shared_names} if isinstance(raw, list) else set()
+
+    def _mismatch(self, old: Any, identity: dict[str, Any], what: str) -> UsageError:
+        """The refusal of a ``--resume`` whose identity differs, naming what differs as the user knows it."""
+        keys = identity_diff(old, identity)
+        shown = [self.describe(key, _at(old, key), _at(identity, key)) for key in keys]
+        diff = list(dict.fromkeys(d for d in shown if d)) or [  # derived keys describe as ""
+            f"{k} ({_at(old, k)!r} -> {_at(identity, k)!r})" for k in keys]
+        return UsageError(
+            f"{self.loc}: cannot resume{what}: the earlier run differs in " + "; ".join(diff[:4])
+            + (f"; and {len(diff) - 4} more" if len(diff) > 4 else ""),
+            hint="use the same inputs and flags, or --overwrite to start again",
+        )
 
     def _prepare_local(self) -> None:
         root = self.loc.os_path
@@ -169,7 +301,7 @@ class OutputDir:
             raise UsageError(f"{root}: cannot create output directory: {exc.strerror or exc}") from None
         if not os.access(root, os.W_OK):
             raise UsageError(f"{root}: output directory is not writable")
-        ensure_dir(root / STATE_DIR / _CHUNKS, root=root)
+        ensure_dir(self._state(_CHUNKS).os_path, root=root)
         self._lock(root / STATE_DIR / "lock")
 
     def _lock(self, lock_path: Path) -> None:
@@ -214,8 +346,8 @@ class OutputDir:
         self.close()
 
     # -- what the earlier run wrote -----------------------------------------------------------------------------
-    def _read_state_json(self, name: str) -> Any:
-        loc = self._state(name)
+    def _read_state_json(self, name: str, scope: str | None = None) -> Any:
+        loc = self._state(name, scope)
         try:
             if loc.size() is None:
                 return None
@@ -226,19 +358,20 @@ class OutputDir:
                                  hint="rerun with --overwrite to start again") from None
             return None
 
-    def _earlier_files(self) -> set[str]:
-        """Files an earlier run wrote, by exact name: the published ones and those of every finished chunk."""
+    def _earlier_files(self, scope: str | None = None) -> set[str]:
+        """Files an earlier run wrote, by exact name: the published ones and those of every finished chunk (of this
+        run's scope, or of ``scope``; ``""``: the unscoped state)."""
         names: set[str] = set()
-        published = self._read_state_json(_FILES)
+        published = self._read_state_json(_FILES, scope)
         if isinstance(published, list):
             names.update(n for n in published if isinstance(n, str))
-        for rec_name in self._state(_CHUNKS).list_names():
+        for rec_name in self._state(_CHUNKS, scope).list_names():
             if not re.fullmatch(r"\d{5,}\.json", rec_name):
                 continue
-            entry = self._read_state_json(f"{_CHUNKS}/{rec_name}")
+            entry = self._read_state_json(f"{_CHUNKS}/{rec_name}", scope)
             if isinstance(entry, dict) and isinstance(entry.get("files"), list):
                 names.update(n for n in entry["files"] if isinstance(n, str))
-        return {n for n in names if _safe_name(n)}
+        return {n for n in names if _safe_name(n) and n not in self.shared_names}
 
     def _delete_earlier(self, owned: set[str]) -> None:
         """Delete the earlier run's files by exact name, and its state records (a fresh run starts clean)."""
@@ -251,10 +384,16 @@ class OutputDir:
                 loc.delete()
             except OSError as exc:
                 raise RunFailed(f"{loc}: cannot delete the earlier run's file: {self.loc.scrub(str(exc))}") from None
-        for rec_name in self._state(_CHUNKS).list_names():
+        self._delete_state()
+
+    def _delete_state(self, scope: str | None = None) -> None:
+        """Delete the state records of this run's scope (of ``scope``), by name."""
+        for rec_name in self._state(_CHUNKS, scope).list_names():
             if re.fullmatch(r"\d{5,}\.json", rec_name):
-                self._state(f"{_CHUNKS}/{rec_name}").delete()
-        self._state(_FILES).delete()
+                self._state(f"{_CHUNKS}/{rec_name}", scope).delete()
+        self._state(_FILES, scope).delete()
+        if scope == "":
+            self._state(_RUN, scope).delete()
 
     def _is_our_temp(self, name: str) -> bool:
         if not is_temp_name(name):
@@ -264,7 +403,7 @@ class OutputDir:
 
     def _remove_temps(self) -> None:
         """Delete temporary files of mmprep's own (never a final name)."""
-        folders = {""} | {posixpath_dir(n) for n in self.fixed_names}
+        folders = {""} | {posixpath_dir(n) for n in self.fixed_names} | set(self.guarded)
         for folder in sorted(folders):
             base = self.child(folder) if folder else self.loc
             for name in base.list_names():
@@ -326,13 +465,30 @@ class OutputDir:
             yield path
 
     def write(self, name: str, data: bytes) -> None:
-        """Publish a final file atomically; it is recorded as ours first, for a later ``--overwrite``."""
+        """Publish a final file atomically; it is recorded as ours first, for a later ``--overwrite`` (a shared name:
+        as a file every scope may rewrite)."""
         if self.local:
             ensure_dir(self.child(name).os_path.parent, root=self.loc.os_path)
-        if name not in self._published:
+        if name in self.shared_names:
+            if name not in self._shared:
+                self._shared.add(name)
+                self._top_state(_SHARED).write_bytes((json.dumps(sorted(self._shared)) + "\n").encode())
+        elif name not in self._published:
             self._published.add(name)
             self._write_state(_FILES, sorted(self._published))
         self.child(name).write_bytes(data)
+
+    def read(self, name: str) -> bytes | None:
+        """The bytes of a file in the folder, None when there is none."""
+        loc = self.child(name)
+        if loc.size() is None:
+            return None
+        return loc.read_bytes()
+
+    def delete_shared(self, name: str) -> None:
+        """Delete a shared file mmprep wrote (a recorded shared name; anything else is left alone)."""
+        if name in self.shared_names and name in self._shared:
+            self.child(name).delete()
 
 
 def _at(tree: Any, dotted: str) -> Any:

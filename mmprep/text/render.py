@@ -16,6 +16,7 @@ from mmprep.text.config import TextConfig, TextError
 __all__ = [
     "IMAGE_PART_TYPES",
     "Turn",
+    "conversation_turns",
     "count_placeholders",
     "inline_images",
     "pick_caption",
@@ -114,6 +115,20 @@ def sample_image_count(sample: Sample) -> int:
     if sample.images:
         return len(sample.images)
     return len(inline_images(sample.text))
+
+
+def conversation_turns(text: object, placeholder: str = "<image>") -> list[Turn] | None:
+    """The turns of a conversation (roles normalised: ``human`` -> ``user``, ``gpt`` -> ``assistant``; typed
+    content parts joined, image parts as ``placeholder``), or None when ``text`` is no conversation (a string,
+    captions, nothing).
+
+    Raises:
+        TextError: a malformed conversation (``text_bad_type``).
+    """
+    text = _unwrap(text)
+    if isinstance(text, list) and text and not all(isinstance(t, str) for t in text):
+        return _turns(text, placeholder)
+    return None
 
 
 def _turns(messages: list[Any], placeholder: str) -> list[Turn]:
