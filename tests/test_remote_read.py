@@ -186,6 +186,22 @@ def test_each_rank_and_worker_fetches_only_its_own_row_groups(s3: S3, remote: st
     assert len(everything) == 15
 
 
+@pytest.mark.parametrize("prefetch", [0, 3])
+def test_sequential_reads_fetch_row_groups_never_whole_shards(s3: S3, remote: str, prefetch: int) -> None:
+    ref = PackedDataset(packed("uint8"))
+    spans = _row_group_spans(ref)
+    ds = PackedDataset(remote, storage_options=s3.options, prefetch=prefetch)
+    ds.row_group_bounds()
+    ds.stats.reset()
+    assert same(list(ds.iter_batches(3)), list(ref.iter_batches(3)))
+    owners = [_owner(spans, ref, rel, a, b) for rel, a, b in ds.stats.ranges]
+    assert sorted(owners) == list(range(len(ref.row_group_bounds()) - 1))  # each row group once, nothing more
+    ds.stats.reset()
+    assert np.array_equal(ds.column("n_tokens"), ref.column("n_tokens"))
+    assert len(ds.stats.ranges) == len(owners)  # one small request per row group for a single column
+    assert ds.stats.as_dict()["bytes"] < sum(s.bytes for s in ref.shards) / 20
+
+
 def _row_group_spans(ds: PackedDataset) -> dict[str, list[tuple[int, int]]]:
     """The byte span of every row group of every shard (from the Parquet footers)."""
     spans = {}
@@ -279,13 +295,11 @@ def test_whole_shard_cache_is_checked_against_the_index_sha256(s3: S3, tmp_path:
     ds = PackedDataset(uri, storage_options=s3.options, cache_dir=tmp_path / "c", cache_shards=True, prefetch=0)
     assert same(list(ds.iter_batches(4)), list(PackedDataset(local).iter_batches(4)))
     cached = sorted((tmp_path / "c" / "mmprep-cache-v1" / "shards").glob("*.parquet"))
-    read = {s.sha256 for s in ds.shards if s.rows}  # the empty fifth shard is never read
-    assert len(cached) == 4 and ds.stats.as_dict()["shard_downloads"] == 4
-    assert {p.stem for p in cached} == {sha256_file(p) for p in cached} == read
+    assert len(cached) == 5 and ds.stats.as_dict()["shard_downloads"] == 5  # the empty one too (its footer)
+    assert {p.stem for p in cached} == {sha256_file(p) for p in cached} == {s.sha256 for s in ds.shards}
     again = PackedDataset(uri, storage_options=s3.options, cache_dir=tmp_path / "c", cache_shards=True)
     assert same(again.take([1, 13]), PackedDataset(local).take([1, 13]))
-    # read from the cached shards; only the empty shard (whose footer take() needs) came down, whole
-    assert again.stats.as_dict()["shard_downloads"] == 1 and again.stats.as_dict()["bytes"] == again.shards[4].bytes
+    assert again.stats.as_dict()["shard_downloads"] == 0 and again.stats.as_dict()["bytes"] == 0  # from the cache
 
     # the store's shard replaced by one of the same size with a flipped byte: the download is refused
     data = bytearray((local / "shard-00002.parquet").read_bytes())
@@ -458,3 +472,19 @@ def test_memory_filesystem_dataset() -> None:
         assert verify("memory://mem-bucket/enc").ok
     finally:
         mem.rm("/mem-bucket", recursive=True)
+
+
+def test_http_dataset(tmp_path: Path) -> None:
+    """A dataset served over plain HTTP (range requests) by a static server on 127.0.0.1."""
+    from _http_server import serve
+
+    src = packed("uint8")
+    with environment(s3_env(tmp_path)), serve(src.parent) as base:
+        uri = f"{base}/{src.name}"
+        ds = PackedDataset(uri)
+        assert same(list(ds.iter_batches(4)), list(PackedDataset(src).iter_batches(4)))
+        assert verify(uri).ok
+        res = runner.invoke(app, ["inspect", uri, "--json"])
+        assert res.exit_code == 0 and json.loads(res.stdout)["summary"]["rows"] == 15
+        with pytest.raises(InputError, match="nothing there"):
+            PackedDataset(f"{base}/not-a-dataset")

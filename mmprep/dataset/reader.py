@@ -357,7 +357,7 @@ class PackedDataset:
             yield from rows_of(batch)
 
     def _iter_record_batches(self, start: int, stop: int, read: list[str], batch_size: int) -> Iterator[Any]:
-        if self.prefetch:
+        if self.prefetch or self._store is not None:  # remote: row group by row group, never a whole shard at once
             yield from self._iter_row_group_slices(start, stop, read)
             return
         for k, shard in enumerate(self.shards):
@@ -368,6 +368,7 @@ class PackedDataset:
             if lo == shard.start and hi == shard.start + shard.rows:
                 with self._reading(k):
                     yield from f.iter_batches(batch_size=batch_size, columns=read, use_threads=True)
+                self._close_file(k)  # an open pyarrow file keeps the whole shard's pre-buffered bytes
                 continue
             rg_rows = self._row_groups()[k]
             first = shard.start
@@ -500,6 +501,11 @@ class PackedDataset:
         else:
             self._files.move_to_end(k)
         return f
+
+    def _close_file(self, k: int) -> None:
+        f = self._files.pop(k, None)
+        if f is not None:
+            f.close()
 
     def _task_file(self, k: int) -> Any:
         """A private handle on shard ``k`` for one background read (pyarrow file readers are not shared between
@@ -668,7 +674,7 @@ class PackedDataset:
     def column(self, name: str) -> np.ndarray | list[Any]:
         """One column over the whole dataset, read on its own (cheap for scalar columns like ``n_tokens``)."""
         self._check_columns([name])
-        if self.prefetch:
+        if self.prefetch or self._store is not None:
             tables = list(self._row_group_tables(range(len(self._rg_table().starts) - 1), [name]))
             parts = [self.to_numpy(t, [name])[name] for t in tables]
         else:

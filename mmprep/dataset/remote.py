@@ -27,6 +27,7 @@ import random
 import re
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -43,6 +44,7 @@ log = logging.getLogger("mmprep.dataset.remote")
 T = TypeVar("T")
 
 _BLOCK = 16 << 20
+_KEEP_RANGES = 10_000
 _VERIFY_HINT = "run `mmprep verify` on the dataset"
 _PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
 #: Exception classes (by name, anywhere in the class's MRO) that mean the connection or the server failed.
@@ -81,8 +83,8 @@ class RetryPolicy:
 class IOStats:
     """What a reader fetched: requests, bytes, retries, cache hits (thread-safe counters, for tests and tuning).
 
-    ``ranges`` records every byte range requested from the store as ``(file, start, end)`` (the file relative to
-    the dataset folder), so a test can tell which row groups a worker read.
+    ``ranges`` records the byte ranges requested from the store as ``(file, start, end)`` (the file relative to
+    the dataset folder; the last 10,000), so a test can tell which row groups a worker read.
     """
 
     def __init__(self) -> None:
@@ -93,7 +95,7 @@ class IOStats:
         self.cache_hits = 0
         self.cache_bytes = 0
         self.shard_downloads = 0
-        self.ranges: list[tuple[str, int, int]] = []
+        self.ranges: deque[tuple[str, int, int]] = deque(maxlen=_KEEP_RANGES)
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
@@ -125,7 +127,7 @@ class IOStats:
         with self._lock:
             self.requests = self.bytes = self.retries = self.cache_hits = self.cache_bytes = 0
             self.shard_downloads = 0
-            self.ranges = []
+            self.ranges = deque(maxlen=_KEEP_RANGES)
 
 
 def _chain(exc: BaseException) -> list[BaseException]:
