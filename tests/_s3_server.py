@@ -111,13 +111,15 @@ class FaultProxy:
     """An HTTP proxy on 127.0.0.1 in front of ``upstream`` that fails matching requests on purpose.
 
     Faults: ``"500"``/``"503"`` (an S3 error answer), ``"drop"`` (the connection is closed without an answer),
-    ``"cut"`` (the answer's body stops halfway, then the connection closes).
+    ``"cut"`` (the answer's body stops halfway, then the connection closes). ``latency`` seconds are added before
+    every answer (a store across a network rather than on loopback).
     """
 
     upstream: int
     match: Callable[[str, str, dict[str, str]], bool] = _shard_read
     queued: deque[str] = field(default_factory=deque)
     persistent: str | None = None
+    latency: float = 0.0
     injected: int = 0
     log: list[tuple[str, str, str]] = field(default_factory=list)
 
@@ -176,6 +178,8 @@ class FaultProxy:
         length = int(headers.get("content-length") or 0)
         body = h.rfile.read(length) if length else None
         fault = self._fault_for(h.command, h.path, headers)
+        if self.latency:
+            time.sleep(self.latency)
         if fault == "drop":
             h.close_connection = True
             with contextlib.suppress(OSError):
@@ -240,3 +244,17 @@ def environment(values: dict[str, str | None]) -> Iterator[None]:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def _serve_proxy(argv: list[str]) -> None:
+    """``python tests/_s3_server.py UPSTREAM_PORT LATENCY_S``: a proxy in its own process (so that it does not
+    share the measured process's interpreter); prints its port, serves until stdin closes."""
+    proxy = FaultProxy(int(argv[0]))
+    proxy.latency = float(argv[1])
+    print(proxy.port, flush=True)
+    sys.stdin.read()
+    proxy.close()
+
+
+if __name__ == "__main__":
+    _serve_proxy(sys.argv[1:])
