@@ -112,7 +112,8 @@ class FaultProxy:
 
     Faults: ``"500"``/``"503"`` (an S3 error answer), ``"drop"`` (the connection is closed without an answer),
     ``"cut"`` (the answer's body stops halfway, then the connection closes). ``latency`` seconds are added before
-    every answer (a store across a network rather than on loopback).
+    every answer, and with ``bandwidth`` (bytes/s) each answer's body takes its size / bandwidth more: a store
+    across a network (first-byte latency, a per-connection throughput) rather than on loopback.
     """
 
     upstream: int
@@ -120,6 +121,7 @@ class FaultProxy:
     queued: deque[str] = field(default_factory=deque)
     persistent: str | None = None
     latency: float = 0.0
+    bandwidth: float = 0.0
     injected: int = 0
     log: list[tuple[str, str, str]] = field(default_factory=list)
 
@@ -205,6 +207,8 @@ class FaultProxy:
             upstream_headers = resp.getheaders()
         finally:
             conn.close()
+        if self.bandwidth and data:
+            time.sleep(len(data) / self.bandwidth)
         h.send_response(resp.status, resp.reason)
         for k, v in upstream_headers:
             if k.lower() in ("transfer-encoding", "connection", "keep-alive"):
@@ -247,10 +251,11 @@ def environment(values: dict[str, str | None]) -> Iterator[None]:
 
 
 def _serve_proxy(argv: list[str]) -> None:
-    """``python tests/_s3_server.py UPSTREAM_PORT LATENCY_S``: a proxy in its own process (so that it does not
-    share the measured process's interpreter); prints its port, serves until stdin closes."""
+    """``python tests/_s3_server.py UPSTREAM_PORT LATENCY_S [BYTES_PER_S]``: a proxy in its own process (so that it
+    does not share the measured process's interpreter); prints its port, serves until stdin closes."""
     proxy = FaultProxy(int(argv[0]))
     proxy.latency = float(argv[1])
+    proxy.bandwidth = float(argv[2]) if len(argv) > 2 else 0.0
     print(proxy.port, flush=True)
     sys.stdin.read()
     proxy.close()

@@ -27,7 +27,7 @@ import re
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from mmprep.errors import MmprepError, UsageError
 from mmprep.runtime.files import TEMP_MARK, atomic_write, ensure_dir
@@ -82,6 +82,16 @@ class ShardCache:
 
     def __repr__(self) -> str:
         return f"ShardCache({str(self.folder)!r}, limit={self.limit})"
+
+    def __getstate__(self) -> dict[str, Any]:  # travels to DataLoader workers: no lock, a fresh count of the folder
+        state = self.__dict__.copy()
+        del state["_lock"]
+        state.update(_estimate=None, _pending=0, _since_scan=0)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
 
     # -- keys ----------------------------------------------------------------------------------------------------
     @staticmethod

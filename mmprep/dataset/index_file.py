@@ -167,6 +167,6 @@ def _read_remote_index_text(uri: str, storage_options: Mapping[str, Any] | None)
         raise InputError(f"{store.uri(INDEX_NAME)}: {size:,} bytes, too large for an mmprep index (at most "
                          f"{MAX_INDEX_BYTES:,})", hint="the index is damaged; rerun `mmprep pack`")
     try:
-        return loc.uri, loc, store.read_all(INDEX_NAME, size).decode("utf-8")
+        return loc.uri.rstrip("/"), loc, store.read_all(INDEX_NAME, size).decode("utf-8")
     except UnicodeDecodeError as exc:
         raise InputError(f"{store.uri(INDEX_NAME)}: cannot read: {exc}") from None
