@@ -17,8 +17,9 @@ Methods (same shards, same batch size, every column, warm page cache; the S3 one
 - ``s3, no prefetch``: ``prefetch=0``, each row group fetched when it is needed (what prefetch buys).
 - ``s3, range cache warm``: ``cache_dir`` filled by a first pass; a later epoch reads the row groups from local
   disk and asks the store only for sizes and footers.
-- ``s3 + 50 ms latency``, no prefetch / prefetch 4: through a proxy (its own process, ``tests/_s3_server.py``) that
-  holds every answer 50 ms, as a store across a network does: what the background prefetch is for.
+- ``s3 over a network``, no prefetch / prefetch 4: through a proxy (its own process, ``tests/_s3_server.py``) that
+  holds every answer 50 ms and sends bodies at 100 MB/s per connection, as a store across a network does (first-byte
+  latency, per-connection throughput): what the background prefetch is for.
 - ``local epoch plan`` / ``s3 epoch plan``: the training path (``PackedIterableDataset``): one worker's shuffled
   plan over all row groups, rows shuffled within windows of 4 row groups.
 
@@ -119,10 +120,11 @@ def local_copies(local: Path, dest: Path, copies: int) -> Path:
 
 
 @contextlib.contextmanager
-def latency_proxy(upstream: int, seconds: float) -> Iterator[str]:
-    """A proxy in its own process adding ``seconds`` to every answer; yields its endpoint."""
-    proc = subprocess.Popen([sys.executable, str(REPO_ROOT / "tests" / "_s3_server.py"), str(upstream), str(seconds)],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+def latency_proxy(upstream: int, seconds: float, bandwidth: float) -> Iterator[str]:
+    """A proxy in its own process adding ``seconds`` to every answer and sending bodies at ``bandwidth`` bytes/s;
+    yields its endpoint."""
+    proc = subprocess.Popen([sys.executable, str(REPO_ROOT / "tests" / "_s3_server.py"), str(upstream), str(seconds),
+                             str(bandwidth)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout is not None
         yield f"http://127.0.0.1:{int(proc.stdout.readline())}"
@@ -182,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         moto = start_moto(dict(os.environ))
         stack.callback(moto.stop)
         stack.callback(shutil.rmtree, tmp, True)
-        slow = {"endpoint_url": stack.enter_context(latency_proxy(moto.port, 0.05))}
+        slow = {"endpoint_url": stack.enter_context(latency_proxy(moto.port, 0.05, 100e6))}
         import s3fs
 
         fs = s3fs.S3FileSystem(endpoint_url=moto.endpoint, skip_instance_cache=True)
@@ -210,13 +212,14 @@ def main(argv: list[str] | None = None) -> int:
             "s3, prefetch 4 (default)": lambda: read_all(uri, b, storage_options=opts),
             "s3, no prefetch": lambda: read_all(uri, b, storage_options=opts, prefetch=0),
             "s3, range cache warm": lambda: read_all(uri, b, storage_options=opts, cache_dir=cache),
-            "s3 + 50 ms latency, no prefetch": lambda: read_all(uri, b, storage_options=slow, prefetch=0),
-            "s3 + 50 ms latency, prefetch 4": lambda: read_all(uri, b, storage_options=slow),
+            "s3 over a network (50 ms, 100 MB/s), no prefetch": lambda: read_all(uri, b, storage_options=slow,
+                                                                                  prefetch=0),
+            "s3 over a network (50 ms, 100 MB/s), prefetch 4": lambda: read_all(uri, b, storage_options=slow),
             "local epoch plan": plan(str(local)),
             "s3 epoch plan": plan(uri, storage_options=opts),
         }
         same = {"s3 epoch plan": "local epoch plan",
-                "s3 + 50 ms latency, prefetch 4": "s3 + 50 ms latency, no prefetch"}
+                "s3 over a network (50 ms, 100 MB/s), prefetch 4": "s3 over a network (50 ms, 100 MB/s), no prefetch"}
         names = list(methods)
         for name in names:  # warm-up
             got = methods[name]()
