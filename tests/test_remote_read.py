@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import pickle
 import time
@@ -376,9 +377,11 @@ def test_which_errors_are_retried() -> None:
     assert [is_transient(e) for e in refused] == [False] * len(refused)
 
 
-def test_a_store_that_keeps_failing_is_one_line_naming_the_shard_and_the_store(s3: S3, remote: str,
-                                                                              proxy: FaultProxy) -> None:
-    ds = PackedDataset(remote, storage_options={"endpoint_url": proxy.endpoint, **NO_CLIENT_RETRIES}, retries=2)
+def test_a_store_that_keeps_failing_is_one_line_naming_the_shard_and_the_store(
+        s3: S3, remote: str, proxy: FaultProxy, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="mmprep")
+    options = {"endpoint_url": proxy.endpoint, "key": KEY, "secret": SECRET, **NO_CLIENT_RETRIES}
+    ds = PackedDataset(remote, storage_options=options, retries=2)
     proxy.persistent = "503"
     t0 = time.monotonic()
     with pytest.raises(RunFailed) as err:
@@ -389,6 +392,9 @@ def test_a_store_that_keeps_failing_is_one_line_naming_the_shard_and_the_store(s
     assert f"on the store s3://{BUCKET} at {proxy.endpoint} (" in msg and "injected by the test proxy" in msg
     assert "\n" not in msg and no_secrets(msg) and took < 20
     assert proxy.injected == 4 * 3  # each of the four footer reads tried 3 times, all finished before the error
+    retried = [r.getMessage() for r in caplog.records if "try 2 of 3" in r.getMessage()]
+    assert len(retried) == 4 and all(m.startswith(f"{remote}/shard-0000") for m in retried)
+    assert no_secrets(*(r.getMessage() for r in caplog.records), repr(ds), repr(ds.location))
     # the CLI says the same in one line, exit 1, and names no credentials
     res = runner.invoke(app, ["inspect", remote, "--storage-option", f"endpoint_url={proxy.endpoint}",
                               "--storage-option", 'config_kwargs={"retries": {"total_max_attempts": 1}}'])
