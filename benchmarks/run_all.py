@@ -6,7 +6,7 @@ against which baseline in the same run); its full table is streamed to the termi
 ``summary.json``. Corpora are generated deterministically under ``.bench/`` on first use and reused.
 
     python benchmarks/run_all.py                 # the full suite (~40 min on 2 cores; BENCHMARKS.md)
-    python benchmarks/run_all.py --only pack,images
+    python benchmarks/run_all.py --only pack,images,reader_remote
     python benchmarks/run_all.py --check         # CI: small corpora, ratios only, generous bounds, exit 1 if missed
 
 ``--check`` runs the benchmarks that need nothing outside the repository (no ``../shared``, no img2dataset, no
@@ -39,6 +39,7 @@ SUITE: dict[str, tuple[str, list[str], list[str] | None]] = {
     # info only, not in --check: on a CPU the vectorised masks and the loop are within a few x of each other, and
     # the small --quick batch swings with the machine's load
     "masks": ("bench_masks.py", ["--threads", "1"], None),
+    "reader_remote": ("bench_reader_remote.py", [], ["--quick"]),
     "ray": ("bench_ray.py", [], None),
     "embedded": ("bench_embedded.py", [], None),
 }
@@ -52,11 +53,25 @@ CHECK_BOUNDS: dict[str, float] = {
     "tokenize / raw batched fast tokenizer": 0.6,
     "embed / naive one-tag loop": 2.0,
     "reader / raw pyarrow columns": 0.5,
+    # loopback S3 (moto, on the same cores) against local files, 96 tiny rows: catches a read path gone serial or
+    # whole-shard, not a few percent
+    "reader from loopback S3 / from local files": 0.1,
+}
+# Figures that must stay at or under a bound in --check (memory growth).
+CHECK_CEILINGS: dict[str, float] = {
+    "reader peak RSS, 4x dataset / 1x dataset": 1.5,
 }
 
 
 def _bound_for(name: str) -> float | None:
     for prefix, bound in CHECK_BOUNDS.items():
+        if name.startswith(prefix):
+            return bound
+    return None
+
+
+def _ceiling_for(name: str) -> float | None:
+    for prefix, bound in CHECK_CEILINGS.items():
         if name.startswith(prefix):
             return bound
     return None
@@ -114,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
         for h in headline:
             goal = _bound_for(h["name"]) if args.check else h["target"]
             op = ">=" if args.check and goal is not None else h["op"]
+            if args.check and goal is None and _ceiling_for(h["name"]) is not None:
+                goal, op = _ceiling_for(h["name"]), "<="
             rows.append({"benchmark": name, **h, "goal": goal, "goal_op": op,
                          "met": _met(h["value"], goal, op), "bench_seconds": seconds})
 

@@ -81,3 +81,13 @@ def copy_packed(kind: str, dest: Path) -> Path:
     """A private copy of a packed directory (for tests that damage it)."""
     shutil.copytree(packed(kind), dest)
     return dest
+
+
+def shard(root: Path, k: int, split: str | None = None) -> str:
+    """The path (relative to ``root``) of shard ``k`` of a packed folder, as its index lists it."""
+    import json
+
+    index = json.loads((root / "index.json").read_text())
+    splits = index.get("splits") or {"train": index}
+    entry = splits[split] if split is not None else next(iter(splits.values()))
+    return str(entry["shards"][k]["path"])

@@ -435,3 +435,21 @@ def test_dataset_patch_mask_and_torch_without_torch(ds: PackedDataset, monkeypat
 
         PackedIterableDataset(ds, batch_size=4)
     assert "pip install" in (exc.value.hint or "")
+
+
+def test_reading_every_shard_keeps_no_shard_bytes_alive(tmp_path: Path) -> None:
+    """pyarrow keeps a file's pre-buffered bytes while the file is open: after a pass over the dataset the reader
+    holds none of them (memory stays flat however many shards there are)."""
+    import gc
+
+    import pyarrow as pa
+
+    for prefetch in (0, 2):
+        ds = PackedDataset(packed("uint8"), prefetch=prefetch)
+        gc.collect()
+        before = pa.total_allocated_bytes()
+        for batch in ds.iter_batches(4):
+            del batch
+        gc.collect()
+        kept = pa.total_allocated_bytes() - before
+        assert kept < min(s.bytes for s in ds.shards if s.rows), (prefetch, kept)

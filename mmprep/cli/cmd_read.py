@@ -11,6 +11,11 @@ from mmprep.dataset.format import INDEX_NAME
 
 SplitOpt = Annotated[str | None, typer.Option("--split", help="Which split (default: the only one, else train).")]
 
+StorageOpt = Annotated[list[str] | None, typer.Option(
+    "--storage-option", metavar="KEY=VALUE",
+    help="fsspec option for a remote dataset (s3://, gs://, ...), e.g. endpoint_url=http://host:9000; repeatable; "
+         "never shown. Prefer credentials from the environment.")]
+
 if TYPE_CHECKING:
     from mmprep.dataset.inspect import DatasetSummary
     from mmprep.dataset.sheet import SheetInfo
@@ -20,7 +25,8 @@ if TYPE_CHECKING:
 
 @app.command("inspect")
 def inspect_cmd(
-    path: Annotated[str, typer.Argument(help="A packed directory (the --out of `mmprep pack`).")],
+    path: Annotated[str, typer.Argument(help="A packed directory (the --out of `mmprep pack`): a path or a URI "
+                                        "such as s3://bucket/ds.")],
     sheet: Annotated[str | None, typer.Option(metavar="OUT.png", help="Write a contact sheet of sampled rows as "
                                               "the model sees them.")] = None,
     samples: Annotated[int, typer.Option(help="Rows on the contact sheet.")] = 8,
@@ -29,6 +35,7 @@ def inspect_cmd(
                                               "pack time, when reachable; else ids).")] = None,
     top_tags: Annotated[int, typer.Option(help="Most frequent tags to list.")] = 10,
     split: SplitOpt = None,
+    storage_option: StorageOpt = None,
     json_: JsonOpt = False,
     quiet: QuietOpt = False,
     verbose: VerboseOpt = False,
@@ -40,8 +47,9 @@ def inspect_cmd(
         from mmprep.dataset.inspect import summarize
         from mmprep.dataset.reader import PackedDataset
         from mmprep.dataset.sheet import contact_sheet
+        from mmprep.runtime.storage import parse_storage_options
 
-        ds = PackedDataset(path, split=split)
+        ds = PackedDataset(path, split=split, storage_options=parse_storage_options(storage_option))
         summary = summarize(ds, vocab=vocab, top_tags=top_tags)
         info = contact_sheet(ds, sheet, samples=samples, seed=seed, vocab=vocab) if sheet else None
         _render_summary(output, summary, info)
@@ -52,10 +60,12 @@ def inspect_cmd(
 
 @app.command("verify")
 def verify_cmd(
-    path: Annotated[str, typer.Argument(help="A packed directory (the --out of `mmprep pack`).")],
+    path: Annotated[str, typer.Argument(help="A packed directory (the --out of `mmprep pack`): a path or a URI "
+                                        "such as s3://bucket/ds (each shard is downloaded to a temporary file).")],
     deep: Annotated[bool, typer.Option(help="Also check the pixel bytes of padding slots (padded layout) or "
                                        "decode every image (encoded layout).")] = False,
     split: SplitOpt = None,
+    storage_option: StorageOpt = None,
     json_: JsonOpt = False,
     quiet: QuietOpt = False,
     verbose: VerboseOpt = False,
@@ -66,10 +76,12 @@ def verify_cmd(
     def body() -> int:
         from mmprep.dataset.index_file import read_index
         from mmprep.dataset.verify import entry_bytes, verify
+        from mmprep.runtime.storage import parse_storage_options
 
-        total = sum(entry_bytes(e) for e in read_index(path, split=split).entries)
+        options = parse_storage_options(storage_option)
+        total = sum(entry_bytes(e) for e in read_index(path, options, split=split).entries)
         with output.progress(total, "verify", unit="B") as bar:
-            report = verify(path, split=split, deep=deep, progress=bar.update)
+            report = verify(path, split=split, deep=deep, progress=bar.update, storage_options=options)
         _render_verify(output, report)
         return 0 if report.ok else 1
 

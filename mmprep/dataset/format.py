@@ -61,6 +61,7 @@ __all__ = [
     "select_split",
     "shard_entry_problems",
     "shard_name",
+    "shard_path_problem",
     "split_problem",
 ]
 
@@ -83,6 +84,9 @@ METADATA_KEY = "mmprep"
 SHARD_METADATA_KEY = "mmprep.shard"
 
 _DAMAGED = "the index is damaged; rerun `mmprep pack`, or run `mmprep verify` on the directory"
+#: The largest count an index may hold (an int64: row numbers and byte offsets are int64 everywhere).
+MAX_COUNT = 2**63 - 1
+_ABSOLUTE = re.compile(r"^(?:[/\\]|[A-Za-z]:|[A-Za-z][A-Za-z0-9+.\-]*://)")
 
 
 _SPLIT_RE = re.compile(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*")
@@ -124,12 +128,14 @@ def dumps_json(obj: Any) -> bytes:
 
 
 def count_field(value: Any) -> int | None:
-    """``value`` when it is a whole number >= 0 as JSON stores one (an int, not a bool or a string), else None.
+    """``value`` when it is a whole number in ``0..MAX_COUNT`` as JSON stores one (an int, not a bool or a
+    string), else None.
 
     Counts read from ``index.json`` are checked with this rather than coerced with ``int()``, so that a damaged
-    index is reported by field instead of failing with a ValueError.
+    index is reported by field instead of failing with a ValueError (or an OverflowError further on).
     """
-    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+    ok = isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_COUNT
+    return value if ok else None
 
 
 def count_problem(d: Mapping[str, Any], key: str, name: str | None = None) -> str | None:
@@ -140,7 +146,35 @@ def count_problem(d: Mapping[str, Any], key: str, name: str | None = None) -> st
     """
     if key not in d or count_field(d[key]) is not None:
         return None
-    return f"{name or key} is {d[key]!r}, not a whole number"
+    value = d[key]
+    if isinstance(value, int) and not isinstance(value, bool) and value > MAX_COUNT:
+        shown = f"{str(value)[:20]}… ({len(str(value))} digits)" if len(str(value)) > 24 else str(value)
+        return f"{name or key} is {shown}, out of range (at most 2**63 - 1)"
+    return f"{name or key} is {value!r}, not a whole number"
+
+
+def shard_path_problem(path: Any, name: str = "path") -> str | None:
+    """What is wrong with a file path from the index (a shard's ``path``, ``rejects``), None when it is fine.
+
+    Paths in ``index.json`` are relative POSIX paths inside the dataset folder (``shard-00000.parquet``,
+    ``data/train-00000-of-00004.parquet``): an absolute path, a drive, a URI, a ``..`` part, a backslash or an empty
+    part would make a reader open a file outside the dataset (a tampered index), so they are refused.
+    """
+    if not isinstance(path, str) or not path:
+        return f"{name} is {path!r}, not a file path"
+    shown = path if len(path) <= 200 else path[:200] + "…"
+    if "\0" in path:
+        return f"{name} {shown!r} contains a NUL character"
+    if _ABSOLUTE.match(path):
+        return f"{name} {shown!r} is absolute; paths in {INDEX_NAME} are relative to the dataset folder"
+    if "\\" in path:
+        return f"{name} {shown!r} contains a backslash; paths in {INDEX_NAME} use '/'"
+    parts = path.split("/")
+    if ".." in parts:
+        return f"{name} {shown!r} leaves the dataset folder ('..')"
+    if any(p in ("", ".") for p in parts):
+        return f"{name} {shown!r} has an empty or '.' part"
+    return None
 
 
 def histogram_problem(value: Any, name: str = "image_count_histogram") -> str | None:
@@ -163,7 +197,7 @@ def shard_entry_problems(d: Mapping[str, Any]) -> list[str]:
 
     ``verify`` lists them all in one finding; :meth:`ShardInfo.from_json` raises the first.
     """
-    found = [count_problem(d, "rows"), count_problem(d, "bytes")]
+    found = [shard_path_problem(d.get("path")), count_problem(d, "rows"), count_problem(d, "bytes")]
     if d.get("image_count_histogram") is not None:
         found.append(histogram_problem(d["image_count_histogram"]))
     return [p for p in found if p is not None]
@@ -173,7 +207,8 @@ def _count(d: Mapping[str, Any], key: str, where: str, name: str | None = None) 
     """The required count ``d[key]`` (InputError naming the field when missing or damaged)."""
     value = count_field(d.get(key))
     if value is None:
-        raise InputError(f"{where}: {name or key} is {d.get(key)!r}, not a whole number", hint=_DAMAGED)
+        problem = count_problem(d, key, name) or f"{name or key} is {d.get(key)!r}, not a whole number"
+        raise InputError(f"{where}: {problem}", hint=_DAMAGED)
     return value
 
 
@@ -229,7 +264,8 @@ class ShardInfo:
             raise InputError(f"{where} lacks path or rows", hint=_DAMAGED)
         problems = shard_entry_problems(d)
         if problems:
-            raise InputError(f"{where} ({d['path']}): {problems[0]}", hint=_DAMAGED)
+            shown = d["path"] if len(d["path"]) <= 200 else d["path"][:200] + "…"
+            raise InputError(f"{where} ({shown}): {problems[0]}", hint=_DAMAGED)
         return cls(path=d["path"], rows=d["rows"], bytes=d.get("bytes", 0), sha256=str(d.get("sha256", "")),
                    image_count_histogram=dict(d.get("image_count_histogram") or {}),
                    first_line=_line(d.get("first_line")), last_line=_line(d.get("last_line")))
@@ -369,9 +405,14 @@ class Index:
             raise InputError(f"{where}: metadata is not an object", hint=_DAMAGED)
         config = d.get("config") if isinstance(d.get("config"), dict) else {}
         stats = d.get("run_stats")
+        rejects = d.get("rejects") or REJECTS_NAME
+        for name, value in (("rejects", rejects), ("run_stats", stats)):
+            problem = shard_path_problem(value, name) if value is not None else None
+            if problem is not None:
+                raise InputError(f"{where}: {problem}", hint=_DAMAGED)
         return cls(config=config, rows_per_shard=count_field(d.get("rows_per_shard")) or 0, metadata=metadata,
                    shards=shards, totals=Totals.from_json(d.get("totals"), where),
-                   rejects=str(d.get("rejects") or REJECTS_NAME), format_version=d.get("format_version", 0),
+                   rejects=str(rejects), format_version=d.get("format_version", 0),
                    split=str(d.get("split") or DEFAULT_SPLIT), run_stats=stats if isinstance(stats, str) else None)
 
 

@@ -14,7 +14,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from mmprep.dataset.format import INDEX_NAME, count_field
+from mmprep.dataset.format import count_field
 from mmprep.dataset.reader import PackedDataset
 from mmprep.errors import InputError
 
@@ -179,7 +179,7 @@ def _count(value: Any, name: str, ds: PackedDataset) -> int:
     """A count from the metadata, or an InputError that names the field and its value."""
     n = count_field(value)
     if n is None:
-        raise InputError(f"{ds.path / INDEX_NAME}: {name} is {value!r}, not a whole number",
+        raise InputError(f"{ds.index_file}: {name} is {value!r}, not a whole number",
                          hint="the index is damaged; run `mmprep verify` on the directory")
     return n
 

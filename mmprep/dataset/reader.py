@@ -17,6 +17,15 @@
 - **epoch plans** (``epoch_plan``/``iter_plan``): which rows a (rank, worker) reads in an epoch, each row exactly
   once across all of them, shuffled deterministically by seed and epoch (:mod:`mmprep.dataset.plans`). The
   PyTorch datasets in :mod:`mmprep.dataset.torch_data` are thin wrappers around these.
+- **object storage**: the path may be any fsspec/pyarrow URI (``s3://bucket/ds``, ``gs://``, ``az://``,
+  ``http(s)://``, ``memory://``). Shards are then read by row group with range requests (pyarrow coalesces a row
+  group's column chunks into few reads), retried on dropped connections and server errors
+  (:mod:`mmprep.dataset.remote`); the next row groups of a sequential read, an epoch plan or a ``take`` are
+  fetched by a small thread pool in the background (``prefetch`` row groups ahead, so memory stays bounded); and
+  with ``cache_dir`` the bytes read are kept on local disk under a size limit, least recently used first out
+  (:mod:`mmprep.dataset.cache`; ``cache_shards=True`` downloads whole shards instead, checked against the index
+  sha256). Each shard's size is checked against the index before it is read. Local paths keep the direct path
+  (no thread pool, no copies) unless ``prefetch`` is given.
 
 Masks and targets over batches (:func:`~mmprep.dataset.arrays.image_mask`,
 :func:`~mmprep.dataset.arrays.patch_mask`, :func:`~mmprep.dataset.arrays.multi_hot`) are in
@@ -25,9 +34,13 @@ Masks and targets over batches (:func:`~mmprep.dataset.arrays.image_mask`,
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import os
-from collections import OrderedDict
-from collections.abc import Iterable, Iterator, Sequence
+import threading
+from collections import OrderedDict, deque
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +48,7 @@ from typing import Any
 import numpy as np
 
 from mmprep.dataset.arrays import NORMALIZE_DTYPES, Batch, PixelSpec, normalize_pixels, patch_mask
+from mmprep.dataset.cache import ShardCache, ShardMismatch, parse_size
 from mmprep.dataset.columns import (
     column_to_numpy,
     decode_images,
@@ -46,18 +60,28 @@ from mmprep.dataset.columns import (
 from mmprep.dataset.format import INDEX_NAME, Index
 from mmprep.dataset.index_file import load_index
 from mmprep.dataset.plans import PlanRange, epoch_plan
+from mmprep.dataset.remote import IOStats, RangeFile, RetryPolicy, Store
 from mmprep.dataset.vocab_lookup import VocabLookup, find_vocab
-from mmprep.errors import InputError, UsageError
+from mmprep.errors import InputError, MmprepError, UsageError
+from mmprep.runtime.storage import Location
 
 __all__ = ["PackedDataset", "ShardEntry"]
 
 
+_VERIFY = "run `mmprep verify` on the directory"
+
+
 @dataclass(frozen=True)
 class ShardEntry:
-    """One shard as listed in the index, with its place in the dataset's row order."""
+    """One shard as listed in the index, with its place in the dataset's row order.
+
+    Attributes:
+        name: its path relative to the dataset folder, as the index lists it.
+        path: a Path for a local dataset, its URI (without credentials) otherwise.
+    """
 
     name: str
-    path: Path
+    path: Path | str
     rows: int
     start: int
     bytes: int
@@ -77,7 +101,7 @@ class PackedDataset:
     """A packed directory (the ``--out`` of ``mmprep pack``), readable as rows or numpy batches.
 
     Args:
-        path: the directory (or its ``index.json``).
+        path: the directory (or its ``index.json``): a local path or a URI (``s3://bucket/ds``, ``gs://``, ...).
         split: which split to read (default: the only one, else ``train``).
         columns: columns to read (default: all). Unknown names are a UsageError listing the available ones.
         normalize: ``float32`` or ``float16`` to return pixels normalised with the metadata's mean/std
@@ -88,10 +112,23 @@ class PackedDataset:
             decodes each to a uint8 ``(H, W, 3)`` array (EXIF orientation applied); an
             :class:`mmprep.images.decode.ImageConfig` also resizes.
         cache_row_groups: decoded row groups kept for random access.
+        storage_options: fsspec options for a URI (``endpoint_url``, credentials, ...; never shown). Credentials
+            are best left to the store's own environment and config files.
+        cache_dir: keep the shard bytes read from a remote dataset in this local folder (shared safely by
+            processes and datasets: entries are keyed by the shard's sha256). Ignored for local datasets.
+        cache_limit: at most this many bytes in ``cache_dir`` (an int or ``"50GB"``); the least recently used
+            entries are deleted first. None: no limit.
+        cache_shards: cache whole shards (downloaded once, checked against the index sha256) instead of the byte
+            ranges read.
+        prefetch: row groups read ahead in background threads (default: 4 for a remote dataset, 0 for a local one).
+        retries: how often a failed request to the store is tried again (dropped connections, timeouts, 5xx),
+            with exponential backoff, before the read fails with one line naming the shard and the store.
 
     Attributes:
-        path: the dataset folder.
+        path: the dataset folder (a Path, or the URI without credentials for a remote dataset).
         split: the split read.
+        location: the dataset folder on its filesystem.
+        remote: whether the dataset is read from a remote filesystem.
         index: the split's part of ``index.json`` (:class:`mmprep.dataset.format.Index`).
         shards: the shards in row order, each with its first global row.
         metadata: the dataset's ``mmprep`` metadata (layout, pixels, text, vocab); empty without shards.
@@ -113,18 +150,43 @@ class PackedDataset:
         std: Sequence[float] | None = None,
         decode_images: Any = False,
         cache_row_groups: int = 4,
+        storage_options: Mapping[str, Any] | None = None,
+        cache_dir: str | os.PathLike[str] | None = None,
+        cache_limit: int | str | None = None,
+        cache_shards: bool = False,
+        prefetch: int | None = None,
+        retries: int = 3,
     ) -> None:
-        loaded = load_index(path, split=split)
-        self.path: Path = loaded.root
+        policy = RetryPolicy.from_retries(retries)
+        limit = parse_size(cache_limit)
+        loaded = load_index(path, storage_options, split=split)
+        self.path: Path | str = loaded.root
+        self.location: Location = loaded.location
+        self.remote: bool = not loaded.location.local
         self.index: Index = loaded.index
         self.split: str = loaded.index.split
         self.shards: list[ShardEntry] = []
         start = 0
         for s in self.index.shards:
-            self.shards.append(ShardEntry(name=s.path, path=self.path / s.path, rows=s.rows, start=start,
-                                          bytes=s.bytes, sha256=s.sha256))
+            where: Path | str = self.path / s.path if isinstance(self.path, Path) else f"{self.path}/{s.path}"
+            self.shards.append(ShardEntry(name=s.path, path=where, rows=s.rows, start=start, bytes=s.bytes,
+                                          sha256=s.sha256))
             start += s.rows
         self._len = start
+        if prefetch is not None and (isinstance(prefetch, bool) or not isinstance(prefetch, int)
+                                     or not 0 <= prefetch <= 64):
+            raise UsageError(f"prefetch must be a whole number of row groups in 0..64, got {prefetch!r}")
+        self.prefetch: int = (4 if self.remote else 0) if prefetch is None else prefetch
+        self.stats = IOStats()
+        self._store: Store | None = Store(self.location, policy, self.stats) if self.remote else None
+        self._disk_cache: ShardCache | None = (ShardCache(cache_dir, limit) if self.remote and cache_dir is not None
+                                               else None)
+        self.cache_shards = bool(cache_shards)
+        self._meta: dict[int, Any] = {}
+        self._checked: set[int] = set()
+        self._lock = threading.Lock()
+        self._pool: ThreadPoolExecutor | None = None
+        self._pool_pid = 0
         self.metadata: dict[str, Any] = self.index.metadata or {}
         self.layout: str = self.metadata.get("layout", "padded")
         self.pixels: PixelSpec | None = None
@@ -132,7 +194,7 @@ class PackedDataset:
             try:
                 self.pixels = PixelSpec.from_metadata(self.metadata)
             except (KeyError, TypeError, ValueError) as exc:
-                raise InputError(f"{self.path / INDEX_NAME}: bad pixel metadata ({exc})",
+                raise InputError(f"{self.index_file}: bad pixel metadata ({exc})",
                                  hint="run `mmprep verify` on the directory") from None
         if normalize is not None:
             if normalize not in NORMALIZE_DTYPES:
@@ -146,22 +208,52 @@ class PackedDataset:
         self.decode_images = decode_images
         self.cache_row_groups = max(0, int(cache_row_groups))
         self._schema: Any = None
-        self.columns: list[str] = self._check_columns(columns)
         self._rg_rows: list[list[int]] | None = None
         self._rg: _RowGroups | None = None
         self._cache: OrderedDict[tuple[Any, ...], Any] = OrderedDict()
         self._files: OrderedDict[int, Any] = OrderedDict()
+        self.columns: list[str] = self._check_columns(columns)
 
-    # -- pickling (DataLoader workers): no open files or cached tables travel ------------------------------
+    # -- pickling (DataLoader workers): no open files, cached tables or threads travel --------------------------
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_cache"] = OrderedDict()
         state["_files"] = OrderedDict()
+        state["_pool"] = None
+        state["stats"] = IOStats()
+        del state["_lock"]
         return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+        if self._store is not None:
+            self._store.stats = self.stats
 
     def __repr__(self) -> str:
         return (f"PackedDataset({str(self.path)!r}, split={self.split!r}, rows={self._len}, shards={len(self.shards)}, "
                 f"layout={self.layout})")
+
+    def close(self) -> None:
+        """Stop the prefetch threads and close open shard files (the dataset can still be read afterwards)."""
+        pool, self._pool = self._pool, None
+        if pool is not None and self._pool_pid == os.getpid():
+            pool.shutdown(wait=True, cancel_futures=True)
+        while self._files:
+            _, f = self._files.popitem()
+            with contextlib.suppress(Exception):
+                f.close()
+
+    def __enter__(self) -> PackedDataset:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def index_file(self) -> Path | str:
+        """The ``index.json`` file (a Path, or its URI)."""
+        return self.path / INDEX_NAME if isinstance(self.path, Path) else f"{self.path}/{INDEX_NAME}"
 
     # -- facts ---------------------------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -171,17 +263,8 @@ class PackedDataset:
     def schema(self) -> Any:
         """The Arrow schema of the shards (read from the first shard)."""
         if self._schema is None and self.shards:
-            import pyarrow.parquet as pq
-
-            first = self.shards[0]
-            try:
-                self._schema = pq.read_schema(first.path)
-            except FileNotFoundError:
-                raise InputError(f"{first.path}: listed in {INDEX_NAME} but missing",
-                                 hint="run `mmprep verify` on the directory") from None
-            except OSError as exc:
-                raise InputError(f"{first.path}: not a readable Parquet file ({exc})",
-                                 hint="run `mmprep verify` on the directory") from None
+            with self._reading(0):
+                self._schema = self._file(0).schema_arrow
         return self._schema
 
     @property
@@ -279,40 +362,143 @@ class PackedDataset:
             yield from rows_of(batch)
 
     def _iter_record_batches(self, start: int, stop: int, read: list[str], batch_size: int) -> Iterator[Any]:
+        if self.prefetch or self._store is not None:  # remote: row group by row group, never a whole shard at once
+            yield from self._iter_row_group_slices(start, stop, read)
+            return
         for k, shard in enumerate(self.shards):
             lo, hi = max(start, shard.start), min(stop, shard.start + shard.rows)
             if lo >= hi:
                 continue
             f = self._file(k)
             if lo == shard.start and hi == shard.start + shard.rows:
-                yield from f.iter_batches(batch_size=batch_size, columns=read, use_threads=True)
+                with self._reading(k):
+                    yield from f.iter_batches(batch_size=batch_size, columns=read, use_threads=True)
+                self._close_file(k)  # an open pyarrow file keeps the whole shard's pre-buffered bytes
                 continue
             rg_rows = self._row_groups()[k]
             first = shard.start
             for g, n in enumerate(rg_rows):
                 a, b = max(lo, first), min(hi, first + n)
                 if a < b:
-                    table = f.read_row_group(g, columns=read, use_threads=True)
+                    with self._reading(k):
+                        table = f.read_row_group(g, columns=read, use_threads=True)
                     yield to_record_batch(table.slice(a - first, b - a))
                 first += n
 
+    def _iter_row_group_slices(self, start: int, stop: int, read: list[str]) -> Iterator[Any]:
+        """Rows ``[start, stop)`` row group by row group, the next ones fetched in the background."""
+        rg = self._rg_table()
+        first = int(np.searchsorted(rg.starts, start, side="right")) - 1
+        jobs: list[tuple[int, int, int]] = []
+        for g in range(max(0, first), len(rg.starts) - 1):
+            lo, hi = int(rg.starts[g]), int(rg.starts[g + 1])
+            if lo >= stop:
+                break
+            a, b = max(start, lo), min(stop, hi)
+            if a < b:
+                jobs.append((g, a - lo, b - a))
+        tables = self._row_group_tables([g for g, _, _ in jobs], read)
+        for (_, offset, n), table in zip(jobs, tables, strict=True):
+            yield to_record_batch(table.slice(offset, n))
+
+    @contextlib.contextmanager
+    def _reading(self, k: int) -> Iterator[None]:
+        """Turn pyarrow's errors while reading shard ``k`` into one line naming the shard, with a hint."""
+        import pyarrow as pa
+
+        shard = self.shards[k]
+        try:
+            yield
+        except MmprepError:
+            raise
+        except FileNotFoundError:
+            raise InputError(f"{shard.path}: listed in {INDEX_NAME} but missing", hint=_VERIFY) from None
+        except (pa.ArrowException, OSError) as exc:  # ArrowInvalid, a damaged page, a truncated file
+            detail = " ".join(str(exc).split())
+            detail = detail if len(detail) <= 200 else detail[:200] + "…"
+            raise InputError(f"{shard.path}: not a readable Parquet file ({detail})",
+                             hint=f"the shard is damaged or truncated; {_VERIFY}") from None
+
+    def _source(self, k: int) -> Any:
+        """What pyarrow opens shard ``k`` from: its local path, a cached copy, or a :class:`RangeFile`.
+
+        The shard's size is checked against the index first (a short or replaced shard is one clear line).
+        """
+        shard = self.shards[k]
+        if self._store is None:
+            if shard.bytes:
+                try:
+                    size = os.stat(shard.path).st_size
+                except FileNotFoundError:
+                    raise InputError(f"{shard.path}: listed in {INDEX_NAME} but missing", hint=_VERIFY) from None
+                except OSError:
+                    size = shard.bytes  # let the open name the problem
+                if size != shard.bytes:
+                    raise InputError(f"{shard.path}: {size:,} bytes, {INDEX_NAME} says {shard.bytes:,} (a truncated "
+                                     "or replaced shard)", hint=_VERIFY)
+            return str(shard.path)
+        store = self._store
+        if k not in self._checked:
+            found = store.size(shard.name)
+            if found is None:
+                raise InputError(f"{shard.path}: listed in {INDEX_NAME} but missing from the store {store.name}",
+                                 hint=_VERIFY)
+            if found != shard.bytes:
+                raise InputError(f"{shard.path}: {found:,} bytes on the store, {INDEX_NAME} says {shard.bytes:,} "
+                                 "(a truncated or replaced shard)", hint=_VERIFY)
+            with self._lock:
+                self._checked.add(k)
+        if self._disk_cache is not None and self.cache_shards:
+            local = self._disk_cache.get_shard(shard.sha256, shard.bytes)
+            if local is None:
+                try:
+                    local = self._disk_cache.put_shard(shard.sha256, shard.bytes,
+                                                       lambda: store.blocks(shard.name, shard.bytes))
+                except ShardMismatch as exc:
+                    raise InputError(f"{shard.path}: {exc} (the shard on the store is not the one the index "
+                                     "lists)", hint=_VERIFY) from None
+                if local is not None:
+                    self.stats.add(shard_downloads=1)
+            if local is not None:
+                return str(local)
+        return RangeFile(store, shard.name, shard.bytes, shard.sha256, self._disk_cache)
+
+    def _metadata(self, k: int) -> Any:
+        """The Parquet footer of shard ``k`` (read once; its row count checked against the index)."""
+        md = self._meta.get(k)
+        if md is None:
+            import pyarrow.parquet as pq
+
+            shard = self.shards[k]
+            with self._reading(k):
+                if self._store is None:
+                    md = self._file(k).metadata
+                else:
+                    with pq.ParquetFile(self._source(k)) as f:
+                        md = f.metadata
+            if md.num_rows != shard.rows:
+                raise InputError(f"{shard.path}: holds {md.num_rows} rows, {INDEX_NAME} says {shard.rows}",
+                                 hint=_VERIFY)
+            with self._lock:
+                self._meta[k] = md
+        return md
+
     def _file(self, k: int) -> Any:
+        """Shard ``k`` opened for reading (kept open: up to 8 shards)."""
         import pyarrow.parquet as pq
 
         f = self._files.get(k)
         if f is None:
-            shard = self.shards[k]
-            try:
-                f = pq.ParquetFile(shard.path)
-            except FileNotFoundError:
-                raise InputError(f"{shard.path}: listed in {INDEX_NAME} but missing",
-                                 hint="run `mmprep verify` on the directory") from None
-            except Exception as exc:  # pyarrow raises ArrowInvalid/OSError for a damaged file
-                raise InputError(f"{shard.path}: not a readable Parquet file ({exc})",
-                                 hint="run `mmprep verify` on the directory") from None
-            if f.metadata.num_rows != shard.rows:
-                raise InputError(f"{shard.path}: holds {f.metadata.num_rows} rows, {INDEX_NAME} says {shard.rows}",
-                                 hint="run `mmprep verify` on the directory")
+            with self._reading(k):
+                if self._store is None:
+                    f = pq.ParquetFile(self._source(k))
+                    if k not in self._meta:
+                        if f.metadata.num_rows != self.shards[k].rows:
+                            raise InputError(f"{self.shards[k].path}: holds {f.metadata.num_rows} rows, "
+                                             f"{INDEX_NAME} says {self.shards[k].rows}", hint=_VERIFY)
+                        self._meta[k] = f.metadata
+                else:
+                    f = pq.ParquetFile(self._source(k), metadata=self._metadata(k), pre_buffer=True)
             self._files[k] = f
             while len(self._files) > 8:
                 _, old = self._files.popitem(last=False)
@@ -321,14 +507,74 @@ class PackedDataset:
             self._files.move_to_end(k)
         return f
 
+    def _close_file(self, k: int) -> None:
+        f = self._files.pop(k, None)
+        if f is not None:
+            f.close()
+
+    def _task_file(self, k: int) -> Any:
+        """A private handle on shard ``k`` for one background read (pyarrow file readers are not shared between
+        threads); opening it reads nothing, the footer is already known."""
+        import pyarrow.parquet as pq
+
+        md = self._metadata(k)
+        with self._reading(k):
+            return pq.ParquetFile(self._source(k), metadata=md, pre_buffer=True)
+
+    # -- background reads ------------------------------------------------------------------------------------------
+    def _executor(self) -> ThreadPoolExecutor:
+        if self._pool is None or self._pool_pid != os.getpid():  # none yet, or the parent's (threads do not fork)
+            workers = max(4, self.prefetch) if self._store is not None else max(1, self.prefetch)
+            self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mmprep-prefetch")
+            self._pool_pid = os.getpid()
+        return self._pool
+
+    def _read_row_group(self, k: int, g: int, read: list[str]) -> Any:
+        """Row group ``g`` of shard ``k`` read on a private handle (safe in a background thread)."""
+        f = self._task_file(k)
+        try:
+            with self._reading(k):
+                return f.read_row_group(g, columns=read, use_threads=True)
+        finally:
+            f.close()
+
+    def _row_group_tables(self, groups: Sequence[int], read: list[str]) -> Iterator[Any]:
+        """Row groups (global numbers) as Arrow tables, in order; with ``prefetch``, up to that many of the next
+        ones are read by background threads while the current one is used (memory: ``prefetch + 1`` row groups)."""
+        rg = self._rg_table()
+        jobs = [(int(rg.shard[g]), int(rg.local[g])) for g in groups]
+        if not self.prefetch:
+            for k, g in jobs:
+                with self._reading(k):
+                    yield self._file(k).read_row_group(g, columns=read, use_threads=True)
+            return
+        pool = self._executor()
+        pending: deque[Future[Any]] = deque()
+        todo = iter(jobs)
+        try:
+            for k, g in itertools.islice(todo, self.prefetch):
+                pending.append(pool.submit(self._read_row_group, k, g, read))
+            while pending:
+                table = pending.popleft().result()
+                nxt = next(todo, None)
+                if nxt is not None:
+                    pending.append(pool.submit(self._read_row_group, nxt[0], nxt[1], read))
+                yield table
+        finally:
+            for fut in pending:
+                fut.cancel()
+
     # -- row groups and random access ----------------------------------------------------------------------
     def _row_groups(self) -> list[list[int]]:
         if self._rg_rows is None:
-            rows = []
-            for k in range(len(self.shards)):
-                md = self._file(k).metadata
-                rows.append([md.row_group(g).num_rows for g in range(md.num_row_groups)])
-            self._rg_rows = rows
+            if self._store is not None and len(self.shards) > 1:  # footers of a remote dataset: fetched in parallel
+                pool = self._executor()
+                futures = [pool.submit(self._metadata, k) for k in range(len(self.shards))]
+                wait(futures)  # all of them, also when one fails: nothing keeps running behind an error
+                mds = [f.result() for f in futures]
+            else:
+                mds = [self._metadata(k) for k in range(len(self.shards))]
+            self._rg_rows = [[md.row_group(g).num_rows for g in range(md.num_row_groups)] for md in mds]
         return self._rg_rows
 
     def _rg_table(self) -> _RowGroups:
@@ -351,16 +597,19 @@ class PackedDataset:
     def _read_rg(self, g: int, read: list[str]) -> Any:
         """Row group ``g`` (global numbering) as an Arrow table."""
         rg = self._rg_table()
-        return self._file(int(rg.shard[g])).read_row_group(int(rg.local[g]), columns=read, use_threads=True)
+        k = int(rg.shard[g])
+        with self._reading(k):
+            return self._file(k).read_row_group(int(rg.local[g]), columns=read, use_threads=True)
 
-    def _rg_arrays(self, g: int, read: list[str]) -> Batch:
-        """Row group ``g`` converted to numpy as stored (cached: ``cache_row_groups`` of them)."""
+    def _rg_arrays(self, g: int, read: list[str], table: Any = None) -> Batch:
+        """Row group ``g`` converted to numpy as stored (cached: ``cache_row_groups`` of them); ``table`` is the
+        row group when it was already read."""
         key = (g, tuple(read))
         arrays = self._cache.get(key)
         if arrays is not None:
             self._cache.move_to_end(key)
             return arrays
-        arrays = self._convert(to_record_batch(self._read_rg(g, read)), read)
+        arrays = self._convert(to_record_batch(self._read_rg(g, read) if table is None else table), read)
         if self.cache_row_groups:
             self._cache[key] = arrays
             while len(self._cache) > self.cache_row_groups:
@@ -392,7 +641,11 @@ class PackedDataset:
         group = np.searchsorted(starts, idx, side="right") - 1
         local = idx - starts[group]
         uniq, inverse = np.unique(group, return_inverse=True)
-        parts = [self._rg_arrays(int(g), read) for g in uniq]
+        fetched: dict[int, Any] = {}
+        missing = [int(g) for g in uniq if (int(g), tuple(read)) not in self._cache]
+        if self.prefetch and len(missing) > 1:  # the batch's row groups fetched side by side
+            fetched = dict(zip(missing, self._row_group_tables(missing, read), strict=True))
+        parts = [self._rg_arrays(int(g), read, fetched.get(int(g))) for g in uniq]
         picks = [np.flatnonzero(inverse == j) for j in range(len(parts))]
         raw: Batch = {}
         for name in read:
@@ -426,8 +679,15 @@ class PackedDataset:
     def column(self, name: str) -> np.ndarray | list[Any]:
         """One column over the whole dataset, read on its own (cheap for scalar columns like ``n_tokens``)."""
         self._check_columns([name])
-        parts = [self.to_numpy(self._file(k).read(columns=[name], use_threads=True), [name])[name]
-                 for k in range(len(self.shards))]
+        if self.prefetch or self._store is not None:
+            tables = list(self._row_group_tables(range(len(self._rg_table().starts) - 1), [name]))
+            parts = [self.to_numpy(t, [name])[name] for t in tables]
+        else:
+            parts = []
+            for k in range(len(self.shards)):
+                with self._reading(k):
+                    table = self._file(k).read(columns=[name], use_threads=True)
+                parts.append(self.to_numpy(table, [name])[name])
         if not parts:
             return np.zeros(0)
         if isinstance(parts[0], np.ndarray):
@@ -477,8 +737,9 @@ class PackedDataset:
             import pyarrow as pa
 
             step = max(1, window) if shuffle_rng is not None else 1
+            tables = self._row_group_tables([g for g, _, _ in plan], read)
             for w in range(0, len(plan), step):
-                parts = [self._read_rg(g, read).slice(a, b - a) for g, a, b in plan[w:w + step]]
+                parts = [next(tables).slice(a, b - a) for _, a, b in plan[w:w + step]]
                 table = parts[0] if len(parts) == 1 else pa.concat_tables(parts)
                 if shuffle_rng is not None:
                     table = table.take(pa.array(shuffle_rng.permutation(table.num_rows)))
@@ -509,4 +770,5 @@ class PackedDataset:
         (relative to the working directory, the dataset's folder and the folders above it), then the recorded
         file name inside the dataset's folder; the first whose sha256 matches the metadata wins.
         """
-        return find_vocab(self.path, self.metadata, self.index.config.get("vocab"), vocab)
+        root = self.path if isinstance(self.path, Path) else None
+        return find_vocab(root, self.metadata, self.index.config.get("vocab"), vocab)

@@ -12,6 +12,12 @@ with the ``pip install`` hint).
   (``DistributedSampler``, or the batch samplers of :mod:`mmprep.dataset.samplers` via ``batch_sampler=``;
   ``__getitems__`` fetches a whole batch with one read per row group). Use ``collate_fn=PackedTorchDataset.collate``.
 
+Both take a dataset on object storage as well (``PackedIterableDataset("s3://bucket/ds", batch_size=64,
+storage_options=..., cache_dir="/local/nvme/cache", cache_limit="200GB")``): each DataLoader worker reads only the
+row groups of its own plan, with range requests, retries and background prefetch (see
+:class:`mmprep.dataset.reader.PackedDataset`); the shards' footers are read once, when the dataset is made, and
+travel to the workers with it.
+
 Batches become tensors: numeric arrays via ``torch.from_numpy`` (copied when the array is a read-only view of a
 Parquet buffer), strings and ragged columns stay lists (``tag_ids``: a list of int32 tensors; pass
 ``multi_hot_size=V`` for ``[B, V]`` targets).
@@ -76,8 +82,11 @@ def _open(ds: PackedDataset | str | os.PathLike[str], kwargs: dict[str, Any]) ->
     if isinstance(ds, PackedDataset):
         if kwargs:
             raise UsageError("give reader options when opening the path, or pass an opened PackedDataset alone")
-        return ds
-    return PackedDataset(ds, **kwargs)
+    else:
+        ds = PackedDataset(ds, **kwargs)
+    if ds.remote:  # read the shards' footers once here (in parallel), not again in every DataLoader worker
+        ds.row_group_bounds()
+    return ds
 
 
 class PackedIterableDataset(IterableDataset):

@@ -16,14 +16,25 @@ no file in ``data/`` that no split lists (trainers read every file there), uniqu
 written and rejected, and the totals: ``read == written + rejected``, written equals the shards' rows, the
 image-count histogram adds up, the split's rejects file has as many lines as ``rejected`` with the same counts per
 reason.
+
+A path in the index that is absolute or leaves the dataset folder is a finding, and the file is not opened.
+
+A dataset on a remote store (``s3://bucket/ds``, ...) gets the same checks: each shard is downloaded whole (the
+sha256 needs every byte) into a temporary file under ``$MMPREP_STAGING_DIR`` (default ``$TMPDIR``), one shard at a
+time, with the retries of :class:`mmprep.dataset.remote.Store`, and checked there.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fnmatch
 import json
 import os
+import shutil
+import tempfile
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,9 +52,14 @@ from mmprep.dataset.format import (
     count_field,
     histogram_problem,
     shard_entry_problems,
+    shard_path_problem,
 )
 from mmprep.dataset.index_file import IndexJson, read_index
+from mmprep.dataset.remote import RetryPolicy, Store
 from mmprep.runtime.files import sha256_file
+
+#: Gives the local file of a listed path (None when there is no such file) for as long as the block runs.
+_Fetch = Callable[[str], AbstractContextManager[Path | None]]
 
 __all__ = ["Finding", "VerifyReport", "entry_bytes", "verify"]
 
@@ -95,20 +111,28 @@ def verify(
     split: str | None = None,
     deep: bool = False,
     progress: Callable[[int], None] | None = None,
+    storage_options: Mapping[str, Any] | None = None,
+    retries: int = 3,
 ) -> VerifyReport:
     """Verify one split of a packed directory; see the module docstring for the checks.
 
     Args:
-        path: the packed directory.
+        path: the packed directory (a local path or a URI such as ``s3://bucket/ds``).
         split: the split (default: the only one, else ``train``).
         deep: also check pixel padding bytes (padded) or decode every image (encoded).
         progress: called with the bytes of each shard once checked.
+        storage_options: fsspec options for a URI (endpoint, credentials; never shown).
+        retries: tries again after a dropped connection or a server error (remote datasets).
 
     Raises:
         InputError: ``path`` is not an mmprep packed directory (no readable index), or has no such split.
+        RunFailed: the store kept failing through every retry.
     """
-    raw = read_index(path, split=split)
+    policy = RetryPolicy.from_retries(retries)
+    raw = read_index(path, storage_options, split=split)
     root = raw.root
+    store = None if raw.location.local else Store(raw.location, policy)
+    fetch = _local_fetch(Path(root)) if store is None else _remote_fetch(store)
     report = VerifyReport(path=str(root), deep=deep, split=str(raw.data.get("split")))
     found: list[Finding] = report.findings
 
@@ -120,10 +144,13 @@ def verify(
     report.shards = len(entries)
     listed = {str(e.get("path")) for e in entries if isinstance(e, dict)}
     if raw.data.get("format_version", 0) >= 2:
-        _check_data_folder(root, str(raw.data["split"]), raw.data.get("splits_present") or [], listed, add)
-    for p in sorted(root.glob(SHARD_GLOB)):
-        if p.name not in listed:
-            add(p.name, "unlisted", f"{p.name} is in the directory but not in {INDEX_NAME}")
+        _check_data_folder(raw.location.child(DATA_DIR).list_names(), str(raw.data["split"]),
+                           raw.data.get("splits_present") or [], listed, add)
+    names = ([p.name for p in Path(root).glob(SHARD_GLOB)] if store is None
+             else [n for n in store.list_names() if fnmatch.fnmatchcase(n, SHARD_GLOB)])
+    for name in sorted(names):
+        if name not in listed:
+            add(name, "unlisted", f"{name} is in the directory but not in {INDEX_NAME}")
     ids: Counter[str] = Counter()
     lines: list[np.ndarray] = []
     hist_total: Counter[str] = Counter()
@@ -131,7 +158,7 @@ def verify(
     ref_schema: Any = None
     for k, entry in enumerate(entries):
         before = len(found)
-        facts = _check_shard(root, k, entry, meta, deep, add, ref_schema)
+        facts = _check_shard(fetch, k, entry, meta, deep, add, ref_schema)
         if facts is not None:
             ref_schema = ref_schema if ref_schema is not None else facts.schema
             ids.update(facts.ids)
@@ -154,18 +181,16 @@ def verify(
     uniq, counts = np.unique(all_lines, return_counts=True)
     if (counts > 1).any():
         add(INDEX_NAME, "duplicate_line", f"input line {int(uniq[counts > 1][0])} is written more than once")
-    _check_totals(raw, report.rows, hist_total, images_total, set(uniq.tolist()), add)
+    _check_totals(raw, store, report.rows, hist_total, images_total, set(uniq.tolist()), add)
     report.ok = not found
     return report
 
 
-def _check_data_folder(root: Path, split: str, splits: list[str], listed: set[str],
+def _check_data_folder(names: list[str], split: str, splits: list[str], listed: set[str],
                        add: Callable[[str, str, str], None]) -> None:
-    """Every file in ``data/`` is a shard some split owns; this split's are all listed."""
+    """Every file in ``data/`` (``names``) is a shard some split owns; this split's are all listed."""
     import re
 
-    folder = root / DATA_DIR
-    names = sorted(os.listdir(folder)) if folder.is_dir() else []
     pattern = re.compile(r"(?P<split>.+)-\d{5}-of-\d{5}\.parquet")
     for name in names:
         rel = f"{DATA_DIR}/{name}"
@@ -178,8 +203,36 @@ def _check_data_folder(root: Path, split: str, splits: list[str], listed: set[st
                                 f"every file in {DATA_DIR}/)")
 
 
+def _local_fetch(root: Path) -> _Fetch:
+    def fetch(name: str) -> AbstractContextManager[Path | None]:
+        p = root / name
+        return contextlib.nullcontext(p if p.is_file() else None)
+
+    return fetch
+
+
+def _remote_fetch(store: Store) -> _Fetch:
+    @contextlib.contextmanager
+    def fetch(name: str) -> Iterator[Path | None]:
+        size = store.size(name)
+        if size is None:
+            yield None
+            return
+        folder = tempfile.mkdtemp(prefix="mmprep-verify-", dir=os.environ.get("MMPREP_STAGING_DIR"))
+        try:
+            local = Path(folder) / Path(name).name
+            with open(local, "wb") as f:
+                for block in store.blocks(name, size):
+                    f.write(block)
+            yield local
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+
+    return fetch
+
+
 def _check_shard(
-    root: Path,
+    fetch: _Fetch,
     k: int,
     entry: Any,
     meta: dict[str, Any],
@@ -188,7 +241,6 @@ def _check_shard(
     ref_schema: Any,
 ) -> _ShardFacts | None:
     """Check one shard; returns its facts (ids, lines, rows, images) when it could be read."""
-    import pyarrow.parquet as pq
 
     if not isinstance(entry, dict) or "path" not in entry or "rows" not in entry:
         add(INDEX_NAME, "index", f"shard entry {k} lacks path or rows")
@@ -197,10 +249,27 @@ def _check_shard(
     bad = shard_entry_problems(entry)
     if bad:
         add(name, "index", f"{name}: its {INDEX_NAME} entry is damaged: {'; '.join(bad)}")
-    p = root / name
-    if not p.is_file():
-        add(name, "missing", f"{name} is listed in {INDEX_NAME} but missing")
+    if shard_path_problem(entry["path"]) is not None:  # outside the dataset: never opened
         return None
+    with fetch(name) as p:
+        if p is None:
+            add(name, "missing", f"{name} is listed in {INDEX_NAME} but missing")
+            return None
+        return _check_shard_file(p, name, k, entry, meta, deep, add, ref_schema)
+
+
+def _check_shard_file(
+    p: Path,
+    name: str,
+    k: int,
+    entry: dict[str, Any],
+    meta: dict[str, Any],
+    deep: bool,
+    add: Callable[[str, str, str], None],
+    ref_schema: Any,
+) -> _ShardFacts | None:
+    import pyarrow.parquet as pq
+
     size = p.stat().st_size
     if size != entry.get("bytes"):
         add(name, "size", f"{name}: {size} bytes, {INDEX_NAME} says {entry.get('bytes')}")
@@ -212,7 +281,7 @@ def _check_shard(
         f = pq.ParquetFile(p)
         schema = f.schema_arrow
     except Exception as exc:  # a damaged footer raises ArrowInvalid/OSError
-        add(name, "parquet", f"{name}: not readable as Parquet ({str(exc).splitlines()[0]})")
+        add(name, "parquet", f"{name}: not readable as Parquet ({_first_line(exc)})")
         return None
     with f:
         rows = f.metadata.num_rows
@@ -233,7 +302,7 @@ def _check_shard(
         try:
             cols = _check_columns(name, f, entry, meta, deep, add)
         except Exception as exc:  # damaged pages surface as ArrowInvalid/OSError while reading
-            add(name, "read", f"{name}: reading the columns failed ({str(exc).splitlines()[0]})")
+            add(name, "read", f"{name}: reading the columns failed ({_first_line(exc)})")
             return None
     return _ShardFacts(schema=schema, rows=rows, ids=cols.ids, lines=cols.lines, images=cols.images)
 
@@ -366,6 +435,11 @@ def _check_deep(name: str, f: Any, count: np.ndarray, meta: dict[str, Any],
         pos += rb.num_rows
 
 
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
 def entry_bytes(entry: Any) -> int:
     """The ``bytes`` of a shard entry of the index, 0 when missing or not a whole number (for progress and sums)."""
     return (count_field(entry.get("bytes")) or 0) if isinstance(entry, dict) else 0
@@ -387,7 +461,35 @@ def _first_bad(bad: np.ndarray) -> str:
     return f"row {int(r[0][0])}" if len(r) else "a row"
 
 
-def _check_totals(raw: IndexJson, rows: int, hist_total: Counter[str], images_total: int,
+def _reject_lines(raw: IndexJson, store: Store | None, name: str) -> Iterator[str] | None:
+    """The lines of the rejects file, None when it is missing."""
+    if store is None:
+        p = Path(raw.root) / name
+        if not p.is_file():
+            return None
+
+        def local() -> Iterator[str]:
+            with open(p, encoding="utf-8") as fh:
+                yield from fh
+
+        return local()
+    size = store.size(name)
+    if size is None:
+        return None
+
+    def remote(size: int) -> Iterator[str]:
+        rest = b""
+        for block in store.blocks(name, size):
+            *lines, rest = (rest + block).split(b"\n")
+            for line in lines:
+                yield line.decode("utf-8", "replace") + "\n"
+        if rest:
+            yield rest.decode("utf-8", "replace")
+
+    return remote(size)
+
+
+def _check_totals(raw: IndexJson, store: Store | None, rows: int, hist_total: Counter[str], images_total: int,
                   written_lines: set[int], add: Callable[[str, str, str], None]) -> None:
     t = raw.data.get("totals") or {}
     read, written, rejected = t.get("read"), t.get("written"), t.get("rejected")
@@ -411,27 +513,30 @@ def _check_totals(raw: IndexJson, rows: int, hist_total: Counter[str], images_to
     if "images_written" in t and t["images_written"] != images_total:
         add(INDEX_NAME, "images", f"{INDEX_NAME}: images_written {t['images_written']}, the shards hold "
                                   f"{images_total}")
-    rej_name = str(raw.data.get("rejects") or REJECTS_NAME)
-    rej_path = raw.root / rej_name
-    if not rej_path.is_file():
+    rej_name = raw.data.get("rejects") or REJECTS_NAME
+    problem = shard_path_problem(rej_name, "rejects")
+    if problem is not None:
+        add(INDEX_NAME, "index", f"{INDEX_NAME}: {problem}")
+        return
+    lines = _reject_lines(raw, store, rej_name)
+    if lines is None:
         add(rej_name, "missing", f"{rej_name} is missing (index says {rejected} rejected)")
         return
     reasons: Counter[str] = Counter()
     n_lines = 0
-    with open(rej_path, encoding="utf-8") as fh:
-        for no, text in enumerate(fh, 1):
-            if not text.strip():
-                continue
-            n_lines += 1
-            try:
-                rec = json.loads(text)
-                reasons[str(rec["reason"])] += 1
-                line = rec.get("line")
-            except (ValueError, KeyError, TypeError):
-                add(rej_name, "rejects", f"{rej_name}:{no}: not a JSON reject record")
-                continue
-            if line in written_lines:
-                add(rej_name, "rejects", f"{rej_name}:{no}: input line {line} is rejected but also written")
+    for no, text in enumerate(lines, 1):
+        if not text.strip():
+            continue
+        n_lines += 1
+        try:
+            rec = json.loads(text)
+            reasons[str(rec["reason"])] += 1
+            line = rec.get("line")
+        except (ValueError, KeyError, TypeError, RecursionError):
+            add(rej_name, "rejects", f"{rej_name}:{no}: not a JSON reject record")
+            continue
+        if isinstance(line, int) and line in written_lines:
+            add(rej_name, "rejects", f"{rej_name}:{no}: input line {line} is rejected but also written")
     if n_lines != rejected:
         add(rej_name, "accounting", f"{rej_name}: {n_lines} lines, {INDEX_NAME} says rejected {rejected}")
     if dict(sorted(reasons.items())) != (t.get("rejected_by_reason") or {}):

@@ -24,7 +24,7 @@ class VocabLookup:
 
 
 def find_vocab(
-    root: Path,
+    root: Path | None,
     metadata: Mapping[str, Any],
     recorded: Any,
     vocab: str | os.PathLike[str] | None = None,
@@ -37,7 +37,8 @@ def find_vocab(
     inside the dataset's folder.
 
     Args:
-        root: the dataset's folder.
+        root: the dataset's folder (None for a dataset on a remote store: only ``vocab`` and the recorded path,
+            absolute or relative to the working directory, are tried).
         metadata: the dataset's ``mmprep`` metadata (its ``vocab`` entry holds the file name, size and sha256).
         recorded: the ``vocab`` the pack settings recorded (a path, or None).
         vocab: a file to try first.
@@ -52,10 +53,12 @@ def find_vocab(
             cands.append((rp, "the path recorded at pack time"))
         else:
             cands.append((Path.cwd() / rp, "the recorded path, relative to the working directory"))
-            here = root.resolve()
-            cands += [(d / rp, f"the recorded path, relative to {d}") for d in (here, *here.parents)]
-        cands.append((root / rp.name, "its file name, inside the dataset's folder"))
-    elif meta and meta.get("file"):
+            if root is not None:
+                here = root.resolve()
+                cands += [(d / rp, f"the recorded path, relative to {d}") for d in (here, *here.parents)]
+        if root is not None:
+            cands.append((root / rp.name, "its file name, inside the dataset's folder"))
+    elif meta and meta.get("file") and root is not None:
         cands.append((root / str(meta["file"]), "its file name, inside the dataset's folder"))
     seen: set[Path] = set()
     wrong: list[str] = []
@@ -77,8 +80,9 @@ def find_vocab(
         return VocabLookup(path=None, how="no vocabulary recorded at pack time", names=None)
     what = f"'{recorded}' (recorded at pack time)" if recorded else "the vocabulary"
     looked = "the given file, " if vocab is not None else ""
-    how = (f"{what} not found: looked at {looked}the working directory, the dataset's folder and the folders "
-           f"above it; pass --vocab FILE")
+    places = ("the working directory, the dataset's folder and the folders above it" if root is not None
+              else "the working directory (the dataset is on a remote store)")
+    how = f"{what} not found: looked at {looked}{places}; pass --vocab FILE"
     if wrong:
         how += "; skipped " + ", ".join(wrong)
     return VocabLookup(path=None, how=how, names=None)

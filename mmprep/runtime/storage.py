@@ -182,6 +182,12 @@ class Location:
         uri = self.uri.rstrip("/") + "/" + name
         return Location(self.fs, path, uri, self.local, self.atomic_put, self.scheme, self.secrets)
 
+    def parent(self) -> Location:
+        """The folder holding this location."""
+        path = os.path.dirname(self.path) if self.local else posixpath.dirname(self.path.rstrip("/"))
+        uri = self.uri.rstrip("/").rsplit("/", 1)[0] if "/" in self.uri.rstrip("/") else self.uri
+        return Location(self.fs, path, uri, self.local, self.atomic_put, self.scheme, self.secrets)
+
     @property
     def name(self) -> str:
         return posixpath.basename(self.path.rstrip("/"))
