@@ -102,7 +102,7 @@ class Output:
         if self._console is None:
             from rich.console import Console
 
-            self._console = Console(file=self.stderr, highlight=False, soft_wrap=True)
+            self._console = Console(file=self.stderr, highlight=False, soft_wrap=True, width=_pipe_width(self.stderr))
         return self._console
 
     # -- logs -------------------------------------------------------------------------------------------
@@ -147,7 +147,9 @@ class Output:
 
         table = Table(title=title, caption=caption, title_justify="left")
         for i, col in enumerate(columns):
-            table.add_column(col, justify="left" if i == 0 else "right")
+            # a cell too wide for the terminal wraps (a long file name folds onto the next line) instead of being
+            # cut with an ellipsis
+            table.add_column(col, justify="left" if i == 0 else "right", overflow="fold")
         for row in rows:
             table.add_row(*(_fmt(v) for v in row))
         self.console.print(table)
@@ -173,6 +175,23 @@ class Output:
             yield prog
         finally:
             prog.close()
+
+
+#: The width tables get on a pipe or a file when COLUMNS is not set: wide enough for any table to keep its natural
+#: width (rich would cut them to 80 columns), and a table is never wider than its content.
+PIPE_WIDTH = 1000
+
+
+def _pipe_width(stream: TextIO) -> int | None:
+    """The console width for ``stream``: None on a terminal (rich measures it), else ``$COLUMNS`` when set, else
+    :data:`PIPE_WIDTH`."""
+    try:
+        if stream.isatty():
+            return None
+    except (AttributeError, ValueError):
+        pass
+    columns = os.environ.get("COLUMNS", "")
+    return int(columns) if columns.isdigit() and int(columns) > 0 else PIPE_WIDTH
 
 
 def _escape(text: str) -> str:
