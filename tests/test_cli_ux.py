@@ -4,6 +4,7 @@ as sentences, tables that keep their width in a pipe, and an install without war
 
 from __future__ import annotations
 
+import json
 import warnings
 from pathlib import Path
 
@@ -75,3 +76,97 @@ def test_tables_wrap_long_cells_where_the_width_is_set(tmp_path: Path) -> None:
     start = next(i for i, ln in enumerate(lines) if "Annotation files" in ln)
     cells = "".join(ln.split("│")[1].strip() for ln in lines[start:] if ln.startswith("│") and ln.count("│") > 2)
     assert str(ann) in cells
+
+
+# -- 1. a first run whose image paths are relative to another folder ---------------------------------------------
+
+
+def _split_layout(tmp_path: Path, rows: int, missing_every: int = 0) -> tuple[Path, Path]:
+    """Images under data/images/, the manifest in ann/ naming them `images/<name>` (relative to data/, not to the
+    manifest's folder): the usual first-run mistake. Returns (manifest, data folder)."""
+    from PIL import Image
+
+    data = tmp_path / "data"
+    (data / "images").mkdir(parents=True)
+    for k in range(4):
+        Image.new("RGB", (24, 16), (40 * k, 90, 200)).save(data / "images" / f"img{k}.png")
+    ann = tmp_path / "ann"
+    ann.mkdir()
+    manifest = ann / "m.jsonl"
+    with manifest.open("w") as f:
+        for i in range(rows):
+            name = "gone.png" if missing_every and i % missing_every == 0 else f"img{i % 4}.png"
+            f.write(json.dumps({"id": f"r{i}", "images": [f"images/{name}"], "text": f"row {i}"}) + "\n")
+    return manifest, data
+
+
+def _pack(manifest: Path, out: Path, *extra: str) -> object:
+    return runner.invoke(app, ["pack", str(manifest), "--out", str(out), "--image-size", "16", "--workers", "1",
+                               *extra])
+
+
+def test_most_first_images_missing_stops_before_any_work_naming_where_it_looked(tmp_path: Path) -> None:
+    manifest, data = _split_layout(tmp_path, rows=100)
+    out = tmp_path / "out"
+    result = _pack(manifest, out)
+    assert result.exit_code == 1, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 2 and lines[0].startswith("error: ") and lines[1].startswith("hint: ")
+    # the root it used and how it was chosen, one path it tried, and the flag that sets the root
+    assert f"under {manifest.parent} (the manifest's folder)" in lines[0]
+    assert f"{manifest.parent / 'images' / 'img0.png'} does not exist" in lines[0]
+    assert "20 of the first 20 rows" in lines[0] and "nothing was written" in lines[0]
+    assert "--image-root" in lines[1] and "--no-image-check" in lines[1]
+    assert not out.exists()  # found before the output folder was made
+
+    # the way out it names works
+    fixed = _pack(manifest, out, "--image-root", str(data), "--json")
+    assert fixed.exit_code == 0, fixed.stderr
+    assert json.loads(fixed.stdout)["written"] == 100
+
+
+def test_a_root_given_with_image_root_is_named_as_such(tmp_path: Path) -> None:
+    manifest, data = _split_layout(tmp_path, rows=30)
+    result = _pack(manifest, tmp_path / "out", "--image-root", str(data / "images"))
+    assert result.exit_code == 1
+    assert f"under {data / 'images'} (--image-root)" in result.stderr
+    assert str(data / "images" / "images" / "img0.png") in result.stderr
+
+
+def test_some_missing_images_do_not_stop_the_run(tmp_path: Path) -> None:
+    """Two of every five first images missing (not most): the run goes on and rejects those rows."""
+    manifest, data = _split_layout(tmp_path, rows=40, missing_every=1)
+    lines = manifest.read_text().splitlines()
+    manifest.write_text("\n".join(ln if i % 5 in (1, 3) else ln.replace("gone.png", f"img{i % 4}.png")
+                                  for i, ln in enumerate(lines)) + "\n")
+    result = _pack(manifest, tmp_path / "out", "--image-root", str(data), "--json")
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["rejected_by_reason"] == {"image_missing": 16} and report["written"] == 24
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_an_all_rejected_run_leaves_no_shard_files(tmp_path: Path, workers: str) -> None:
+    """--no-image-check packs anyway: every row is rejected, the rejects file holds them all, and the chunks' empty
+    shards are not left behind (nor their resume records); the hint names --image-root."""
+    manifest, _ = _split_layout(tmp_path, rows=100)
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["pack", str(manifest), "--out", str(out), "--image-size", "16", "--workers",
+                                 workers, "--no-image-check", "--rows-per-shard", "10"])
+    assert result.exit_code == 1, result.stderr
+    assert "no row was written: all 100 rows were rejected (image_missing 100)" in result.stderr
+    assert "--image-root" in result.stderr.splitlines()[-1]
+    assert sorted(p.name for p in out.iterdir()) == [".mmprep", "rejected.jsonl", "run-stats.json"]
+    assert len((out / "rejected.jsonl").read_text().splitlines()) == 100
+    assert list((out / ".mmprep" / "chunks").iterdir()) == []
+
+
+def test_a_small_input_is_packed_and_its_hint_names_image_root(tmp_path: Path) -> None:
+    """Fewer rows than the look-ahead judges: packed (quick), all rejected, and the hint says where to look."""
+    manifest, _ = _split_layout(tmp_path, rows=5)
+    out = tmp_path / "out"
+    result = _pack(manifest, out)
+    assert result.exit_code == 1
+    assert "all 5 rows were rejected (image_missing 5)" in result.stderr
+    assert "relative to --image-root" in result.stderr
+    assert not list(out.glob("shard-*"))

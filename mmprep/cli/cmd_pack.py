@@ -48,6 +48,8 @@ def pack_cmd(
                                                    "manifest's folder).", rich_help_panel=_IN)] = None,
     allow_outside_root: Annotated[bool, typer.Option(help="Allow image paths that leave --image-root (../, absolute,"
                                                      " symlinks).", rich_help_panel=_IN)] = False,
+    image_check: Annotated[bool, typer.Option(help="Stop before any work when most of the first rows' images cannot "
+                                              "be found (say where mmprep looked).", rich_help_panel=_IN)] = True,
     image_size: ImageSizeOpt = "224",
     resize_mode: Annotated[str | None, typer.Option(
         "--resize-mode", metavar="stretch|center-crop|letterbox|shortest-edge|max-pixels|none",
@@ -211,10 +213,17 @@ def pack_cmd(
                 bar.set_postfix(images=images[0], img_per_s=f"{images[0] / elapsed:.1f}")
 
             report = pack(cfg, workers=workers, resume=resume, overwrite=overwrite, engine=engine,
-                          progress=progress, ray_address=ray_address, storage_options=storage_options)
+                          progress=progress, ray_address=ray_address, storage_options=storage_options,
+                          check_images=image_check)
         _render(output, report)
         if report.failed:
             hint = "see rejected.jsonl for every rejected row and its reason"
+            top = max(report.rejected_by_reason.items(), key=lambda kv: kv[1], default=("", 0))[0]
+            if top == "image_missing":
+                hint += "; image paths are read relative to --image-root (default: the manifest's folder)"
+            elif top == "path_outside_root":
+                hint += ("; image paths may not leave --image-root (default: the manifest's folder): set it to the "
+                         "folder that holds the images, or pass --allow-outside-root for absolute paths")
             if report.written:
                 hint += "; to index the shards written anyway, rerun with --resume and a higher --max-reject-rate"
             output.error(report.failed, hint)

@@ -33,6 +33,7 @@ from mmprep.errors import InputError, RunFailed, UsageError
 from mmprep.images.sources import ImageSource
 from mmprep.pack.config import PackConfig
 from mmprep.pack.plan import PackPlan, plan_pack, rereadable
+from mmprep.pack.preflight import check_first_images
 from mmprep.pack.processor import SampleProcessor
 from mmprep.pack.writer import write_shard
 from mmprep.records import Rejected, Sample
@@ -256,6 +257,13 @@ def describe_identity_change(key: str, old: Any, new: Any) -> str:
     return f"{flag} {show(old)} -> {show(new)}"
 
 
+def _root_from(cfg: PackConfig) -> str:
+    """How the image root was chosen, for messages."""
+    if cfg.image_root:
+        return "--image-root"
+    return "the working folder, as the manifest is stdin" if cfg.manifest == "-" else "the manifest's folder"
+
+
 def _is_shard_name(name: str) -> bool:
     return name.startswith("shard-") and name.endswith(".parquet") and name[6:-8].isdigit()
 
@@ -271,6 +279,7 @@ def pack(
     on_total: Callable[[int | None], None] | None = None,
     ray_address: str | None = None,
     storage_options: Mapping[str, Any] | None = None,
+    check_images: bool = True,
 ) -> PackReport:
     """Run a pack job and return its report.
 
@@ -284,10 +293,13 @@ def pack(
         on_total: called once with the number of input rows when known (after a shuffle), else None.
         ray_address: the Ray cluster for ``engine="ray"`` (default: start a local Ray with ``workers`` CPUs).
         storage_options: fsspec keyword arguments for remote URIs (credentials, endpoint); never recorded.
+        check_images: before any work, look up the first rows' images and stop when most cannot be found
+            (:mod:`mmprep.pack.preflight`).
 
     Raises:
         UsageError: bad configuration or output directory (exit 2).
-        RunFailed: a failed run: ``--on-error fail`` met a bad row, a worker died, too many rejects (exit 1).
+        RunFailed: a failed run: ``--on-error fail`` met a bad row, a worker died, too many rejects, most of the
+            first rows' images missing (exit 1).
         MissingDependencyError: ``engine="ray"`` without Ray installed (exit 2).
     """
     start = time.perf_counter()
@@ -297,6 +309,8 @@ def pack(
     with make_engine(engine, workers, ray_address=ray_address, progress=progress is not None, preload=_PRELOAD,
                      size_of=lambda chunk: chunk.size) as eng:
         plan = plan_pack(cfg, storage_options, workers=eng.workers, engine=engine)
+        if check_images:
+            check_first_images(plan.head, plan.images, root_from=_root_from(cfg))
         if on_total is not None and plan.total is not None:
             on_total(plan.total)
         # Built once, before the output is touched: a bad tokenizer or vocabulary fails fast (exit 2), and workers
@@ -312,12 +326,14 @@ def pack(
     failed = run.failed
     if failed is not None and run.written:
         failed += f"; no {INDEX_NAME} was written"
+    # a run that wrote no row kept none of its (empty) shards: see run_job
+    shards = [r.shard for r in run.records] if run.written else []
     return PackReport(
-        out=str(plan.out), shards=[r.shard for r in run.records], read=run.read, written=run.written,
+        out=str(plan.out), shards=shards, read=run.read, written=run.written,
         rejected=run.rejected, rejected_by_reason=run.rejected_by_reason, images_written=totals.images_written,
         images_dropped=totals.images_dropped_by_limit, tags_dropped=totals.tags_dropped_unknown,
         text_truncated=totals.text_truncated, image_count_histogram=totals.image_count_histogram,
-        rows_per_shard=plan.rows_per_shard, bytes_written=totals.bytes, seconds=run.seconds,
+        rows_per_shard=plan.rows_per_shard, bytes_written=sum(sh.bytes for sh in shards), seconds=run.seconds,
         samples_per_s=run.written / run.seconds if run.seconds else 0.0,
         images_per_s=totals.images_written / run.seconds if run.seconds else 0.0, peak_rss_mb=run.peak_rss_mb,
         resumed_shards=run.resumed, workers=run.workers, engine=run.engine,
