@@ -170,3 +170,16 @@ def test_a_small_input_is_packed_and_its_hint_names_image_root(tmp_path: Path) -
     assert "all 5 rows were rejected (image_missing 5)" in result.stderr
     assert "relative to --image-root" in result.stderr
     assert not list(out.glob("shard-*"))
+
+
+# -- 3. Ctrl-C says how to continue (the interrupted runs themselves: test_kill_resume, test_pack_ray_interrupt) ---
+
+
+def test_the_interrupted_hint_fits_how_the_run_was_started() -> None:
+    from mmprep.cli.cmd_pack import _resume_hint
+
+    assert _resume_hint("m.jsonl", resume=False, overwrite=False).endswith("run the same command with --resume")
+    # rerunning with --overwrite would delete the finished shards: the hint says to swap it for --resume
+    assert _resume_hint("m.jsonl", resume=False, overwrite=True).endswith("with --resume instead of --overwrite")
+    assert _resume_hint("m.jsonl", resume=True, overwrite=False).endswith("run the same command again to continue")
+    assert "needs the manifest as a file" in _resume_hint("-", resume=False, overwrite=False)

@@ -131,11 +131,12 @@ def make_output(json_mode: bool = False, quiet: bool = False, verbose: bool = Fa
     return Output(json_mode=json_mode, quiet=quiet, verbose=verbose)
 
 
-def run_command(out: Output, fn: Callable[[], int | None]) -> NoReturn:
+def run_command(out: Output, fn: Callable[[], int | None], *, interrupted_hint: str | None = None) -> NoReturn:
     """Run a command body and turn its outcome into an exit code.
 
     Known errors print one line (plus a hint) on stderr; unexpected ones print a one-line summary and a pointer
-    to ``MMPREP_DEBUG=1``, which shows the traceback. Ctrl-C exits 130.
+    to ``MMPREP_DEBUG=1``, which shows the traceback. Ctrl-C exits 130, with ``interrupted_hint`` (how to continue)
+    under the error line.
     """
     debug = os.environ.get("MMPREP_DEBUG", "") not in ("", "0")
     try:
@@ -148,7 +149,7 @@ def run_command(out: Output, fn: Callable[[], int | None]) -> NoReturn:
         out.error(exc.message, exc.hint)
         raise typer.Exit(exc.exit_code) from None
     except KeyboardInterrupt:
-        out.error("interrupted")
+        out.error("interrupted", interrupted_hint)
         raise typer.Exit(EXIT_INTERRUPTED) from None
     except BrokenPipeError:
         # The reader of stdout went away (e.g. `| head`): not our failure.

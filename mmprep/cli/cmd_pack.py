@@ -230,7 +230,18 @@ def pack_cmd(
             return 1
         return 0
 
-    run_command(output, body)
+    run_command(output, body, interrupted_hint=_resume_hint(manifest, resume=resume, overwrite=overwrite))
+
+
+def _resume_hint(manifest: str, *, resume: bool, overwrite: bool) -> str:
+    """How to continue an interrupted pack (local engine and Ray alike: finished shards are on disk)."""
+    if manifest == "-":
+        return ("the shards finished so far are kept, but --resume needs the manifest as a file: save stdin to a "
+                "file and run the same command on it with --resume")
+    if resume:
+        return "the shards finished so far are kept: run the same command again to continue"
+    how = "with --resume instead of --overwrite" if overwrite else "with --resume"
+    return f"the shards finished so far are kept: to continue, run the same command {how}"
 
 
 def _count_rows(manifest: str) -> int | None:
