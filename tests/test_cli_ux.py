@@ -5,6 +5,7 @@ as sentences, tables that keep their width in a pipe, and an install without war
 from __future__ import annotations
 
 import json
+import re
 import warnings
 from pathlib import Path
 
@@ -183,3 +184,96 @@ def test_the_interrupted_hint_fits_how_the_run_was_started() -> None:
     assert _resume_hint("m.jsonl", resume=False, overwrite=True).endswith("with --resume instead of --overwrite")
     assert _resume_hint("m.jsonl", resume=True, overwrite=False).endswith("run the same command again to continue")
     assert "needs the manifest as a file" in _resume_hint("-", resume=False, overwrite=False)
+
+
+# -- 2. progress: phases while nothing counts, rows and images as they finish, the true totals at the end --------
+
+
+def _run_on_a_terminal(cmd: list[str], cwd: Path) -> tuple[int, bytes, bytes]:
+    """Run ``cmd`` with stderr on a pseudo-terminal 120 columns wide; returns (exit code, stdout, stderr bytes)."""
+    import fcntl
+    import os
+    import pty
+    import select
+    import struct
+    import subprocess
+    import termios
+
+    env = {k: v for k, v in os.environ.items() if k not in ("MMPREP_NO_PROGRESS", "COLUMNS")}
+    out_file = cwd / "stdout.txt"
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 30, 120, 0, 0))
+    chunks = []
+    try:
+        with out_file.open("wb") as stdout:
+            child = subprocess.Popen(cmd, stdout=stdout, stderr=slave, env=env, cwd=cwd)
+        os.close(slave)
+        while select.select([master], [], [], 300)[0]:  # a guard against a hung child, not a timing check
+            try:
+                data = os.read(master, 65536)
+            except OSError:  # EIO: every writer of the terminal has exited
+                break
+            if not data:
+                break
+            chunks.append(data)
+        code = child.wait()
+    finally:
+        os.close(master)
+    return code, out_file.read_bytes(), b"".join(chunks)
+
+
+def _frames(stderr: bytes) -> list[str]:
+    """The frames tqdm drew (each starts with a carriage return), escape sequences removed."""
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", stderr.decode("utf-8", "replace"))
+    return [f.strip() for f in re.split(r"[\r\n]", text) if f.strip().startswith("pack:")]
+
+
+def _big_images_manifest(root: Path, rows: int) -> Path:
+    """Rows over four 1024x768 noise PNGs: each row takes a noticeable time to decode."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for k in range(4):
+        Image.fromarray(rng.integers(0, 256, (768, 1024, 3), dtype=np.uint8)).save(root / f"big{k}.png")
+    manifest = root / "m.jsonl"
+    manifest.write_text("".join(json.dumps({"id": f"r{i}", "images": [f"big{i % 4}.png"], "text": f"row {i} <image>"})
+                                + "\n" for i in range(rows)))
+    return manifest
+
+
+def test_progress_shows_phases_counts_rows_within_chunks_and_ends_on_the_true_totals(tmp_path: Path) -> None:
+    import sys
+
+    manifest = _big_images_manifest(tmp_path, rows=64)
+    cmd = [sys.executable, "-m", "mmprep", "pack", str(manifest), "--out", str(tmp_path / "out"), "--image-size",
+           "32", "--tokenizer", str(CLIP), "--workers", "2", "--rows-per-shard", "32", "--json"]
+    code, stdout, stderr = _run_on_a_terminal(cmd, tmp_path)
+    assert code == 0, stderr[-3000:]
+    report = json.loads(stdout)
+    frames = _frames(stderr)
+    assert frames, stderr[-2000:]
+    # what happens while nothing counts yet, in order, before the first row is counted
+    counted = next(i for i, f in enumerate(frames) if re.search(r"\b[1-9]\d*/64\b", f))
+    phases = [p for p in ("reading the manifest", "loading the tokenizer", "starting 2 workers")
+              if any(p in f for f in frames[:counted])]
+    assert phases == ["reading the manifest", "loading the tokenizer", "starting 2 workers"], frames[:counted]
+    # rows and images counted as they finish: counts inside a chunk of 32 rows show up
+    seen = {int(m.group(1)) for f in frames if (m := re.search(r"\b(\d+)/64\b", f))}
+    assert seen - {0, 32, 64}, seen
+    assert any(re.search(r"images=[1-9]", f) for f in frames[:-1])
+    # the last frame is left on the terminal with the true totals
+    last = frames[-1]
+    assert f"{report['read']}/{report['read']}" in last and "100%" in last, last
+    assert f"images={report['images_written']}" in last, last
+    assert report["images_written"] == 64
+
+
+def test_phases_are_debug_lines_with_verbose_where_no_bar_is_drawn(tmp_path: Path) -> None:
+    manifest, data = _split_layout(tmp_path, rows=10)
+    result = _pack(manifest, tmp_path / "out", "--image-root", str(data), "--tokenizer", str(CLIP), "-v")
+    assert result.exit_code == 0, result.stderr
+    lines = [ln.split(" (")[0] for ln in result.stderr.splitlines() if ln.startswith("pack: ")]
+    assert lines == ["pack: reading the manifest", "pack: loading the tokenizer", "pack: packing the first rows"]
+    quiet = _pack(manifest, tmp_path / "out2", "--image-root", str(data), "--tokenizer", str(CLIP))
+    assert "reading the manifest" not in quiet.stderr

@@ -200,7 +200,7 @@ def pack_cmd(
             max_reject_rate=max_reject_rate,
         )
         total = _count_rows(manifest)
-        with output.progress(total, "pack", unit="row") as bar:
+        with output.progress(total, "pack", unit="row", keep=True) as bar:
             import time
 
             images = [0]
@@ -208,13 +208,18 @@ def pack_cmd(
 
             def progress(rows: int, imgs: int) -> None:
                 images[0] += imgs
+                bar.set_postfix(images=images[0], **{"img/s": f"{images[0] / (time.perf_counter() - start):.1f}"})
                 bar.update(rows)
-                elapsed = max(time.perf_counter() - start, 1e-9)
-                bar.set_postfix(images=images[0], img_per_s=f"{images[0] / elapsed:.1f}")
+
+            def phase(text: str) -> None:
+                bar.phase(text)
+                if not bar.shown:
+                    output.debug(f"pack: {text} ({time.perf_counter() - start:.1f} s)")
 
             report = pack(cfg, workers=workers, resume=resume, overwrite=overwrite, engine=engine,
                           progress=progress, ray_address=ray_address, storage_options=storage_options,
-                          check_images=image_check)
+                          check_images=image_check, on_phase=phase)
+            bar.finish(report.read, images=report.images_written, **{"img/s": f"{report.images_per_s:.1f}"})
         _render(output, report)
         if report.failed:
             hint = "see rejected.jsonl for every rejected row and its reason"

@@ -49,6 +49,8 @@ __all__ = ["PackJob", "PackReport", "PackTask", "pack"]
 Item = Sample | Rejected
 #: Modules a local worker imports while the parent plans.
 _PRELOAD = ("pyarrow.parquet", "mmprep.pack.job")
+#: How often a worker reports the rows and images it finished (seconds).
+PROGRESS_EVERY_S = 0.2
 
 
 @dataclass
@@ -104,15 +106,11 @@ class PackTask:
         index, items = chunk.index, chunk.items
         signature = input_signature(items, processor.images)
         state: dict[str, Any] = {}
-        done = [0, 0]
+        ticker = _Ticker(progress) if progress is not None else None
 
         def batches() -> Iterator[Any]:
-            for batch, res in processor.process_chunk(index, items):
+            for batch, res in processor.process_chunk(index, items, ticker.row if ticker is not None else None):
                 state["res"] = res
-                if progress is not None:
-                    rows = res.rows + len(res.rejected)
-                    progress(rows - done[0], res.images_written - done[1])
-                    done[0], done[1] = rows, res.images_written
                 yield batch
 
         def shard_meta() -> dict[str, str]:
@@ -127,8 +125,8 @@ class PackTask:
             info = write_shard(target, processor.schema, batches(), compression=processor.cfg.compression,
                                extra_metadata=shard_meta, name=name)
         res = state["res"]
-        if progress is not None:
-            progress(len(items) - done[0], res.images_written - done[1])
+        if ticker is not None:  # the chunk's exact totals, whatever was sent so far
+            ticker.finish(len(items), res.images_written)
         hist = {str(k): v for k, v in sorted(res.image_count_histogram.items())}
         shard = ShardInfo(path=info.path, rows=info.rows, bytes=info.bytes, sha256=info.sha256,
                           image_count_histogram=hist, first_line=res.first_line, last_line=res.last_line)
@@ -138,6 +136,33 @@ class PackTask:
             images_written=res.images_written, images_dropped=res.images_dropped, tags_dropped=res.tags_dropped,
             text_truncated=res.text_truncated, signature=signature,
         )
+
+
+class _Ticker:
+    """Progress from inside a chunk: rows and images counted as each row is done, sent at most every
+    :data:`PROGRESS_EVERY_S` seconds (a local worker sends them through a queue)."""
+
+    def __init__(self, progress: ProgressFn) -> None:
+        self.progress = progress
+        self.rows = self.images = 0  # counted
+        self.sent_rows = self.sent_images = 0
+        self.last = time.monotonic()
+
+    def row(self, images: int) -> None:
+        self.rows += 1
+        self.images += images
+        now = time.monotonic()
+        if now - self.last >= PROGRESS_EVERY_S:
+            self.last = now
+            self._send(self.rows, self.images)
+
+    def finish(self, rows: int, images: int) -> None:
+        self._send(rows, images)
+
+    def _send(self, rows: int, images: int) -> None:
+        if rows != self.sent_rows or images != self.sent_images:
+            self.progress(rows - self.sent_rows, images - self.sent_images)
+            self.sent_rows, self.sent_images = rows, images
 
 
 class PackJob:
@@ -280,6 +305,7 @@ def pack(
     ray_address: str | None = None,
     storage_options: Mapping[str, Any] | None = None,
     check_images: bool = True,
+    on_phase: Callable[[str], None] | None = None,
 ) -> PackReport:
     """Run a pack job and return its report.
 
@@ -295,6 +321,8 @@ def pack(
         storage_options: fsspec keyword arguments for remote URIs (credentials, endpoint); never recorded.
         check_images: before any work, look up the first rows' images and stop when most cannot be found
             (:mod:`mmprep.pack.preflight`).
+        on_phase: called with what the run is doing while no row is counted yet (``reading the manifest``,
+            ``loading the tokenizer``, ``starting 2 workers``).
 
     Raises:
         UsageError: bad configuration or output directory (exit 2).
@@ -306,16 +334,26 @@ def pack(
     cfg.validate()
     if resume and not rereadable(cfg.manifest):
         raise UsageError("--resume needs a manifest file, not stdin or a pipe")
+    phase = on_phase if on_phase is not None else (lambda text: None)
     with make_engine(engine, workers, ray_address=ray_address, progress=progress is not None, preload=_PRELOAD,
                      size_of=lambda chunk: chunk.size) as eng:
+        phase("reading the manifest")
         plan = plan_pack(cfg, storage_options, workers=eng.workers, engine=engine)
         if check_images:
             check_first_images(plan.head, plan.images, root_from=_root_from(cfg))
         if on_total is not None and plan.total is not None:
             on_total(plan.total)
+        if cfg.tokenizer or cfg.vocab:
+            phase("loading the tokenizer" if cfg.tokenizer else "loading the vocabulary")
         # Built once, before the output is touched: a bad tokenizer or vocabulary fails fast (exit 2), and workers
         # receive this processor pickled (the tokenizer travels as its JSON, so workers do not import transformers).
         processor = SampleProcessor(cfg, plan.images, plan.row_group_rows)
+        if engine == "ray":
+            phase("starting Ray")
+        elif eng.workers > 1:
+            phase(f"starting {eng.workers} workers")
+        else:
+            phase("packing the first rows")
         job = PackJob(plan, processor)
         out = OutputDir(plan.out, resume=resume, overwrite=overwrite,
                         fixed_names=(INDEX_NAME, REJECTS_NAME, RUN_STATS_NAME), temp_owner=_is_shard_name,
