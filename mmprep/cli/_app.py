@@ -9,7 +9,7 @@ from collections.abc import Callable
 from typing import Annotated, Any, NoReturn
 
 import typer
-from typer.core import TyperGroup
+from typer.core import TyperCommand, TyperGroup
 
 from mmprep import __version__
 from mmprep.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, MmprepError
@@ -42,12 +42,51 @@ class _Group(TyperGroup):
         return cmd
 
 
-app = typer.Typer(
+class _Command(TyperCommand):
+    """A subcommand: arguments named in capitals on the usage line and in help (``MANIFEST``, ``[FILES]...``), and
+    options in help panels in the order of :data:`~mmprep.cli._options.PANELS` (those of a command with panels that
+    name none, such as ``--json`` and ``--help``, go to the last one)."""
+
+    def get_params(self, ctx: Any) -> list[Any]:
+        from mmprep.cli._options import PANEL_RUN, PANELS
+
+        params = super().get_params(ctx)
+        for param in params:
+            if param.param_type_name == "argument" and param.metavar is None:
+                param.metavar = str(param.name).upper()
+        options = [p for p in params if p.param_type_name == "option"]
+        if any(getattr(p, "rich_help_panel", None) for p in options):
+            for param in options:
+                if not getattr(param, "rich_help_panel", None):
+                    setattr(param, "rich_help_panel", PANEL_RUN)  # noqa: B010  (typer's attribute, not click's)
+            order = {name: k for k, name in enumerate(PANELS)}
+            params.sort(key=lambda p: -1 if p.param_type_name != "option"
+                        else order.get(getattr(p, "rich_help_panel", ""), len(order)))
+        return params
+
+    def collect_usage_pieces(self, ctx: Any) -> list[str]:
+        pieces = [self.options_metavar] if self.options_metavar else []
+        for param in self.get_params(ctx):
+            if param.param_type_name != "argument":
+                continue
+            name = str(param.metavar) if param.required else f"[{param.metavar}]"
+            pieces.append(name + ("..." if param.nargs != 1 else ""))
+        return pieces
+
+
+class _Typer(typer.Typer):
+    """Commands are :class:`_Command` unless they name another class."""
+
+    def command(self, *args: Any, cls: Any = None, **kwargs: Any) -> Any:
+        return super().command(*args, cls=cls or _Command, **kwargs)
+
+
+app = _Typer(
     name="mmprep",
     cls=_Group,
     help="Prepare multimodal (image + text + tag) datasets for training: audit, embed, normalise, tokenise, pack.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
