@@ -13,7 +13,7 @@ import pytest
 from typer.testing import CliRunner
 
 from mmprep.cli import app
-from mmprep.errors import EXIT_OK
+from mmprep.errors import EXIT_OK, EXIT_USAGE
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "sample_data"
@@ -277,3 +277,198 @@ def test_phases_are_debug_lines_with_verbose_where_no_bar_is_drawn(tmp_path: Pat
     assert lines == ["pack: reading the manifest", "pack: loading the tokenizer", "pack: packing the first rows"]
     quiet = _pack(manifest, tmp_path / "out2", "--image-root", str(data), "--tokenizer", str(CLIP))
     assert "reading the manifest" not in quiet.stderr
+
+
+# -- 4. help: panels, metavars, choices; served from the cache once drawn (timings: benchmarks/bench_cli.py) -------
+
+
+def _panels(page: str) -> dict[str, list[str]]:
+    """Panel title -> the option names listed in it (first long flag of each row)."""
+    panels: dict[str, list[str]] = {}
+    current = None
+    for line in page.splitlines():
+        if m := re.match(r"╭─ (.+?) ─", line):
+            current = m.group(1)
+            panels[current] = []
+        elif current and (m := re.match(r"│\s+(?:\*\s+)?(--[a-z][a-z-]*)", line)):
+            panels[current].append(m.group(1))
+    return panels
+
+
+def test_pack_help_groups_its_options_in_panels_with_the_common_ones_first() -> None:
+    from mmprep.cli._options import IMAGE_OPTION_NAMES, PANELS
+
+    result = runner.invoke(app, ["pack", "--help"], env={"COLUMNS": "160"})
+    assert result.exit_code == EXIT_OK
+    panels = _panels(result.stdout)
+    assert list(panels) == ["Arguments", *PANELS]  # no catch-all "Options" panel
+    assert PANELS == ("Input", "Images", "Text and tags", "Output", "Run")
+    images = panels["Images"]
+    # every image option in the one panel: the decoding/resizing ones shared with image-stats, and pack's own
+    shared = {"--" + name.replace("_", "-") for name in IMAGE_OPTION_NAMES}
+    assert shared | {"--limit-images", "--pad", "--norm", "--dtype", "--layout", "--mean", "--std", "--stats-file",
+                     "--too-many-images", "--encode-format", "--quality"} == set(images)
+    assert images[:4] == ["--image-size", "--resize-mode", "--limit-images", "--too-many-images"]
+    assert panels["Input"][0] == "--image-root" and panels["Output"][0] == "--out"
+    assert panels["Text and tags"][:2] == ["--tokenizer", "--max-length"]
+    assert panels["Run"][:2] == ["--workers", "--engine"] and panels["Run"][-4:] == ["--json", "--quiet",
+                                                                                    "--verbose", "--help"]
+    assert sum(len(v) for v in panels.values()) == len({o for v in panels.values() for o in v})  # each once
+
+
+def test_choices_show_as_choices_and_values_as_what_they_are() -> None:
+    page = runner.invoke(app, ["pack", "--help"], env={"COLUMNS": "200"}).stdout
+    rows = {m.group(1): m.group(2) for m in re.finditer(r"│\s+(?:\*\s+)?(--[a-z-]+)(?:\s+--no-[a-z-]+|\s+-\w)?\s+(\S+)",
+                                                         page)}
+    assert rows["--compression"] == "zstd|lz4|snappy|none"
+    assert rows["--on-error"] == "skip|fail" and rows["--engine"] == "local|ray"
+    assert rows["--resize-mode"].startswith("stretch|center-crop|letterbox")
+    assert rows["--caption"] == "first|all|random" and rows["--pad"] == "max|none"
+    assert rows["--workers"] == "N" and rows["--out"] == "DIR|URI" and rows["--tokenizer"] == "DIR"
+    assert "<str>" not in "".join(ln for ln in page.splitlines() if "--" in ln)  # no option shows a bare type
+
+
+def test_usage_lines_name_arguments_alike_in_every_command() -> None:
+    usages = {}
+    for cmd in app.registered_commands:
+        page = runner.invoke(app, [cmd.name, "--help"], env={"COLUMNS": "200"}).stdout
+        usages[cmd.name] = next(ln.strip() for ln in page.splitlines() if "Usage:" in ln)
+    assert usages["pack"] == "Usage: mmprep pack [OPTIONS] MANIFEST"
+    assert usages["tokenize"] == "Usage: mmprep tokenize [OPTIONS] MANIFEST"
+    assert usages["inspect"] == "Usage: mmprep inspect [OPTIONS] PATH"
+    assert usages["audit-labels"] == "Usage: mmprep audit-labels [OPTIONS] [ANNOTATIONS]..."
+    for usage in usages.values():
+        assert "{" not in usage and not re.search(r"\[?[a-z_]+\]?(\.\.\.)?$", usage.split("[OPTIONS]")[1]), usage
+
+
+def test_the_command_table_of_the_fast_path_matches_the_app() -> None:
+    from mmprep.cli._fast import COMMANDS, MODULES
+
+    registered = {cmd.name: cmd.callback.__module__ for cmd in app.registered_commands}
+    assert registered == {name: f"mmprep.cli.{module}" for name, module in COMMANDS.items()}
+    order = [registered[cmd.name] for cmd in app.registered_commands]
+    assert [f"mmprep.cli.{m}" for m in MODULES] == list(dict.fromkeys(order))
+
+
+@pytest.mark.parametrize(("argv", "env", "modules"), [
+    (["pack", "m.jsonl", "--out", "o"], {}, ("cmd_pack",)),
+    (["-v", "verify", "x"], {}, ("cmd_read",)),
+    (["--config", "c.toml", "pack", "m.jsonl"], {}, None),  # the file's sections are checked against every command
+    (["pack", "m.jsonl"], {"MMPREP_CONFIG": "c.toml"}, None),
+    (["--help"], {}, None),
+    (["pakc", "m.jsonl"], {}, None),  # click suggests the command meant
+    ([], {"_MMPREP_COMPLETE": "complete_bash", "COMP_WORDS": "mmprep pack --re", "COMP_CWORD": "2"}, ("cmd_pack",)),
+    ([], {"_MMPREP_COMPLETE": "complete_bash", "COMP_WORDS": "mmprep pa", "COMP_CWORD": "1"}, None),
+    ([], {"_MMPREP_COMPLETE": "complete_zsh", "_TYPER_COMPLETE_ARGS": "mmprep tokenize --"}, ("cmd_text",)),
+    ([], {"_MMPREP_COMPLETE": "complete_zsh", "_TYPER_COMPLETE_ARGS": "mmprep tokenize"}, None),
+])
+def test_a_run_imports_the_command_it_names_alone(monkeypatch: pytest.MonkeyPatch, argv: list[str],
+                                                   env: dict[str, str], modules: tuple[str, ...] | None) -> None:
+    from mmprep.cli._fast import MODULES, modules_for
+
+    for name in ("MMPREP_CONFIG", "_MMPREP_COMPLETE", "COMP_WORDS", "COMP_CWORD", "_TYPER_COMPLETE_ARGS"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert modules_for(argv) == (modules or MODULES)
+
+
+def _mmprep(args: list[str], env: dict[str, str], report_modules: bool = False) -> tuple[int, str, str]:
+    """Run the console entry point in a fresh interpreter; with ``report_modules`` stderr ends with a line listing
+    the imported packages of interest."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom mmprep.cli import main\nsys.argv = ['mmprep', *sys.argv[1:]]\nrc = 0\n"
+            "try:\n    main()\nexcept SystemExit as e:\n    rc = e.code or 0\n")
+    if report_modules:
+        code += ("sys.stderr.write('MODULES ' + ' '.join(sorted(m for m in sys.modules if m.split('.')[0] in "
+                 "('typer', 'rich', 'pydantic', 'click') or m.startswith('mmprep.cli.cmd_'))) + '\\n')\n")
+    code += "sys.exit(rc)\n"
+    full = {**{k: v for k, v in os.environ.items() if k not in ("COLUMNS", "MMPREP_NO_CACHE")}, **env}
+    proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=full, cwd=REPO)
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+def test_help_pages_are_served_from_the_cache_once_drawn(tmp_path: Path) -> None:
+    env = {"MMPREP_CACHE_DIR": str(tmp_path / "cache"), "COLUMNS": "100"}
+    for args in (["--help"], ["pack", "--help"], ["tokenize", "-h"]):
+        rc, first, err = _mmprep(args, env, report_modules=True)
+        assert rc == 0 and "typer" in err.split("MODULES")[-1], err  # drawn by Typer the first time
+        rc, again, err = _mmprep(args, env, report_modules=True)
+        assert rc == 0 and again == first
+        assert err.strip() == "MODULES", err  # then printed without importing Typer, Rich or any command
+    pages = list((tmp_path / "cache" / "help").iterdir())
+    assert len(pages) == 3
+    # another width draws (and keeps) another page; the kept one is still right for its width
+    rc, wide, _ = _mmprep(["pack", "--help"], {**env, "COLUMNS": "150"})
+    assert rc == 0 and max(map(len, wide.splitlines())) > 100 >= max(map(len, first.splitlines()))
+    assert len(list((tmp_path / "cache" / "help").iterdir())) == 4
+    assert _mmprep(["tokenize", "-h"], env)[1] == first
+    # what the first run of a page prints is what Typer prints (the app run in-process, not through main)
+    assert runner.invoke(app, ["tokenize", "-h"], env={"COLUMNS": "100"}).stdout == first
+
+
+def test_no_help_cache_without_a_cache_or_with_a_config_file(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("[pack]\nlimit-images = 2\n")
+    env = {"MMPREP_CACHE_DIR": str(tmp_path / "cache")}
+    rc, out, _ = _mmprep(["pack", "--help"], {**env, "MMPREP_NO_CACHE": "1"})
+    assert rc == 0 and "--limit-images" in out and not (tmp_path / "cache").exists()
+    rc, out, _ = _mmprep(["pack", "--help"], {**env, "MMPREP_CONFIG": str(cfg)})
+    assert rc == 0 and not (tmp_path / "cache").exists()
+    row = out.split("--limit-images", 1)[1].split("│ --", 1)[0]
+    assert "[default: 2]" in row  # the config file's value, not a kept page
+
+
+def test_version_and_errors_on_the_fast_path(tmp_path: Path) -> None:
+    from mmprep import __version__
+
+    rc, out, err = _mmprep(["--version"], {}, report_modules=True)
+    assert rc == 0 and out == f"mmprep {__version__}\n" and err.strip() == "MODULES"
+    rc, _, err = _mmprep(["pakc", "--help"], {"MMPREP_CACHE_DIR": str(tmp_path)})
+    assert rc == EXIT_USAGE and "No such command" in err
+    assert not (tmp_path / "help").exists()
+
+
+# -- 5. shell completion -------------------------------------------------------------------------------------------
+
+
+def test_completion_options_are_offered() -> None:
+    page = runner.invoke(app, ["--help"], env={"COLUMNS": "160"}).stdout
+    assert "--install-completion" in page and "--show-completion" in page
+
+
+def test_completion_scripts_install_and_answer(tmp_path: Path) -> None:
+    rc, script, _ = _mmprep(["--show-completion", "bash"], {})
+    assert rc == 0 and "_MMPREP_COMPLETE=complete_bash" in script and "complete -o default -F" in script
+    rc, out, _ = _mmprep(["--install-completion", "bash"], {"HOME": str(tmp_path)})
+    assert rc == 0 and "bash completion installed" in out
+    assert "_mmprep_completion" in (tmp_path / ".bash_completions" / "mmprep.sh").read_text()
+    assert "mmprep.sh" in (tmp_path / ".bashrc").read_text()
+
+    def complete(words: str, **extra: str) -> list[str]:
+        env = {"_MMPREP_COMPLETE": "complete_bash", "COMP_WORDS": words, "COMP_CWORD": str(len(words.split()) - 1),
+               **extra}
+        rc, out, err = _mmprep([], env, report_modules=True)
+        assert rc == 0, err
+        return out.split()
+
+    assert complete("mmprep pa") == ["pack"]
+    assert complete("mmprep i") == ["image-stats", "inspect"]
+    assert complete("mmprep pack --compr") == ["--compression"]
+    assert complete("mmprep pack --compression z") == ["zstd"]
+    assert complete("mmprep pack m.jsonl --resize-mode l") == ["letterbox"]
+    assert complete("mmprep tokenize --max") == ["--max-length"]
+    # zsh: values with their help
+    rc, out, _ = _mmprep([], {"_MMPREP_COMPLETE": "complete_zsh", "_TYPER_COMPLETE_ARGS": "mmprep pack --on-error "})
+    assert rc == 0 and '"skip"' in out and '"fail"' in out
+
+
+def test_a_completion_inside_a_command_imports_that_command_alone() -> None:
+    env = {"_MMPREP_COMPLETE": "complete_bash", "COMP_WORDS": "mmprep pack --compr", "COMP_CWORD": "2"}
+    rc, out, err = _mmprep([], env, report_modules=True)
+    assert rc == 0 and out.split() == ["--compression"]
+    loaded = err.split("MODULES")[-1].split()
+    assert [m for m in loaded if m.startswith("mmprep.cli.cmd_")] == ["mmprep.cli.cmd_pack"]

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mmprep.cachedir import cache_root
 from mmprep.errors import InputError, MissingDependencyError, RunFailed, UsageError
 from mmprep.runtime.files import atomic_write
 from mmprep.text.hf import quiet_transformers
@@ -205,16 +206,8 @@ class TokenizerInfo:
 
 def tokenizer_cache_dir() -> Path | None:
     """Where converted tokenizers are cached, or None when ``MMPREP_NO_CACHE`` is set (to anything but 0)."""
-    if os.environ.get("MMPREP_NO_CACHE", "") not in ("", "0"):
-        return None
-    base = os.environ.get("MMPREP_CACHE_DIR")
-    if not base:
-        xdg = os.environ.get("XDG_CACHE_HOME")
-        try:
-            base = str(Path(xdg) / "mmprep") if xdg else str(Path.home() / ".cache" / "mmprep")
-        except RuntimeError:  # no home directory
-            return None
-    return Path(base) / "tokenizers"
+    root = cache_root()
+    return None if root is None else root / "tokenizers"
 
 
 def _package_version(name: str) -> str:
