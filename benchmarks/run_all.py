@@ -6,7 +6,7 @@ against which baseline in the same run); its full table is streamed to the termi
 ``summary.json``. Corpora are generated deterministically under ``.bench/`` on first use and reused.
 
     python benchmarks/run_all.py                 # the full suite (~40 min on 2 cores; BENCHMARKS.md)
-    python benchmarks/run_all.py --only pack,images
+    python benchmarks/run_all.py --only pack,images,cli
     python benchmarks/run_all.py --check         # CI: small corpora, ratios only, generous bounds, exit 1 if missed
 
 ``--check`` runs the benchmarks that need nothing outside the repository (no ``../shared``, no img2dataset, no
@@ -37,6 +37,7 @@ SUITE: dict[str, tuple[str, list[str], list[str] | None]] = {
     "embed": ("bench_embed.py", [], ["--quick"]),
     "reader": ("bench_reader.py", [], ["--quick"]),
     "ray": ("bench_ray.py", [], None),
+    "cli": ("bench_cli.py", [], ["--quick"]),
 }
 
 # Regression bounds for --check (the targets of the issues are in each benchmark's own headline).
@@ -48,6 +49,8 @@ CHECK_BOUNDS: dict[str, float] = {
     "tokenize / raw batched fast tokenizer": 0.6,
     "embed / naive one-tag loop": 2.0,
     "reader / raw pyarrow columns": 0.5,
+    # a kept help page costs about what the interpreter's start does (~0.5); drawn by Typer it is ~0.1
+    "cli: bare python / mmprep --help": 0.25,
 }
 
 
