@@ -472,3 +472,120 @@ def test_a_completion_inside_a_command_imports_that_command_alone() -> None:
     assert rc == 0 and out.split() == ["--compression"]
     loaded = err.split("MODULES")[-1].split()
     assert [m for m in loaded if m.startswith("mmprep.cli.cmd_")] == ["mmprep.cli.cmd_pack"]
+
+
+# -- 7. pictures ---------------------------------------------------------------------------------------------------
+
+
+def _boxes_overlap(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> bool:
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+
+def _pack_rows(tmp_path: Path, rows: list[dict[str, object]], *extra: str) -> Path:
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "packed"
+    result = runner.invoke(app, ["pack", str(manifest), "--out", str(out), "--image-root", str(SAMPLE),
+                                 "--workers", "1", "--no-placeholder-check", "-q", *extra])
+    assert result.exit_code == 0, result.stderr
+    return out
+
+
+ONE_EACH = ["images/astronaut.jpg", "images/chelsea.jpg", "images/rocket.jpg", "images/camera.png",
+            "images/coins.png", "images/coffee.jpg", "images/horse.png", "images/hubble_deep_field.jpg"]
+
+
+@pytest.mark.parametrize("layout", [("--pad", "none"), ("--image-size", "24", "--limit-images", "1")],
+                         ids=["pad-none", "one-small-slot"])
+def test_contact_sheet_cards_never_run_into_each_other(tmp_path: Path, layout: tuple[str, ...]) -> None:
+    """One narrow image per row (where each card's header used to run into the next column), long ids."""
+    from mmprep.dataset.reader import PackedDataset
+    from mmprep.dataset.sheet import contact_sheet
+
+    rows = [{"id": f"sample-with-a-long-identifier-{i:04d}" + ("-and-then-some-more" * (i % 3)),
+             "images": [ref], "text": f"caption {i}"} for i, ref in enumerate(ONE_EACH)]
+    packed = _pack_rows(tmp_path, rows, "--tokenizer", str(CLIP), *layout)
+    info = contact_sheet(PackedDataset(packed), tmp_path / "sheet.png", samples=8)
+    assert len(info.cards) == 8
+    for k, a in enumerate(info.cards):
+        assert 0 <= a[0] < a[2] <= info.width and 0 <= a[1] < a[3] <= info.height, a
+        for b in info.cards[k + 1:]:
+            assert not _boxes_overlap(a, b), (a, b)
+    columns = len({c[0] for c in info.cards})
+    assert columns >= 3  # narrow cards: several to a sheet row, not a long single column
+
+
+def test_contact_sheet_with_many_slots_per_row_stays_readable(tmp_path: Path) -> None:
+    from mmprep.dataset.reader import PackedDataset
+    from mmprep.dataset.sheet import contact_sheet
+
+    long = "a long caption that goes on describing every detail of the scene " * 10
+    rows = [{"id": f"r{i}", "images": ONE_EACH[: 2 + i], "text": long} for i in range(6)]
+    packed = _pack_rows(tmp_path, rows, "--limit-images", "8", "--image-size", "64")
+    info = contact_sheet(PackedDataset(packed), tmp_path / "sheet.png", samples=6)
+    assert info.slot_px < 160 and info.width <= 1440  # eight slots shrink so that two cards fit side by side
+    assert len({c[0] for c in info.cards}) == 2
+    for k, a in enumerate(info.cards):
+        assert a[2] <= info.width and a[3] <= info.height
+        for b in info.cards[k + 1:]:
+            assert not _boxes_overlap(a, b), (a, b)
+
+
+def _window_boxes(fig: object) -> object:
+    fig.canvas.draw()  # type: ignore[attr-defined]
+    return fig.canvas.get_renderer()  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("counts", [
+    {10: 1, 12: 2, 13: 4, 16: 1, 17: 4, 18: 2, 20: 1, 29: 1, 33: 1},  # the sample manifest: tallest bar right of centre
+    {5: 1, 60: 9, 61: 9, 62: 8},  # the tallest bars at the far right, where the legend used to be
+])
+def test_the_length_plot_legend_never_covers_a_bar(counts: dict[int, int]) -> None:
+    pytest.importorskip("matplotlib")
+    import numpy as np
+
+    from mmprep.text.lengths import LengthHistogram, length_figure
+
+    hist = LengthHistogram()
+    hist.add(np.repeat(list(counts), list(counts.values())))
+    fig = length_figure(hist, 16, title="a manifest — a tokenizer")
+    renderer = _window_boxes(fig)
+    ax = fig.axes[0]
+    legend = ax.get_legend().get_window_extent(renderer)
+    bars = [b for b in (p.get_window_extent(renderer) for p in ax.patches) if b.height > 0]
+    assert len(bars) >= 3
+    assert not [b for b in bars if legend.overlaps(b)]
+    assert legend.y0 >= ax.bbox.y1 - 1  # above the plot area, so no bar can ever be under it
+    assert fig.bbox.contains(legend.x0, legend.y0) and fig.bbox.contains(legend.x1, legend.y1)  # not clipped
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert labels[0].startswith("max length 16") and labels[1].startswith("99% of rows fit in")
+
+
+@pytest.mark.parametrize("annotations", ["few-used", "all-used"])
+def test_the_audit_plot_labels_its_log_ticks_with_plain_numbers(annotations: str, tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    from mmprep.labels.audit import audit_labels
+    from mmprep.labels.audit.outputs import frequency_figure
+
+    if annotations == "few-used":  # 37 of the 4,585 RAM tags used, at most 5 times: ticks within one decade
+        report = audit_labels(SAMPLE / "ram_tag_list.txt", [SAMPLE / "manifest.jsonl"])
+    else:  # every tag of a small vocabulary used, 1 to 300 times
+        vocab = tmp_path / "v.txt"
+        vocab.write_text("\n".join(f"tag{k}" for k in range(40)) + "\n")
+        rows = [{"id": f"r{i}", "tags": [f"tag{k}" for k in range(40) if i % (k + 1) == 0]} for i in range(300)]
+        ann = tmp_path / "a.jsonl"
+        ann.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        report = audit_labels(vocab, [ann])
+    fig = frequency_figure(report)
+    renderer = _window_boxes(fig)
+    ax = fig.axes[0]
+    for axis in (ax.xaxis, ax.yaxis):
+        lo, hi = sorted(axis.get_view_interval())
+        k = int(axis is ax.yaxis)
+        shown = [t for t in axis.get_majorticklabels() if t.get_text() and lo <= t.get_position()[k] <= hi]
+        assert len(shown) >= 2
+        for t in shown:
+            assert re.fullmatch(r"\d{1,3}(,\d{3})*", t.get_text()), t.get_text()  # 6, 20, 1,000: never 6x10^0
+        assert not [t.get_text() for t in axis.get_minorticklabels() if t.get_text()]
+    legend = ax.get_legend().get_window_extent(renderer)
+    assert legend.y0 >= ax.bbox.y1 - 1  # above the plot: it hides no part of the curve
