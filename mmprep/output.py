@@ -12,6 +12,8 @@ import json
 import math
 import os
 import sys
+import threading
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -43,10 +45,21 @@ def to_jsonable(obj: Any) -> Any:
 
 
 class Progress:
-    """A progress bar on stderr (tqdm) that is a no-op when hidden."""
+    """A progress bar on stderr (tqdm) that is a no-op when hidden.
+
+    While nothing counts yet, :meth:`phase` shows what the run is doing in place of the counters, and the bar is
+    redrawn every :data:`REDRAW_S` seconds so its clock keeps running; :meth:`finish` sets the final frame to the
+    true totals.
+    """
 
     def __init__(self, bar: Any | None) -> None:
         self._bar = bar
+        self._stop = threading.Event()
+        self._redraw: threading.Thread | None = None
+
+    @property
+    def shown(self) -> bool:
+        return self._bar is not None
 
     def update(self, n: int = 1) -> None:
         if self._bar is not None:
@@ -56,9 +69,43 @@ class Progress:
         if self._bar is not None:
             self._bar.set_postfix(values, refresh=False)
 
-    def close(self) -> None:
+    def phase(self, text: str) -> None:
+        """Show ``text`` (``loading the tokenizer``) where the counters go, until they do."""
+        if self._bar is None:
+            return
+        self._bar.set_postfix_str(text, refresh=True)
+        if self._redraw is None:
+            self._redraw = threading.Thread(target=self._keep_drawing, name="mmprep-progress-redraw", daemon=True)
+            self._redraw.start()
+
+    def _keep_drawing(self) -> None:
+        bar = self._bar
+        while not self._stop.wait(REDRAW_S):
+            if bar is not None and time.time() - bar.last_print_t >= REDRAW_S:
+                bar.refresh()
+
+    def finish(self, n: int, **values: Any) -> None:
+        """The final frame: ``n`` done (the total too, so it reads 100% whatever the estimate was)."""
+        if self._bar is None:
+            return
+        self._stop.set()
+        self._bar.total = n
+        self._bar.n = n
+        self._bar.set_postfix(values, refresh=False)
+        self._bar.refresh()
+
+    def close(self, *, keep: bool = False) -> None:
+        """Remove the bar (``keep``: leave its last frame on the terminal)."""
+        self._stop.set()
+        if self._redraw is not None:
+            self._redraw.join(timeout=1)
         if self._bar is not None:
+            self._bar.leave = keep
             self._bar.close()
+
+
+#: Seconds between redraws of a bar whose counters do not move (its clock keeps running).
+REDRAW_S = 0.5
 
 
 class Output:
@@ -102,7 +149,7 @@ class Output:
         if self._console is None:
             from rich.console import Console
 
-            self._console = Console(file=self.stderr, highlight=False, soft_wrap=True)
+            self._console = Console(file=self.stderr, highlight=False, soft_wrap=True, width=_pipe_width(self.stderr))
         return self._console
 
     # -- logs -------------------------------------------------------------------------------------------
@@ -147,10 +194,10 @@ class Output:
 
         table = Table(title=title, caption=caption, title_justify="left")
         cells = [[_fmt(v) for v in row] for row in rows]
-        # the first column names things (a file, a setting): it keeps its width, up to 48, the others wrap
-        first = min(48, max([len(col) for col in columns[:1]] + [len(r[0]) for r in cells if r]))
         for i, col in enumerate(columns):
-            table.add_column(col, justify="left" if i == 0 else "right", min_width=first if i == 0 else None)
+            # a cell too wide for the terminal wraps (a long file name folds onto the next line) instead of being
+            # cut with an ellipsis
+            table.add_column(col, justify="left" if i == 0 else "right", overflow="fold")
         for row in cells:
             table.add_row(*row)
         self.console.print(table)
@@ -164,18 +211,41 @@ class Output:
             return False
 
     @contextmanager
-    def progress(self, total: int | None, desc: str, unit: str = "it") -> Iterator[Progress]:
-        """A progress bar on stderr, shown only when stderr is a terminal."""
+    def progress(self, total: int | None, desc: str, unit: str = "it", *, keep: bool = False) -> Iterator[Progress]:
+        """A progress bar on stderr, shown only when stderr is a terminal.
+
+        ``keep``: leave the bar's last frame on the terminal when the block ends without an exception (call
+        :meth:`Progress.finish` first for the true totals); otherwise the bar is removed.
+        """
         bar = None
         if self.show_progress():
             from tqdm import tqdm
 
             bar = tqdm(total=total, desc=desc, unit=unit, file=self.stderr, dynamic_ncols=True, leave=False)
         prog = Progress(bar)
+        ok = False
         try:
             yield prog
+            ok = True
         finally:
-            prog.close()
+            prog.close(keep=keep and ok)
+
+
+#: The width tables get on a pipe or a file when COLUMNS is not set: wide enough for any table to keep its natural
+#: width (rich would cut them to 80 columns), and a table is never wider than its content.
+PIPE_WIDTH = 1000
+
+
+def _pipe_width(stream: TextIO) -> int | None:
+    """The console width for ``stream``: None on a terminal (rich measures it), else ``$COLUMNS`` when set, else
+    :data:`PIPE_WIDTH`."""
+    try:
+        if stream.isatty():
+            return None
+    except (AttributeError, ValueError):
+        pass
+    columns = os.environ.get("COLUMNS", "")
+    return int(columns) if columns.isdigit() and int(columns) > 0 else PIPE_WIDTH
 
 
 def _escape(text: str) -> str:

@@ -320,9 +320,22 @@ def test_missing_manifest_and_output_directory(tmp_path: Path) -> None:
     result = _run(str(tmp_path / "nope.jsonl"), "--tokenizer", str(CLIP_DIR), "--max-length", "8",
                   "--out", str(tmp_path / "o.parquet"))
     assert result.exit_code == EXIT_USAGE and "no such file" in result.stderr
+    # missing folders of --out are created, as pack creates its output folder
+    out = tmp_path / "a" / "b" / "o.parquet"
+    result = _run(str(SAMPLE_MANIFEST), "--tokenizer", str(CLIP_DIR), "--max-length", "8", "--out", str(out))
+    assert result.exit_code == EXIT_OK, result.stderr
+    assert pq.read_table(out).num_rows == 18 and (out.parent / "o.parquet.rejected.jsonl").is_file()
+    # a file where a folder should be is refused before any work
+    (tmp_path / "f").write_text("")
     result = _run(str(SAMPLE_MANIFEST), "--tokenizer", str(CLIP_DIR), "--max-length", "8",
-                  "--out", str(tmp_path / "missing" / "o.parquet"))
-    assert result.exit_code == EXIT_USAGE and "does not exist" in result.stderr
+                  "--out", str(tmp_path / "f" / "x" / "o.parquet"))
+    assert result.exit_code == EXIT_USAGE and f"{tmp_path / 'f'} is not a directory" in result.stderr
+    # a tokenizer that fails to load leaves no folder behind
+    empty = tmp_path / "empty-tokenizer"
+    empty.mkdir()
+    result = _run(str(SAMPLE_MANIFEST), "--tokenizer", str(empty), "--max-length", "8",
+                  "--out", str(tmp_path / "c" / "o.parquet"))
+    assert result.exit_code == EXIT_USAGE and not (tmp_path / "c").exists()
 
 
 def test_all_rows_rejected_exits_1_with_a_hint(tmp_path: Path) -> None:

@@ -141,7 +141,12 @@ def test_ctrl_c_exits_130_promptly_and_resumes(corpus, tmp_path: Path, workers: 
     code, err, waited = finish(proc)
     assert code == 130, err
     assert waited < 10, f"took {waited:.1f}s to stop"
-    assert err.strip().endswith("error: interrupted") and "Traceback" not in err
+    # the error and how to continue (what resume_and_compare then does)
+    assert err.strip().splitlines()[-2:] == [
+        "error: interrupted",
+        "hint: the shards finished so far are kept: to continue, run the same command with --resume",
+    ]
+    assert "Traceback" not in err
     assert not temp_files(out)
     assert_final_names_are_whole(out)
     assert resume_and_compare(manifest, out, ref, workers) >= 1

@@ -112,7 +112,11 @@ def assert_no_ray_left(sid: int) -> None:
 
 def assert_interrupted(code: int, err: str) -> None:
     assert code == 130, err
-    assert err.strip().endswith("error: interrupted"), err  # the local engine's line
+    # the local engine's lines: the error and how to continue
+    assert err.strip().splitlines()[-2:] == [
+        "error: interrupted",
+        "hint: the shards finished so far are kept: to continue, run the same command with --resume",
+    ], err
     assert "Traceback" not in err and "core_worker" not in err, err
 
 

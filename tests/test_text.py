@@ -213,6 +213,65 @@ def test_missing_and_unusable_tokenizer_directories(tmp_path: Path) -> None:
     assert "tokenizer.json" in (info.value.hint or "")
 
 
+@pytest.mark.parametrize(("files", "says"), [
+    ((), "the folder is empty: it needs tokenizer.json, or vocabulary files"),
+    (("readme.md",), "the folder holds readme.md but no tokenizer.json and no vocabulary files (vocab.txt, "
+                     "vocab.json with merges.txt, or tokenizer.model)"),
+    (("tokenizer_config.json", "vocab.json"), "the folder holds tokenizer_config.json, vocab.json but not "
+                                              "merges.txt, which vocab.json needs beside it"),
+    (("vocab.json", "merges.txt"), "the folder holds merges.txt, vocab.json but no tokenizer_config.json, which "
+                                   "names the tokenizer class"),
+    # transformers builds a CLIP tokenizer from its config alone, with special tokens only: every word would be
+    # the unknown token; mmprep refuses it
+    (("tokenizer_config.json",), "the folder holds tokenizer_config.json but no tokenizer.json and no vocabulary "
+                                 "files (vocab.txt, vocab.json with merges.txt, or tokenizer.model); the tokenizer "
+                                 "built from it knows only its 2 special token(s)"),
+])
+def test_a_wrong_tokenizer_folder_is_one_sentence_naming_it_and_what_is_missing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, files: tuple[str, ...], says: str
+) -> None:
+    monkeypatch.setenv("MMPREP_NO_CACHE", "1")
+    folder = tmp_path / "tok"
+    folder.mkdir()
+    for name in files:
+        src = CLIP_DIR / name
+        (folder / name).write_bytes(src.read_bytes() if src.exists() else b"not a tokenizer\n")
+    with pytest.raises(InputError) as info:
+        TextEncoder(folder, TextConfig(max_length=16))
+    message = info.value.message
+    assert message == f"{folder}: cannot load a tokenizer: {says}" or message.startswith(
+        f"{folder}: cannot load a tokenizer: {says}")
+    assert "\n" not in message and not message.rstrip().endswith(":")
+    assert "Couldn't instantiate" not in message
+
+
+def test_a_cached_tokenizer_with_special_tokens_only_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cache entry written before the vocabulary check (or by hand) does not bring the empty tokenizer back."""
+    from tokenizers import Tokenizer, models
+
+    from mmprep.text.cache import TokenizerInfo, tokenizer_cache_dir, tokenizer_cache_key
+
+    monkeypatch.setenv("MMPREP_CACHE_DIR", str(tmp_path / "cache"))
+    folder = tmp_path / "tok"
+    folder.mkdir()
+    (folder / "tokenizer_config.json").write_bytes((CLIP_DIR / "tokenizer_config.json").read_bytes())
+    good = TextEncoder(CLIP_DIR, TextConfig(max_length=16))  # a real entry to copy the facts from
+    backend = Tokenizer(models.WordLevel({"<|startoftext|>": 0, "<|endoftext|>": 1}, unk_token="<|endoftext|>"))
+    backend.add_special_tokens(["<|startoftext|>", "<|endoftext|>"])
+    cache = tokenizer_cache_dir()
+    assert cache is not None
+    entry = cache / f"{tokenizer_cache_key(CLIP_DIR)}.json"
+    info = json.loads(entry.read_bytes())
+    info["backend"] = backend.to_str()
+    (cache / f"{tokenizer_cache_key(folder)}.json").write_text(json.dumps(info))
+    assert TokenizerInfo.from_json((cache / f"{tokenizer_cache_key(folder)}.json").read_bytes()) is not None
+    with pytest.raises(InputError, match="knows only its 2 special token"):
+        TextEncoder(folder, TextConfig(max_length=16))
+    assert good.vocab_size > 1000
+
+
 @pytest.mark.skipif(importlib.util.find_spec("sentencepiece") is not None, reason="sentencepiece is installed")
 def test_sentencepiece_model_without_the_package_names_the_package() -> None:
     """A real SentencePiece model, no tokenizer.json: the message names sentencepiece, not transformers' tiktoken."""

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from typing import Annotated, Any, NoReturn
 
 import typer
-from typer.core import TyperGroup
+from typer.core import TyperCommand, TyperGroup
 
 from mmprep import __version__
 from mmprep.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, MmprepError
@@ -42,12 +42,51 @@ class _Group(TyperGroup):
         return cmd
 
 
-app = typer.Typer(
+class _Command(TyperCommand):
+    """A subcommand: arguments named in capitals on the usage line and in help (``MANIFEST``, ``[FILES]...``), and
+    options in help panels in the order of :data:`~mmprep.cli._options.PANELS` (those of a command with panels that
+    name none, such as ``--json`` and ``--help``, go to the last one)."""
+
+    def get_params(self, ctx: Any) -> list[Any]:
+        from mmprep.cli._options import PANEL_RUN, PANELS
+
+        params = super().get_params(ctx)
+        for param in params:
+            if param.param_type_name == "argument" and param.metavar is None:
+                param.metavar = str(param.name).upper()
+        options = [p for p in params if p.param_type_name == "option"]
+        if any(getattr(p, "rich_help_panel", None) for p in options):
+            for param in options:
+                if not getattr(param, "rich_help_panel", None):
+                    setattr(param, "rich_help_panel", PANEL_RUN)  # noqa: B010  (typer's attribute, not click's)
+            order = {name: k for k, name in enumerate(PANELS)}
+            params.sort(key=lambda p: -1 if p.param_type_name != "option"
+                        else order.get(getattr(p, "rich_help_panel", ""), len(order)))
+        return params
+
+    def collect_usage_pieces(self, ctx: Any) -> list[str]:
+        pieces = [self.options_metavar] if self.options_metavar else []
+        for param in self.get_params(ctx):
+            if param.param_type_name != "argument":
+                continue
+            name = str(param.metavar) if param.required else f"[{param.metavar}]"
+            pieces.append(name + ("..." if param.nargs != 1 else ""))
+        return pieces
+
+
+class _Typer(typer.Typer):
+    """Commands are :class:`_Command` unless they name another class."""
+
+    def command(self, *args: Any, cls: Any = None, **kwargs: Any) -> Any:
+        return super().command(*args, cls=cls or _Command, **kwargs)
+
+
+app = _Typer(
     name="mmprep",
     cls=_Group,
     help="Prepare multimodal (image + text + tag) datasets for training: audit, embed, normalise, tokenise, pack.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
@@ -131,11 +170,12 @@ def make_output(json_mode: bool = False, quiet: bool = False, verbose: bool = Fa
     return Output(json_mode=json_mode, quiet=quiet, verbose=verbose)
 
 
-def run_command(out: Output, fn: Callable[[], int | None]) -> NoReturn:
+def run_command(out: Output, fn: Callable[[], int | None], *, interrupted_hint: str | None = None) -> NoReturn:
     """Run a command body and turn its outcome into an exit code.
 
     Known errors print one line (plus a hint) on stderr; unexpected ones print a one-line summary and a pointer
-    to ``MMPREP_DEBUG=1``, which shows the traceback. Ctrl-C exits 130.
+    to ``MMPREP_DEBUG=1``, which shows the traceback. Ctrl-C exits 130, with ``interrupted_hint`` (how to continue)
+    under the error line.
     """
     debug = os.environ.get("MMPREP_DEBUG", "") not in ("", "0")
     try:
@@ -148,7 +188,7 @@ def run_command(out: Output, fn: Callable[[], int | None]) -> NoReturn:
         out.error(exc.message, exc.hint)
         raise typer.Exit(exc.exit_code) from None
     except KeyboardInterrupt:
-        out.error("interrupted")
+        out.error("interrupted", interrupted_hint)
         raise typer.Exit(EXIT_INTERRUPTED) from None
     except BrokenPipeError:
         # The reader of stdout went away (e.g. `| head`): not our failure.

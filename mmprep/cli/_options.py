@@ -7,7 +7,7 @@ Nothing heavy (numpy, Pillow) is imported at module level.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -16,6 +16,13 @@ if TYPE_CHECKING:
 
 __all__ = [
     "IMAGE_OPTION_NAMES",
+    "PANELS",
+    "PANEL_IMAGES",
+    "PANEL_INPUT",
+    "PANEL_OUTPUT",
+    "PANEL_RUN",
+    "PANEL_TEXT",
+    "RESIZE_MODES",
     "BackgroundOpt",
     "FillOpt",
     "ImageSizeOpt",
@@ -26,30 +33,61 @@ __all__ = [
     "PixelLimitOpt",
     "ResizeModeOpt",
     "ShortestEdgeOpt",
+    "choices",
     "image_config_from_options",
 ]
 
-_MODES = "stretch|center-crop|letterbox|shortest-edge|max-pixels|none"
+# Help panels (``rich_help_panel=``): a command that groups its options shows these, in this order, with its common
+# options first in each; options of such a command that name no panel (--json, --quiet, --help) go to PANEL_RUN.
+PANEL_INPUT = "Input"
+PANEL_IMAGES = "Images"
+PANEL_TEXT = "Text and tags"
+PANEL_OUTPUT = "Output"
+PANEL_RUN = "Run"
+PANELS = (PANEL_INPUT, PANEL_IMAGES, PANEL_TEXT, PANEL_OUTPUT, PANEL_RUN)
 
-ResizeModeOpt = Annotated[str, typer.Option("--resize-mode", metavar=_MODES, help="How images are resized.")]
+
+def choices(*values: str) -> dict[str, Any]:
+    """Keywords for ``typer.Option`` of a text option with fixed values: help shows them (``zstd|lz4|none``) and
+    the shell completes them. The command still checks the value (one line naming the flag when wrong)."""
+
+    def complete(incomplete: str) -> list[str]:
+        return [v for v in values if v.startswith(incomplete)]
+
+    return {"metavar": "|".join(values), "autocompletion": complete}
+
+
+RESIZE_MODES = ("stretch", "center-crop", "letterbox", "shortest-edge", "max-pixels", "none")
+
+_IMG = PANEL_IMAGES
+ResizeModeOpt = Annotated[str, typer.Option(
+    "--resize-mode", help="How images are resized.", rich_help_panel=_IMG, **choices(*RESIZE_MODES))]
 ImageSizeOpt = Annotated[str, typer.Option(
-    "--image-size", metavar="N|HxW", help="Target size for stretch, center-crop and letterbox (height x width).")]
+    "--image-size", metavar="N|HxW", help="Target size for stretch, center-crop and letterbox (height x width).",
+    rich_help_panel=_IMG)]
 InterpolationOpt = Annotated[str, typer.Option(
-    "--interpolation", metavar="nearest|bilinear|bicubic|lanczos|box|hamming", help="Resampling filter.")]
+    "--interpolation", help="Resampling filter.", rich_help_panel=_IMG,
+    **choices("nearest", "bilinear", "bicubic", "lanczos", "box", "hamming"))]
 ShortestEdgeOpt = Annotated[int | None, typer.Option(
-    "--shortest-edge", metavar="N", help="Shorter side for --resize-mode shortest-edge.")]
+    "--shortest-edge", metavar="N", help="Shorter side for --resize-mode shortest-edge.", rich_help_panel=_IMG)]
 MaxPixelsOpt = Annotated[int | None, typer.Option(
-    "--max-pixels", metavar="N", help="Pixel budget (w*h) upper bound for --resize-mode max-pixels.")]
+    "--max-pixels", metavar="N", help="Pixel budget (w*h) upper bound for --resize-mode max-pixels.",
+    rich_help_panel=_IMG)]
 MinPixelsOpt = Annotated[int | None, typer.Option(
     "--min-pixels", metavar="N",
-    help="Pixel budget lower bound for --resize-mode max-pixels (sides truncated as EasyR1: may fall just short).")]
+    help="Pixel budget lower bound for --resize-mode max-pixels (sides truncated as EasyR1: may fall just short).",
+    rich_help_panel=_IMG)]
 BackgroundOpt = Annotated[str, typer.Option(
-    "--background", metavar="R,G,B|#hex|name", help="Colour transparent pixels are composited over.")]
-FillOpt = Annotated[str, typer.Option("--fill", metavar="R,G,B|#hex|name", help="Letterbox padding colour.")]
+    "--background", metavar="R,G,B|#hex|name", help="Colour transparent pixels are composited over.",
+    rich_help_panel=_IMG)]
+FillOpt = Annotated[str, typer.Option(
+    "--fill", metavar="R,G,B|#hex|name", help="Letterbox padding colour.", rich_help_panel=_IMG)]
 PixelLimitOpt = Annotated[int, typer.Option(
-    "--pixel-limit", metavar="N", help="Reject images whose header declares more pixels (decompression bombs).")]
+    "--pixel-limit", metavar="N", help="Reject images whose header declares more pixels (decompression bombs).",
+    rich_help_panel=_IMG)]
 NoDraftOpt = Annotated[bool, typer.Option(
-    "--no-draft", help="Decode JPEGs at full size before resizing (slower; no DCT-domain downscaling).")]
+    "--no-draft", help="Decode JPEGs at full size before resizing (slower; no DCT-domain downscaling).",
+    rich_help_panel=_IMG)]
 
 
 #: Parameter names of the decoding/resizing options above, as :func:`image_config_from_options` takes them; a

@@ -8,6 +8,12 @@ import typer
 
 from mmprep.cli._app import JsonOpt, QuietOpt, VerboseOpt, app, make_output, run_command
 from mmprep.cli._options import (
+    PANEL_IMAGES,
+    PANEL_INPUT,
+    PANEL_OUTPUT,
+    PANEL_RUN,
+    PANEL_TEXT,
+    RESIZE_MODES,
     BackgroundOpt,
     FillOpt,
     ImageSizeOpt,
@@ -17,6 +23,7 @@ from mmprep.cli._options import (
     NoDraftOpt,
     PixelLimitOpt,
     ShortestEdgeOpt,
+    choices,
     image_config_from_options,
 )
 
@@ -24,127 +31,147 @@ if TYPE_CHECKING:
     from mmprep.output import Output
     from mmprep.pack.job import PackReport
 
-_IMG = "Images"
-_TXT = "Text"
-_OUT = "Output"
-_IN = "Input"
+# Panels of `pack --help`, in this order; the common options come first in each.
+_IN, _IMG, _TXT, _OUT, _RUN = PANEL_INPUT, PANEL_IMAGES, PANEL_TEXT, PANEL_OUTPUT, PANEL_RUN
 
 
 @app.command("pack")
 def pack_cmd(
+    # -- input
     manifest: Annotated[str, typer.Argument(help="JSONL (primary), JSON list, CSV or Parquet manifest: a path, a URI "
                                             "(file://, s3://, gs://, ...), or - for stdin.")],
-    out: Annotated[str, typer.Option("--out", "-o", help="Output directory, or a URI such as s3://bucket/prefix.",
-                                     rich_help_panel=_OUT)],
-    format: Annotated[str | None, typer.Option(help="Manifest format (default: from name/content).",
-                                               rich_help_panel=_IN)] = None,
-    id_column: Annotated[str | None, typer.Option(help="Id field (default: id).", rich_help_panel=_IN)] = None,
-    image_column: Annotated[str | None, typer.Option(help="Image path field: one path or a list (default: images/"
-                                                     "image/...).", rich_help_panel=_IN)] = None,
-    text_column: Annotated[str | None, typer.Option(help="Text field: string, caption list or conversation.",
+    # --out is required, hence here; help shows it first in the Output panel
+    out: Annotated[str, typer.Option("--out", "-o", metavar="DIR|URI", help="Output directory, or a URI such as "
+                                     "s3://bucket/prefix.", rich_help_panel=_OUT)],
+    image_root: Annotated[str | None, typer.Option(metavar="DIR|URI", help="Folder or URI image paths are relative "
+                                                   "to (default: the manifest's folder).", rich_help_panel=_IN)] = None,
+    image_column: Annotated[str | None, typer.Option(metavar="NAME", help="Image path field: one path or a list "
+                                                     "(default: images/image/...).", rich_help_panel=_IN)] = None,
+    text_column: Annotated[str | None, typer.Option(metavar="NAME", help="Text field: string, caption list or "
+                                                    "conversation.", rich_help_panel=_IN)] = None,
+    tags_column: Annotated[str | None, typer.Option(metavar="NAME", help="Tags field: names or ids.",
                                                     rich_help_panel=_IN)] = None,
-    tags_column: Annotated[str | None, typer.Option(help="Tags field: names or ids.", rich_help_panel=_IN)] = None,
-    image_root: Annotated[str | None, typer.Option(help="Folder or URI image paths are relative to (default: the "
-                                                   "manifest's folder).", rich_help_panel=_IN)] = None,
+    id_column: Annotated[str | None, typer.Option(metavar="NAME", help="Id field (default: id).",
+                                                  rich_help_panel=_IN)] = None,
+    format: Annotated[str | None, typer.Option(help="Manifest format (default: from name/content).",
+                                               rich_help_panel=_IN, **choices("jsonl", "json", "csv", "parquet",
+                                                                              "arrow"))] = None,
     allow_outside_root: Annotated[bool, typer.Option(help="Allow image paths that leave --image-root (../, absolute,"
                                                      " symlinks).", rich_help_panel=_IN)] = False,
-    image_size: ImageSizeOpt = "224",
-    resize_mode: Annotated[str | None, typer.Option(
-        "--resize-mode", metavar="stretch|center-crop|letterbox|shortest-edge|max-pixels|none",
-        help="How images are resized (default: center-crop; none with --pad none).", show_default=False,
-        rich_help_panel=_IMG)] = None,
-    interpolation: InterpolationOpt = "bicubic",
-    background: BackgroundOpt = "255,255,255",
-    fill: FillOpt = "0,0,0",
-    shortest_edge: ShortestEdgeOpt = None,
-    max_pixels: MaxPixelsOpt = None,
-    min_pixels: MinPixelsOpt = None,
-    pixel_limit: PixelLimitOpt = 89_478_485,
-    no_draft: NoDraftOpt = False,
-    device: Annotated[str, typer.Option(
-        "--device", metavar="cpu|cuda|auto",
-        help="Decode and resize JPEGs on the GPU (cuda; needs the gpu extra, padded layout; other images take the "
-             "CPU path) or where possible (auto).", rich_help_panel=_IMG)] = "cpu",
-    norm: Annotated[str | None, typer.Option(help="Normalisation preset: imagenet|clip.", rich_help_panel=_IMG)] = None,
-    mean: Annotated[str | None, typer.Option(help="Custom mean R,G,B in [0,1].", rich_help_panel=_IMG)] = None,
-    std: Annotated[str | None, typer.Option(help="Custom std R,G,B in [0,1].", rich_help_panel=_IMG)] = None,
-    stats_file: Annotated[str | None, typer.Option(help="mean/std from `mmprep image-stats --json`.",
-                                                   rich_help_panel=_IMG)] = None,
-    dtype: Annotated[str, typer.Option(help="uint8 (raw pixels; mean/std recorded) | float16 | float32 (normalised).",
-                                       rich_help_panel=_IMG)] = "uint8",
-    layout: Annotated[str, typer.Option(help="CHW or HWC.", rich_help_panel=_IMG)] = "CHW",
-    limit_images: Annotated[int, typer.Option(help="Image slots per row (padded layout).",
-                                              rich_help_panel=_IMG)] = 4,
-    too_many_images: Annotated[str, typer.Option(help="reject|truncate samples with more images than the limit.",
-                                                 rich_help_panel=_IMG)] = "reject",
-    pad: Annotated[str | None, typer.Option(help="max: padded tensors + masks; none: encoded images (HF Image "
-                                            "storage). Default: max; none with --target easyr1|llamafactory.",
-                                            show_default=False, rich_help_panel=_IMG)] = None,
-    encode_format: Annotated[str, typer.Option(help="With --pad none: original (file bytes as-is) | png | jpeg | "
-                                               "webp.", rich_help_panel=_IMG)] = "original",
-    quality: Annotated[int, typer.Option(help="JPEG/WebP quality with --encode-format.", rich_help_panel=_IMG)] = 95,
-    tokenizer: Annotated[str | None, typer.Option(help="Local Hugging Face tokenizer directory.",
-                                                  rich_help_panel=_TXT)] = None,
-    max_length: Annotated[int, typer.Option(help="Token ids per row (padded/truncated).", rich_help_panel=_TXT)] = 77,
-    padding_side: Annotated[str, typer.Option(help="right|left.", rich_help_panel=_TXT)] = "right",
-    truncation_side: Annotated[str, typer.Option(help="right|left.", rich_help_panel=_TXT)] = "right",
-    special_tokens: Annotated[bool, typer.Option(help="Add the tokenizer's special tokens.",
-                                                 rich_help_panel=_TXT)] = True,
-    caption: Annotated[str, typer.Option(help="For caption lists: first|all|random.", rich_help_panel=_TXT)] = "first",
-    caption_separator: Annotated[str, typer.Option(help="Joins the captions with --caption all (default: one "
-                                                   "space).", show_default=False, rich_help_panel=_TXT)] = " ",
-    image_placeholder: Annotated[str, typer.Option(help="The image placeholder string in texts.",
-                                                   rich_help_panel=_TXT)] = "<image>",
-    seed: Annotated[int, typer.Option(help="Seed for --caption random and --shuffle.")] = 0,
-    pad_token: Annotated[str | None, typer.Option(help="Pad token for tokenizers without one (e.g. GPT-2).",
-                                                  rich_help_panel=_TXT)] = None,
-    placeholder_check: Annotated[bool, typer.Option(help="Require as many <image> placeholders as images when the "
-                                                    "text has any.", rich_help_panel=_TXT)] = True,
-    vocab: Annotated[str | None, typer.Option(help="Tag vocabulary: tags are stored as ids.",
-                                              rich_help_panel=_TXT)] = None,
-    unknown_tags: Annotated[str, typer.Option(help="reject|drop samples' tags not in --vocab (drops are counted).",
-                                              rich_help_panel=_TXT)] = "reject",
-    shard_size: Annotated[str | None, typer.Option(help="Shard size limit, e.g. 512MB (default).",
-                                                   rich_help_panel=_OUT)] = None,
-    rows_per_shard: Annotated[int | None, typer.Option(help="Rows per shard (instead of --shard-size).",
-                                                       rich_help_panel=_OUT)] = None,
-    row_group_rows: Annotated[int | None, typer.Option(help="Rows per Parquet row group (default ~32 MB).",
-                                                       rich_help_panel=_OUT)] = None,
-    compression: Annotated[str, typer.Option(help="zstd|lz4|snappy|none.", rich_help_panel=_OUT)] = "zstd",
-    shuffle: Annotated[bool, typer.Option(help="Shuffle rows deterministically by --seed (the line column maps "
-                                          "back).", rich_help_panel=_OUT)] = False,
-    workers: Annotated[int | None, typer.Option(help="Worker processes, or Ray actors with --engine ray (default: "
-                                                "all cores; the cluster's CPUs with --ray-address).",
-                                                rich_help_panel=_OUT)] = None,
-    on_error: Annotated[str, typer.Option(help="skip: bad rows go to rejected.jsonl; fail: stop at the first.",
-                                          rich_help_panel=_OUT)] = "skip",
-    max_reject_rate: Annotated[float, typer.Option(help="Fail the run (exit 1) above this rejected fraction.",
-                                                   rich_help_panel=_OUT)] = 1.0,
-    resume: Annotated[bool, typer.Option(help="Continue an interrupted run, keeping finished shards.",
-                                         rich_help_panel=_OUT)] = False,
-    overwrite: Annotated[bool, typer.Option(help="Replace mmprep's files from an earlier run in --out.",
-                                            rich_help_panel=_OUT)] = False,
-    engine: Annotated[str, typer.Option(help="local (process pool) or ray (Ray Data; pip install 'mmprep\\[ray]').",
-                                        rich_help_panel=_OUT)] = "local",
-    ray_address: Annotated[str | None, typer.Option(help="Ray cluster for --engine ray, e.g. ray://head:10001 "
-                                                    "(default: $RAY_ADDRESS, else a local Ray on this machine).",
-                                                    rich_help_panel=_OUT)] = None,
-    # -- trainer-ready output (issue 16) ----------------------------------------------------------------------
-    split: Annotated[str, typer.Option(help="Name of the split written; packing another split into the same --out "
-                                       "adds it.", rich_help_panel=_OUT)] = "train",
-    target: Annotated[str, typer.Option(metavar="hf|easyr1|llamafactory", help="Lay the output out for a trainer: "
-                                        "easyr1 adds problem/answer, llamafactory ShareGPT messages (both: encoded "
-                                        "images).", rich_help_panel=_OUT)] = "hf",
+    image_check: Annotated[bool, typer.Option(help="Stop before any work when most of the first rows' images cannot "
+                                              "be found (say where mmprep looked).", rich_help_panel=_IN)] = True,
     keep_columns: Annotated[str | None, typer.Option(metavar="A,B", help="Carry only these input columns (default: "
                                                      "every column mmprep does not read; '' for none).",
                                                      rich_help_panel=_IN)] = None,
     drop_columns: Annotated[str | None, typer.Option(metavar="A,B", help="Leave these input columns out.",
                                                      rich_help_panel=_IN)] = None,
-    # ---------------------------------------------------------------------------------------------------------
+    # -- images
+    image_size: ImageSizeOpt = "224",
+    resize_mode: Annotated[str | None, typer.Option(
+        "--resize-mode", help="How images are resized (default: center-crop; none with --pad none).",
+        show_default=False, rich_help_panel=_IMG, **choices(*RESIZE_MODES))] = None,
+    limit_images: Annotated[int, typer.Option(metavar="N", help="Image slots per row (padded layout).",
+                                              rich_help_panel=_IMG)] = 4,
+    too_many_images: Annotated[str, typer.Option(help="Reject samples with more images than --limit-images, or "
+                                                 "keep their first ones.", rich_help_panel=_IMG,
+                                                 **choices("reject", "truncate"))] = "reject",
+    pad: Annotated[str | None, typer.Option(help="max: padded tensors + masks; none: encoded images (HF Image "
+                                            "storage). Default: max; none with --target easyr1|llamafactory.",
+                                            show_default=False, rich_help_panel=_IMG, **choices("max", "none"))
+                   ] = None,
+    norm: Annotated[str | None, typer.Option(help="Normalisation preset.", rich_help_panel=_IMG,
+                                             **choices("imagenet", "clip"))] = None,
+    dtype: Annotated[str, typer.Option(help="uint8: raw pixels (mean/std recorded); float16/float32: normalised.",
+                                       rich_help_panel=_IMG, **choices("uint8", "float16", "float32"))] = "uint8",
+    layout: Annotated[str, typer.Option(help="Pixel layout.", rich_help_panel=_IMG, **choices("CHW", "HWC"))] = "CHW",
+    mean: Annotated[str | None, typer.Option(metavar="R,G,B", help="Custom mean in [0,1].",
+                                             rich_help_panel=_IMG)] = None,
+    std: Annotated[str | None, typer.Option(metavar="R,G,B", help="Custom std in [0,1].",
+                                            rich_help_panel=_IMG)] = None,
+    stats_file: Annotated[str | None, typer.Option(metavar="FILE.json", help="mean/std from `mmprep image-stats "
+                                                   "--json`.", rich_help_panel=_IMG)] = None,
+    interpolation: InterpolationOpt = "bicubic",
+    fill: FillOpt = "0,0,0",
+    background: BackgroundOpt = "255,255,255",
+    shortest_edge: ShortestEdgeOpt = None,
+    max_pixels: MaxPixelsOpt = None,
+    min_pixels: MinPixelsOpt = None,
+    encode_format: Annotated[str, typer.Option(help="With --pad none: original (the file's bytes as they are) or "
+                                               "re-encoded.", rich_help_panel=_IMG,
+                                               **choices("original", "png", "jpeg", "webp"))] = "original",
+    quality: Annotated[int, typer.Option(metavar="N", help="JPEG/WebP quality with --encode-format.",
+                                         rich_help_panel=_IMG)] = 95,
+    pixel_limit: PixelLimitOpt = 89_478_485,
+    no_draft: NoDraftOpt = False,
+    device: Annotated[str, typer.Option(
+        help="Decode and resize JPEGs on the GPU (cuda; needs the gpu extra, padded layout; other images take the "
+             "CPU path) or where possible (auto).", rich_help_panel=_IMG, **choices("cpu", "cuda", "auto"))] = "cpu",
+    # -- text and tags
+    tokenizer: Annotated[str | None, typer.Option(metavar="DIR", help="Local Hugging Face tokenizer directory.",
+                                                  rich_help_panel=_TXT)] = None,
+    max_length: Annotated[int, typer.Option(metavar="N", help="Token ids per row (padded/truncated).",
+                                            rich_help_panel=_TXT)] = 77,
+    caption: Annotated[str, typer.Option(help="For caption lists: which caption.", rich_help_panel=_TXT,
+                                         **choices("first", "all", "random"))] = "first",
+    caption_separator: Annotated[str, typer.Option(metavar="TEXT", help="Joins the captions with --caption all "
+                                                   "(default: one space).", show_default=False,
+                                                   rich_help_panel=_TXT)] = " ",
+    padding_side: Annotated[str, typer.Option(help="Where padding goes.", rich_help_panel=_TXT,
+                                              **choices("right", "left"))] = "right",
+    truncation_side: Annotated[str, typer.Option(help="Which end a long text loses.", rich_help_panel=_TXT,
+                                                 **choices("right", "left"))] = "right",
+    special_tokens: Annotated[bool, typer.Option(help="Add the tokenizer's special tokens.",
+                                                 rich_help_panel=_TXT)] = True,
+    pad_token: Annotated[str | None, typer.Option(metavar="TOKEN", help="Pad token for tokenizers without one "
+                                                  "(e.g. GPT-2).", rich_help_panel=_TXT)] = None,
+    image_placeholder: Annotated[str, typer.Option(metavar="TEXT", help="The image placeholder string in texts.",
+                                                   rich_help_panel=_TXT)] = "<image>",
+    placeholder_check: Annotated[bool, typer.Option(help="Require as many <image> placeholders as images when the "
+                                                    "text has any.", rich_help_panel=_TXT)] = True,
+    vocab: Annotated[str | None, typer.Option(metavar="FILE", help="Tag vocabulary: tags are stored as ids.",
+                                              rich_help_panel=_TXT)] = None,
+    unknown_tags: Annotated[str, typer.Option(help="Reject samples with tags not in --vocab, or drop those tags "
+                                              "(counted).", rich_help_panel=_TXT,
+                                              **choices("reject", "drop"))] = "reject",
+    # -- output
+    split: Annotated[str, typer.Option(metavar="NAME", help="Name of the split written; packing another split into "
+                                       "the same --out adds it.", rich_help_panel=_OUT)] = "train",
+    target: Annotated[str, typer.Option(help="Lay the output out for a trainer: easyr1 adds problem/answer, "
+                                        "llamafactory ShareGPT messages (both: encoded images).", rich_help_panel=_OUT,
+                                        **choices("hf", "easyr1", "llamafactory"))] = "hf",
+    shard_size: Annotated[str | None, typer.Option(metavar="SIZE", help="Shard size limit, e.g. 512MB (default).",
+                                                   rich_help_panel=_OUT)] = None,
+    rows_per_shard: Annotated[int | None, typer.Option(metavar="N", help="Rows per shard (instead of --shard-size).",
+                                                       rich_help_panel=_OUT)] = None,
+    row_group_rows: Annotated[int | None, typer.Option(metavar="N", help="Rows per Parquet row group (default "
+                                                       "~32 MB).", rich_help_panel=_OUT)] = None,
+    compression: Annotated[str, typer.Option(help="Parquet compression.", rich_help_panel=_OUT,
+                                             **choices("zstd", "lz4", "snappy", "none"))] = "zstd",
+    shuffle: Annotated[bool, typer.Option(help="Shuffle rows deterministically by --seed (the line column maps "
+                                          "back).", rich_help_panel=_OUT)] = False,
+    seed: Annotated[int, typer.Option(metavar="N", help="Seed for --caption random and --shuffle.",
+                                      rich_help_panel=_OUT)] = 0,
+    resume: Annotated[bool, typer.Option(help="Continue an interrupted run, keeping finished shards.",
+                                         rich_help_panel=_OUT)] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace mmprep's files from an earlier run in --out.",
+                                            rich_help_panel=_OUT)] = False,
+    # -- run
+    workers: Annotated[int | None, typer.Option(metavar="N", help="Worker processes, or Ray actors with --engine ray "
+                                                "(default: all cores; the cluster's CPUs with --ray-address).",
+                                                rich_help_panel=_RUN)] = None,
+    engine: Annotated[str, typer.Option(help="local: a process pool; ray: Ray Data (pip install 'mmprep\\[ray]').",
+                                        rich_help_panel=_RUN, **choices("local", "ray"))] = "local",
+    ray_address: Annotated[str | None, typer.Option(metavar="ADDRESS", help="Ray cluster for --engine ray, e.g. "
+                                                    "ray://head:10001 (default: $RAY_ADDRESS, else a local Ray on "
+                                                    "this machine).", rich_help_panel=_RUN)] = None,
+    on_error: Annotated[str, typer.Option(help="skip: bad rows go to rejected.jsonl; fail: stop at the first.",
+                                          rich_help_panel=_RUN, **choices("skip", "fail"))] = "skip",
+    max_reject_rate: Annotated[float, typer.Option(metavar="RATE", help="Fail the run (exit 1) above this rejected "
+                                                   "fraction.", rich_help_panel=_RUN)] = 1.0,
     storage_option: Annotated[list[str] | None, typer.Option(
         "--storage-option", metavar="KEY=VALUE",
         help="fsspec option for remote URIs (s3://, gs://, ...), repeatable; never recorded. Prefer credentials "
-             "from the environment.", rich_help_panel=_OUT)] = None,
+             "from the environment.", rich_help_panel=_RUN)] = None,
     json_: JsonOpt = False,
     quiet: QuietOpt = False,
     verbose: VerboseOpt = False,
@@ -221,7 +248,7 @@ def pack_cmd(
             drop_columns=_names(drop_columns) or (),
         )
         total = _count_rows(manifest)
-        with output.progress(total, "pack", unit="row") as bar:
+        with output.progress(total, "pack", unit="row", keep=True) as bar:
             import time
 
             images = [0]
@@ -229,22 +256,34 @@ def pack_cmd(
 
             def progress(rows: int, imgs: int) -> None:
                 images[0] += imgs
+                bar.set_postfix(images=images[0], **{"img/s": f"{images[0] / (time.perf_counter() - start):.1f}"})
                 bar.update(rows)
-                elapsed = max(time.perf_counter() - start, 1e-9)
-                bar.set_postfix(images=images[0], img_per_s=f"{images[0] / elapsed:.1f}")
+
+            def phase(text: str) -> None:
+                bar.phase(text)
+                if not bar.shown:
+                    output.debug(f"pack: {text} ({time.perf_counter() - start:.1f} s)")
 
             report = pack(cfg, workers=workers, resume=resume, overwrite=overwrite, engine=engine,
-                          progress=progress, ray_address=ray_address, storage_options=storage_options)
+                          progress=progress, ray_address=ray_address, storage_options=storage_options,
+                          check_images=image_check, on_phase=phase)
+            bar.finish(report.read, images=report.images_written, **{"img/s": f"{report.images_per_s:.1f}"})
         _render(output, report)
         if report.failed:
             hint = f"see {report.rejects} for every rejected row and its reason"
+            top = max(report.rejected_by_reason.items(), key=lambda kv: kv[1], default=("", 0))[0]
+            if top == "image_missing":
+                hint += "; image paths are read relative to --image-root (default: the manifest's folder)"
+            elif top == "path_outside_root":
+                hint += ("; image paths may not leave --image-root (default: the manifest's folder): set it to the "
+                         "folder that holds the images, or pass --allow-outside-root for absolute paths")
             if report.written:
                 hint += "; to index the shards written anyway, rerun with --resume and a higher --max-reject-rate"
             output.error(report.failed, hint)
             return 1
         return 0
 
-    run_command(output, body)
+    run_command(output, body, interrupted_hint=_resume_hint(manifest, resume=resume, overwrite=overwrite))
 
 
 def _names(text: str | None) -> tuple[str, ...] | None:
@@ -252,6 +291,17 @@ def _names(text: str | None) -> tuple[str, ...] | None:
     if text is None:
         return None
     return tuple(n.strip() for n in text.split(",") if n.strip())
+
+
+def _resume_hint(manifest: str, *, resume: bool, overwrite: bool) -> str:
+    """How to continue an interrupted pack (local engine and Ray alike: finished shards are on disk)."""
+    if manifest == "-":
+        return ("the shards finished so far are kept, but --resume needs the manifest as a file: save stdin to a "
+                "file and run the same command on it with --resume")
+    if resume:
+        return "the shards finished so far are kept: run the same command again to continue"
+    how = "with --resume instead of --overwrite" if overwrite else "with --resume"
+    return f"the shards finished so far are kept: to continue, run the same command {how}"
 
 
 def _count_rows(manifest: str) -> int | None:

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import io
 import os
-import textwrap
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -34,6 +33,10 @@ class SheetInfo:
     width: int
     height: int
     tags: str  # "vocabulary names", "ids" (vocabulary not found), "stored names" (packed without --vocab), "none"
+    #: per row drawn: the box ``(x0, y0, x1, y1)`` around everything drawn for it (images and text)
+    cards: list[tuple[int, int, int, int]] = field(default_factory=list)
+    #: displayed side of an image slot (smaller than asked for when a row has many slots)
+    slot_px: int = 0
 
 
 _BG = (250, 250, 248)
@@ -52,13 +55,27 @@ def _font(size: int) -> Any:
         return ImageFont.load_default()
 
 
-def _wrap(draw: Any, text: str, font: Any, width: int, max_lines: int) -> list[str]:
-    words = text.split()
+def _pieces(draw: Any, word: str, font: Any, width: int) -> list[str]:
+    """``word`` cut into pieces no wider than ``width`` (an id or a path longer than a card)."""
+    out: list[str] = []
+    cur = ""
+    for ch in word:
+        if cur and draw.textlength(cur + ch, font=font) > width:
+            out.append(cur)
+            cur = ""
+        cur += ch
+    return [*out, cur] if cur else out
+
+
+def _wrap(draw: Any, text: str, font: Any, width: int, max_lines: int, sep: str = " ") -> list[str]:
+    """``text`` in lines no wider than ``width`` (split at ``sep``; longer words cut), at most ``max_lines``, the last
+    one ending in an ellipsis when text was left out."""
+    words = [piece for w in text.split(sep) if w.strip() for piece in _pieces(draw, w.strip(), font, width)]
     lines: list[str] = []
     cur = ""
     for w in words:
-        cand = f"{cur} {w}".strip()
-        if draw.textlength(cand, font=font) <= width or not cur:
+        cand = f"{cur}{sep}{w}" if cur else w
+        if draw.textlength(cand, font=font) <= width:
             cur = cand
         else:
             lines.append(cur)
@@ -67,8 +84,21 @@ def _wrap(draw: Any, text: str, font: Any, width: int, max_lines: int) -> list[s
         lines.append(cur)
     if len(lines) > max_lines:
         lines = lines[:max_lines]
-        lines[-1] = textwrap.shorten(lines[-1] + " …", max(8, len(lines[-1])), placeholder=" …")
+        last = lines[-1]
+        while last and draw.textlength(last + " …", font=font) > width:
+            last = last[:-1]
+        lines[-1] = last.rstrip() + " …"
     return lines
+
+
+#: A card's image strip is at most this wide: with many slots per row they shrink (not below _MIN_SLOT_PX).
+_MAX_STRIP_W = 680
+_MIN_SLOT_PX = 56
+#: Room for a card's first line (id, line, images, tokens) when its images are few or narrow.
+_MIN_CARD_W = 300
+#: Sheets aim at about this width; the number of cards per sheet row follows from the cards' width.
+_SHEET_W = 1440
+_COL_GAP = 24
 
 
 def contact_sheet(
@@ -91,8 +121,9 @@ def contact_sheet(
         seed: which rows.
         indices: exactly these rows instead.
         vocab: vocabulary file for tag names (default: the recorded one when reachable; else ids are shown).
-        slot_px: displayed size of the longer side of an image slot.
-        columns: cards per sheet row (default: 1 for up to 2 samples, else 2).
+        slot_px: displayed size of the longer side of an image slot (smaller when a row has many slots, so that a
+            card stays about 680 pixels wide).
+        columns: cards per sheet row (default: as many as fit in about 1440 pixels, at most 4).
     """
     from PIL import Image, ImageDraw
 
@@ -111,22 +142,25 @@ def contact_sheet(
         "stored names" if "tags" in want else "none")
     font, small, title_font = _font(13), _font(11), _font(15)
 
+    gap, margin = 6, 12
+    per_card = ds.pixels.limit if ds.pixels is not None else max(len(imgs) for imgs in batch["images"])
+    slot_px = min(slot_px, max(_MIN_SLOT_PX, (_MAX_STRIP_W + gap) // max(1, per_card) - gap))
     slots = _slot_images(ds, batch, slot_px)  # per row: list of (image, content box or None, real?)
     slot_w = max(img.width for row in slots for img, _, _ in row)  # the displayed slot size
     slot_h = max(img.height for row in slots for img, _, _ in row)
     limit = max(len(s) for s in slots)
-    gap, margin = 6, 12
-    card_w = limit * (slot_w + gap) - gap
+    card_w = max(limit * (slot_w + gap) - gap, _MIN_CARD_W)
     scratch = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     text_blocks = [_card_text(batch, i, names, ds, scratch, font, small, card_w) for i in range(len(indices))]
     line_h = 16
     card_h = [slot_h + 8 + len(tb) * line_h for tb in text_blocks]
-    cols = columns or (1 if len(indices) <= 2 else 2)
+    fit = max(1, (_SHEET_W - 2 * margin + _COL_GAP) // (card_w + _COL_GAP))
+    cols = columns or max(1, min(len(indices), fit, 4))
     rows_n = -(-len(indices) // cols)
     row_h = [max(card_h[r * cols:(r + 1) * cols]) for r in range(rows_n)]
     header = _header(ds, tags)
     head_h = 10 + line_h * len(header) + 8
-    width = margin * 2 + cols * card_w + (cols - 1) * 24
+    width = margin * 2 + cols * card_w + (cols - 1) * _COL_GAP
     height = head_h + sum(row_h) + margin * (rows_n + 1)
     sheet = Image.new("RGB", (max(width, 520), height), _BG)
     draw = ImageDraw.Draw(sheet)
@@ -135,13 +169,14 @@ def contact_sheet(
         draw.text((margin, y), text, fill=_INK if bold else _DIM, font=title_font if k == 0 else small)
         y += line_h
     y = head_h
+    cards: list[tuple[int, int, int, int]] = []
     for r in range(rows_n):
         for c in range(cols):
             i = r * cols + c
             if i >= len(indices):
                 break
-            x = margin + c * (card_w + 24)
-            _draw_card(sheet, draw, x, y, slots[i], (slot_w, slot_h), gap, text_blocks[i], line_h)
+            x = margin + c * (card_w + _COL_GAP)
+            cards.append(_draw_card(sheet, draw, x, y, slots[i], (slot_w, slot_h), gap, text_blocks[i], line_h))
         y += row_h[r] + margin
     buf = io.BytesIO()
     sheet.save(buf, format="PNG", optimize=True)
@@ -150,7 +185,7 @@ def contact_sheet(
         raise UsageError(f"{target}: folder {target.parent} does not exist")
     atomic_write(target, buf.getvalue(), what="contact sheet")
     return SheetInfo(path=str(target), indices=list(indices), ids=list(batch["id"]), width=sheet.width,
-                     height=sheet.height, tags=tags)
+                     height=sheet.height, tags=tags, cards=cards, slot_px=slot_px)
 
 
 def _header(ds: PackedDataset, tags: str) -> list[tuple[str, bool]]:
@@ -227,12 +262,13 @@ def _card_text(batch: dict[str, Any], i: int, names: list[str] | None, ds: Packe
                small: Any, width: int) -> list[tuple[str, Any, tuple[int, int, int]]]:
     parts = [f"{batch['id'][i]}", f"line {int(batch['line'][i])}"]
     limit = ds.limit_images
-    parts.append(f"{int(batch['image_count'][i])}/{limit} images" if ds.pixels is not None
-                 else f"{int(batch['image_count'][i])} images")
+    count = int(batch["image_count"][i])
+    parts.append(f"{count}/{limit} images" if ds.pixels is not None else f"{count} image{'' if count == 1 else 's'}")
     if "n_tokens" in batch:
         nt, ml = int(batch["n_tokens"][i]), ds.max_length
         parts.append(f"{nt} tokens" + (f" (TRUNCATED to {ml})" if bool(batch["truncated"][i]) else f" of {ml}"))
-    lines: list[tuple[str, Any, tuple[int, int, int]]] = [("  ·  ".join(parts), font, _INK)]
+    lines: list[tuple[str, Any, tuple[int, int, int]]] = [
+        (ln, font, _INK) for ln in _wrap(draw, "  ·  ".join(parts), font, width, 3, sep="  ·  ")]
     caption = str(batch["text"][i]) if "text" in batch else ""
     for ln in _wrap(draw, caption.replace("\n", " | "), small, width, 4):
         lines.append((ln, small, _INK))
@@ -249,23 +285,30 @@ def _card_text(batch: dict[str, Any], i: int, names: list[str] | None, ds: Packe
 
 
 def _draw_card(sheet: Any, draw: Any, x: int, y: int, slots: list[_Slot], slot: tuple[int, int],
-               gap: int, text: list[tuple[str, Any, tuple[int, int, int]]], line_h: int) -> None:
+               gap: int, text: list[tuple[str, Any, tuple[int, int, int]]], line_h: int) -> tuple[int, int, int, int]:
+    """Draw one row's card at ``(x, y)``; returns the box around everything drawn."""
+    x1, y1 = x, y
     for s, (img, box, real) in enumerate(slots):
         sx = x + s * (slot[0] + gap)
         sheet.paste(img, (sx, y))
         w, h = img.size
+        x1, y1 = max(x1, sx + w), max(y1, y + h)
         if not real:
             for d in range(-h, w, 10):  # hatching (lines y = x - d) over the (zero) padding slot
                 xa, xb = max(d, 0), min(w, d + h)
                 draw.line([(sx + xa, y + xa - d), (sx + xb, y + xb - d)], fill=_PAD, width=1)
             draw.rectangle([sx, y, sx + w - 1, y + h - 1], outline=_PAD, width=2)
-            draw.text((sx + 6, y + 4), "empty slot", fill=(255, 255, 255), font=_font(12), stroke_width=2,
-                      stroke_fill=_PAD)
+            label = "empty slot" if w >= 90 else "empty"
+            draw.text((sx + 6, y + 4), label, fill=(255, 255, 255), font=_font(12 if w >= 70 else 10),
+                      stroke_width=2, stroke_fill=_PAD)
         elif box is not None:
-            x0, y0, x1, y1 = (float(v) for v in box)
-            if (x0, y0, x1, y1) != (0.0, 0.0, float(w), float(h)):
-                draw.rectangle([sx + x0, y + y0, sx + x1 - 1, y + y1 - 1], outline=_BOX, width=2)
+            bx0, by0, bx1, by1 = (float(v) for v in box)
+            if (bx0, by0, bx1, by1) != (0.0, 0.0, float(w), float(h)):
+                draw.rectangle([sx + bx0, y + by0, sx + bx1 - 1, y + by1 - 1], outline=_BOX, width=2)
     ty = y + slot[1] + 6
     for ln, f, colour in text:
         draw.text((x, ty), ln, fill=colour, font=f)
+        _, _, right, bottom = draw.textbbox((x, ty), ln, font=f)
+        x1, y1 = max(x1, int(right)), max(y1, int(bottom))
         ty += line_h
+    return (x, y, x1, y1)

@@ -54,6 +54,14 @@ class ImageSource(Protocol):
         """``(size, mtime_ns)`` of the file, or None when it cannot be read."""
         ...
 
+    def locate(self, ref: str) -> str:
+        """Where ``ref`` is read from, as messages show it (ImageError: ``path_invalid``, ``path_outside_root``)."""
+        ...
+
+    def describe_root(self) -> str:
+        """The image root, as messages show it."""
+        ...
+
 
 def load_embedded(ref: EmbeddedImage, spool: str | None, cfg: ImageConfig, *, keep_bytes: bool = False) -> LoadedImage:
     """Decode an embedded image (its bytes in memory, or in the spool file ``spool``).
@@ -150,6 +158,12 @@ class LocalImages:
         except (OSError, ImageError):
             return None
         return (st.st_size, st.st_mtime_ns)
+
+    def locate(self, ref: str) -> str:
+        return str(self.path(ref))
+
+    def describe_root(self) -> str:
+        return str(self.root)
 
 
 def _split_host(path: str) -> tuple[str, str]:
@@ -264,3 +278,9 @@ class RemoteImages:
             return (int(info.size), int(mtime))
         except Exception:
             return None
+
+    def locate(self, ref: str) -> str:
+        return str(self.resolve(ref))
+
+    def describe_root(self) -> str:
+        return str(self.root)

@@ -44,6 +44,7 @@ from mmprep.images.sources import ImageSource
 from mmprep.pack.card import dataset_card
 from mmprep.pack.config import PackConfig
 from mmprep.pack.plan import PackPlan, plan_pack, rereadable
+from mmprep.pack.preflight import check_first_images
 from mmprep.pack.processor import SampleProcessor
 from mmprep.pack.writer import write_shard
 from mmprep.records import Rejected, Sample, image_ref_key
@@ -59,6 +60,8 @@ __all__ = ["PackJob", "PackReport", "PackTask", "pack"]
 Item = Sample | Rejected
 #: Modules a local worker imports while the parent plans.
 _PRELOAD = ("pyarrow.parquet", "mmprep.pack.job")
+#: How often a worker reports the rows and images it finished (seconds).
+PROGRESS_EVERY_S = 0.2
 
 
 @dataclass
@@ -121,15 +124,11 @@ class PackTask:
         index, items = chunk.index, chunk.items
         signature = input_signature(items, processor.images)
         state: dict[str, Any] = {}
-        done = [0, 0]
+        ticker = _Ticker(progress) if progress is not None else None
 
         def batches() -> Iterator[Any]:
-            for batch, res in processor.process_chunk(index, items):
+            for batch, res in processor.process_chunk(index, items, ticker.row if ticker is not None else None):
                 state["res"] = res
-                if progress is not None:
-                    rows = res.rows + len(res.rejected)
-                    progress(rows - done[0], res.images_written - done[1])
-                    done[0], done[1] = rows, res.images_written
                 yield batch
 
         def shard_meta() -> dict[str, str]:
@@ -144,8 +143,8 @@ class PackTask:
             info = write_shard(target, processor.schema, batches(), compression=processor.cfg.compression,
                                extra_metadata=shard_meta, name=name)
         res = state["res"]
-        if progress is not None:
-            progress(len(items) - done[0], res.images_written - done[1])
+        if ticker is not None:  # the chunk's exact totals, whatever was sent so far
+            ticker.finish(len(items), res.images_written)
         hist = {str(k): v for k, v in sorted(res.image_count_histogram.items())}
         shard = ShardInfo(path=info.path, rows=info.rows, bytes=info.bytes, sha256=info.sha256,
                           image_count_histogram=hist, first_line=res.first_line, last_line=res.last_line)
@@ -155,6 +154,33 @@ class PackTask:
             images_written=res.images_written, images_dropped=res.images_dropped, tags_dropped=res.tags_dropped,
             text_truncated=res.text_truncated, signature=signature,
         )
+
+
+class _Ticker:
+    """Progress from inside a chunk: rows and images counted as each row is done, sent at most every
+    :data:`PROGRESS_EVERY_S` seconds (a local worker sends them through a queue)."""
+
+    def __init__(self, progress: ProgressFn) -> None:
+        self.progress = progress
+        self.rows = self.images = 0  # counted
+        self.sent_rows = self.sent_images = 0
+        self.last = time.monotonic()
+
+    def row(self, images: int) -> None:
+        self.rows += 1
+        self.images += images
+        now = time.monotonic()
+        if now - self.last >= PROGRESS_EVERY_S:
+            self.last = now
+            self._send(self.rows, self.images)
+
+    def finish(self, rows: int, images: int) -> None:
+        self._send(rows, images)
+
+    def _send(self, rows: int, images: int) -> None:
+        if rows != self.sent_rows or images != self.sent_images:
+            self.progress(rows - self.sent_rows, images - self.sent_images)
+            self.sent_rows, self.sent_images = rows, images
 
 
 class PackJob:
@@ -345,6 +371,13 @@ def _ray_elsewhere(address: str | None) -> bool:
     return check_address(address) != "local"
 
 
+def _root_from(cfg: PackConfig) -> str:
+    """How the image root was chosen, for messages."""
+    if cfg.image_root:
+        return "--image-root"
+    return "the working folder, as the manifest is stdin" if cfg.manifest == "-" else "the manifest's folder"
+
+
 def pack(
     cfg: PackConfig,
     *,
@@ -356,6 +389,8 @@ def pack(
     on_total: Callable[[int | None], None] | None = None,
     ray_address: str | None = None,
     storage_options: Mapping[str, Any] | None = None,
+    check_images: bool = True,
+    on_phase: Callable[[str], None] | None = None,
 ) -> PackReport:
     """Run a pack job and return its report.
 
@@ -369,10 +404,15 @@ def pack(
         on_total: called once with the number of input rows when known (after a shuffle), else None.
         ray_address: the Ray cluster for ``engine="ray"`` (default: start a local Ray with ``workers`` CPUs).
         storage_options: fsspec keyword arguments for remote URIs (credentials, endpoint); never recorded.
+        check_images: before any work, look up the first rows' images and stop when most cannot be found
+            (:mod:`mmprep.pack.preflight`).
+        on_phase: called with what the run is doing while no row is counted yet (``reading the manifest``,
+            ``loading the tokenizer``, ``starting 2 workers``).
 
     Raises:
         UsageError: bad configuration or output directory (exit 2).
-        RunFailed: a failed run: ``--on-error fail`` met a bad row, a worker died, too many rejects (exit 1).
+        RunFailed: a failed run: ``--on-error fail`` met a bad row, a worker died, too many rejects, most of the
+            first rows' images missing (exit 1).
         MissingDependencyError: ``engine="ray"`` without Ray installed (exit 2).
 
     ``cfg.device``: ``cuda`` decodes JPEGs on the GPU (:mod:`mmprep.images.gpu`; a UsageError when the ``gpu``
@@ -392,19 +432,31 @@ def pack(
     cfg.validate()
     if resume and not rereadable(cfg.manifest):
         raise UsageError("--resume needs a manifest file, not stdin or a pipe")
+    phase = on_phase if on_phase is not None else (lambda text: None)
     with make_engine(engine, workers, ray_address=ray_address, progress=progress is not None, preload=_PRELOAD,
                      size_of=lambda chunk: chunk.size) as eng:
+        phase("reading the manifest")
         plan = plan_pack(cfg, storage_options, workers=eng.workers, engine=engine)
         try:
             if plan.spooled and engine == "ray" and _ray_elsewhere(ray_address):
                 raise UsageError("the input's embedded images are spooled on this machine; Ray workers elsewhere "
                                  "cannot read them", hint="use --engine local, or a Ray on this machine only")
+            if check_images:
+                check_first_images(plan.head, plan.images, root_from=_root_from(cfg))
             if on_total is not None and plan.total is not None:
                 on_total(plan.total)
+            if cfg.tokenizer or cfg.vocab:
+                phase("loading the tokenizer" if cfg.tokenizer else "loading the vocabulary")
             # Built once, before the output is touched: a bad tokenizer or vocabulary fails fast (exit 2), and
             # workers receive this processor pickled (the tokenizer travels as its JSON, so workers do not import
             # transformers).
             processor = SampleProcessor(cfg, plan.images, plan.row_group_rows, plan.columns)
+            if engine == "ray":
+                phase("starting Ray")
+            elif eng.workers > 1:
+                phase(f"starting {eng.workers} workers")
+            else:
+                phase("packing the first rows")
             job = PackJob(plan, processor)
             split = cfg.split
             pattern = shard_file_pattern(split)
@@ -421,12 +473,14 @@ def pack(
     failed = run.failed
     if failed is not None and run.written:
         failed += f"; no {INDEX_NAME} entry was written for split '{cfg.split}'"
+    # a run that wrote no row kept none of its (empty) shards: see run_job
+    shards = [r.shard for r in run.records] if run.written else []
     return PackReport(
-        out=str(plan.out), shards=[r.shard for r in run.records], read=run.read, written=run.written,
+        out=str(plan.out), shards=shards, read=run.read, written=run.written,
         rejected=run.rejected, rejected_by_reason=run.rejected_by_reason, images_written=totals.images_written,
         images_dropped=totals.images_dropped_by_limit, tags_dropped=totals.tags_dropped_unknown,
         text_truncated=totals.text_truncated, image_count_histogram=totals.image_count_histogram,
-        rows_per_shard=plan.rows_per_shard, bytes_written=totals.bytes, seconds=run.seconds,
+        rows_per_shard=plan.rows_per_shard, bytes_written=sum(sh.bytes for sh in shards), seconds=run.seconds,
         samples_per_s=run.written / run.seconds if run.seconds else 0.0,
         images_per_s=totals.images_written / run.seconds if run.seconds else 0.0, peak_rss_mb=run.peak_rss_mb,
         resumed_shards=run.resumed, workers=run.workers, engine=run.engine,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
@@ -151,10 +151,12 @@ class SampleProcessor:
             raise RowReject("image", exc.reason, f"image {k + 1} {describe_image_ref(ref)}: {exc.detail}") from None
 
     # -- chunks -------------------------------------------------------------------------------------------
-    def process_chunk(self, index: int, items: Sequence[Sample | Rejected]) -> Iterator[tuple[Any, ChunkResult]]:
+    def process_chunk(self, index: int, items: Sequence[Sample | Rejected],
+                      on_row: Callable[[int], None] | None = None) -> Iterator[tuple[Any, ChunkResult]]:
         """Process a chunk's items in input order; yields ``(record_batch, result_so_far)`` per row group.
 
         The last yield carries the complete :class:`ChunkResult`; batches may be None when a group had no rows.
+        ``on_row(images)`` is called as each item is done (0 images for a rejected one), for progress.
         """
         import pyarrow as pa
 
@@ -175,11 +177,15 @@ class SampleProcessor:
         for item in items:
             if isinstance(item, Rejected):
                 res.rejected.append(item)
+                if on_row is not None:
+                    on_row(0)
                 continue
             try:
                 row = self._process(item, res)
             except RowReject as rej:
                 res.rejected.append(rej.for_sample(item))
+                if on_row is not None:
+                    on_row(0)
                 continue
             except MemoryError:
                 raise
@@ -189,12 +195,16 @@ class SampleProcessor:
                 res.rejected.append(Rejected(item.line, item.id, "internal", "unexpected_error",
                                              f"{item.source}:{item.line}: {type(exc).__name__}: {exc} (a bug in "
                                              "mmprep: please report it with this row)"))
+                if on_row is not None:
+                    on_row(0)
                 continue
             if self.gpu is None:
                 self._commit(row, res)
             else:
                 samples.append(item)
             pending.append(row)
+            if on_row is not None:
+                on_row(len(row.images))
             if len(pending) >= self.row_group_rows:
                 yield flush(), res
         batch = flush() if pending else None

@@ -11,7 +11,7 @@ in the worker). :func:`run_job` owns everything around that, once for all jobs:
 - the engine (inline, local process pool, Ray), progress, and the records coming back (in chunk order when the
   job asks for it);
 - the policies: ``--on-error fail`` stops at the first rejected row; a run that writes no row, or rejects more
-  than ``--max-reject-rate``, fails;
+  than ``--max-reject-rate``, fails (one that writes no row keeps none of its chunks' files: they hold no row);
 - publishing: the job's files first, then the run statistics, then the index, last, and only for a run that did
   not fail, so the index's presence means the output is complete.
 """
@@ -329,6 +329,11 @@ def run_job(
                 out.write(publication.stats_name, dumps_json(run_stats(run)))
             if publication.index is not None and run.failed is None:
                 out.write(*publication.index)  # last: its presence means the output is complete
+            if policy.require_rows and records and not written:
+                # Every row was rejected: the rejects file holds them all, and the chunks' files (empty shards)
+                # would only be mistaken for output. A later --resume redoes the chunks.
+                for rec in records:
+                    out.discard(rec.index, rec.files)
     return run
 
 

@@ -435,6 +435,23 @@ class OutputDir:
         """Store chunk ``index``'s record once its files are complete."""
         self._write_state(f"{_CHUNKS}/{index:05d}.json", {"record": record, "files": list(files)})
 
+    def discard(self, index: int, files: Sequence[str]) -> None:
+        """Delete the files chunk ``index`` wrote in this run and its record (by exact name, never through a link)."""
+        for name in files:
+            if not _safe_name(name):
+                continue
+            loc = self.child(name)
+            if self.local and loc.os_path.is_symlink():
+                continue
+            try:
+                loc.delete()
+            except OSError as exc:
+                raise RunFailed(f"{loc}: cannot delete an empty chunk file: {self.loc.scrub(str(exc))}") from None
+            if self.local and "/" in name:  # a folder left empty (data/ of a run that wrote nothing) goes too
+                with contextlib.suppress(OSError):
+                    os.rmdir(loc.os_path.parent)
+        self._state(f"{_CHUNKS}/{index:05d}.json").delete()
+
     def _write_state(self, name: str, obj: Any) -> None:
         self._state(name).write_bytes((json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
 

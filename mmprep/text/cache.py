@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mmprep.cachedir import cache_root
 from mmprep.errors import InputError, MissingDependencyError, RunFailed, UsageError
 from mmprep.runtime.files import atomic_write
 from mmprep.text.hf import quiet_transformers
@@ -30,6 +31,7 @@ from mmprep.text.hf import quiet_transformers
 __all__ = [
     "LoadedTokenizer",
     "TokenizerInfo",
+    "describe_tokenizer_folder",
     "load_hf_tokenizer",
     "load_tokenizer",
     "tokenizer_cache_dir",
@@ -51,8 +53,10 @@ def load_hf_tokenizer(path: Path) -> Any:
             tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True, use_fast=True)
     except Exception as exc:  # transformers raises OSError/ValueError/KeyError/... for unusable directories
         _raise_if_needs_sentencepiece(path)
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise InputError(f"{path}: cannot load a tokenizer: {msg:.300}", hint=hint) from None
+        missing = describe_tokenizer_folder(path)
+        if missing is not None:
+            raise InputError(f"{path}: cannot load a tokenizer: {missing}", hint=hint) from None
+        raise InputError(f"{path}: cannot load a tokenizer: {_one_line(exc)}", hint=hint) from None
     if not getattr(tok, "is_fast", False) or getattr(tok, "backend_tokenizer", None) is None:
         raise InputError(
             f"{path}: only a slow (Python) tokenizer could be loaded ({type(tok).__name__})",
@@ -60,6 +64,57 @@ def load_hf_tokenizer(path: Path) -> Any:
             "(writes tokenizer.json), or install sentencepiece/protobuf so it can be converted",
         )
     return tok
+
+
+#: Files that hold a tokenizer's vocabulary, each with the files it needs beside it.
+_VOCAB_FILES = {"tokenizer.json": (), "vocab.txt": (), "vocab.json": ("merges.txt",), "merges.txt": ("vocab.json",),
+                "tokenizer.model": (), "spiece.model": (), "sentencepiece.bpe.model": (), "tekken.json": ()}
+
+
+def describe_tokenizer_folder(path: Path, shown: int = 6) -> str | None:
+    """What a tokenizer folder lacks, as the end of a sentence (``the folder is empty``, ``it holds a, b but no
+    tokenizer.json and no vocabulary files (...)``), or None when its files look complete."""
+    try:
+        names = sorted(p.name for p in path.iterdir() if not p.name.startswith("."))
+    except OSError as exc:
+        return f"the folder cannot be listed ({exc.strerror or exc})"
+    if not names:
+        return ("the folder is empty: it needs tokenizer.json, or vocabulary files (vocab.txt, vocab.json with "
+                "merges.txt, or tokenizer.model) with tokenizer_config.json")
+    held = ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
+    present = set(names)
+    for name, partners in _VOCAB_FILES.items():
+        lacking = [p for p in partners if p not in present]
+        if name in present and lacking:
+            return f"the folder holds {held} but not {' or '.join(lacking)}, which {name} needs beside it"
+    if not present & set(_VOCAB_FILES):
+        return (f"the folder holds {held} but no tokenizer.json and no vocabulary files (vocab.txt, vocab.json with "
+                "merges.txt, or tokenizer.model)")
+    if "tokenizer.json" not in present and not present & {"tokenizer_config.json", "config.json"}:
+        return (f"the folder holds {held} but no tokenizer_config.json, which names the tokenizer class for its "
+                "vocabulary files")
+    return None
+
+
+def _check_vocabulary(path: Path, backend: Any) -> None:
+    """Refuse a tokenizer whose vocabulary holds special tokens only: transformers builds one from
+    tokenizer_config.json alone, and every word would become the unknown token."""
+    vocab = set(backend.get_vocab(with_added_tokens=False))
+    added = {tok.content for tok in backend.get_added_tokens_decoder().values()}
+    if vocab - added:
+        return
+    missing = describe_tokenizer_folder(path) or "its files hold no vocabulary"
+    raise InputError(f"{path}: cannot load a tokenizer: {missing}; the tokenizer built from it knows only its "
+                     f"{len(vocab | added)} special token(s)",
+                     hint="point --tokenizer at the folder save_pretrained() wrote, with its vocabulary files")
+
+
+def _one_line(exc: BaseException, limit: int = 300) -> str:
+    """An exception's message on one line (transformers' span several), cut at a word with an ellipsis."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    if len(text) > limit:
+        text = text[:limit].rsplit(" ", 1)[0] + " …"
+    return text
 
 
 _SENTENCEPIECE_FILES = ("tokenizer.model", "spiece.model", "sentencepiece.bpe.model")
@@ -151,16 +206,8 @@ class TokenizerInfo:
 
 def tokenizer_cache_dir() -> Path | None:
     """Where converted tokenizers are cached, or None when ``MMPREP_NO_CACHE`` is set (to anything but 0)."""
-    if os.environ.get("MMPREP_NO_CACHE", "") not in ("", "0"):
-        return None
-    base = os.environ.get("MMPREP_CACHE_DIR")
-    if not base:
-        xdg = os.environ.get("XDG_CACHE_HOME")
-        try:
-            base = str(Path(xdg) / "mmprep") if xdg else str(Path.home() / ".cache" / "mmprep")
-        except RuntimeError:  # no home directory
-            return None
-    return Path(base) / "tokenizers"
+    root = cache_root()
+    return None if root is None else root / "tokenizers"
 
 
 def _package_version(name: str) -> str:
@@ -238,9 +285,14 @@ def load_tokenizer(path: Path) -> LoadedTokenizer:
             cached = None
     if cached is not None:
         # tokenizers raises a plain Exception on JSON it cannot read: a corrupt entry is a miss, rewritten below.
+        backend = None
         with contextlib.suppress(Exception):
-            return LoadedTokenizer(cached, Tokenizer.from_str(cached.backend), None, str(path))
+            backend = Tokenizer.from_str(cached.backend)
+        if backend is not None:
+            _check_vocabulary(path, backend)
+            return LoadedTokenizer(cached, backend, None, str(path))
     hf = load_hf_tokenizer(path)
+    _check_vocabulary(path, hf.backend_tokenizer)
     info = TokenizerInfo.from_hf(hf)
     # transformers names the tokenizer after the directory as passed.
     name = str(getattr(hf, "name_or_path", "") or path)

@@ -12,7 +12,7 @@ import numpy as np
 from mmprep.errors import MissingDependencyError, UsageError
 from mmprep.runtime.files import atomic_write
 
-__all__ = ["LengthHistogram", "check_plot_path", "plot_lengths"]
+__all__ = ["LengthHistogram", "check_plot_path", "length_figure", "plot_lengths"]
 
 
 class LengthHistogram:
@@ -102,6 +102,45 @@ def _length_bins(counts: np.ndarray, max_length: int, max_bins: int = 120) -> tu
     return first + width * np.arange(len(binned)), binned, width
 
 
+def length_figure(hist: LengthHistogram, max_length: int, *, title: str = "") -> Any:
+    """The token-count histogram as a matplotlib Figure (see :func:`plot_lengths`).
+
+    The legend sits above the plot, outside it, so it never hides a bar; the title above the legend.
+
+    Raises:
+        MissingDependencyError: matplotlib is not installed (extra ``plot``).
+    """
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+        from matplotlib.ticker import MaxNLocator
+    except ImportError:
+        raise MissingDependencyError("matplotlib", "plot", purpose="--plot") from None
+    fig = Figure(figsize=(8, 4.5), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    if hist.total:
+        starts, rows, width = _length_bins(hist.counts, max_length)
+        # Count n is drawn over [n - 0.5, n + 0.5): the max-length line at L + 0.5 is a bin edge and splits kept
+        # rows from truncated ones.
+        ax.bar(starts - 0.5, rows, width=width, align="edge", color="#4C72B0", linewidth=0)
+        ax.margins(y=0.08)
+        summary = hist.summary(max_length)
+        ax.axvline(
+            max_length + 0.5, color="#C44E52", linestyle="--",
+            label=f"max length {max_length} ({summary['truncated_pct']:.1f}% truncated)",
+        )
+        ax.axvline(summary["covers_99_pct"] + 0.5, color="#555555", linestyle=":",
+                   label=f"99% of rows fit in {summary['covers_99_pct']}")
+        ax.legend(loc="lower left", bbox_to_anchor=(0.0, 1.01), ncol=3, frameon=False, fontsize="small",
+                  borderaxespad=0.0)
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("tokens per row (before truncation)")
+    ax.set_ylabel("rows")
+    fig.suptitle(_short_title(title or "token counts"), fontsize="medium")
+    return fig
+
+
 def plot_lengths(hist: LengthHistogram, max_length: int, path: str | os.PathLike[str], *, title: str = "") -> None:
     """Draw the token-count histogram with the max length (and the 99% length) marked, as a PNG.
 
@@ -111,32 +150,7 @@ def plot_lengths(hist: LengthHistogram, max_length: int, path: str | os.PathLike
         MissingDependencyError: matplotlib is not installed (extra ``plot``).
         RunFailed: the file could not be written.
     """
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-        from matplotlib.ticker import MaxNLocator
-    except ImportError:
-        raise MissingDependencyError("matplotlib", "plot", purpose="--plot") from None
-    fig = Figure(figsize=(8, 4.5), dpi=100)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
-    if hist.total:
-        starts, rows, width = _length_bins(hist.counts, max_length)
-        # Count n is drawn over [n - 0.5, n + 0.5): the max-length line at L + 0.5 is a bin edge and splits kept
-        # rows from truncated ones.
-        ax.bar(starts - 0.5, rows, width=width, align="edge", color="#4C72B0", linewidth=0)
-        summary = hist.summary(max_length)
-        ax.axvline(
-            max_length + 0.5, color="#C44E52", linestyle="--",
-            label=f"max length {max_length} ({summary['truncated_pct']:.1f}% truncated)",
-        )
-        ax.axvline(summary["covers_99_pct"] + 0.5, color="#555555", linestyle=":",
-                   label=f"99% of rows fit in {summary['covers_99_pct']}")
-        ax.legend(loc="upper right")
-    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("tokens per row (before truncation)")
-    ax.set_ylabel("rows")
-    ax.set_title(_short_title(title or "token counts"), fontsize="medium")
+    fig = length_figure(hist, max_length, title=title)
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     atomic_write(path, buf.getvalue())

@@ -45,7 +45,7 @@ from mmprep.errors import RunFailed, UsageError
 from mmprep.inputs.manifest import ColumnMap, iter_samples
 from mmprep.records import Rejected, Sample
 from mmprep.runtime.engines.base import InlineEngine, ProgressFn
-from mmprep.runtime.files import atomic_write
+from mmprep.runtime.files import atomic_write, ensure_dir
 from mmprep.runtime.job import Chunk, Policy, StreamedRecord, StreamingJob, run_job
 from mmprep.text.config import TextConfig, TextError, TokenBatch
 from mmprep.text.encoder import TextEncoder
@@ -149,8 +149,13 @@ def token_table(batch: TokenBatch, ids: list[str], lines: list[int]) -> Any:
 def _check_paths(manifest: str, out: Path) -> None:
     if out.exists() and out.is_dir():
         raise UsageError(f"--out {out}: is a directory", hint="pass a file name such as tokens.parquet")
-    if not out.parent.is_dir():
-        raise UsageError(f"--out {out}: the directory {out.parent} does not exist", hint="create it first")
+    # Missing folders are created when the file is written (as pack creates its output folder); a file in the way
+    # is an error now, before any work.
+    folder = out.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise UsageError(f"--out {out}: {folder} is not a directory", hint="choose another output path")
     if manifest != "-" and Path(manifest).exists() and Path(manifest).resolve() == out.resolve():
         raise UsageError(f"--out {out} is the input manifest", hint="write the tokens to another file")
 
@@ -420,6 +425,7 @@ def _write_tokens(
             raise
 
     # Both files are written under temporary names; the rejects file is renamed first, then the Parquet file.
+    ensure_dir(out_path.parent)
     atomic_write(out_path, lambda out_fh: atomic_write(rej_path, lambda rej_fh: fill(out_fh, rej_fh), fsync=False),
                  fsync=False)
     job = jobs[0]
