@@ -42,6 +42,7 @@ from mmprep.labels.audit.report import (
     Location,
     Problem,
     TagCount,
+    TagList,
     UnknownTag,
     VocabReport,
 )
@@ -59,6 +60,7 @@ __all__ = [
     "Location",
     "Problem",
     "TagCount",
+    "TagList",
     "UnknownTag",
     "VocabReport",
     "audit_aligned",

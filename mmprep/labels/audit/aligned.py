@@ -14,11 +14,10 @@ from typing import Any
 import numpy as np
 
 from mmprep.errors import InputError
-from mmprep.inputs.manifest import open_binary
 from mmprep.labels.audit.hygiene import LineEndings, duplicate_groups, line_endings
 from mmprep.labels.audit.report import AlignedReport, DuplicateGroup, EmbeddingReport
 from mmprep.labels.tensorfile import BARE_ARRAY, BARE_TENSOR, TensorInfo, open_tensor_file
-from mmprep.labels.vocab import Vocabulary, load_vocab, normalize_tag
+from mmprep.labels.vocab import Vocabulary, load_vocab, normalize_tag, read_bounded
 
 __all__ = ["ALIGNED_KINDS", "audit_aligned", "audit_embeddings"]
 
@@ -104,8 +103,7 @@ def audit_aligned(spec: str | Path, vocab: Vocabulary) -> AlignedReport:
 def _audit_descriptions(path: str, vocab: Vocabulary) -> AlignedReport:
     """RAM++ tag descriptions: a JSON list of one-key objects ``{tag: [description, ...]}`` (or plain names)."""
     p = Path(path)
-    with open_binary(p) as fh:
-        data = fh.read()
+    data = read_bounded(p, "aligned", line_limit=False)
     has_bom = data.startswith(b"\xef\xbb\xbf")
     try:
         text = data.decode("utf-8-sig")
@@ -115,6 +113,8 @@ def _audit_descriptions(path: str, vocab: Vocabulary) -> AlignedReport:
         raise InputError(f"{p}:{line}: not valid UTF-8") from None
     except json.JSONDecodeError as exc:
         raise InputError(f"{p}:{exc.lineno}: invalid JSON: {exc.msg}") from None
+    except RecursionError:
+        raise InputError(f"{p}: the JSON is nested too deeply to be a description file") from None
     if not isinstance(value, list):
         raise InputError(f"{p}: expected a JSON list with one entry per tag, got {type(value).__name__}",
                          hint="use KIND=PATH with translations/thresholds for text files")
@@ -135,7 +135,7 @@ def _audit_descriptions(path: str, vocab: Vocabulary) -> AlignedReport:
             invalid.append((k, repr(item)[:60], "not a {tag: [descriptions]} object or a name"))
             name = ""
         names.append(name)
-        expected_name = vocab.id_to_name.get(k)
+        expected_name = vocab.names_by_id.get(k)
         if name and expected_name is not None and normalize_tag(name) != normalize_tag(expected_name):
             mismatches.append((k, name, expected_name))
     stats: dict[str, Any] = {}

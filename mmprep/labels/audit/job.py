@@ -16,7 +16,7 @@ from mmprep.errors import InputError, UsageError
 from mmprep.labels.audit.aligned import audit_aligned, audit_embeddings
 from mmprep.labels.audit.formats import ANNOTATION_FORMATS, RAM_FORMATS, scan_file
 from mmprep.labels.audit.hygiene import audit_vocab
-from mmprep.labels.audit.report import AnnotationFileReport, AuditReport, FrequencyStats, TagCount
+from mmprep.labels.audit.report import AnnotationFileReport, AuditReport, FrequencyStats, TagList
 from mmprep.labels.audit.tally import Tally, frequency_stats
 from mmprep.labels.vocab import Vocabulary, load_vocab
 
@@ -74,14 +74,17 @@ def audit_labels(
     aligned_reports = [audit_aligned(a, voc) for a in aligned]
     emb_reports = [audit_embeddings(e, voc.size) for e in embeddings]
 
-    never: list[TagCount] | None = None
+    never: TagList | None = None
     parse_only: list[int] = []
     distinct: int | None = None
     freq: FrequencyStats | None = None
     if annotations:
         used_mask = (tally.counts > 0) | tally.parse_used
-        names = voc.id_to_name
-        never = [TagCount(i, names[i], 0) for i in voc.ids if not used_mask[i]]
+        never_ids = np.flatnonzero(~used_mask & tally.known)  # ascending: the vocabulary's order
+        if not voc.sequential:  # the vocabulary's own order when its ids are not sorted
+            order = {i: k for k, i in enumerate(voc.ids)}
+            never_ids = np.asarray(sorted(never_ids.tolist(), key=order.__getitem__), dtype=np.int64)
+        never = TagList(never_ids, voc.names_by_id)
         parse_only = [int(i) for i in np.flatnonzero(tally.parse_used & (tally.counts == 0))]
         distinct = int(used_mask.sum())
         freq = frequency_stats(tally, top)
@@ -102,6 +105,6 @@ def audit_labels(
         embeddings=emb_reports,
         frequency=freq,
         counts=tally.counts if annotations else None,
-        vocab_names=dict(voc.id_to_name),
+        vocab_names=voc.names_by_id,
         unknown_untracked=tally.unknown_untracked,
     )
