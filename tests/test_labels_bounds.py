@@ -1,6 +1,10 @@
-"""Label inputs are bounded (issue 19, items 10 and 17):
+"""Label inputs are bounded and damaged files say so (issue 19, items 10, 17, 19, 22):
 
 * a vocabulary that is /dev/zero, a binary file or one endless line is a one-line error, found early;
+* an embedding file whose data is not all there (a truncated .safetensors written by the safetensors library, a
+  header that claims 10^9 rows over 16 bytes, a cut .npy/.npz/.pt) is an error, never "aligned";
+* an embedding matrix of the wrong width is misaligned when a width is expected (``--embedding-dim``);
+* torch's refusals name the real reason;
 * the linear-time rewrites of the audit (normalisation, duplicate search, never-used list, JSON report) give the
   results of the straightforward definitions.
 """
@@ -11,11 +15,14 @@ import json
 import os
 import re
 import shutil
+import struct
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -23,8 +30,9 @@ from typer.testing import CliRunner
 
 from mmprep.cli import app
 from mmprep.errors import InputError
-from mmprep.labels.audit import TagCount, TagList, audit_labels
+from mmprep.labels.audit import TagCount, TagList, audit_embeddings, audit_labels
 from mmprep.labels.audit.hygiene import duplicate_groups
+from mmprep.labels.tensorfile import open_tensor_file
 from mmprep.labels.vocab import MAX_LINE_BYTES, Vocabulary, load_vocab, normalize_tag
 from mmprep.output import json_bytes, to_jsonable
 
@@ -85,6 +93,130 @@ def test_deep_json_and_huge_csv_fields_are_input_errors(tmp_path: Path) -> None:
     shutil.copyfile(IMAGE, desc)
     res = runner.invoke(app, ["audit-labels", "--vocab", str(RAM), "--aligned", str(desc)])
     assert res.exit_code == 2 and "holds a NUL byte" in res.stderr
+
+
+# -- item 19: the data an embedding header promises must be there -----------------------------------------------
+
+
+def _header_only(path: Path, header: dict, data: bytes) -> Path:
+    raw = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data)
+    return path
+
+
+def test_truncated_safetensors_is_an_error_not_aligned(tmp_path: Path) -> None:
+    from safetensors.numpy import save_file
+
+    good = tmp_path / "good.safetensors"
+    save_file({"embedding": np.random.default_rng(0).random((4585, 16), dtype=np.float32)}, str(good))
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    assert audit_embeddings(good, 4585).aligned
+    res = runner.invoke(app, ["audit-labels", "--vocab", str(RAM), "--embeddings", str(cut), "--fail-on",
+                              "misaligned"])
+    assert res.exit_code == 2, res.stderr
+    assert f"{cut}: truncated: the header places tensor data up to byte" in res.stderr
+    assert "cut short" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_header_claiming_a_billion_rows_over_16_bytes(tmp_path: Path) -> None:
+    claim = _header_only(tmp_path / "claim.safetensors", {"embedding": {
+        "dtype": "F32", "shape": [10**9, 512], "data_offsets": [0, 10**9 * 512 * 4]}}, b"\0" * 16)
+    with pytest.raises(InputError, match=r"truncated: .* up to byte 2,048,000,000,\d+, but the file has"):
+        audit_embeddings(claim, 4585)
+    small = _header_only(tmp_path / "small.safetensors", {"embedding": {
+        "dtype": "F32", "shape": [10**9, 512], "data_offsets": [0, 16]}}, b"\0" * 16)
+    with pytest.raises(InputError, match=r"needs 2,048,000,000,000 bytes, but its data_offsets span 16"):
+        audit_embeddings(small, 4585)
+    gap = _header_only(tmp_path / "gap.safetensors", {
+        "a": {"dtype": "F32", "shape": [1, 2], "data_offsets": [0, 8]},
+        "b": {"dtype": "F32", "shape": [1, 2], "data_offsets": [16, 24]}}, b"\0" * 24)
+    with pytest.raises(InputError, match="leaves a gap of 8 bytes"):
+        open_tensor_file(gap)
+
+
+def test_cut_numpy_and_torch_files_are_errors(tmp_path: Path) -> None:
+    from numpy.lib import format as npy
+
+    np.save(tmp_path / "m.npy", np.ones((4585, 8), dtype=np.float32))
+    cut = tmp_path / "cut.npy"
+    cut.write_bytes((tmp_path / "m.npy").read_bytes()[:-100])
+    with pytest.raises(InputError, match=r"cut\.npy: truncated: the header says \[4585, 8\] float32 = 146,720 bytes"):
+        audit_embeddings(cut, 4585)
+    claim = tmp_path / "claim.npy"
+    with claim.open("wb") as fh:
+        npy.write_array_header_1_0(fh, {"descr": "<f4", "fortran_order": False, "shape": (10**9, 512)})
+        fh.write(b"\0" * 16)
+    with pytest.raises(InputError, match="truncated"):
+        audit_embeddings(claim, 4585)
+    with zipfile.ZipFile(tmp_path / "claim.npz", "w") as zf:  # before: MemoryError (1.86 TiB allocated)
+        zf.writestr("embedding.npy", claim.read_bytes())
+    with pytest.raises(InputError, match=r"member embedding\.npy\): truncated"):
+        audit_embeddings(tmp_path / "claim.npz", 4585)
+    np.savez_compressed(tmp_path / "ok.npz", embedding=np.zeros((4585, 8), dtype=np.float32))
+    assert audit_embeddings(tmp_path / "ok.npz", 4585).aligned  # facts from the header, data read on request
+    assert open_tensor_file(tmp_path / "ok.npz").float32("embedding").shape == (4585, 8)
+
+    torch = pytest.importorskip("torch")
+    torch.save(torch.zeros(4585, 8), tmp_path / "m.pth")
+    cut_pt = tmp_path / "cut.pth"
+    cut_pt.write_bytes((tmp_path / "m.pth").read_bytes()[:5000])
+    with pytest.raises(InputError, match=r"cut\.pth: truncated or damaged"):
+        audit_embeddings(cut_pt, 4585)
+
+
+def test_expected_width_flags_a_384_wide_matrix_for_ram(tmp_path: Path) -> None:
+    torch = pytest.importorskip("torch")
+    from safetensors.numpy import save_file
+
+    minilm = tmp_path / "minilm.safetensors"
+    save_file({"embedding": np.zeros((4585, 384), dtype=np.float32)}, str(minilm))
+    ram = tmp_path / "ram_tag_embedding_class_4585.pth"
+    torch.save(torch.zeros(4585, 512), ram)
+    base = ["audit-labels", "--vocab", str(RAM), "--embeddings", str(minilm), "--fail-on", "misaligned"]
+    assert runner.invoke(app, base).exit_code == 0  # rows fit: without an expected width it is aligned
+    for expect in ("512", str(ram)):  # a number, or the file the new matrix replaces
+        res = runner.invoke(app, [*base, "--embedding-dim", expect, "--json"])
+        assert res.exit_code == 1, res.stderr
+        doc = json.loads(res.stdout)
+        (e,) = doc["embeddings"]
+        assert (e["dim"], e["expected_dim"], e["width_ok"], e["aligned"]) == (384, 512, False, False)
+        assert doc["failed"] == ["misaligned"]
+    res = runner.invoke(app, [*base, "--embedding-dim", "512"])
+    assert "WIDTH 384" in res.stderr and "--embedding-dim 512" in res.stderr
+    assert runner.invoke(app, [*base, "--embedding-dim", "384"]).exit_code == 0
+    bad = runner.invoke(app, [*base, "--embedding-dim", "0"])
+    assert bad.exit_code == 2 and "--embedding-dim must be a positive width" in bad.stderr
+    alone = runner.invoke(app, ["audit-labels", "--vocab", str(RAM), "--embedding-dim", "512"])
+    assert alone.exit_code == 2 and "--embedding-dim needs --embeddings" in alone.stderr
+
+
+# -- item 22: torch's refusals and custom-code tokenizers give the real reason ---------------------------------
+
+
+def test_weights_only_refusal_is_one_whole_sentence_without_warnings(tmp_path: Path) -> None:
+    torch = pytest.importorskip("torch")
+    import argparse
+    import pickle
+
+    ckpt = tmp_path / "ckpt.pth"  # a training checkpoint: weights plus the run's argparse namespace
+    torch.save({"embedding": torch.zeros(4585, 8), "args": argparse.Namespace(lr=0.1)}, ckpt)
+    res = _mmprep("audit-labels", "--vocab", str(RAM), "--embeddings", str(ckpt))
+    assert res.returncode == 2
+    (line, hint) = res.stderr.strip().splitlines()
+    assert line == (f"error: {ckpt}: holds a pickled argparse.Namespace object, which torch.load(weights_only=True) "
+                    "refuses: mmprep never runs code from a file")
+    assert hint.startswith("hint: save the matrix alone")
+    plain = tmp_path / "plain.pt"  # a plain pickle (protocol 4): torch warns about the protocol
+    plain.write_bytes(pickle.dumps([1.0, 2.0], protocol=4))
+    res = _mmprep("audit-labels", "--vocab", str(RAM), "--embeddings", str(plain))
+    assert res.returncode == 2 and "UserWarning" not in res.stderr and "\x1b[" not in res.stderr
+    assert "not a file written by torch.save (a plain pickle" in res.stderr
+    arr = tmp_path / "array.pt"
+    torch.save(np.zeros((3, 4), dtype=np.float32), arr)
+    with pytest.raises(InputError, match=r"holds a pickled NumPy array") as info:
+        audit_embeddings(arr, 3)
+    assert "torch.from_numpy" in (info.value.hint or "")
 
 
 # -- item 17: the linear-time audit gives the results of the plain definitions ---------------------------------

@@ -19,7 +19,7 @@ from mmprep.labels.audit.report import AlignedReport, DuplicateGroup, EmbeddingR
 from mmprep.labels.tensorfile import BARE_ARRAY, BARE_TENSOR, TensorInfo, open_tensor_file
 from mmprep.labels.vocab import Vocabulary, load_vocab, normalize_tag, read_bounded
 
-__all__ = ["ALIGNED_KINDS", "audit_aligned", "audit_embeddings"]
+__all__ = ["ALIGNED_KINDS", "audit_aligned", "audit_embeddings", "embedding_width"]
 
 #: The kinds of aligned file (``KIND=PATH`` forces one).
 ALIGNED_KINDS: tuple[str, ...] = ("translations", "thresholds", "descriptions")
@@ -171,12 +171,8 @@ def _pick(tensors: dict[str, TensorInfo], key: str | None, path: str) -> tuple[s
     )
 
 
-def audit_embeddings(spec: str | Path, vocab_size: int) -> EmbeddingReport:
-    """Read an embedding matrix's shape (``.pt``/``.pth``/``.bin`` via torch, ``.npy``/``.npz``, ``.safetensors``)
-    and compare its rows with the vocabulary size. ``PATH#KEY`` picks one tensor of a file that holds several;
-    ``label=PATH`` says the matrix must have exactly one row per tag (a description set of size × K rows is then
-    misaligned)."""
-    spec = str(spec)
+def _open_spec(spec: str) -> tuple[str, str, str, TensorInfo]:
+    """``[label=]PATH[#KEY]`` opened: (kind, path, tensor name, its facts)."""
     kind = "auto"
     if spec.startswith("label=") and not Path(spec).exists():
         kind, spec = "label", spec.removeprefix("label=")
@@ -186,6 +182,31 @@ def audit_embeddings(spec: str | Path, vocab_size: int) -> EmbeddingReport:
     if Path(path).is_dir():
         raise InputError(f"{path}: is a directory, expected an embeddings file")
     name, info = _pick(open_tensor_file(path).tensors, key or None, path)
+    return kind, path, name, info
+
+
+def embedding_width(spec: str | Path) -> int:
+    """The width (last dimension) of the matrix in an embedding file (``PATH[#KEY]``): the width a replacement for
+    it must have (``--embedding-dim FILE``).
+
+    Raises:
+        InputError: the file is unreadable or holds no matrix (a tensor of two or more dimensions).
+    """
+    _kind, path, name, info = _open_spec(str(spec))
+    if len(info.shape) < 2:
+        raise InputError(f"{path}: the tensor {name!r} has shape {list(info.shape)}: no matrix to take a width from")
+    return info.shape[-1]
+
+
+def audit_embeddings(spec: str | Path, vocab_size: int, expected_dim: int | None = None) -> EmbeddingReport:
+    """Read an embedding matrix's shape (``.pt``/``.pth``/``.bin`` via torch, ``.npy``/``.npz``, ``.safetensors``)
+    and compare its rows with the vocabulary size. ``PATH#KEY`` picks one tensor of a file that holds several;
+    ``label=PATH`` says the matrix must have exactly one row per tag (a description set of size × K rows is then
+    misaligned). With ``expected_dim``, a matrix of another width (last dimension) is misaligned too.
+
+    Opening the file checks that the data its header promises is there (see :mod:`mmprep.labels.tensorfile`):
+    a truncated file is an InputError, not an aligned shape."""
+    kind, path, name, info = _open_spec(str(spec))
     shape, dtype = info.shape, info.dtype
     rows = shape[0] if shape else 0
     k: int | None = None
@@ -197,6 +218,7 @@ def audit_embeddings(spec: str | Path, vocab_size: int) -> EmbeddingReport:
         elif rows % vocab_size == 0 and rows > 0:
             k = rows // vocab_size
     shown = None if name in (BARE_TENSOR, BARE_ARRAY) else name
+    dim = shape[-1] if len(shape) >= 2 else None
     return EmbeddingReport(path=path, key=shown, shape=shape, dtype=dtype, rows=rows, expected=vocab_size, k=k,
-                           kind=kind)
+                           kind=kind, dim=dim, expected_dim=expected_dim)
 

@@ -32,6 +32,7 @@ def audit_labels(
     aligned: Sequence[str | Path] = (),
     embeddings: Sequence[str | Path] = (),
     declared_size: int | None = None,
+    embedding_dim: int | None = None,
     top: int = 20,
     progress: Callable[[int], None] | None = None,
 ) -> AuditReport:
@@ -47,6 +48,9 @@ def audit_labels(
         aligned: files with one entry per id (``KIND=PATH`` to force translations/thresholds/descriptions).
         embeddings: embedding matrices (``PATH#KEY`` to pick a tensor).
         declared_size: the size the model expects (e.g. ``class_num``), compared with the vocabulary.
+        embedding_dim: the width the model expects of an embedding matrix (RAM's ``wordvec_proj`` takes 512); a
+            matrix of another width is misaligned. :func:`~mmprep.labels.audit.aligned.embedding_width` reads it
+            from the file a new matrix replaces.
         top: how many most/least used tags the frequency statistics list.
         progress: called with the number of bytes read so far since the last call (0 = still alive).
 
@@ -59,6 +63,9 @@ def audit_labels(
         raise UsageError(f"unknown annotation format '{fmt}'", hint="choose one of " + ", ".join(ANNOTATION_FORMATS))
     if sum(str(a) == "-" for a in annotations) > 1:
         raise UsageError("standard input ('-') can be read only once")
+    if embedding_dim is not None and (isinstance(embedding_dim, bool) or not isinstance(embedding_dim, int)
+                                      or embedding_dim < 1):
+        raise UsageError(f"--embedding-dim must be a positive width, got {embedding_dim!r}")
     if tags_column is not None and fmt in RAM_FORMATS:
         raise UsageError(f"--tags-column does not apply to --format {fmt}",
                          hint="it names the tags column of json/jsonl/csv/parquet manifests")
@@ -72,7 +79,7 @@ def audit_labels(
     for path in annotations:
         files.append(scan_file(str(path), fmt, tags_column, tally, progress))
     aligned_reports = [audit_aligned(a, voc) for a in aligned]
-    emb_reports = [audit_embeddings(e, voc.size) for e in embeddings]
+    emb_reports = [audit_embeddings(e, voc.size, embedding_dim) for e in embeddings]
 
     never: TagList | None = None
     parse_only: list[int] = []

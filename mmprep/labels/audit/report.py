@@ -233,11 +233,13 @@ class AlignedReport:
 
 @dataclass(frozen=True)
 class EmbeddingReport:
-    """An embedding matrix: its shape against the vocabulary size.
+    """An embedding matrix: its shape against the vocabulary size, and its width against the expected one.
 
     A 2-D matrix with rows equal to the size is aligned (``k == 1``); rows equal to size × K are description-set
     embeddings (``k == K``), as are 3-D tensors ``[size, K, dim]``; anything else, a 1-D vector included, is
     misaligned (``k`` is None). ``kind == "label"`` (``label=PATH``) requires one row per tag: ``k == 1`` and 2-D.
+    ``dim`` is the last dimension (the embedding width); with ``expected_dim`` given (``--embedding-dim``: RAM's
+    ``wordvec_proj`` takes 512), another width is misaligned too (``width_ok`` is False).
     """
 
     path: str
@@ -248,16 +250,29 @@ class EmbeddingReport:
     expected: int
     k: int | None
     kind: str = "auto"
+    dim: int | None = None
+    expected_dim: int | None = None
 
     @property
-    def aligned(self) -> bool:
+    def rows_ok(self) -> bool:
+        """The rows fit the vocabulary (one per tag, or K per tag)."""
         if self.kind == "label":
             return self.k == 1 and len(self.shape) == 2
         return self.k is not None
 
+    @property
+    def width_ok(self) -> bool:
+        """The width is the expected one (always True without an expectation)."""
+        return self.expected_dim is None or self.dim == self.expected_dim
+
+    @property
+    def aligned(self) -> bool:
+        return self.rows_ok and self.width_ok
+
     def to_dict(self) -> dict[str, Any]:
         d = {k: getattr(self, k) for k in self.__dataclass_fields__}
         d["aligned"] = self.aligned
+        d["width_ok"] = self.width_ok
         return d
 
 
