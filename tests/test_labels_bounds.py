@@ -4,7 +4,7 @@
 * an embedding file whose data is not all there (a truncated .safetensors written by the safetensors library, a
   header that claims 10^9 rows over 16 bytes, a cut .npy/.npz/.pt) is an error, never "aligned";
 * an embedding matrix of the wrong width is misaligned when a width is expected (``--embedding-dim``);
-* torch's refusals name the real reason;
+* torch's refusals and a tokenizer that needs its own code name the real reason;
 * the linear-time rewrites of the audit (normalisation, duplicate search, never-used list, JSON report) give the
   results of the straightforward definitions.
 """
@@ -217,6 +217,29 @@ def test_weights_only_refusal_is_one_whole_sentence_without_warnings(tmp_path: P
     with pytest.raises(InputError, match=r"holds a pickled NumPy array") as info:
         audit_embeddings(arr, 3)
     assert "torch.from_numpy" in (info.value.hint or "")
+
+
+def test_a_tokenizer_with_custom_code_says_so_for_embed_labels(tmp_path: Path) -> None:
+    pytest.importorskip("torch")
+    import transformers
+
+    model = tmp_path / "model"  # a real (tiny) BERT checkpoint ...
+    cfg = transformers.BertConfig(vocab_size=64, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                                  intermediate_size=16, max_position_embeddings=16)
+    transformers.BertModel(cfg).save_pretrained(model)
+    tok = tmp_path / "tok"  # ... and a tokenizer folder whose tokenizer is a Python class of its own (ChatGLM-style)
+    tok.mkdir()
+    (tok / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "GLMTokenizer", "auto_map": {"AutoTokenizer": ["tokenization_glm.GLMTokenizer", None]}}))
+    (tok / "tokenization_glm.py").write_text("raise SystemExit('this code must never run')\n")
+    vocab = tmp_path / "v.txt"
+    vocab.write_text("cat\ndog\n")
+    res = _mmprep("embed-labels", str(vocab), "--model", str(model), "--tokenizer", str(tok), "--out",
+                  str(tmp_path / "e.npy"), timeout=120)
+    assert res.returncode == 2, res.stderr
+    assert "it needs its own Python code (tokenization_glm.GLMTokenizer, named by auto_map in " \
+           "tokenizer_config.json), which mmprep does not run" in res.stderr
+    assert "needs tokenizer files" not in res.stderr and res.stdout == ""
 
 
 # -- item 17: the linear-time audit gives the results of the plain definitions ---------------------------------
