@@ -1,5 +1,9 @@
-"""A tokenizer folder whose tokenizer is a class of its own says so, and transformers never prompts (issue 19,
-item 22)."""
+"""Text is bounded before it is tokenised (issue 19, item 9 and the text part of 22):
+
+* ``--max-text-bytes`` (pack and tokenize, default 1 MiB): a row whose text, chosen caption(s), conversation or
+  rendered conversation is larger is rejected as ``text_too_large`` with its line; every other row is written;
+* a tokenizer folder whose tokenizer is a class of its own says so (and transformers never prompts).
+"""
 
 from __future__ import annotations
 
@@ -10,9 +14,111 @@ import subprocess
 import sys
 from pathlib import Path
 
-from _text_helpers import MINILM_DIR, REPO
+import pyarrow.parquet as pq
+import pytest
+from _text_helpers import CLIP_DIR, MINILM_DIR, REPO, build_bytelevel_bpe
+from typer.testing import CliRunner
 
+from mmprep.cli import app
+from mmprep.errors import UsageError
+from mmprep.text.config import DEFAULT_MAX_TEXT_BYTES, TextConfig
+
+runner = CliRunner()
 SAMPLE = REPO / "sample_data"
+CAPTION = "A tabby cat looks sideways with its whiskers spread."
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_bytelevel_bpe(tmp_path_factory.mktemp("llama"), llama_style=True)
+
+
+def _with_template(base: Path, directory: Path, template: str) -> Path:
+    """A copy of a tokenizer folder with another chat template."""
+    shutil.copytree(base, directory)
+    cfg = json.loads((directory / "tokenizer_config.json").read_text())
+    cfg["chat_template"] = template
+    (directory / "tokenizer_config.json").write_text(json.dumps(cfg))
+    return directory
+
+
+def _rejects(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+# -- item 9: --max-text-bytes ----------------------------------------------------------------------------------
+
+
+def test_tokenize_rejects_a_huge_text_with_its_line_and_keeps_the_rest(tmp_path: Path) -> None:
+    manifest = tmp_path / "m.jsonl"
+    rows = [{"id": "a", "text": CAPTION}, {"id": "big", "text": "word " * 400_000},  # 2 MB
+            {"id": "c", "text": CAPTION}]
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "t.parquet"
+    res = runner.invoke(app, ["tokenize", str(manifest), "--tokenizer", str(CLIP_DIR), "--max-length", "16",
+                              "--out", str(out), "--json"])
+    assert res.exit_code == 0, res.stderr
+    report = json.loads(res.stdout)
+    assert (report["rows_in"], report["rows_written"], report["rows_rejected"]) == (3, 2, 1)
+    assert report["config"]["max_text_bytes"] == DEFAULT_MAX_TEXT_BYTES == 1 << 20
+    (rej,) = _rejects(out.with_name(out.name + ".rejected.jsonl"))
+    assert (rej["line"], rej["id"], rej["stage"], rej["reason"]) == (2, "big", "text", "text_too_large")
+    assert rej["detail"] == f"{manifest}:2: the text is 2,000,000 characters, above --max-text-bytes 1,048,576"
+    assert pq.read_table(out).column("id").to_pylist() == ["a", "c"]
+
+
+def test_the_cap_counts_utf8_bytes_and_is_a_flag_of_both_commands(tmp_path: Path) -> None:
+    manifest = tmp_path / "m.jsonl"
+    wide = "é" * 30_000  # 30,000 characters, 60,000 bytes
+    rows = [{"id": "narrow", "text": "e" * 30_000}, {"id": "wide", "text": wide},
+            {"id": "captions", "text": ["x" * 40_000, "y" * 40_000]}]
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "t.parquet"
+    res = runner.invoke(app, ["tokenize", str(manifest), "--tokenizer", str(MINILM_DIR), "--max-length", "8",
+                              "--out", str(out), "--max-text-bytes", "50KB", "--caption", "all"])
+    assert res.exit_code == 0, res.stderr
+    rejects = _rejects(out.with_name(out.name + ".rejected.jsonl"))
+    assert [(r["id"], r["reason"]) for r in rejects] == [("wide", "text_too_large"), ("captions", "text_too_large")]
+    assert "the text is 60,000 bytes, above --max-text-bytes 50,000" in rejects[0]["detail"]
+    assert "the text of the joined captions is 80,001 characters" in rejects[1]["detail"]
+    cfg = tmp_path / "c.toml"  # the same flag from a config file
+    cfg.write_text('[tokenize]\nmax-text-bytes = "100KB"\n')
+    res = runner.invoke(app, ["--config", str(cfg), "tokenize", str(manifest), "--tokenizer", str(MINILM_DIR),
+                              "--max-length", "8", "--out", str(out), "--caption", "all", "--json"])
+    assert res.exit_code == 0 and json.loads(res.stdout)["rows_rejected"] == 0
+
+
+@pytest.mark.parametrize("value,says", [
+    ("0", "--max-text-bytes must be 1 to 1,073,741,824 (1 GiB), got 0"),
+    ("2GiB", "--max-text-bytes must be 1 to 1,073,741,824 (1 GiB), got 2,147,483,648"),
+    ("lots", "--max-text-bytes: cannot read 'lots' as a size"),
+])
+def test_bad_caps_are_usage_errors(tmp_path: Path, value: str, says: str) -> None:
+    for command in (["tokenize", str(SAMPLE / "manifest.jsonl"), "--tokenizer", str(CLIP_DIR), "--max-length", "8",
+                     "--out", str(tmp_path / "t.parquet")],
+                    ["pack", str(SAMPLE / "manifest.jsonl"), "--out", str(tmp_path / "o")]):
+        res = runner.invoke(app, [*command, "--max-text-bytes", value])
+        assert res.exit_code == 2 and says in res.stderr, res.stderr
+    assert not (tmp_path / "o").exists() and not (tmp_path / "t.parquet").exists()
+    with pytest.raises(UsageError):
+        TextConfig(max_text_bytes=True).validate()  # type: ignore[arg-type]
+
+
+def test_pack_rejects_huge_texts_with_and_without_a_tokenizer(tmp_path: Path) -> None:
+    lines = (SAMPLE / "manifest.jsonl").read_text().splitlines()[:3]
+    big = json.loads(lines[1])
+    big["text"] = "meow " * 300_000  # 1.5 MB
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("\n".join([lines[0], json.dumps(big), lines[2]]) + "\n")
+    for name, extra in (("tok", ["--tokenizer", str(CLIP_DIR), "--max-length", "16"]), ("raw", [])):
+        out = tmp_path / name
+        res = runner.invoke(app, ["pack", str(manifest), "--out", str(out), "--image-root", str(SAMPLE),
+                                  "--image-size", "32", "--workers", "1", *extra, "--json"])
+        assert res.exit_code == 0, res.stderr
+        report = json.loads(res.stdout)
+        assert (report["read"], report["written"], report["rejected"]) == (3, 2, 1)  # nothing lost
+        (rej,) = _rejects(out / "rejected.jsonl")
+        assert (rej["line"], rej["id"], rej["reason"]) == (2, "s002", "text_too_large")
 
 
 # -- item 22: a tokenizer that needs its own code ----------------------------------------------------------------

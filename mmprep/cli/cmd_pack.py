@@ -8,6 +8,7 @@ import typer
 
 from mmprep.cli._app import JsonOpt, QuietOpt, VerboseOpt, app, make_output, run_command
 from mmprep.cli._options import (
+    DEFAULT_MAX_TEXT_BYTES,
     BackgroundOpt,
     FillOpt,
     ImageSizeOpt,
@@ -15,9 +16,11 @@ from mmprep.cli._options import (
     MaxPixelsOpt,
     MinPixelsOpt,
     NoDraftOpt,
+    PackMaxTextBytesOpt,
     PixelLimitOpt,
     ShortestEdgeOpt,
     image_config_from_options,
+    max_text_bytes_from_option,
 )
 
 if TYPE_CHECKING:
@@ -95,6 +98,7 @@ def pack_cmd(
                                                   rich_help_panel=_TXT)] = None,
     placeholder_check: Annotated[bool, typer.Option(help="Require as many <image> placeholders as images when the "
                                                     "text has any.", rich_help_panel=_TXT)] = True,
+    max_text_bytes: PackMaxTextBytesOpt = DEFAULT_MAX_TEXT_BYTES,
     vocab: Annotated[str | None, typer.Option(help="Tag vocabulary: tags are stored as ids.",
                                               rich_help_panel=_TXT)] = None,
     unknown_tags: Annotated[str, typer.Option(help="reject|drop samples' tags not in --vocab (drops are counted).",
@@ -185,6 +189,7 @@ def pack_cmd(
                 pad_token=pad_token,
                 image_placeholder=image_placeholder,
                 check_placeholders=placeholder_check,
+                max_text_bytes=max_text_bytes_from_option(max_text_bytes),
             ),
             vocab=vocab,
             unknown_tags=unknown_tags,
