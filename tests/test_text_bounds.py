@@ -1,7 +1,9 @@
-"""Text is bounded before it is tokenised (issue 19, item 9 and the text part of 22):
+"""Text is bounded before it is tokenised (issue 19, items 9, 13 and the text part of 22):
 
 * ``--max-text-bytes`` (pack and tokenize, default 1 MiB): a row whose text, chosen caption(s), conversation or
   rendered conversation is larger is rejected as ``text_too_large`` with its line; every other row is written;
+* a chat template that renders more than the cap is stopped there, and one that runs for ever is stopped after
+  :data:`~mmprep.text.encoder.TEMPLATE_SECONDS` (``chat_template_timeout``), in the main thread and in others;
 * a tokenizer folder whose tokenizer is a class of its own says so (and transformers never prompts).
 """
 
@@ -10,8 +12,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -21,7 +26,9 @@ from typer.testing import CliRunner
 
 from mmprep.cli import app
 from mmprep.errors import UsageError
-from mmprep.text.config import DEFAULT_MAX_TEXT_BYTES, TextConfig
+from mmprep.text import encoder as encoder_mod
+from mmprep.text.config import DEFAULT_MAX_TEXT_BYTES, TextConfig, TextError
+from mmprep.text.encoder import TextEncoder
 
 runner = CliRunner()
 SAMPLE = REPO / "sample_data"
@@ -119,6 +126,91 @@ def test_pack_rejects_huge_texts_with_and_without_a_tokenizer(tmp_path: Path) ->
         assert (report["read"], report["written"], report["rejected"]) == (3, 2, 1)  # nothing lost
         (rej,) = _rejects(out / "rejected.jsonl")
         assert (rej["line"], rej["id"], rej["reason"]) == (2, "s002", "text_too_large")
+
+
+def test_a_chat_template_that_renders_50_mb_is_stopped_at_the_cap(llama_dir: Path, tmp_path: Path) -> None:
+    tok = _with_template(llama_dir, tmp_path / "tok",
+                         "{% for i in range(100000) %}{{ messages[0]['content'] }}{% endfor %}")
+    enc = TextEncoder(tok, TextConfig(max_length=16))
+    start = time.monotonic()
+    with pytest.raises(TextError) as info:
+        enc.render([{"role": "user", "content": "x" * 500}])  # 50 MB if rendered in full
+    assert time.monotonic() - start < 5
+    assert info.value.reason == "text_too_large"
+    assert info.value.detail == ("the chat template rendered more than 1,048,576 characters (stopped there), above "
+                                 "--max-text-bytes 1,048,576")
+    # A conversation whose turns alone are over the cap is rejected before the template runs.
+    normal = TextEncoder(llama_dir, TextConfig(max_length=16, max_text_bytes=1000))
+    with pytest.raises(TextError, match="the conversation's text is 1,200 characters"):
+        normal.render([{"role": "user", "content": "y" * 600}, {"role": "assistant", "content": "z" * 600}])
+    assert normal.render([{"role": "user", "content": "hi"}]) == "<|user|>\nhi</s>\n"
+
+
+# -- item 13: a chat template that does not end ------------------------------------------------------------------
+
+_FOREVER = ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"
+            "{{ messages[0]['content'] }}")
+
+
+def test_nested_range_loops_are_stopped_and_the_row_rejected(llama_dir: Path, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(encoder_mod, "TEMPLATE_SECONDS", 0.5)
+    trace_before = sys.gettrace()
+    tok = _with_template(llama_dir, tmp_path / "tok", _FOREVER)
+    manifest = tmp_path / "m.jsonl"
+    rows = [{"id": "plain", "text": CAPTION}, {"id": "chat", "text": [{"from": "human", "value": "hi"}]},
+            {"id": "plain2", "text": CAPTION}]
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "t.parquet"
+    start = time.monotonic()
+    res = runner.invoke(app, ["tokenize", str(manifest), "--tokenizer", str(tok), "--max-length", "16", "--out",
+                              str(out), "--json"])
+    assert time.monotonic() - start < 30
+    assert res.exit_code == 0, res.stderr
+    assert json.loads(res.stdout)["rows_written"] == 2
+    (rej,) = _rejects(out.with_name(out.name + ".rejected.jsonl"))
+    assert (rej["line"], rej["reason"]) == (2, "chat_template_timeout")
+    assert "the chat template ran longer than 0.5 s" in rej["detail"]
+    assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)  # no timer left behind
+    assert sys.gettrace() is trace_before
+
+
+def test_the_bounds_hold_outside_the_main_thread(llama_dir: Path, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(encoder_mod, "TEMPLATE_SECONDS", 0.5)
+    forever = TextEncoder(_with_template(llama_dir, tmp_path / "f", _FOREVER), TextConfig(max_length=16))
+    big = TextEncoder(_with_template(llama_dir, tmp_path / "b", "{% for i in range(100000) %}{{ messages[0]['content'] "
+                                     "}}{% endfor %}"), TextConfig(max_length=16))
+    normal = TextEncoder(llama_dir, TextConfig(max_length=16))
+    results: dict[str, object] = {}
+
+    def work() -> None:
+        before = sys.gettrace()
+        for name, enc in (("forever", forever), ("big", big), ("normal", normal)):
+            try:
+                results[name] = enc.render([{"role": "user", "content": "x" * 500}])
+            except TextError as exc:
+                results[name] = exc.reason
+        results["trace restored"] = sys.gettrace() is before
+
+    thread = threading.Thread(target=work)
+    thread.start()
+    thread.join(60)
+    assert not thread.is_alive()
+    assert results == {"forever": "chat_template_timeout", "big": "text_too_large",
+                       "normal": "<|user|>\n" + "x" * 500 + "</s>\n", "trace restored": True}
+
+
+def test_bounded_rendering_gives_the_template_output_unchanged(llama_dir: Path) -> None:
+    demo = json.loads((REPO / "tests" / "data" / "text" / "mllm_demo.json").read_text())
+    enc = TextEncoder(llama_dir, TextConfig(max_length=64))
+    hf = enc._hf_tokenizer()
+    for row in demo:
+        msgs = [{"role": m["role"], "content": m["content"]} for m in row["messages"]]
+        assert enc.render(row["messages"], image_count=len(row.get("images", []))) == \
+            hf.apply_chat_template(msgs, tokenize=False).removeprefix("<s>")
+    assert enc.render(demo[0]["messages"], image_count=2) == "".join(
+        f"<|{m['role']}|>\n{m['content']}</s>\n" for m in demo[0]["messages"])  # CHAT_TEMPLATE's layout
 
 
 # -- item 22: a tokenizer that needs its own code ----------------------------------------------------------------
