@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -310,4 +311,7 @@ def test_csv_ids_out_of_order_keep_the_vocabulary_order(tmp_path: Path) -> None:
     assert [t.id for t in report.never_used or ()] == [5, 3]
     voc = load_vocab(vocab)
     assert not voc.sequential and voc.size == 6 and voc.names_by_id[3] == "three" and 2 not in voc.names_by_id
-    assert Vocabulary(names=("a", "b")).sequential
+    plain = Vocabulary(names=("a", "b"))
+    assert plain.sequential and plain.size == 2
+    moved = dataclasses.replace(plain, ids=(1, 0))  # a copy with other ids is not taken for sequential
+    assert not moved.sequential and moved.size == 2 and moved.names_by_id[0] == "b"

@@ -72,11 +72,6 @@ class TensorFile:
         self.tensors = tensors
         self._data = data  # name -> torch tensor / numpy array already at hand (not for safetensors)
 
-    @property
-    def width(self) -> dict[str, int]:
-        """Each tensor's last dimension (the embedding width of a ``[rows, dim]`` or ``[rows, K, dim]`` tensor)."""
-        return {k: v.shape[-1] for k, v in self.tensors.items() if v.shape}
-
     def float32(self, name: str) -> np.ndarray:
         """The tensor ``name`` as a new float32 NumPy array."""
         if self.format == "safetensors":

@@ -65,13 +65,14 @@ class Vocabulary:
     format: str = "txt"
     first_line: int = 1  # file line of entry 0 (2 for CSV with a header)
     _extra: dict[str, object] = field(default_factory=dict, compare=False, repr=False)
+    _implicit_ids: bool = field(default=False, init=False, compare=False, repr=False)  # ids = positions
 
     def __post_init__(self) -> None:
         if not self.raw:
             object.__setattr__(self, "raw", self.names)
         if not self.ids:
             object.__setattr__(self, "ids", tuple(range(len(self.names))))
-            self._extra["sequential"] = True
+            object.__setattr__(self, "_implicit_ids", True)
 
     def __len__(self) -> int:
         return len(self.names)
@@ -79,10 +80,7 @@ class Vocabulary:
     @cached_property
     def sequential(self) -> bool:
         """Whether the ids are ``0..len-1`` in order (always for text and JSON-list files)."""
-        cached = self._extra.get("sequential")
-        if isinstance(cached, bool):
-            return cached
-        return all(map(operator.eq, self.ids, range(len(self.ids))))
+        return self._implicit_ids or all(map(operator.eq, self.ids, range(len(self.ids))))
 
     @cached_property
     def size(self) -> int:
