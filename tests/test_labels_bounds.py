@@ -315,3 +315,14 @@ def test_csv_ids_out_of_order_keep_the_vocabulary_order(tmp_path: Path) -> None:
     assert plain.sequential and plain.size == 2
     moved = dataclasses.replace(plain, ids=(1, 0))  # a copy with other ids is not taken for sequential
     assert not moved.sequential and moved.size == 2 and moved.names_by_id[0] == "b"
+
+
+@pytest.mark.skipif(not Path("/dev/zero").exists(), reason="needs /dev/zero")
+def test_embed_labels_templates_and_descriptions_are_read_with_bounds() -> None:
+    from mmprep.labels.embed import load_templates
+    from mmprep.labels.embed.templates import load_descriptions
+
+    with pytest.raises(InputError, match=r"/dev/zero:1: holds a NUL byte: .* not a template file"):
+        load_templates("/dev/zero")
+    with pytest.raises(InputError, match=r"/dev/zero:1: holds a NUL byte: .* not a description file"):
+        load_descriptions("/dev/zero")
