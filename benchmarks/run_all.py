@@ -34,6 +34,7 @@ SUITE: dict[str, tuple[str, list[str], list[str] | None]] = {
     "images": ("bench_images.py", ["--samples", "1000"], ["--samples", "150", "--repeats", "3"]),
     "tokenize": ("bench_tokenize.py", [], ["--quick"]),
     "audit": ("bench_audit.py", [], None),
+    "audit_vocab": ("bench_audit_vocab.py", [], None),
     "embed": ("bench_embed.py", [], ["--quick"]),
     "reader": ("bench_reader.py", [], ["--quick"]),
     # info only, not in --check: on a CPU the vectorised masks and the loop are within a few x of each other, and

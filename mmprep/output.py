@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import gc
 import json
 import math
 import os
@@ -19,7 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TextIO
 
-__all__ = ["Output", "Progress", "to_jsonable"]
+__all__ = ["Output", "Progress", "json_bytes", "to_jsonable"]
 
 
 def to_jsonable(obj: Any) -> Any:
@@ -42,6 +43,54 @@ def to_jsonable(obj: Any) -> Any:
     if hasattr(obj, "tolist") and callable(obj.tolist):  # numpy scalars and arrays
         return to_jsonable(obj.tolist())
     return obj
+
+
+#: Field names of the dataclasses without a ``to_dict`` that :func:`_orjson_default` has met.
+_PLAIN_FIELDS: dict[type, tuple[str, ...]] = {}
+
+
+def _orjson_default(obj: Any) -> Any:
+    """What orjson cannot write itself, as :func:`to_jsonable` would have it (one level; orjson recurses)."""
+    names = _PLAIN_FIELDS.get(type(obj))
+    if names is not None:  # the common case in a long list: one dict comprehension
+        return {name: getattr(obj, name) for name in names}
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        if hasattr(obj, "to_dict"):
+            return obj.to_dict()
+        names = _PLAIN_FIELDS[type(obj)] = tuple(f.name for f in dataclasses.fields(obj))
+        return {name: getattr(obj, name) for name in names}
+    if isinstance(obj, (set, frozenset)):
+        return sorted(obj, key=repr)
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, enum.Enum):
+        return obj.value
+    if hasattr(obj, "tolist") and callable(obj.tolist):  # numpy values orjson does not take as they are
+        return obj.tolist()
+    raise TypeError(type(obj).__name__)
+
+
+def json_bytes(obj: Any) -> bytes:
+    """``obj`` (dataclasses, paths, enums, numpy values, sets and tuples inside) as indented UTF-8 JSON.
+
+    Written by orjson, which keeps a report of millions of entries (an audit of a 10-million-tag vocabulary)
+    linear and light: no intermediate copy of the report is built. Non-finite floats become null. What orjson
+    refuses (an integer beyond 64 bits, an unusual dict key) falls back to the standard library, with the same
+    document as a result.
+    """
+    import orjson
+
+    options = (orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS
+               | orjson.OPT_PASSTHROUGH_DATACLASS)
+    collecting = gc.isenabled()
+    gc.disable()  # writing creates millions of short-lived values and no cycles: collections only cost time
+    try:
+        return orjson.dumps(obj, default=_orjson_default, option=options)
+    except (orjson.JSONEncodeError, TypeError):
+        return json.dumps(to_jsonable(obj), indent=2, ensure_ascii=False, allow_nan=False).encode("utf-8")
+    finally:
+        if collecting:
+            gc.enable()
 
 
 class Progress:
@@ -174,9 +223,15 @@ class Output:
 
     # -- reports ----------------------------------------------------------------------------------------
     def emit_json(self, report: Any) -> None:
-        """Write the report as one JSON document on stdout."""
-        json.dump(to_jsonable(report), self.stdout, indent=2, ensure_ascii=False, allow_nan=False)
-        self.stdout.write("\n")
+        """Write the report as one JSON document on stdout (see :func:`json_bytes`)."""
+        data = json_bytes(report) + b"\n"
+        binary = getattr(self.stdout, "buffer", None)
+        if binary is not None:
+            self.stdout.flush()
+            binary.write(data)
+            binary.flush()
+        else:
+            self.stdout.write(data.decode("utf-8"))
         self.stdout.flush()
 
     def table(

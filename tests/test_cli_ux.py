@@ -462,7 +462,7 @@ def test_completion_scripts_install_and_answer(tmp_path: Path) -> None:
     assert complete("mmprep pack --compr") == ["--compression"]
     assert complete("mmprep pack --compression z") == ["zstd"]
     assert complete("mmprep pack m.jsonl --resize-mode l") == ["letterbox"]
-    assert complete("mmprep tokenize --max") == ["--max-length"]
+    assert complete("mmprep tokenize --max-l") == ["--max-length"]
     # zsh: values with their help
     rc, out, _ = _mmprep([], {"_MMPREP_COMPLETE": "complete_zsh", "_TYPER_COMPLETE_ARGS": "mmprep pack --on-error "})
     assert rc == 0 and '"skip"' in out and '"fail"' in out

@@ -1,6 +1,7 @@
 """Command-line options shared by several commands: the image decoding/resizing flags of ``pack``,
 ``image-stats`` and ``normalize-images`` (defined once, so the flags read the same everywhere) and
-:func:`image_config_from_options`, which turns their values into an :class:`~mmprep.images.decode.ImageConfig`.
+:func:`image_config_from_options`, which turns their values into an :class:`~mmprep.images.decode.ImageConfig`;
+the text cap of ``pack`` and ``tokenize`` (:data:`MaxTextBytesOpt`, read by :func:`max_text_bytes_from_option`).
 
 Nothing heavy (numpy, Pillow) is imported at module level.
 """
@@ -28,13 +29,16 @@ __all__ = [
     "ImageSizeOpt",
     "InterpolationOpt",
     "MaxPixelsOpt",
+    "MaxTextBytesOpt",
     "MinPixelsOpt",
     "NoDraftOpt",
+    "PackMaxTextBytesOpt",
     "PixelLimitOpt",
     "ResizeModeOpt",
     "ShortestEdgeOpt",
     "choices",
     "image_config_from_options",
+    "max_text_bytes_from_option",
 ]
 
 # Help panels (``rich_help_panel=``): a command that groups its options shows these, in this order, with its common
@@ -88,6 +92,26 @@ PixelLimitOpt = Annotated[int, typer.Option(
 NoDraftOpt = Annotated[bool, typer.Option(
     "--no-draft", help="Decode JPEGs at full size before resizing (slower; no DCT-domain downscaling).",
     rich_help_panel=_IMG)]
+
+
+def _max_text_bytes(panel: str | None) -> Any:
+    return typer.Option(
+        "--max-text-bytes", metavar="SIZE", rich_help_panel=panel,
+        help="Reject rows whose text (as given, or as a chat template renders it) is larger, before tokenising: "
+             "text_too_large. Also bounds a chat template's output.")
+
+
+#: ``tokenize`` and ``pack`` (in its Text panel): the largest text of one row (a size: 1MiB, 500KB, 100000).
+MaxTextBytesOpt = Annotated[str, _max_text_bytes(None)]
+PackMaxTextBytesOpt = Annotated[str, _max_text_bytes(PANEL_TEXT)]
+DEFAULT_MAX_TEXT_BYTES = "1MiB"
+
+
+def max_text_bytes_from_option(value: str) -> int:
+    """``--max-text-bytes`` as bytes (UsageError when it cannot be read; the range is checked by TextConfig)."""
+    from mmprep.cli._parse import parse_bytes
+
+    return parse_bytes(str(value), "--max-text-bytes")
 
 
 #: Parameter names of the decoding/resizing options above, as :func:`image_config_from_options` takes them; a

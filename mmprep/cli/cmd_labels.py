@@ -70,6 +70,12 @@ def audit_labels_cmd(
         int | None,
         typer.Option("--declared-size", metavar="N", min=0, help="The size the model expects (e.g. class_num)."),
     ] = None,
+    embedding_dim: Annotated[
+        str | None,
+        typer.Option("--embedding-dim", metavar="N|FILE", help="The width the model expects of --embeddings "
+                     "matrices (RAM: 512), or an embedding file whose width the new matrix must keep (the file it "
+                     "replaces); another width is misaligned."),
+    ] = None,
     fail_on: Annotated[list[str] | None, typer.Option("--fail-on", metavar="LIST", help=_FAIL_ON_HELP)] = None,
     write_used: Annotated[
         str | None,
@@ -101,6 +107,7 @@ def audit_labels_cmd(
             ANNOTATION_FORMATS,
             FAIL_ON_CATEGORIES,
             audit_labels,
+            embedding_width,
             plot_format,
             plot_frequency,
             write_tag_list,
@@ -114,11 +121,20 @@ def audit_labels_cmd(
             raise UsageError("--write-used, --write-never-used and --plot need annotation files")
         if plot:
             plot_format(plot)  # a bad extension or a missing matplotlib fails now, not after the audit
+        width: int | None = None
+        if embedding_dim is not None:
+            if not embeddings:
+                raise UsageError("--embedding-dim needs --embeddings: the matrices whose width it checks")
+            width = _positive_int(embedding_dim)
+            if width is None:
+                width = embedding_width(embedding_dim)
+                out.debug(f"--embedding-dim {embedding_dim}: width {width}")
         total = sum(_size(f) for f in files)
         with out.progress(total or None, "audit-labels", unit="B") as prog:
             report = audit_labels(
                 vocab, files, fmt=format, tags_column=tags_column, aligned=aligned or [],
-                embeddings=embeddings or [], declared_size=declared_size, top=top, progress=prog.update,
+                embeddings=embeddings or [], declared_size=declared_size, embedding_dim=width, top=top,
+                progress=prog.update,
             )
         if write_used:
             n = write_tag_list(write_used, report.used, counts=True)
@@ -155,6 +171,18 @@ def _size(path: str) -> int:
         return 0
 
 
+def _positive_int(value: str) -> int | None:
+    """``value`` as a positive width, None when it is not a number (then it names a file); UsageError for 0 or a
+    negative number."""
+    text = value.strip()
+    if not text.lstrip("+-").isdigit() or os.path.exists(value):
+        return None
+    width = int(text)
+    if width < 1:
+        raise UsageError(f"--embedding-dim must be a positive width, got {value}")
+    return width
+
+
 def _parse_fail_on(values: list[str], known: tuple[str, ...]) -> list[str]:
     out: list[str] = []
     for value in values:
@@ -184,8 +212,10 @@ def _yes_no(value: bool | None) -> str:
 
 
 def _embedding_status(e: EmbeddingReport) -> str:
-    if not e.aligned:
+    if not e.rows_ok:
         return "MISALIGNED"
+    if not e.width_ok:
+        return f"WIDTH {e.dim} ≠ {e.expected_dim}"
     return "ok" if e.k == 1 else f"{e.k} per tag"
 
 
@@ -288,7 +318,8 @@ def _render(out: Output, r: AuditReport, top: int) -> None:
             ["file", "tensor", "shape", "dtype", "rows", "expected", "K", "status"],
             [(Path(e.path).name, e.key or "-", "×".join(map(str, e.shape)), e.dtype, e.rows, e.expected, e.k or "-",
               _embedding_status(e)) for e in r.embeddings],
-            caption="K > 1: a description set (K rows per tag); label=FILE requires K = 1",
+            caption="K > 1: a description set (K rows per tag); label=FILE requires K = 1"
+            + (f"; --embedding-dim {r.embeddings[0].expected_dim}" if r.embeddings[0].expected_dim else ""),
         )
     f = r.frequency
     if f is not None:

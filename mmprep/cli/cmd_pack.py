@@ -8,6 +8,7 @@ import typer
 
 from mmprep.cli._app import JsonOpt, QuietOpt, VerboseOpt, app, make_output, run_command
 from mmprep.cli._options import (
+    DEFAULT_MAX_TEXT_BYTES,
     PANEL_IMAGES,
     PANEL_INPUT,
     PANEL_OUTPUT,
@@ -21,10 +22,12 @@ from mmprep.cli._options import (
     MaxPixelsOpt,
     MinPixelsOpt,
     NoDraftOpt,
+    PackMaxTextBytesOpt,
     PixelLimitOpt,
     ShortestEdgeOpt,
     choices,
     image_config_from_options,
+    max_text_bytes_from_option,
 )
 
 if TYPE_CHECKING:
@@ -128,6 +131,7 @@ def pack_cmd(
                                                    rich_help_panel=_TXT)] = "<image>",
     placeholder_check: Annotated[bool, typer.Option(help="Require as many <image> placeholders as images when the "
                                                     "text has any.", rich_help_panel=_TXT)] = True,
+    max_text_bytes: PackMaxTextBytesOpt = DEFAULT_MAX_TEXT_BYTES,
     vocab: Annotated[str | None, typer.Option(metavar="FILE", help="Tag vocabulary: tags are stored as ids.",
                                               rich_help_panel=_TXT)] = None,
     unknown_tags: Annotated[str, typer.Option(help="Reject samples with tags not in --vocab, or drop those tags "
@@ -230,6 +234,7 @@ def pack_cmd(
                 pad_token=pad_token,
                 image_placeholder=image_placeholder,
                 check_placeholders=placeholder_check,
+                max_text_bytes=max_text_bytes_from_option(max_text_bytes),
             ),
             vocab=vocab,
             unknown_tags=unknown_tags,

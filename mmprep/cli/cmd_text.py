@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from mmprep.cli._app import JsonOpt, QuietOpt, VerboseOpt, app, make_output, run_command
+from mmprep.cli._options import DEFAULT_MAX_TEXT_BYTES, MaxTextBytesOpt, max_text_bytes_from_option
 from mmprep.errors import EXIT_FAILED, EXIT_OK, MissingDependencyError
 
 __all__ = ["tokenize"]
@@ -59,6 +60,7 @@ def tokenize(
     no_placeholder_check: Annotated[
         bool, typer.Option("--no-placeholder-check", help="Do not require one placeholder per image.")
     ] = False,
+    max_text_bytes: MaxTextBytesOpt = DEFAULT_MAX_TEXT_BYTES,
     batch_size: Annotated[int, typer.Option("--batch-size", metavar="N", help="Rows per tokenizer call.")] = 1024,
     plot: Annotated[
         str | None, typer.Option("--plot", metavar="FILE.png", help="Draw the token-length histogram.")
@@ -88,6 +90,7 @@ def tokenize(
             pad_token=pad_token,
             image_placeholder=image_placeholder,
             check_placeholders=not no_placeholder_check,
+            max_text_bytes=max_text_bytes_from_option(max_text_bytes),
         )
         cfg.validate()
         if plot is not None:
@@ -126,6 +129,7 @@ def _hint_for(reason: str) -> str:
         "placeholder_mismatch": "if this data does not use image placeholders, pass --no-placeholder-check",
         "text_missing": "name the text column with --text-column",
         "missing_column": "name the columns with --text-column/--image-column/--id-column",
+        "text_too_large": "raise --max-text-bytes if texts this large are meant to be tokenised",
     }.get(reason, "see the rejects file for each row's reason")
 
 

@@ -406,11 +406,9 @@ _BAD_UTF8 = re.compile("[\udc80-\udcff]")  # bytes that surrogateescape could no
 
 def _csv_rows(text: IO[str], name: str) -> Iterator[RawRecord]:
     delimiter = "\t" if name.lower().endswith(".tsv") else ","
-    if csv.field_size_limit() < MAX_RECORD_BYTES:
-        csv.field_size_limit(MAX_RECORD_BYTES)  # the module's default (128 KB) rejects long captions
     reader = csv.reader(_bounded_text_lines(text), delimiter=delimiter, strict=True)
     try:
-        header = next(reader)
+        header = _next_row(reader)
     except StopIteration:
         raise InputError(f"{name}: empty CSV file, expected a header row") from None
     except UnicodeDecodeError as exc:
@@ -423,7 +421,7 @@ def _csv_rows(text: IO[str], name: str) -> Iterator[RawRecord]:
     while True:
         start = reader.line_num + 1
         try:
-            row = next(reader)
+            row = _next_row(reader)
         except StopIteration:
             return
         except UnicodeDecodeError as exc:
@@ -446,6 +444,16 @@ def _csv_rows(text: IO[str], name: str) -> Iterator[RawRecord]:
                             f"expected {len(header)} fields, got {len(row)}{_spanning(start, reader.line_num)}")
             continue
         yield RawRecord(name, start, dict(zip(header, row, strict=True)), fmt="csv")
+
+
+def _next_row(reader: Any) -> list[str]:
+    """The next CSV row, read with a field limit of :data:`MAX_RECORD_BYTES` (the csv module's default of 128 KB
+    rejects long captions). The limit is process-wide, so it is set for this read only and then restored."""
+    old = csv.field_size_limit(MAX_RECORD_BYTES)
+    try:
+        return cast(list[str], next(reader))
+    finally:
+        csv.field_size_limit(old)
 
 
 #: Stands for a line over the size limit in the CSV reader's input (it cannot occur in text: a private-use mark).

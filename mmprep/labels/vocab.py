@@ -3,6 +3,10 @@
 A vocabulary is an ordered list of tag names; the position is the tag id (0-based) unless a CSV gives explicit
 ids. Loading keeps the raw entries (so the audit can report whitespace, empties and duplicates) and the file's
 facts (BOM, CRLF, final newline).
+
+Every file is read with bounds (:data:`MAX_VOCAB_BYTES` in all, :data:`MAX_LINE_BYTES` per line of a text or CSV
+file, no NUL byte), so ``/dev/zero``, an endless pipe or a binary file is a one-line error, found early, instead of
+memory running out.
 """
 
 from __future__ import annotations
@@ -11,21 +15,32 @@ import csv
 import hashlib
 import io
 import json
-import re
+import operator
+import os
+import stat
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
+from itertools import islice
 from pathlib import Path
 
 from mmprep.errors import InputError
 
-__all__ = ["Vocabulary", "load_vocab", "normalize_tag"]
+__all__ = ["MAX_LINE_BYTES", "MAX_VOCAB_BYTES", "Vocabulary", "load_vocab", "normalize_tag", "read_bounded"]
 
-_WS = re.compile(r"\s+")
+#: The largest vocabulary (or aligned) file read: a 10-million-tag list is about 200 MB.
+MAX_VOCAB_BYTES = 2 << 30
+#: The longest line of a text or CSV vocabulary (a tag name, or a CSV row): longer is binary data, not a tag.
+MAX_LINE_BYTES = 64 << 10
+_CHUNK = 1 << 20
 
 
 def normalize_tag(name: str) -> str:
-    """The normalised form used to match tags: case-folded, ``_`` → space, whitespace collapsed and stripped."""
-    return _WS.sub(" ", name.replace("_", " ")).strip().casefold()
+    """The normalised form used to match tags: case-folded, ``_`` → space, whitespace collapsed and stripped.
+
+    (Whitespace is what ``str.isspace`` says, the same set as the regular expression ``\\s``.)
+    """
+    return " ".join(name.replace("_", " ").split()).casefold()
 
 
 @dataclass(frozen=True)
@@ -50,19 +65,28 @@ class Vocabulary:
     format: str = "txt"
     first_line: int = 1  # file line of entry 0 (2 for CSV with a header)
     _extra: dict[str, object] = field(default_factory=dict, compare=False, repr=False)
+    _implicit_ids: bool = field(default=False, init=False, compare=False, repr=False)  # ids = positions
 
     def __post_init__(self) -> None:
         if not self.raw:
             object.__setattr__(self, "raw", self.names)
         if not self.ids:
             object.__setattr__(self, "ids", tuple(range(len(self.names))))
+            object.__setattr__(self, "_implicit_ids", True)
 
     def __len__(self) -> int:
         return len(self.names)
 
-    @property
+    @cached_property
+    def sequential(self) -> bool:
+        """Whether the ids are ``0..len-1`` in order (always for text and JSON-list files)."""
+        return self._implicit_ids or all(map(operator.eq, self.ids, range(len(self.ids))))
+
+    @cached_property
     def size(self) -> int:
         """Declared size: one more than the largest id (equals ``len`` for line-numbered files)."""
+        if self.sequential:
+            return len(self.ids)
         return (max(self.ids) + 1) if self.ids else 0
 
     @cached_property
@@ -92,13 +116,40 @@ class Vocabulary:
     def id_to_name(self) -> dict[int, str]:
         return dict(zip(self.ids, self.names, strict=True))
 
+    @property
+    def names_by_id(self) -> Mapping[int, str]:
+        """Id → name, as :attr:`id_to_name`, but without building a dict when the ids are ``0..len-1``."""
+        return _SequentialNames(self.names) if self.sequential else self.id_to_name
+
     @cached_property
     def sha256(self) -> str:
         """Hash of the id→name content (``id\\tname\\n`` lines), independent of BOM/CRLF/final newline."""
         h = hashlib.sha256()
-        for i, n in zip(self.ids, self.names, strict=True):
-            h.update(f"{i}\t{n}\n".encode())
+        line = "{}\t{}\n".format
+        ids, names = iter(self.ids), iter(self.names)
+        while block := "".join(map(line, islice(ids, 65536), islice(names, 65536))):
+            h.update(block.encode())
         return h.hexdigest()
+
+
+class _SequentialNames(Mapping[int, str]):
+    """Id → name for names whose ids are their positions: a view of the names, no dict built."""
+
+    __slots__ = ("_names",)
+
+    def __init__(self, names: Sequence[str]) -> None:
+        self._names = names
+
+    def __getitem__(self, tag_id: int) -> str:
+        if type(tag_id) is not int or not 0 <= tag_id < len(self._names):
+            raise KeyError(tag_id)
+        return self._names[tag_id]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(len(self._names)))
+
+    def __len__(self) -> int:
+        return len(self._names)
 
 
 def load_vocab(path: str | Path, *, role: str = "vocabulary") -> Vocabulary:
@@ -111,14 +162,8 @@ def load_vocab(path: str | Path, *, role: str = "vocabulary") -> Vocabulary:
     match a vocabulary).
     """
     p = Path(path)
-    try:
-        data = p.read_bytes()
-    except FileNotFoundError:
-        raise InputError(f"{p}: {role} file not found") from None
-    except IsADirectoryError:
-        raise InputError(f"{p}: is a directory; expected the {role} file") from None
-    except OSError as exc:
-        raise InputError(f"{p}: cannot read the {role} file: {exc.strerror or exc}") from None
+    suffix = p.suffix.lower()
+    data = read_bounded(p, role, line_limit=suffix != ".json")
     has_bom = data.startswith(b"\xef\xbb\xbf")
     if has_bom:
         data = data[3:]
@@ -127,7 +172,6 @@ def load_vocab(path: str | Path, *, role: str = "vocabulary") -> Vocabulary:
     except UnicodeDecodeError as exc:
         line = data[: exc.start].count(b"\n") + 1
         raise InputError(f"{p}:{line}: {role} file is not valid UTF-8 (byte {exc.start})") from None
-    suffix = p.suffix.lower()
     if suffix == ".json":
         return _load_json(p, text, has_bom, role)
     if suffix == ".csv":
@@ -137,9 +181,10 @@ def load_vocab(path: str | Path, *, role: str = "vocabulary") -> Vocabulary:
     lines = text.split("\n") if text else []
     if text.endswith("\n"):
         lines.pop()
-    raw = tuple(line[:-1] if line.endswith("\r") else line for line in lines)
+    raw = tuple(line[:-1] if line.endswith("\r") else line for line in lines) if has_crlf else tuple(lines)
+    del lines
     return Vocabulary(
-        names=tuple(r.strip() for r in raw),
+        names=tuple(map(str.strip, raw)),
         raw=raw,
         path=str(p),
         has_bom=has_bom,
@@ -149,11 +194,92 @@ def load_vocab(path: str | Path, *, role: str = "vocabulary") -> Vocabulary:
     )
 
 
+def read_bounded(p: Path, role: str, *, line_limit: bool = True) -> bytes:
+    """The bytes of a vocabulary or aligned file, read in chunks with its bounds checked as they arrive.
+
+    Raises InputError (one line, naming the file and line) for a missing or unreadable file, a directory, a file
+    over :data:`MAX_VOCAB_BYTES`, a NUL byte (binary data, or UTF-16 text), and, with ``line_limit``, a line over
+    :data:`MAX_LINE_BYTES` (the line is found before the rest of the file is read).
+    """
+    try:
+        fh = open(p, "rb")  # noqa: SIM115 - closed below; open() raises the errors named here
+    except FileNotFoundError:
+        raise InputError(f"{p}: {role} file not found") from None
+    except IsADirectoryError:
+        raise InputError(f"{p}: is a directory; expected the {role} file") from None
+    except OSError as exc:
+        raise InputError(f"{p}: cannot read the {role} file: {exc.strerror or exc}") from None
+    chunks: list[bytes] = []
+    total = 0
+    lines = 0  # newlines before the current chunk
+    run = 0  # bytes since the last newline
+    with fh:
+        try:
+            if stat.S_ISREG(os.fstat(fh.fileno()).st_mode) and os.fstat(fh.fileno()).st_size > MAX_VOCAB_BYTES:
+                raise _too_big(p, role)
+            while chunk := fh.read(_CHUNK):
+                total += len(chunk)
+                if total > MAX_VOCAB_BYTES:
+                    raise _too_big(p, role)
+                nul = chunk.find(b"\0")
+                if nul >= 0:
+                    line = lines + chunk.count(b"\n", 0, nul) + 1
+                    raise InputError(
+                        f"{p}:{line}: holds a NUL byte: binary data (or UTF-16 text), not a {role} file",
+                        hint="a vocabulary is UTF-8 text: one tag per line, a JSON list, or a CSV with a name column",
+                    )
+                if line_limit:
+                    run = _check_lines(p, role, chunk, run, lines)
+                lines += chunk.count(b"\n")
+                chunks.append(chunk)
+        except OSError as exc:
+            raise InputError(f"{p}: cannot read the {role} file: {exc.strerror or exc}") from None
+    return b"".join(chunks)
+
+
+def _check_lines(p: Path, role: str, chunk: bytes, run: int, lines: int) -> int:
+    """Raise for a line over :data:`MAX_LINE_BYTES` that ends in ``chunk`` or is still running at its end (``run``:
+    bytes of the current line before the chunk; ``lines``: newlines before it); returns the bytes of the line still
+    open at the end of the chunk."""
+    import numpy as np
+
+    ends = np.flatnonzero(np.frombuffer(chunk, dtype=np.uint8) == 10)
+    if not ends.size:
+        run += len(chunk)
+        if run > MAX_LINE_BYTES:
+            raise _long_line(p, role, lines + 1)
+        return run
+    lengths = np.diff(ends, prepend=-1) - 1  # bytes of each line ending in this chunk (without its newline)
+    lengths[0] += run
+    over = np.flatnonzero(lengths > MAX_LINE_BYTES)
+    if over.size:
+        raise _long_line(p, role, lines + int(over[0]) + 1)
+    run = len(chunk) - int(ends[-1]) - 1
+    if run > MAX_LINE_BYTES:
+        raise _long_line(p, role, lines + int(ends.size) + 1)
+    return run
+
+
+def _too_big(p: Path, role: str) -> InputError:
+    return InputError(f"{p}: the {role} file is larger than {MAX_VOCAB_BYTES >> 30} GiB: not a tag list",
+                      hint="a vocabulary holds one tag per line (10 million tags take about 200 MB)")
+
+
+def _long_line(p: Path, role: str, line: int) -> InputError:
+    return InputError(
+        f"{p}:{line}: a line longer than {MAX_LINE_BYTES:,} bytes: not a {role} file (binary data, or one huge line)",
+        hint="a vocabulary holds one tag per line (or a JSON list / a CSV with a 'name' column)",
+    )
+
+
 def _load_json(p: Path, text: str, has_bom: bool, role: str) -> Vocabulary:
     try:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
         raise InputError(f"{p}:{exc.lineno}: invalid JSON: {exc.msg}") from None
+    except RecursionError:
+        raise InputError(f"{p}: the JSON is nested too deeply to be a {role} file",
+                         hint="a JSON vocabulary is a list of tag names (or an object name -> id)") from None
     if isinstance(value, dict):  # {"name": id}
         seen: dict[int, str] = {}
         for name, tag_id in value.items():
@@ -182,7 +308,10 @@ def _load_json(p: Path, text: str, has_bom: bool, role: str) -> Vocabulary:
 
 def _load_csv(p: Path, text: str, has_bom: bool, role: str) -> Vocabulary:
     reader = csv.reader(io.StringIO(text, newline=""))
-    rows = list(reader)
+    try:
+        rows = list(reader)
+    except csv.Error as exc:  # a quoted field running on past the field size limit, a NUL inside a field, ...
+        raise InputError(f"{p}:{reader.line_num}: not a readable CSV {role} file: {exc}") from None
     if not rows:
         return Vocabulary(names=(), path=str(p), has_bom=has_bom, format="csv")
     header = [h.strip().lower() for h in rows[0]]

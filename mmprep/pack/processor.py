@@ -23,7 +23,7 @@ from mmprep.pack.columns import ColumnPlan
 from mmprep.pack.config import PackConfig
 from mmprep.records import EmbeddedImage, ImageRef, Rejected, RowReject, Sample, describe_image_ref
 from mmprep.text.config import TextError
-from mmprep.text.render import inline_images
+from mmprep.text.render import check_text_size, inline_images
 
 if TYPE_CHECKING:
     from mmprep.images.gpu import GpuImage, GpuImages
@@ -129,7 +129,12 @@ class SampleProcessor:
                 raise RowReject("text", exc.reason, exc.detail) from None
         if s.text is None:
             return ""
-        return s.text if isinstance(s.text, str) else json.dumps(s.text, ensure_ascii=False)
+        text = s.text if isinstance(s.text, str) else json.dumps(s.text, ensure_ascii=False)
+        try:  # stored as it is: still bounded by --max-text-bytes
+            check_text_size(text, self.cfg.text)
+        except TextError as exc:
+            raise RowReject("text", exc.reason, exc.detail) from None
+        return text
 
     def _images(self, refs: Sequence[ImageRef]) -> list[LoadedImage | GpuImage]:
         keep_bytes = self.cfg.pad == "none" and self.cfg.encode_format == "original"

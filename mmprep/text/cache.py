@@ -26,7 +26,7 @@ from typing import Any
 from mmprep.cachedir import cache_root
 from mmprep.errors import InputError, MissingDependencyError, RunFailed, UsageError
 from mmprep.runtime.files import atomic_write
-from mmprep.text.hf import quiet_transformers
+from mmprep.text.hf import custom_code_error, quiet_transformers
 
 __all__ = [
     "LoadedTokenizer",
@@ -50,8 +50,13 @@ def load_hf_tokenizer(path: Path) -> Any:
     )
     try:
         with quiet_transformers():
-            tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True, use_fast=True)
+            # trust_remote_code=False: never run a folder's own code, and never let transformers prompt for it
+            tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True, use_fast=True,
+                                                trust_remote_code=False)
     except Exception as exc:  # transformers raises OSError/ValueError/KeyError/... for unusable directories
+        custom = custom_code_error(path, "tokenizer")
+        if custom is not None:
+            raise custom from None
         _raise_if_needs_sentencepiece(path)
         missing = describe_tokenizer_folder(path)
         if missing is not None:

@@ -13,12 +13,19 @@ from mmprep.errors import UsageError
 if TYPE_CHECKING:
     import numpy as np
 
-__all__ = ["MAX_LENGTH_LIMIT", "TextConfig", "TextError", "TokenBatch"]
+__all__ = [
+    "DEFAULT_MAX_TEXT_BYTES", "MAX_LENGTH_LIMIT", "MAX_TEXT_BYTES_LIMIT", "TextConfig", "TextError", "TokenBatch",
+]
 
 _PADDING_SIDES = ("right", "left")
 _CAPTION_MODES = ("first", "all", "random")
 #: The largest ``max_length`` accepted: every row is padded to it, so larger values only exhaust memory.
 MAX_LENGTH_LIMIT = 1 << 20
+#: The default cap on one row's text, before it is tokenised: far above any caption or conversation (1 MiB is some
+#: 250,000 tokens), far below what hurts (a 100 MB text takes minutes and gigabytes to tokenise).
+DEFAULT_MAX_TEXT_BYTES = 1 << 20
+#: The largest ``max_text_bytes`` accepted (one Arrow string value holds at most 2 GiB).
+MAX_TEXT_BYTES_LIMIT = 1 << 30
 
 
 @dataclass(frozen=True)
@@ -37,6 +44,9 @@ class TextConfig:
             one (GPT-2), where the fallback is the EOS token, with a warning.
         image_placeholder: the image placeholder string (``<image>``).
         check_placeholders: require one placeholder per image (see the module docs for when this applies).
+        max_text_bytes: the largest text of one row, in UTF-8 bytes: the text as given and as rendered (a chat
+            template's output is stopped as soon as it passes the cap); a row over it is rejected
+            (``text_too_large``) before it is tokenised.
     """
 
     max_length: int = 77
@@ -49,6 +59,7 @@ class TextConfig:
     pad_token: str | None = None
     image_placeholder: str = "<image>"
     check_placeholders: bool = True
+    max_text_bytes: int = DEFAULT_MAX_TEXT_BYTES
 
     def validate(self) -> None:
         """Raise :class:`UsageError` naming the first bad value."""
@@ -74,12 +85,20 @@ class TextConfig:
             raise UsageError(f"--pad-token must be a non-empty token, got {self.pad_token!r}")
         if not isinstance(self.image_placeholder, str) or not self.image_placeholder:
             raise UsageError(f"the image placeholder must be a non-empty string, got {self.image_placeholder!r}")
+        cap = self.max_text_bytes
+        if isinstance(cap, bool) or not isinstance(cap, int) or not 1 <= cap <= MAX_TEXT_BYTES_LIMIT:
+            shown = f"{cap:,}" if isinstance(cap, int) and not isinstance(cap, bool) else repr(cap)
+            raise UsageError(f"--max-text-bytes must be 1 to {MAX_TEXT_BYTES_LIMIT:,} (1 GiB), got {shown}",
+                             hint=f"the default, {DEFAULT_MAX_TEXT_BYTES:,} bytes (1 MiB), fits any caption or "
+                             "conversation")
 
 
 class TextError(Exception):
     """A per-sample text problem: ``reason`` is a short code, ``detail`` a sentence.
 
-    Reasons: ``text_missing``, ``text_empty``, ``text_bad_type``, ``placeholder_mismatch``, ``chat_template_error``.
+    Reasons: ``text_missing``, ``text_empty``, ``text_bad_type``, ``placeholder_mismatch``, ``text_too_large``
+    (over ``max_text_bytes``), ``chat_template_error``, ``chat_template_timeout`` (a template that did not finish
+    within its time bound).
     """
 
     def __init__(self, reason: str, detail: str) -> None:

@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 
 from mmprep.errors import InputError, UsageError
+from mmprep.text.bounded import TemplateTimeout, TemplateTooLarge, run_bounded
 from mmprep.text.cache import TokenizerInfo, load_hf_tokenizer, load_tokenizer
 from mmprep.text.config import TextConfig, TextError, TokenBatch
 from mmprep.text.render import (
@@ -50,7 +51,10 @@ from mmprep.text.render import (
     typename,
 )
 
-__all__ = ["TextEncoder"]
+__all__ = ["TEMPLATE_SECONDS", "TextEncoder"]
+
+#: How long one row's chat template may run (real templates take well under a millisecond).
+TEMPLATE_SECONDS = 5.0
 
 
 def _special_layout(backend: Any) -> tuple[int, int]:
@@ -109,6 +113,7 @@ class TextEncoder:
         loaded = load_tokenizer(path)
         info, backend = loaded.info, loaded.backend
         self._hf: Any | None = loaded.hf
+        self._template: Any = False  # the compiled chat template, found on first use (None: not found)
         backend.no_padding()
         backend.no_truncation()
         self._backend: Any = backend
@@ -181,6 +186,7 @@ class TextEncoder:
         state = self.__dict__.copy()
         state["_backend"] = self._backend.to_str()
         state["_hf"] = None
+        state["_template"] = False
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -197,6 +203,19 @@ class TextEncoder:
         if self._hf is None:
             self._hf = load_hf_tokenizer(Path(self.tokenizer_dir))
         return self._hf
+
+    def _compiled_template(self) -> Any:
+        """The ``jinja2.Template`` transformers renders the chat template with (its compile cache hands out the same
+        object), so that :func:`~mmprep.text.bounded.run_bounded` can bound it cheaply; None when this
+        transformers keeps it elsewhere (the bounds then hold all the same, more slowly)."""
+        if self._template is False:
+            try:
+                from transformers.utils.chat_template_utils import _compile_jinja_template
+
+                self._template = _compile_jinja_template(self._hf_tokenizer().get_chat_template())
+            except Exception:  # another transformers: the trace-based bounds apply
+                self._template = None
+        return self._template
 
     # -- rendering --------------------------------------------------------------------------------------
     def render(self, text: object, *, sample_id: str = "", image_count: int | None = None) -> str:
@@ -229,10 +248,22 @@ class TextEncoder:
             ) from None
         hf = self._hf_tokenizer()
         messages = [{"role": role, "content": content} for role, content in turns]
-        try:
+        limit = self.cfg.max_text_bytes
+
+        def render() -> Any:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                out = hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
+                return hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
+
+        try:
+            # UTF-8 takes at least a byte a character: more characters than the cap allows bytes is over it
+            out = run_bounded(render, max_chars=limit, seconds=TEMPLATE_SECONDS, template=self._compiled_template())
+        except TemplateTooLarge:
+            raise TextError("text_too_large", f"the chat template rendered more than {limit:,} characters (stopped "
+                            f"there), above --max-text-bytes {limit:,}") from None
+        except TemplateTimeout:
+            raise TextError("chat_template_timeout", f"the chat template ran longer than {TEMPLATE_SECONDS:g} s "
+                            "(stopped there: a loop that does not end?)") from None
         except Exception as exc:  # jinja2 TemplateError (raise_exception in the template), TypeError, ...
             raise TextError("chat_template_error", f"the chat template failed: {exc}") from None
         if not isinstance(out, str):  # pragma: no cover - tokenize=False returns str

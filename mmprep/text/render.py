@@ -16,6 +16,7 @@ from mmprep.text.config import TextConfig, TextError
 __all__ = [
     "IMAGE_PART_TYPES",
     "Turn",
+    "check_text_size",
     "conversation_turns",
     "count_placeholders",
     "inline_images",
@@ -178,6 +179,21 @@ def _join_parts(parts: list[Any], turn: int, placeholder: str) -> str:
     return "".join(pieces)
 
 
+def check_text_size(text: str, cfg: TextConfig, what: str = "the text") -> None:
+    """Raise ``text_too_large`` when ``text`` is over ``cfg.max_text_bytes`` UTF-8 bytes.
+
+    The common case costs one ``len``: a text of at most a quarter of the cap in characters fits whatever they are.
+    """
+    limit = cfg.max_text_bytes
+    n = len(text)
+    if n * 4 <= limit:
+        return
+    size = n if n > limit else len(text.encode("utf-8", "surrogatepass"))
+    if size > limit:
+        shown = f"{size:,} bytes" if n <= limit else f"{n:,} characters"
+        raise TextError("text_too_large", f"{what} is {shown}, above --max-text-bytes {limit:,}")
+
+
 def _pick_index(seed: int, sample_id: str, n: int) -> int:
     digest = hashlib.blake2b(f"{seed}\x00{sample_id}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") % n
@@ -219,14 +235,16 @@ def render_text(
             :func:`plain_turns`).
 
     Raises:
-        TextError: ``text_missing``, ``text_empty``, ``text_bad_type``, ``placeholder_mismatch`` (and whatever
-            ``render_turns`` raises, e.g. ``chat_template_error``).
+        TextError: ``text_missing``, ``text_empty``, ``text_bad_type``, ``placeholder_mismatch``, ``text_too_large``
+            (the text, the chosen caption, a conversation's turns or its rendering over ``cfg.max_text_bytes``; checked
+            before anything is tokenised) and whatever ``render_turns`` raises, e.g. ``chat_template_error``.
     """
     ph = cfg.image_placeholder
     text = _unwrap(text)
     if text is None:
         raise TextError("text_missing", "the sample has no text")
     if isinstance(text, str):
+        check_text_size(text, cfg)
         rendered, conversation, count = text, False, text.count(ph)
         if not text.strip():
             raise TextError("text_empty", "the text is empty")
@@ -235,16 +253,20 @@ def render_text(
             raise TextError("text_empty", "the text is an empty list")
         if all(isinstance(t, str) for t in text):
             rendered = pick_caption(text, cfg, sample_id)
+            check_text_size(rendered, cfg, "the caption" if cfg.caption != "all" else "the text of the joined captions")
             conversation, count = False, rendered.count(ph)
             if not rendered.strip():
                 raise TextError("text_empty", "the chosen caption is empty")
         else:
             turns = _turns(text, ph)
+            if sum(len(c) for _, c in turns) * 4 > cfg.max_text_bytes:  # checked before the template runs on it
+                check_text_size("".join(c for _, c in turns), cfg, "the conversation's text")
             conversation = True
             count = sum(c.count(ph) for _, c in turns)
             if not any(c.strip() for _, c in turns):
                 raise TextError("text_empty", "every turn of the conversation is empty")
             rendered = render_turns(turns)
+            check_text_size(rendered, cfg, "the rendered conversation")
     else:
         raise TextError(
             "text_bad_type", f"the text is {typename(text)}; expected a string, captions or a conversation"

@@ -26,7 +26,7 @@ vocabulary's own facts) and :mod:`.aligned` (aligned files and embedding matrice
 result types and :mod:`.outputs` writes tag lists and the frequency plot.
 """
 
-from mmprep.labels.audit.aligned import ALIGNED_KINDS, audit_aligned, audit_embeddings
+from mmprep.labels.audit.aligned import ALIGNED_KINDS, audit_aligned, audit_embeddings, embedding_width
 from mmprep.labels.audit.formats import ANNOTATION_FORMATS, detect_annotation_format
 from mmprep.labels.audit.hygiene import audit_vocab
 from mmprep.labels.audit.job import audit_labels
@@ -42,6 +42,7 @@ from mmprep.labels.audit.report import (
     Location,
     Problem,
     TagCount,
+    TagList,
     UnknownTag,
     VocabReport,
 )
@@ -59,6 +60,7 @@ __all__ = [
     "Location",
     "Problem",
     "TagCount",
+    "TagList",
     "UnknownTag",
     "VocabReport",
     "audit_aligned",
@@ -66,6 +68,7 @@ __all__ = [
     "audit_labels",
     "audit_vocab",
     "detect_annotation_format",
+    "embedding_width",
     "plot_format",
     "plot_frequency",
     "write_tag_list",

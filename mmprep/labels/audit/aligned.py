@@ -14,13 +14,12 @@ from typing import Any
 import numpy as np
 
 from mmprep.errors import InputError
-from mmprep.inputs.manifest import open_binary
 from mmprep.labels.audit.hygiene import LineEndings, duplicate_groups, line_endings
 from mmprep.labels.audit.report import AlignedReport, DuplicateGroup, EmbeddingReport
 from mmprep.labels.tensorfile import BARE_ARRAY, BARE_TENSOR, TensorInfo, open_tensor_file
-from mmprep.labels.vocab import Vocabulary, load_vocab, normalize_tag
+from mmprep.labels.vocab import Vocabulary, load_vocab, normalize_tag, read_bounded
 
-__all__ = ["ALIGNED_KINDS", "audit_aligned", "audit_embeddings"]
+__all__ = ["ALIGNED_KINDS", "audit_aligned", "audit_embeddings", "embedding_width"]
 
 #: The kinds of aligned file (``KIND=PATH`` forces one).
 ALIGNED_KINDS: tuple[str, ...] = ("translations", "thresholds", "descriptions")
@@ -104,8 +103,7 @@ def audit_aligned(spec: str | Path, vocab: Vocabulary) -> AlignedReport:
 def _audit_descriptions(path: str, vocab: Vocabulary) -> AlignedReport:
     """RAM++ tag descriptions: a JSON list of one-key objects ``{tag: [description, ...]}`` (or plain names)."""
     p = Path(path)
-    with open_binary(p) as fh:
-        data = fh.read()
+    data = read_bounded(p, "aligned", line_limit=False)
     has_bom = data.startswith(b"\xef\xbb\xbf")
     try:
         text = data.decode("utf-8-sig")
@@ -115,6 +113,8 @@ def _audit_descriptions(path: str, vocab: Vocabulary) -> AlignedReport:
         raise InputError(f"{p}:{line}: not valid UTF-8") from None
     except json.JSONDecodeError as exc:
         raise InputError(f"{p}:{exc.lineno}: invalid JSON: {exc.msg}") from None
+    except RecursionError:
+        raise InputError(f"{p}: the JSON is nested too deeply to be a description file") from None
     if not isinstance(value, list):
         raise InputError(f"{p}: expected a JSON list with one entry per tag, got {type(value).__name__}",
                          hint="use KIND=PATH with translations/thresholds for text files")
@@ -135,7 +135,7 @@ def _audit_descriptions(path: str, vocab: Vocabulary) -> AlignedReport:
             invalid.append((k, repr(item)[:60], "not a {tag: [descriptions]} object or a name"))
             name = ""
         names.append(name)
-        expected_name = vocab.id_to_name.get(k)
+        expected_name = vocab.names_by_id.get(k)
         if name and expected_name is not None and normalize_tag(name) != normalize_tag(expected_name):
             mismatches.append((k, name, expected_name))
     stats: dict[str, Any] = {}
@@ -171,12 +171,8 @@ def _pick(tensors: dict[str, TensorInfo], key: str | None, path: str) -> tuple[s
     )
 
 
-def audit_embeddings(spec: str | Path, vocab_size: int) -> EmbeddingReport:
-    """Read an embedding matrix's shape (``.pt``/``.pth``/``.bin`` via torch, ``.npy``/``.npz``, ``.safetensors``)
-    and compare its rows with the vocabulary size. ``PATH#KEY`` picks one tensor of a file that holds several;
-    ``label=PATH`` says the matrix must have exactly one row per tag (a description set of size × K rows is then
-    misaligned)."""
-    spec = str(spec)
+def _open_spec(spec: str) -> tuple[str, str, str, TensorInfo]:
+    """``[label=]PATH[#KEY]`` opened: (kind, path, tensor name, its facts)."""
     kind = "auto"
     if spec.startswith("label=") and not Path(spec).exists():
         kind, spec = "label", spec.removeprefix("label=")
@@ -186,6 +182,31 @@ def audit_embeddings(spec: str | Path, vocab_size: int) -> EmbeddingReport:
     if Path(path).is_dir():
         raise InputError(f"{path}: is a directory, expected an embeddings file")
     name, info = _pick(open_tensor_file(path).tensors, key or None, path)
+    return kind, path, name, info
+
+
+def embedding_width(spec: str | Path) -> int:
+    """The width (last dimension) of the matrix in an embedding file (``PATH[#KEY]``): the width a replacement for
+    it must have (``--embedding-dim FILE``).
+
+    Raises:
+        InputError: the file is unreadable or holds no matrix (a tensor of two or more dimensions).
+    """
+    _kind, path, name, info = _open_spec(str(spec))
+    if len(info.shape) < 2:
+        raise InputError(f"{path}: the tensor {name!r} has shape {list(info.shape)}: no matrix to take a width from")
+    return info.shape[-1]
+
+
+def audit_embeddings(spec: str | Path, vocab_size: int, expected_dim: int | None = None) -> EmbeddingReport:
+    """Read an embedding matrix's shape (``.pt``/``.pth``/``.bin`` via torch, ``.npy``/``.npz``, ``.safetensors``)
+    and compare its rows with the vocabulary size. ``PATH#KEY`` picks one tensor of a file that holds several;
+    ``label=PATH`` says the matrix must have exactly one row per tag (a description set of size × K rows is then
+    misaligned). With ``expected_dim``, a matrix of another width (last dimension) is misaligned too.
+
+    Opening the file checks that the data its header promises is there (see :mod:`mmprep.labels.tensorfile`):
+    a truncated file is an InputError, not an aligned shape."""
+    kind, path, name, info = _open_spec(str(spec))
     shape, dtype = info.shape, info.dtype
     rows = shape[0] if shape else 0
     k: int | None = None
@@ -197,6 +218,7 @@ def audit_embeddings(spec: str | Path, vocab_size: int) -> EmbeddingReport:
         elif rows % vocab_size == 0 and rows > 0:
             k = rows // vocab_size
     shown = None if name in (BARE_TENSOR, BARE_ARRAY) else name
+    dim = shape[-1] if len(shape) >= 2 else None
     return EmbeddingReport(path=path, key=shown, shape=shape, dtype=dtype, rows=rows, expected=vocab_size, k=k,
-                           kind=kind)
+                           kind=kind, dim=dim, expected_dim=expected_dim)
 

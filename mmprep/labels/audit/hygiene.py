@@ -6,6 +6,7 @@ with the aligned-file checks.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,10 +38,30 @@ def line_endings(path: str) -> LineEndings:
 
 
 def duplicate_groups(ids: Sequence[int], raw: Sequence[str]) -> tuple[DuplicateGroup, ...]:
-    """Entries of ``raw`` (with ids ``ids``) that are the same tag after normalisation, in first-seen order."""
+    """Entries of ``raw`` (with ids ``ids``) that are the same tag after normalisation, in first-seen order.
+
+    Linear in the number of entries and light on memory: every entry's normalised form is hashed (and dropped), the
+    hashes are sorted to find the entries that may repeat one another, and only those are compared by their
+    normalised names (so a hash collision never joins two different tags).
+    """
+    import numpy as np
+
+    n = len(raw)
+    if n < 2:
+        return ()
+    hashes = np.fromiter(map(hash, map(normalize_tag, raw)), dtype=np.int64, count=n)
+    order = np.argsort(hashes)  # any order among equal hashes: the candidates are sorted by position below
+    ordered = hashes[order]
+    same = ordered[1:] == ordered[:-1]
+    if not same.any():
+        return ()
+    repeated = np.zeros(n, dtype=bool)  # in sorted order: entries whose hash another entry shares
+    repeated[1:] |= same
+    repeated[:-1] |= same
+    candidates = np.sort(order[repeated])
     groups: dict[str, list[int]] = {}
-    for k, entry in enumerate(raw):
-        key = normalize_tag(entry)
+    for k in candidates.tolist():
+        key = normalize_tag(raw[k])
         if key:
             groups.setdefault(key, []).append(k)
     out = []
@@ -53,19 +74,29 @@ def duplicate_groups(ids: Sequence[int], raw: Sequence[str]) -> tuple[DuplicateG
 
 def audit_vocab(vocab: Vocabulary) -> VocabReport:
     """Hygiene facts of a loaded vocabulary: duplicates, empty and whitespace entries, BOM, CRLF, final newline."""
+    import numpy as np
+
     endings = line_endings(vocab.path) if vocab.has_crlf else LineEndings()
+    n = len(vocab)
+    raw = vocab.raw
+    stripped = list(map(str.strip, raw))  # the same string objects where nothing was stripped
+    empty = np.flatnonzero(np.fromiter(map(operator.not_, stripped), dtype=bool, count=n))
+    padded = np.flatnonzero(np.fromiter(map(operator.ne, raw, stripped), dtype=bool, count=n)
+                            & np.fromiter(map(bool, stripped), dtype=bool, count=n))
+    del stripped
+    ids = vocab.ids
     return VocabReport(
         path=vocab.path,
         format=vocab.format,
-        entries=len(vocab),
+        entries=n,
         size=vocab.size,
         sha256=vocab.sha256,
         final_newline=vocab.final_newline,
         has_bom=vocab.has_bom,
         crlf_lines=endings.crlf_lines,
         first_crlf_line=endings.first_crlf_line,
-        empty_ids=tuple(i for i, n in zip(vocab.ids, vocab.names, strict=True) if not n),
-        whitespace_ids=tuple(i for i, r in zip(vocab.ids, vocab.raw, strict=True) if r.strip() and r != r.strip()),
-        duplicates=duplicate_groups(vocab.ids, vocab.raw),
+        empty_ids=tuple(ids[k] for k in empty.tolist()),
+        whitespace_ids=tuple(ids[k] for k in padded.tolist()),
+        duplicates=duplicate_groups(ids, raw),
         first_line=vocab.first_line,
     )

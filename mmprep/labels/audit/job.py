@@ -16,7 +16,7 @@ from mmprep.errors import InputError, UsageError
 from mmprep.labels.audit.aligned import audit_aligned, audit_embeddings
 from mmprep.labels.audit.formats import ANNOTATION_FORMATS, RAM_FORMATS, scan_file
 from mmprep.labels.audit.hygiene import audit_vocab
-from mmprep.labels.audit.report import AnnotationFileReport, AuditReport, FrequencyStats, TagCount
+from mmprep.labels.audit.report import AnnotationFileReport, AuditReport, FrequencyStats, TagList
 from mmprep.labels.audit.tally import Tally, frequency_stats
 from mmprep.labels.vocab import Vocabulary, load_vocab
 
@@ -32,6 +32,7 @@ def audit_labels(
     aligned: Sequence[str | Path] = (),
     embeddings: Sequence[str | Path] = (),
     declared_size: int | None = None,
+    embedding_dim: int | None = None,
     top: int = 20,
     progress: Callable[[int], None] | None = None,
 ) -> AuditReport:
@@ -47,6 +48,9 @@ def audit_labels(
         aligned: files with one entry per id (``KIND=PATH`` to force translations/thresholds/descriptions).
         embeddings: embedding matrices (``PATH#KEY`` to pick a tensor).
         declared_size: the size the model expects (e.g. ``class_num``), compared with the vocabulary.
+        embedding_dim: the width the model expects of an embedding matrix (RAM's ``wordvec_proj`` takes 512); a
+            matrix of another width is misaligned. :func:`~mmprep.labels.audit.aligned.embedding_width` reads it
+            from the file a new matrix replaces.
         top: how many most/least used tags the frequency statistics list.
         progress: called with the number of bytes read so far since the last call (0 = still alive).
 
@@ -59,6 +63,9 @@ def audit_labels(
         raise UsageError(f"unknown annotation format '{fmt}'", hint="choose one of " + ", ".join(ANNOTATION_FORMATS))
     if sum(str(a) == "-" for a in annotations) > 1:
         raise UsageError("standard input ('-') can be read only once")
+    if embedding_dim is not None and (isinstance(embedding_dim, bool) or not isinstance(embedding_dim, int)
+                                      or embedding_dim < 1):
+        raise UsageError(f"--embedding-dim must be a positive width, got {embedding_dim!r}")
     if tags_column is not None and fmt in RAM_FORMATS:
         raise UsageError(f"--tags-column does not apply to --format {fmt}",
                          hint="it names the tags column of json/jsonl/csv/parquet manifests")
@@ -72,16 +79,19 @@ def audit_labels(
     for path in annotations:
         files.append(scan_file(str(path), fmt, tags_column, tally, progress))
     aligned_reports = [audit_aligned(a, voc) for a in aligned]
-    emb_reports = [audit_embeddings(e, voc.size) for e in embeddings]
+    emb_reports = [audit_embeddings(e, voc.size, embedding_dim) for e in embeddings]
 
-    never: list[TagCount] | None = None
+    never: TagList | None = None
     parse_only: list[int] = []
     distinct: int | None = None
     freq: FrequencyStats | None = None
     if annotations:
         used_mask = (tally.counts > 0) | tally.parse_used
-        names = voc.id_to_name
-        never = [TagCount(i, names[i], 0) for i in voc.ids if not used_mask[i]]
+        never_ids = np.flatnonzero(~used_mask & tally.known)  # ascending: the vocabulary's order
+        if not voc.sequential:  # the vocabulary's own order when its ids are not sorted
+            order = {i: k for k, i in enumerate(voc.ids)}
+            never_ids = np.asarray(sorted(never_ids.tolist(), key=order.__getitem__), dtype=np.int64)
+        never = TagList(never_ids, voc.names_by_id)
         parse_only = [int(i) for i in np.flatnonzero(tally.parse_used & (tally.counts == 0))]
         distinct = int(used_mask.sum())
         freq = frequency_stats(tally, top)
@@ -102,6 +112,6 @@ def audit_labels(
         embeddings=emb_reports,
         frequency=freq,
         counts=tally.counts if annotations else None,
-        vocab_names=dict(voc.id_to_name),
+        vocab_names=voc.names_by_id,
         unknown_untracked=tally.unknown_untracked,
     )

@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import io
 from collections.abc import Iterable
+from itertools import islice
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -21,9 +22,18 @@ __all__ = ["frequency_figure", "plot_format", "plot_frequency", "write_tag_list"
 def write_tag_list(path: str | Path, tags: Iterable[TagCount], *, counts: bool = False) -> int:
     """Write ``id<TAB>name`` lines (``id<TAB>name<TAB>count`` with ``counts``) under a temporary name, then rename
     it into place; returns the number written. Raises RunFailed if the file cannot be written."""
-    lines = [f"{t.id}\t{t.name}\t{t.count}\n" if counts else f"{t.id}\t{t.name}\n" for t in tags]
-    atomic_write(path, "".join(lines).encode("utf-8"))
-    return len(lines)
+    written = 0
+
+    def write(fh: BinaryIO) -> None:
+        nonlocal written
+        line = "{0.id}\t{0.name}\t{0.count}\n".format if counts else "{0.id}\t{0.name}\n".format
+        it = iter(tags)
+        while block := list(islice(it, 65536)):  # in blocks: a list of millions of tags is never one string
+            fh.write("".join(map(line, block)).encode("utf-8"))
+            written += len(block)
+
+    atomic_write(path, write)
+    return written
 
 
 def plot_format(path: str | Path) -> str:

@@ -6,9 +6,9 @@ its fields; nothing reads files or prints.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, overload
 
 import numpy as np
 
@@ -23,6 +23,7 @@ __all__ = [
     "Location",
     "Problem",
     "TagCount",
+    "TagList",
     "UnknownTag",
     "VocabReport",
 ]
@@ -50,6 +51,73 @@ class TagCount:
     id: int
     name: str
     count: int
+
+
+class TagList(Sequence[TagCount]):
+    """Tags with one count each, made into :class:`TagCount` values only when read: a list of millions of tags (the
+    never-used tags of a huge vocabulary) costs eight bytes a tag until it is written out.
+
+    Args:
+        ids: the tag ids, in list order.
+        names: id → name.
+        counts: each listed tag's count (same length as ``ids``); None: every count is 0.
+    """
+
+    __slots__ = ("_counts", "_ids", "_names")
+
+    def __init__(self, ids: np.ndarray, names: Mapping[int, str], counts: np.ndarray | None = None) -> None:
+        self._ids = np.asarray(ids, dtype=np.int64)
+        self._names = names
+        self._counts = counts
+
+    @property
+    def ids(self) -> np.ndarray:
+        """The tag ids (a read-only view)."""
+        view = self._ids.view()
+        view.flags.writeable = False
+        return view
+
+    def __len__(self) -> int:
+        return int(self._ids.size)
+
+    @overload
+    def __getitem__(self, k: int) -> TagCount: ...
+
+    @overload
+    def __getitem__(self, k: slice) -> list[TagCount]: ...
+
+    def __getitem__(self, k: int | slice) -> TagCount | list[TagCount]:
+        if isinstance(k, slice):
+            return self._make(self._ids[k].tolist(), None if self._counts is None else self._counts[k].tolist())
+        i = int(self._ids[k])
+        return TagCount(i, self._names.get(i, ""), 0 if self._counts is None else int(self._counts[k]))
+
+    def __iter__(self) -> Iterator[TagCount]:
+        step = 1 << 16
+        for start in range(0, len(self), step):
+            yield from self[start : start + step]
+
+    def _make(self, ids: list[int], counts: list[int] | None) -> list[TagCount]:
+        get = self._names.get
+        if counts is None:
+            return [TagCount(i, get(i, ""), 0) for i in ids]
+        return [TagCount(i, get(i, ""), c) for i, c in zip(ids, counts, strict=True)]
+
+    def tolist(self) -> list[TagCount]:
+        """Every entry as a :class:`TagCount` (the JSON report writes them so)."""
+        return self[:]
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, TagList):
+            return self.tolist() == other.tolist()
+        if isinstance(other, list | tuple):
+            return self.tolist() == list(other)
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"TagList({len(self)} tags)"
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,11 +233,13 @@ class AlignedReport:
 
 @dataclass(frozen=True)
 class EmbeddingReport:
-    """An embedding matrix: its shape against the vocabulary size.
+    """An embedding matrix: its shape against the vocabulary size, and its width against the expected one.
 
     A 2-D matrix with rows equal to the size is aligned (``k == 1``); rows equal to size × K are description-set
     embeddings (``k == K``), as are 3-D tensors ``[size, K, dim]``; anything else, a 1-D vector included, is
     misaligned (``k`` is None). ``kind == "label"`` (``label=PATH``) requires one row per tag: ``k == 1`` and 2-D.
+    ``dim`` is the last dimension (the embedding width); with ``expected_dim`` given (``--embedding-dim``: RAM's
+    ``wordvec_proj`` takes 512), another width is misaligned too (``width_ok`` is False).
     """
 
     path: str
@@ -180,16 +250,29 @@ class EmbeddingReport:
     expected: int
     k: int | None
     kind: str = "auto"
+    dim: int | None = None
+    expected_dim: int | None = None
 
     @property
-    def aligned(self) -> bool:
+    def rows_ok(self) -> bool:
+        """The rows fit the vocabulary (one per tag, or K per tag)."""
         if self.kind == "label":
             return self.k == 1 and len(self.shape) == 2
         return self.k is not None
 
+    @property
+    def width_ok(self) -> bool:
+        """The width is the expected one (always True without an expectation)."""
+        return self.expected_dim is None or self.dim == self.expected_dim
+
+    @property
+    def aligned(self) -> bool:
+        return self.rows_ok and self.width_ok
+
     def to_dict(self) -> dict[str, Any]:
         d = {k: getattr(self, k) for k in self.__dataclass_fields__}
         d["aligned"] = self.aligned
+        d["width_ok"] = self.width_ok
         return d
 
 
@@ -250,7 +333,7 @@ class AuditReport:
     declared_size: int
     annotations: list[AnnotationFileReport]
     distinct_used: int | None
-    never_used: list[TagCount] | None
+    never_used: Sequence[TagCount] | None
     unknown: list[UnknownTag]
     unknown_occurrences: int
     normalised_matches: list[UnknownTag]
@@ -261,7 +344,7 @@ class AuditReport:
     frequency: FrequencyStats | None
     counts: np.ndarray | None = field(default=None, repr=False)  # per-id occurrences
     declared_size_given: int | None = None
-    vocab_names: dict[int, str] = field(default_factory=dict, repr=False)
+    vocab_names: Mapping[int, str] = field(default_factory=dict, repr=False)
     unknown_untracked: int = 0
 
     @property
@@ -274,9 +357,15 @@ class AuditReport:
         """Vocabulary tags used at least once (in a tag list, or for RAM JSON in a parse list)."""
         if self.counts is None:
             return []
-        never = {t.id for t in self.never_used or ()}
-        names = self.vocab_names
-        return [TagCount(i, names.get(i, ""), int(self.counts[i])) for i in sorted(names) if i not in never]
+        counts, names = self.counts, self.vocab_names
+        mask = np.zeros(counts.size, dtype=bool)
+        ids = np.fromiter(names, dtype=np.int64, count=len(names))
+        mask[ids[(ids >= 0) & (ids < counts.size)]] = True
+        never = self.never_used or ()
+        mask[never.ids if isinstance(never, TagList) else np.fromiter((t.id for t in never), dtype=np.int64,
+                                                                     count=len(never))] = False
+        used = np.flatnonzero(mask)
+        return [TagCount(i, names.get(i, ""), c) for i, c in zip(used.tolist(), counts[used].tolist(), strict=True)]
 
     @property
     def findings(self) -> dict[str, int]:

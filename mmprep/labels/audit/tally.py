@@ -52,8 +52,11 @@ class Tally:
     def __init__(self, vocab: Vocabulary) -> None:
         self.vocab = vocab
         self.size = vocab.size
-        self.known = np.zeros(self.size, dtype=bool)
-        self.known[list(vocab.ids)] = True
+        if vocab.sequential:
+            self.known = np.ones(self.size, dtype=bool)
+        else:
+            self.known = np.zeros(self.size, dtype=bool)
+            self.known[np.fromiter(vocab.ids, dtype=np.int64, count=len(vocab.ids))] = True
         self.all_known = bool(self.known.all())
         self.counts = np.zeros(self.size, dtype=np.int64)
         self.parse_used = np.zeros(self.size, dtype=bool)
@@ -359,7 +362,7 @@ def _typename(value: Any) -> str:
 
 def frequency_stats(tally: Tally, top: int) -> FrequencyStats:
     """How the counted tags are distributed; ``top`` most and least used tags are listed."""
-    names = tally.vocab.id_to_name
+    names = tally.vocab.names_by_id
     counts = tally.counts
     total = int(counts.sum())
     ordered = np.sort(counts[counts > 0])[::-1]

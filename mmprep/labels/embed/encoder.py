@@ -21,7 +21,7 @@ import numpy as np
 
 from mmprep.errors import InputError, MissingDependencyError, UsageError
 from mmprep.labels.embed.messages import first_line, some
-from mmprep.text.hf import quiet_transformers
+from mmprep.text.hf import custom_code_error, quiet_transformers
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -411,12 +411,19 @@ def load_encoder(
     tok_hint = "the directory needs tokenizer files (tokenizer.json, or vocab.json+merges.txt, or vocab.txt, or a " \
         "sentencepiece *.model); pass --tokenizer DIR if they live elsewhere"
     if not any(any(tok_dir.glob(g)) for g in _TOKENIZER_GLOBS):
+        custom = custom_code_error(tok_dir, "tokenizer")
+        if custom is not None:  # the real reason: its tokenizer is a Python class of its own
+            raise custom
         # transformers 5 would silently build an empty tokenizer (special tokens only) from config.json alone.
         raise InputError(f"{tok_dir}: no tokenizer files", hint=tok_hint)
     with quiet_transformers():
         try:
-            tok = transformers.AutoTokenizer.from_pretrained(str(tok_dir), local_files_only=True)
+            tok = transformers.AutoTokenizer.from_pretrained(str(tok_dir), local_files_only=True,
+                                                             trust_remote_code=False)
         except Exception as exc:  # transformers raises OSError/ValueError/KeyError/... for unusable folders
+            custom = custom_code_error(tok_dir, "tokenizer")
+            if custom is not None:
+                raise custom from None
             raise InputError(f"{tok_dir}: cannot load a tokenizer: {first_line(exc)}", hint=tok_hint) from None
         if len(tok) <= 16:
             raise InputError(f"{tok_dir}: the tokenizer has only {len(tok)} tokens; its files were not understood",
@@ -427,7 +434,7 @@ def load_encoder(
                 model, projection = _load_clip(model_dir, cfg_json, transformers)
             else:
                 model, info = transformers.AutoModel.from_pretrained(
-                    str(model_dir), local_files_only=True, output_loading_info=True
+                    str(model_dir), local_files_only=True, output_loading_info=True, trust_remote_code=False
                 )
                 _check_loading(model_dir, info, ignore_prefixes=("pooler.",))
                 if getattr(model.config, "is_encoder_decoder", False) and hasattr(model, "get_encoder"):
@@ -435,6 +442,9 @@ def load_encoder(
         except InputError:
             raise
         except Exception as exc:
+            custom = custom_code_error(model_dir, "model")
+            if custom is not None:
+                raise custom from None
             raise InputError(f"{model_dir}: cannot load the model: {first_line(exc)}", hint=hint) from None
     torch_dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dt]
     model = model.to(device=dev, dtype=torch_dtype).eval()

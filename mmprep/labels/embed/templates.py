@@ -17,7 +17,7 @@ from typing import Any
 
 from mmprep.errors import InputError, UsageError
 from mmprep.labels.embed.messages import some
-from mmprep.labels.vocab import Vocabulary, normalize_tag
+from mmprep.labels.vocab import Vocabulary, normalize_tag, read_bounded
 
 __all__ = [
     "BUILTIN_TEMPLATES",
@@ -193,14 +193,14 @@ def load_templates(spec: str | Path) -> tuple[str, ...]:
     if name in BUILTIN_TEMPLATES and not Path(name).exists():
         return BUILTIN_TEMPLATES[name]
     p = Path(spec)
-    try:
-        text = p.read_text(encoding="utf-8-sig")
-    except FileNotFoundError:
+    if not p.exists():
         raise InputError(
             f"{p}: template file not found",
             hint=f"pass a file with one template per line, or a built-in set: {', '.join(BUILTIN_TEMPLATES)}",
-        ) from None
-    except (OSError, UnicodeDecodeError) as exc:
+        )
+    try:
+        text = read_bounded(p, "template").decode("utf-8-sig")  # bounded: not /dev/zero, no endless line
+    except UnicodeDecodeError as exc:
         raise InputError(f"{p}: cannot read template file: {exc}") from None
     out: list[str] = []
     for lineno, line in enumerate(text.splitlines(), 1):
@@ -227,13 +227,15 @@ def load_descriptions(path: str | Path) -> dict[str, list[str]]:
     ``{tag: [descriptions]}``. Returns tag → descriptions in file order.
     """
     p = Path(path)
+    if not p.exists():
+        raise InputError(f"{p}: description file not found")
     try:
-        value = json.loads(p.read_text(encoding="utf-8-sig"))
-    except FileNotFoundError:
-        raise InputError(f"{p}: description file not found") from None
+        value = json.loads(read_bounded(p, "description", line_limit=False).decode("utf-8-sig"))
     except json.JSONDecodeError as exc:
         raise InputError(f"{p}:{exc.lineno}: invalid JSON: {exc.msg}") from None
-    except (OSError, UnicodeDecodeError) as exc:
+    except RecursionError:
+        raise InputError(f"{p}: the JSON is nested too deeply to be a description file") from None
+    except UnicodeDecodeError as exc:
         raise InputError(f"{p}: cannot read description file: {exc}") from None
     pairs: list[tuple[str, Any]] = []
     if isinstance(value, dict):
