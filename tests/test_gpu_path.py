@@ -438,7 +438,8 @@ def test_pack_device_cuda_end_to_end(tmp_path: Path) -> None:
     assert gpu.device == "cuda" and gpu.failed is None
     assert (gpu.written, gpu.rejected, gpu.rejected_by_reason, gpu.images_written) == (
         cpu.written, cpu.rejected, cpu.rejected_by_reason, cpu.images_written)
-    assert (tmp_path / "cpu" / "rejected-train.jsonl").read_text() == (tmp_path / "cuda" / "rejected-train.jsonl").read_text()
+    rejects = "rejected-train.jsonl"
+    assert (tmp_path / "cpu" / rejects).read_text() == (tmp_path / "cuda" / rejects).read_text()
     a, b = PackedDataset(tmp_path / "cuda"), PackedDataset(tmp_path / "cpu")
     ba, bb = a.take(list(range(len(a)))), b.take(list(range(len(b))))
     assert ba["id"] == bb["id"] and np.array_equal(ba["content_boxes"], bb["content_boxes"])
