@@ -127,3 +127,27 @@ def test_a_json_list_element_over_the_limit_is_a_file_error(monkeypatch: pytest.
     data = json.dumps([{"id": "big", "text": "x" * (8 << 20)}]).encode()
     with pytest.raises(InputError, match=r"m.json:1: a list element longer than 2 MB"):
         list(iter_json_array(io.BufferedReader(io.BytesIO(data)), "m.json"))
+
+
+@pytest.mark.parametrize("command", ["audit-labels", "tokenize", "normalize-images", "pack"])
+def test_a_deep_csv_cell_is_a_row_problem_in_every_command(tmp_path: Path, command: str) -> None:
+    """Was a RecursionError reported as an internal error by pack, audit-labels, normalize-images and tokenize."""
+    from typer.testing import CliRunner
+
+    from mmprep.cli import app
+
+    repo = Path(__file__).resolve().parents[1]
+    deep = "[" * 50_000 + "]" * 50_000
+    (tmp_path / "a.jpg").write_bytes((repo / "sample_data" / "images" / "astronaut.jpg").read_bytes())
+    p = tmp_path / "m.csv"
+    p.write_text(f'id,images,text,tags\nr1,"{deep}",t,"{deep}"\nr2,a.jpg,t,cat\n')
+    args = {
+        "audit-labels": ["audit-labels", "--vocab", str(repo / "sample_data" / "ram_tag_list.txt"), str(p)],
+        "tokenize": ["tokenize", str(p), "--tokenizer", str(repo / "sample_data" / "tokenizers" / "clip"),
+                     "--max-length", "8", "--out", str(tmp_path / "t.parquet")],
+        "normalize-images": ["normalize-images", str(p), "--out", str(tmp_path / "n"), "--image-size", "8"],
+        "pack": ["pack", str(p), "--out", str(tmp_path / "o"), "--image-size", "8", "--workers", "1"],
+    }[command]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code in (0, 1), res.stderr
+    assert "internal error" not in res.stderr and "RecursionError" not in res.stderr
