@@ -203,20 +203,10 @@ def test_unknown_scheme_names_what_to_install() -> None:
 @pytest.fixture()
 def http_root():
     """sample_data served by a real HTTP server on 127.0.0.1 (a free port), stopped after the test."""
-    import functools
-    import http.server
-    import threading
+    from _http_server import serve
 
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(SAMPLE))
-    handler.log_message = lambda *a, **k: None  # type: ignore[attr-defined]
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/"
-    finally:
-        server.shutdown()
-        server.server_close()
+    with serve(SAMPLE) as url:
+        yield url + "/"
 
 
 @pytest.mark.skipif(importlib.util.find_spec("aiohttp") is None, reason="needs the remote extra (aiohttp)")
