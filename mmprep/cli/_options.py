@@ -24,6 +24,7 @@ __all__ = [
     "MinPixelsOpt",
     "NoDraftOpt",
     "PixelLimitOpt",
+    "ResamplerOpt",
     "ResizeModeOpt",
     "ShortestEdgeOpt",
     "image_config_from_options",
@@ -50,13 +51,17 @@ PixelLimitOpt = Annotated[int, typer.Option(
     "--pixel-limit", metavar="N", help="Reject images whose header declares more pixels (decompression bombs).")]
 NoDraftOpt = Annotated[bool, typer.Option(
     "--no-draft", help="Decode JPEGs at full size before resizing (slower; no DCT-domain downscaling).")]
+ResamplerOpt = Annotated[str, typer.Option(
+    "--resampler", metavar="fast|pillow",
+    help="fast: libjpeg-turbo scaled decoding + OpenCV area shrinking for plain JPEG/PNG, Pillow for the rest; "
+         "pillow: Pillow for every file, with the --interpolation filter (slower; see BENCHMARKS.md).")]
 
 
 #: Parameter names of the decoding/resizing options above, as :func:`image_config_from_options` takes them; a
 #: command declares them with the aliases and passes ``{k: v for k, v in locals().items() if k in IMAGE_OPTION_NAMES}``.
 IMAGE_OPTION_NAMES = frozenset({
     "resize_mode", "image_size", "interpolation", "shortest_edge", "max_pixels", "min_pixels", "background", "fill",
-    "pixel_limit", "no_draft",
+    "pixel_limit", "no_draft", "resampler",
 })
 
 
@@ -72,6 +77,7 @@ def image_config_from_options(
     fill: str = "0,0,0",
     pixel_limit: int = 89_478_485,
     no_draft: bool = False,
+    resampler: str = "fast",
 ) -> ImageConfig:
     """Build and validate an :class:`~mmprep.images.decode.ImageConfig` from CLI option values (UsageError if bad)."""
     from mmprep.images.decode import ImageConfig, parse_color, parse_image_size
@@ -88,6 +94,7 @@ def image_config_from_options(
         min_pixels=min_pixels,
         pixel_limit=pixel_limit,
         draft=not no_draft,
+        resampler=resampler.lower(),
     )
     cfg.validate()
     return cfg

@@ -16,6 +16,7 @@ from mmprep.cli._options import (
     MinPixelsOpt,
     NoDraftOpt,
     PixelLimitOpt,
+    ResamplerOpt,
     ShortestEdgeOpt,
     image_config_from_options,
 )
@@ -61,6 +62,7 @@ def pack_cmd(
     min_pixels: MinPixelsOpt = None,
     pixel_limit: PixelLimitOpt = 89_478_485,
     no_draft: NoDraftOpt = False,
+    resampler: ResamplerOpt = "fast",
     norm: Annotated[str | None, typer.Option(help="Normalisation preset: imagenet|clip.", rich_help_panel=_IMG)] = None,
     mean: Annotated[str | None, typer.Option(help="Custom mean R,G,B in [0,1].", rich_help_panel=_IMG)] = None,
     std: Annotated[str | None, typer.Option(help="Custom std R,G,B in [0,1].", rich_help_panel=_IMG)] = None,
@@ -159,6 +161,7 @@ def pack_cmd(
                 interpolation=interpolation,
                 shortest_edge=shortest_edge, max_pixels=max_pixels, min_pixels=min_pixels,
                 background=background, fill=fill, pixel_limit=pixel_limit, no_draft=no_draft,
+                resampler=resampler,
             ),
             norm=Normalization.from_spec(
                 norm,

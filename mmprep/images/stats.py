@@ -28,7 +28,7 @@ class _Measured:
     original_size: tuple[int, int]  # (w, h) before the resize
     mode: str
     format: str
-    frames: int
+    frames: int | None  # None: animated, frames not counted
     notes: int  # decoder warnings
 
 
@@ -170,7 +170,7 @@ def compute_image_stats(
             stats.size_buckets[_size_bucket(w, h)] += 1
             stats.modes[res.mode] += 1
             stats.formats[res.format] += 1
-            stats.multi_frame += res.frames > 1
+            stats.multi_frame += res.frames != 1
             stats.with_warnings += res.notes > 0
         if on_progress is not None:
             on_progress(1)
