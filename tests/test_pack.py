@@ -100,7 +100,8 @@ def test_pixels_masks_tokens_tags(packed: Path) -> None:
     ref = np.asarray(Image.open(SAMPLE / "images/coffee.jpg").convert("RGB").resize((x1 - x0, y1 - y0),
                                                                                   Image.BICUBIC))
     got = px[0][:, y0:y1, x0:x1].transpose(1, 2, 0).astype(int)
-    assert np.abs(got - ref.astype(int)).mean() < 3.0
+    # the default fast resampler (area filter) is within 3.2 of this; Pillow's own bilinear is 3.4 away
+    assert np.abs(got - ref.astype(int)).mean() < 3.5
     # EXIF-rotated landscape: stored 1200x1800 with orientation 6, reported as 1800x1200
     assert rows["s009"]["image_sizes"][0] == [1800, 1200]
     # tokens: CLIP ids for the caption, padded to 32
@@ -165,6 +166,35 @@ def test_refuses_non_empty_dir_and_changed_resume(packed: Path, tmp_path) -> Non
         pack(sample_cfg(packed), workers=1)
     with pytest.raises(UsageError, match="cannot resume"):
         pack(sample_cfg(packed, limit_images=5), workers=1, resume=True)
+
+
+def test_shards_record_the_resampler_and_resume_refuses_to_mix(packed: Path, tmp_path) -> None:
+    import cv2
+    import PIL
+    import simplejpeg
+
+    from mmprep.errors import UsageError
+
+    meta = json.loads(pq.read_schema(packed / "shard-00000.parquet").metadata[b"mmprep"])
+    assert meta["decoder"] == {"resampler": "fast", "libraries": {
+        "pillow": PIL.__version__, "simplejpeg": simplejpeg.__version__, "opencv": cv2.__version__}}
+    index = json.loads((packed / "index.json").read_text())
+    assert index["config"]["image"]["resampler"] == "fast"
+    # the Pillow path writes the shard metadata it always wrote (no decoder entry: its shards stay byte-identical)
+    slow = tmp_path / "slow"
+    pack(sample_cfg(slow, image=ImageConfig(size=(64, 64), resize_mode="letterbox", resampler="pillow")), workers=1)
+    assert "decoder" not in json.loads(pq.read_schema(slow / "shard-00000.parquet").metadata[b"mmprep"])
+    assert json.loads((slow / "index.json").read_text())["config"]["image"]["resampler"] == "pillow"
+    # a run made with one resampler (or other library versions) is never continued with another
+    with pytest.raises(UsageError, match=r"cannot resume.*resampler"):
+        pack(sample_cfg(slow), workers=1, resume=True)
+    part = tmp_path / "part"
+    shutil.copytree(packed, part)
+    run = json.loads((part / ".mmprep" / "run.json").read_text())
+    run["decoder"]["libraries"]["opencv"] = "4.0.0"
+    (part / ".mmprep" / "run.json").write_text(json.dumps(run))
+    with pytest.raises(UsageError, match=r"decoder\.libraries\.opencv"):
+        pack(sample_cfg(part), workers=1, resume=True)
 
 
 def test_shuffle_is_deterministic_and_maps_back(tmp_path) -> None:
@@ -427,7 +457,8 @@ def test_every_manifest_format_and_codec_round_trips_through_other_readers(tmp_p
             x0, y0, x1, y1 = row["content_boxes"][k]
             got = px[k][:, y0:y1, x0:x1].transpose(1, 2, 0).astype(int)
             want = _reference_slot(SAMPLE / row["image_paths"][k], row["content_boxes"][k])
-            assert np.abs(got - want).mean() < 4.0, (row["id"], row["image_paths"][k])
+            # 48 px from up to 600 px: the default fast resampler is within 5.0 here, Pillow's bilinear within 4.9
+            assert np.abs(got - want).mean() < 5.5, (row["id"], row["image_paths"][k])
             checked += 1
         assert not px[row["image_count"]:].any()
     assert checked == sum(r["image_count"] for r in ours) >= 15
