@@ -3,7 +3,7 @@
 For every file: the same accept/reject decision and reason, the same format, mode, orientation, sizes and content
 box. Pixels: a file the fast path takes decodes to exactly Pillow's pixels when nothing is resized (the same
 libjpeg-turbo / zlib output, orientation applied exactly); resized, it is within a stated tolerance of Pillow's
-bilinear result (mean absolute difference <= 4 levels and PSNR >= 30 dB on 0-255; a wrong orientation, channel
+bilinear result (mean absolute difference <= 5 levels and PSNR >= 30 dB on 0-255; a wrong orientation, channel
 order or crop is 20-60 levels away). A file it does not take goes through the Pillow path: the same pixels, bit
 for bit, as ``resampler="pillow"``.
 """
@@ -28,7 +28,7 @@ DATA = Path("tests/data/images")
 SAMPLE = Path("sample_data/images")
 CHELSEA = SAMPLE / "chelsea.jpg"  # 451x300 real photo (scikit-image), not square: orientation changes the shape
 FILES = sorted(p for p in [*DATA.rglob("*"), *SAMPLE.iterdir()] if p.is_file() and p.suffix != ".md")
-MEAN_TOL = 4.0
+MEAN_TOL = 5.0
 PSNR_TOL = 30.0
 
 

@@ -197,6 +197,19 @@ def test_shards_record_the_resampler_and_resume_refuses_to_mix(packed: Path, tmp
         pack(sample_cfg(part), workers=1, resume=True)
 
 
+def test_small_row_groups_reuse_the_pixel_buffer_without_leaking_images(packed: Path, tmp_path) -> None:
+    # one row per row group: each batch reuses the worker's pixel buffer, whose slots held the last row's images
+    out = tmp_path / "rg1"
+    pack(sample_cfg(out, row_group_rows=1), workers=1)
+    rows = read_all(out).to_pylist()
+    assert [r["pixel_values"] for r in rows] == [r["pixel_values"] for r in read_all(packed).to_pylist()]
+    counts = [r["image_count"] for r in rows]
+    assert max(counts) > 1 and 1 in counts[counts.index(max(counts)):]  # a 1-image row after a fuller one
+    for r in rows:
+        px = np.frombuffer(r["pixel_values"], dtype=np.uint8).reshape(4, 3, 64, 64)
+        assert not px[r["image_count"]:].any() and all(px[k].any() for k in range(r["image_count"]))
+
+
 def test_shuffle_is_deterministic_and_maps_back(tmp_path) -> None:
     a, b = tmp_path / "a", tmp_path / "b"
     pack(sample_cfg(a, shuffle=True, seed=7), workers=1)

@@ -820,17 +820,45 @@ def resolve_image_path(ref: str, root: str | os.PathLike[str], allow_outside: bo
     """
     if not isinstance(ref, str) or not ref.strip() or "\x00" in ref:
         raise ImageError("path_invalid", f"invalid image path {ref!r}")
-    candidate = Path(ref) if os.path.isabs(ref) else Path(root) / ref
+    absolute = os.path.isabs(ref)
     if allow_outside:
-        return candidate
-    root_real = os.path.realpath(root)
-    real = os.path.realpath(candidate)
+        return Path(ref) if absolute else Path(root) / ref
+    root_real = _realpath_cached(os.path.abspath(root))
+    real = os.path.realpath(ref) if absolute else _realpath_under(root_real, ref)
     if real != root_real and not real.startswith(root_real.rstrip(os.sep) + os.sep):
         raise ImageError(
             "path_outside_root",
             f"{ref}: resolves to {real}, outside the image root {root_real}",
         )
     return Path(real)
+
+
+@functools.lru_cache(maxsize=64)
+def _realpath_cached(root: str) -> str:
+    """The resolved image root (a run resolves thousands of references against the same few roots)."""
+    return os.path.realpath(root)
+
+
+def _realpath_under(root_real: str, ref: str) -> str:
+    """``os.path.realpath(root_real / ref)`` for a relative ``ref`` and an already resolved root: only the
+    components of ``ref`` are looked at (``os.path.realpath`` would ``lstat`` every component of the root again,
+    for every image). Anything unusual (a symbolic link, a missing component) is left to ``os.path.realpath``."""
+    path = root_real
+    for part in ref.split(os.sep):
+        if part in ("", "."):
+            continue
+        if part == "..":  # every component so far is a real directory, so its parent is what .. means
+            path = os.path.dirname(path)
+            continue
+        nxt = os.path.join(path, part)
+        try:
+            st = os.lstat(nxt)
+        except OSError:
+            return os.path.realpath(os.path.join(root_real, ref))
+        if stat.S_ISLNK(st.st_mode):
+            return os.path.realpath(os.path.join(root_real, ref))
+        path = nxt
+    return path
 
 
 # -- normalisation ----------------------------------------------------------------------------------------------------
@@ -994,7 +1022,10 @@ def to_output(array_uint8_hwc: np.ndarray, norm: Normalization, out: np.ndarray 
     elif out.shape != src.shape or out.dtype != np.dtype(norm.dtype):
         raise ValueError(f"out has shape {out.shape} {out.dtype}, expected {src.shape} {norm.dtype}")
     if norm.dtype == "uint8":
-        np.copyto(out, src)
+        if norm.layout == "CHW" and arr.ndim == 3 and arr.shape[2] == 3 and out.flags.c_contiguous:
+            _split_planes(arr, out)
+        else:
+            np.copyto(out, src)
         return out
     chans = (lambda a, c: a[c]) if norm.layout == "CHW" else (lambda a, c: a[..., c])
     if norm.dtype == "float16":
@@ -1008,6 +1039,17 @@ def to_output(array_uint8_hwc: np.ndarray, norm: Normalization, out: np.ndarray 
     np.multiply(src, scale.reshape(shape), out=out)
     out += offset.reshape(shape)
     return out
+
+
+def _split_planes(arr: np.ndarray, out: np.ndarray) -> None:
+    """``out[c] = arr[..., c]`` for an ``(H, W, 3)`` uint8 array into a C-contiguous ``(3, H, W)`` one, with OpenCV's
+    SIMD split (3x faster than numpy's strided copy); numpy's copy when OpenCV did not write into ``out``."""
+    import cv2
+
+    planes = [out[0], out[1], out[2]]
+    done = cv2.split(np.ascontiguousarray(arr), planes)
+    if any(d.ctypes.data != p.ctypes.data for d, p in zip(done, planes, strict=True)):
+        np.copyto(out, arr.transpose(2, 0, 1))
 
 
 # -- encoding ---------------------------------------------------------------------------------------------------------

@@ -196,6 +196,11 @@ class PackJob:
             )
 
     def finish(self, records: list[ChunkRecord], run: JobRun[ChunkRecord], out: OutputDir) -> Publication:
+        if out.local:  # shards are renamed into place without a folder fsync each: one per folder, before the index
+            from mmprep.runtime.files import fsync_dir
+
+            for folder in sorted({os.path.dirname(out.child(rec.shard.path).os_path) for rec in records}):
+                fsync_dir(folder)
         rejected = sorted((r for rec in records for r in rec.rejected), key=lambda r: r.line)
         hist: Counter[str] = Counter()
         for rec in records:
