@@ -32,6 +32,8 @@ SUITE: dict[str, tuple[str, list[str], list[str] | None]] = {
     "pack": ("bench_pack.py", [], ["--samples", "300", "--repeats", "3", "--methods", "ceiling,pack,blog",
                                    "--rss-factor", "0"]),
     "images": ("bench_images.py", ["--samples", "1000"], ["--samples", "150", "--repeats", "3"]),
+    "quality": ("bench_quality.py", [], ["--samples", "300", "--images", "60", "--repeats", "1"]),
+    "start": ("bench_start.py", [], None),
     "tokenize": ("bench_tokenize.py", [], ["--quick"]),
     "audit": ("bench_audit.py", [], None),
     "embed": ("bench_embed.py", [], ["--quick"]),

@@ -210,6 +210,32 @@ def test_small_row_groups_reuse_the_pixel_buffer_without_leaking_images(packed: 
         assert not px[r["image_count"]:].any() and all(px[k].any() for k in range(r["image_count"]))
 
 
+def test_a_pack_worker_imports_neither_pandas_nor_pillow_plugins_for_plain_files(tmp_path) -> None:
+    """Start cost: pa.array imports pandas on first use (~0.2 CPU-s per worker) and Pillow's plugin registry costs
+    ~0.1 s; a worker packing plain JPEG/PNG files through the fast path needs neither."""
+    import subprocess
+    import sys
+
+    code = f"""
+import sys
+from mmprep.images.decode import ImageConfig
+from mmprep.pack.config import PackConfig
+from mmprep.pack.job import pack
+from mmprep.text.config import TextConfig
+cfg = PackConfig(manifest={str(tmp_path / "m.jsonl")!r}, out={str(tmp_path / "o")!r}, image_root={str(SAMPLE)!r},
+                 image=ImageConfig(size=(32, 32)), tokenizer={CLIP!r}, text=TextConfig(max_length=16), vocab={VOCAB!r})
+r = pack(cfg, workers=1)
+assert r.written == 2, r
+import PIL.Image
+print(int("pandas" in sys.modules), int(PIL.Image._initialized >= 2))
+"""
+    (tmp_path / "m.jsonl").write_text('{"id": "a", "images": ["images/chelsea.jpg", "images/camera.png"], '
+                                      '"text": "a cat", "tags": ["cat"]}\n'
+                                      '{"id": "b", "images": ["images/rocket.jpg"], "text": "a rocket", "tags": []}\n')
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path.cwd(), check=True)
+    assert out.stdout.split() == ["0", "0"], out.stderr[-2000:]
+
+
 def test_shuffle_is_deterministic_and_maps_back(tmp_path) -> None:
     a, b = tmp_path / "a", tmp_path / "b"
     pack(sample_cfg(a, shuffle=True, seed=7), workers=1)

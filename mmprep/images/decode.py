@@ -604,12 +604,9 @@ def load_image(source: str | os.PathLike[str] | bytes, cfg: ImageConfig) -> Deco
     with fh:
         if cfg.resampler == "fast" and st.st_size <= _FAST_READ_LIMIT:
             try:
-                data = fh.read(8)
-                if _fast_candidate(data):  # read whole only when the fast path may take it
-                    data += fh.read()
-                else:
-                    fh.seek(0)
-                    data = b""
+                candidate = _fast_candidate(fh.read(8))  # read whole only when the fast path may take it
+                fh.seek(0)
+                data = fh.read() if candidate else b""
             except OSError as exc:
                 raise ImageError("image_unreadable", f"{name}: {exc.strerror or exc}") from None
             if data:

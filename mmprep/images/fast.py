@@ -409,7 +409,7 @@ def to_rgb(arr: np.ndarray, bgr: bool) -> np.ndarray:
     if arr.shape[2] == 1:
         return np.ascontiguousarray(np.broadcast_to(arr, (*arr.shape[:2], 3)))
     if bgr:
-        return np.ascontiguousarray(arr[:, :, ::-1])
+        return np.asarray(_cv2().cvtColor(np.ascontiguousarray(arr), _cv2().COLOR_BGR2RGB))
     return np.ascontiguousarray(arr)
 
 
