@@ -308,3 +308,16 @@ def test_a_gif_with_a_million_frames_is_read_no_further_than_its_second_frame(tm
     assert read < 1_000_000, f"read {read:,} bytes of a 15 MB file to use its first frame"
     still = load_image(DATA / "pillow_transparent.gif", cfg)
     assert still.n_frames == 1
+
+
+def test_a_missing_fast_library_fails_early_with_a_hint(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    from mmprep.errors import UsageError
+    from mmprep.images.decode import decoder_info
+
+    monkeypatch.setitem(sys.modules, "simplejpeg", None)  # as if it were not installed
+    with pytest.raises(UsageError, match="simplejpeg") as info:
+        decoder_info(ImageConfig())
+    assert "--resampler pillow" in (info.value.hint or "")
+    assert decoder_info(ImageConfig(resampler="pillow"))["resampler"] == "pillow"

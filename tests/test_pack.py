@@ -176,8 +176,10 @@ def test_shards_record_the_resampler_and_resume_refuses_to_mix(packed: Path, tmp
     from mmprep.errors import UsageError
 
     meta = json.loads(pq.read_schema(packed / "shard-00000.parquet").metadata[b"mmprep"])
-    assert meta["decoder"] == {"resampler": "fast", "libraries": {
-        "pillow": PIL.__version__, "simplejpeg": simplejpeg.__version__, "opencv": cv2.__version__}}
+    assert meta["decoder"]["resampler"] == "fast"
+    libraries = meta["decoder"]["libraries"]
+    assert libraries["pillow"] == PIL.__version__ and libraries["simplejpeg"] == simplejpeg.__version__
+    assert libraries["opencv"].startswith(cv2.__version__)  # the wheel's version, e.g. 4.10.0.84 for 4.10.0
     index = json.loads((packed / "index.json").read_text())
     assert index["config"]["image"]["resampler"] == "fast"
     # the Pillow path writes the shard metadata it always wrote (no decoder entry: its shards stay byte-identical)

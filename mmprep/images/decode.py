@@ -683,7 +683,12 @@ def decoder_info(cfg: ImageConfig) -> dict[str, Any]:
     if cfg.resampler == "fast":
         from mmprep.images import fast
 
-        libraries.update(fast.library_versions())
+        try:
+            libraries.update(fast.library_versions())
+        except ImportError as exc:
+            raise UsageError(f"the fast resampler cannot load {exc.name or 'its libraries'}: {exc}",
+                             hint="reinstall mmprep's dependencies (simplejpeg, opencv-python-headless), or pass "
+                                  "--resampler pillow") from None
     return {"resampler": cfg.resampler, "libraries": libraries}
 
 

@@ -17,6 +17,7 @@ left as it is; the pack workers set it to one thread (parallelism there comes fr
 
 from __future__ import annotations
 
+import os
 import re
 import struct
 import zlib
@@ -414,10 +415,29 @@ def to_rgb(arr: np.ndarray, bgr: bool) -> np.ndarray:
 
 
 def library_versions() -> dict[str, str]:
-    """Versions of the libraries the fast path decodes and resamples with."""
+    """Versions of the libraries the fast path decodes and resamples with (OpenCV's as its wheel names it)."""
     import simplejpeg
 
-    return {"simplejpeg": str(simplejpeg.__version__), "opencv": str(_cv2().__version__)}
+    return {"simplejpeg": str(simplejpeg.__version__), "opencv": _opencv_version()}
+
+
+def _opencv_version() -> str:
+    """OpenCV's version, read from the ``cv2/version.py`` of its wheel when there is one: importing ``cv2`` only
+    for that would load the library and start its BLAS threads in a process that never resizes (pack's parent)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("cv2")
+    if spec is None:
+        raise ModuleNotFoundError("No module named 'cv2'", name="cv2")
+    for folder in spec.submodule_search_locations or []:
+        try:
+            with open(os.path.join(folder, "version.py"), encoding="utf-8") as f:
+                match = re.search(r'^opencv_version\s*=\s*"([^"]+)"', f.read(), re.MULTILINE)
+        except OSError:
+            continue
+        if match:
+            return match[1]
+    return str(_cv2().__version__)
 
 
 _cv2_module: Any = None

@@ -249,7 +249,16 @@ def make_engine(engine: str, workers: int | None, *, ray_address: str | None, pr
         return InlineEngine()
     from mmprep.runtime.engines.local import LocalEngine
 
-    return LocalEngine(n, with_progress=progress, preload=_PRELOAD)
+    return LocalEngine(n, with_progress=progress, preload=_PRELOAD, setup=_worker_setup)
+
+
+def _worker_setup() -> None:
+    """In each pool worker: one thread for OpenCV and the tokenizer (their own thread pools would spin on the cores
+    the other workers use; the processes are the parallelism)."""
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    import cv2
+
+    cv2.setNumThreads(1)
 
 
 def pack(
