@@ -10,9 +10,9 @@ limit at the edge, 1024x1024 gray, saved as PNG and as JPEG q95) show aliasing: 
 antialiasing filter folds the fine rings back into coarse ones, and its PSNR collapses (the bar is 17 dB).
 
 **Speed**: images per CPU-second of one process (``time.process_time``, so a busy shared machine changes it
-little) over the same files, output kept as an array where the method produces one; the ratio is to the
-``ceiling`` (Pillow ``open`` + ``draft`` + bicubic ``resize``, nothing else: the figure ``bench_pack.py`` compares
-pack with). Methods run interleaved, ``--repeats`` rounds, medians.
+little; OpenCV kept to one thread, as in pack's workers) over the same files, output kept as an array where the
+method produces one; the ratio is to the ``ceiling`` (Pillow ``open`` + ``draft`` + bicubic ``resize``, nothing
+else: the figure ``bench_pack.py`` compares pack with). Methods run interleaved, ``--repeats`` rounds, medians.
 
 Methods:
 
@@ -179,6 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     import PIL
     import simplejpeg
 
+    cv2.setNumThreads(1)  # as in pack's workers: the processes are the parallelism
     n_png = sum(p.suffix == ".png" for p in sample)
     print(f"images: {len(sample)} of {corpus_dir.relative_to(REPO_ROOT)} ({len(sample) - n_png} JPEG, {n_png} PNG), "
           f"{args.size}x{args.size} centre crop; zone plates {ZONE_SIDE}x{ZONE_SIDE} PNG + JPEG q95; "

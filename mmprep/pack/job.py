@@ -47,7 +47,7 @@ __all__ = ["PackJob", "PackReport", "PackTask", "pack"]
 
 Item = Sample | Rejected
 #: Modules a local worker imports while the parent plans.
-_PRELOAD = ("pyarrow.parquet", "mmprep.pack.job")
+_PRELOAD = ("pyarrow.parquet", "mmprep.pack.job", "mmprep.images.fast", "simplejpeg", "tokenizers")
 
 
 @dataclass
