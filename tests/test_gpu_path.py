@@ -85,7 +85,7 @@ def with_orientation(data: bytes, orientation: int) -> bytes:
 
 
 def test_routing_sends_only_plain_jpegs_to_the_gpu() -> None:
-    g = GpuImages(ImageConfig(size=(32, 32)), Normalization(), device="cpu")
+    g = GpuImages(ImageConfig(resampler="pillow", size=(32, 32)), Normalization(), device="cpu")
     routed = {
         "baseline rgb": jpeg(),
         "baseline gray": jpeg(mode="L"),
@@ -119,7 +119,8 @@ def test_routing_sends_only_plain_jpegs_to_the_gpu() -> None:
     }
     for name, data in cpu.items():
         assert g.probe(data) is None, name
-    small_limit = GpuImages(ImageConfig(size=(32, 32), pixel_limit=96 * 64 - 1), Normalization(), device="cpu")
+    small_limit = GpuImages(ImageConfig(resampler="pillow", size=(32, 32), pixel_limit=96 * 64 - 1), Normalization(),
+                            device="cpu")
     assert small_limit.probe(jpeg()) is None  # the CPU path rejects it (image_too_large)
     scan = scan_jpeg(jpeg(size=(96, 64)))
     assert scan is not None and (scan.width, scan.height, scan.components, scan.sof) == (96, 64, 3, 0xC0)
@@ -149,7 +150,7 @@ def test_resampling_is_pillows_pass_by_pass(interpolation: str, mode: str) -> No
     result is within 2 levels of Pillow's one-call resize, whose pass order some Pillow builds choose by cost."""
     src = np.asarray(Image.open(IMAGES / "chelsea.jpg").convert("RGB"))
     h, w = src.shape[:2]
-    cfg = ImageConfig(size=(150, 110), resize_mode=mode, interpolation=interpolation)
+    cfg = ImageConfig(resampler="pillow", size=(150, 110), resize_mode=mode, interpolation=interpolation)
     plan = plan_resize(w, h, cfg)
     x0, y0, x1, y1 = plan.src_box
     rw, rh = plan.resized
@@ -184,7 +185,7 @@ def test_device_pipeline_on_cpu_tensors_matches_the_cpu_path_within_tolerance() 
     datas = [f.read_bytes() for f in files] + [jpeg(size=(640, 427), seed=s) for s in range(3)]
     datas += [with_orientation(jpeg(size=(500, 375), seed=9), o) for o in (3, 5, 8)]
     for mode in ("center-crop", "letterbox", "stretch"):
-        cfg = ImageConfig(size=(224, 224), resize_mode=mode)
+        cfg = ImageConfig(resampler="pillow", size=(224, 224), resize_mode=mode)
         g = GpuImages(cfg, Normalization(), device="cpu", decoder=pillow_decoder)
         diffs = []
         for k, d in enumerate(datas):
@@ -193,7 +194,7 @@ def test_device_pipeline_on_cpu_tensors_matches_the_cpu_path_within_tolerance() 
             diffs.append(np.abs(got.astype(int) - want.astype(int)).ravel())
         assert np.concatenate(diffs).mean() <= 1.2 and any(x.any() for x in diffs)  # not exact: draft differs
         # without draft and reducing_gap on the CPU side, only the pass order can differ (a few levels, rarely)
-        exact = ImageConfig(size=(224, 224), resize_mode=mode, draft=False, reducing_gap=None)
+        exact = ImageConfig(resampler="pillow", size=(224, 224), resize_mode=mode, draft=False, reducing_gap=None)
         ge = GpuImages(exact, Normalization(), device="cpu", decoder=pillow_decoder)
         d2 = np.concatenate([np.abs(render_one(ge, d).astype(int) - cpu_path(d, exact, Normalization()).astype(int))
                              .ravel() for d in datas])
@@ -203,7 +204,7 @@ def test_device_pipeline_on_cpu_tensors_matches_the_cpu_path_within_tolerance() 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 @pytest.mark.parametrize("layout", ["CHW", "HWC"])
 def test_normalised_slots_hold_exactly_the_cpu_paths_values_for_their_pixels(dtype: str, layout: str) -> None:
-    cfg = ImageConfig(size=(40, 56), resize_mode="letterbox", fill=(10, 200, 30))
+    cfg = ImageConfig(resampler="pillow", size=(40, 56), resize_mode="letterbox", fill=(10, 200, 30))
     norm = Normalization.from_spec("clip", dtype=dtype, layout=layout)
     raw = GpuImages(cfg, Normalization(layout="HWC"), device="cpu", decoder=pillow_decoder)
     g = GpuImages(cfg, norm, device="cpu", decoder=pillow_decoder)
@@ -225,7 +226,7 @@ def test_normalised_slots_hold_exactly_the_cpu_paths_values_for_their_pixels(dty
 
 def test_a_row_group_renders_as_its_images_one_by_one() -> None:
     """Images of one size and geometry are resampled as one batch; the result is the same as one at a time."""
-    cfg = ImageConfig(size=(48, 40), resize_mode="letterbox", interpolation="lanczos")
+    cfg = ImageConfig(resampler="pillow", size=(48, 40), resize_mode="letterbox", interpolation="lanczos")
     g = GpuImages(cfg, Normalization.from_spec("clip", dtype="float16"), device="cpu", decoder=pillow_decoder)
     datas = [jpeg(size=(120, 80), seed=s) for s in range(3)] + [jpeg(size=(80, 120), seed=7),
                                                                    with_orientation(jpeg(size=(120, 80), seed=8), 6)]
@@ -239,7 +240,7 @@ def test_a_row_group_renders_as_its_images_one_by_one() -> None:
 
 
 def test_decoder_failures_are_reported_per_image() -> None:
-    cfg = ImageConfig(size=(32, 32))
+    cfg = ImageConfig(resampler="pillow", size=(32, 32))
 
     def picky(datas):  # a decoder that refuses grayscale files (a batch with one fails whole, as nvJPEG's does)
         if any(scan_jpeg(d).components == 1 for d in datas):
@@ -300,7 +301,7 @@ def test_processor_with_the_device_path_keeps_rows_rejects_and_accounting(tmp_pa
     manifest = make_manifest(tmp_path)
     norm = Normalization.from_spec("imagenet" if dtype != "uint8" else None, dtype=dtype)
     cfg = pack_config(tmp_path / "out", manifest=str(manifest), tokenizer=None, vocab=None, norm=norm,
-                      image=ImageConfig(size=(64, 80), resize_mode="center-crop"), limit_images=3)
+                      image=ImageConfig(resampler="pillow", size=(64, 80), resize_mode="center-crop"), limit_images=3)
     cfg.validate()
 
     def picky(datas):
@@ -341,7 +342,7 @@ def test_row_groups_without_device_images(tmp_path: Path) -> None:
                 if not any(n in line for n in ("astronaut", "chelsea", "rocket", "landscape", "gray", "broken"))]
     manifest.write_text("\n".join(only_cpu) + "\n")
     cfg = pack_config(tmp_path / "out", manifest=str(manifest), tokenizer=None, vocab=None,
-                      image=ImageConfig(size=(64, 80), resize_mode="center-crop"), limit_images=3)
+                      image=ImageConfig(resampler="pillow", size=(64, 80), resize_mode="center-crop"), limit_images=3)
 
     class Untouched(GpuImages):
         def render(self, jobs, rows, limit):
@@ -408,7 +409,7 @@ def test_nvjpeg_on_cuda_matches_the_cpu_path_within_tolerance() -> None:
     datas = [(IMAGES / n).read_bytes() for n in ("astronaut.jpg", "chelsea.jpg", "coffee.jpg", "rocket.jpg",
                                                   "landscape_exif6.jpg")] + [jpeg(mode="L"), jpeg(subsampling=0)]
     for mode in ("center-crop", "letterbox"):
-        cfg = ImageConfig(size=(224, 224), resize_mode=mode)
+        cfg = ImageConfig(resampler="pillow", size=(224, 224), resize_mode=mode)
         g = GpuImages(cfg, Normalization(), device="cuda")
         jobs = [(k, g.probe(d)) for k, d in enumerate(datas)]
         pixels, failed = g.render(jobs, 1, len(datas))

@@ -116,7 +116,8 @@ def test_pixels_masks_tokens_tags(packed: Path) -> None:
     ref = np.asarray(Image.open(SAMPLE / "images/coffee.jpg").convert("RGB").resize((x1 - x0, y1 - y0),
                                                                                   Image.BICUBIC))
     got = px[0][:, y0:y1, x0:x1].transpose(1, 2, 0).astype(int)
-    assert np.abs(got - ref.astype(int)).mean() < 3.0
+    # the default fast resampler (area filter) is within 3.2 of this; Pillow's own bilinear is 3.4 away
+    assert np.abs(got - ref.astype(int)).mean() < 3.5
     # EXIF-rotated landscape: stored 1200x1800 with orientation 6, reported as 1800x1200
     assert rows["s009"]["image_sizes"][0] == [1800, 1200]
     # tokens: CLIP ids for the caption, padded to 32
@@ -182,6 +183,78 @@ def test_refuses_non_empty_dir_and_changed_resume(packed: Path, tmp_path) -> Non
         pack(sample_cfg(packed), workers=1)
     with pytest.raises(UsageError, match="cannot resume"):
         pack(sample_cfg(packed, limit_images=5), workers=1, resume=True)
+
+
+def test_shards_record_the_resampler_and_resume_refuses_to_mix(packed: Path, tmp_path) -> None:
+    import cv2
+    import PIL
+    import simplejpeg
+
+    from mmprep.errors import UsageError
+
+    meta = json.loads(pq.read_schema(next((packed / "data").glob("*.parquet"))).metadata[b"mmprep"])
+    assert meta["decoder"]["resampler"] == "fast"
+    libraries = meta["decoder"]["libraries"]
+    assert libraries["pillow"] == PIL.__version__ and libraries["simplejpeg"] == simplejpeg.__version__
+    assert libraries["opencv"].startswith(cv2.__version__)  # the wheel's version, e.g. 4.10.0.84 for 4.10.0
+    index = json.loads((packed / "index.json").read_text())
+    assert index["splits"]["train"]["config"]["image"]["resampler"] == "fast"
+    # the Pillow path writes the shard metadata it always wrote (no decoder entry: its shards stay byte-identical)
+    slow = tmp_path / "slow"
+    pack(sample_cfg(slow, image=ImageConfig(size=(64, 64), resize_mode="letterbox", resampler="pillow")), workers=1)
+    assert "decoder" not in json.loads(pq.read_schema(next((slow / "data").glob("*.parquet"))).metadata[b"mmprep"])
+    slow_index = json.loads((slow / "index.json").read_text())
+    assert slow_index["splits"]["train"]["config"]["image"]["resampler"] == "pillow"
+    # a run made with one resampler (or other library versions) is never continued with another
+    with pytest.raises(UsageError, match=r"cannot resume.*(resampler|decoder)"):
+        pack(sample_cfg(slow), workers=1, resume=True)
+    part = tmp_path / "part"
+    shutil.copytree(packed, part)
+    (run_file,) = (part / ".mmprep").rglob("run.json")
+    run = json.loads(run_file.read_text())
+    run["decoder"]["libraries"]["opencv"] = "4.0.0"
+    run_file.write_text(json.dumps(run))
+    with pytest.raises(UsageError, match=r"the image decoder: --resampler, or the versions"):
+        pack(sample_cfg(part), workers=1, resume=True)
+
+
+def test_small_row_groups_reuse_the_pixel_buffer_without_leaking_images(packed: Path, tmp_path) -> None:
+    # one row per row group: each batch reuses the worker's pixel buffer, whose slots held the last row's images
+    out = tmp_path / "rg1"
+    pack(sample_cfg(out, row_group_rows=1), workers=1)
+    rows = read_all(out).to_pylist()
+    assert [r["pixel_values"] for r in rows] == [r["pixel_values"] for r in read_all(packed).to_pylist()]
+    counts = [r["image_count"] for r in rows]
+    assert max(counts) > 1 and 1 in counts[counts.index(max(counts)):]  # a 1-image row after a fuller one
+    for r in rows:
+        px = np.frombuffer(r["pixel_values"], dtype=np.uint8).reshape(4, 3, 64, 64)
+        assert not px[r["image_count"]:].any() and all(px[k].any() for k in range(r["image_count"]))
+
+
+def test_a_pack_worker_imports_neither_pandas_nor_pillow_plugins_for_plain_files(tmp_path) -> None:
+    """Start cost: pa.array imports pandas on first use (~0.2 CPU-s per worker) and Pillow's plugin registry costs
+    ~0.1 s; a worker packing plain JPEG/PNG files through the fast path needs neither."""
+    import subprocess
+    import sys
+
+    code = f"""
+import sys
+from mmprep.images.decode import ImageConfig
+from mmprep.pack.config import PackConfig
+from mmprep.pack.job import pack
+from mmprep.text.config import TextConfig
+cfg = PackConfig(manifest={str(tmp_path / "m.jsonl")!r}, out={str(tmp_path / "o")!r}, image_root={str(SAMPLE)!r},
+                 image=ImageConfig(size=(32, 32)), tokenizer={CLIP!r}, text=TextConfig(max_length=16), vocab={VOCAB!r})
+r = pack(cfg, workers=1)
+assert r.written == 2, r
+import PIL.Image
+print(int("pandas" in sys.modules), int(PIL.Image._initialized >= 2))
+"""
+    (tmp_path / "m.jsonl").write_text('{"id": "a", "images": ["images/chelsea.jpg", "images/camera.png"], '
+                                      '"text": "a cat", "tags": ["cat"]}\n'
+                                      '{"id": "b", "images": ["images/rocket.jpg"], "text": "a rocket", "tags": []}\n')
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path.cwd(), check=True)
+    assert out.stdout.split() == ["0", "0"], out.stderr[-2000:]
 
 
 def test_shuffle_is_deterministic_and_maps_back(tmp_path) -> None:
@@ -443,7 +516,8 @@ def test_every_manifest_format_and_codec_round_trips_through_other_readers(tmp_p
             x0, y0, x1, y1 = row["content_boxes"][k]
             got = px[k][:, y0:y1, x0:x1].transpose(1, 2, 0).astype(int)
             want = _reference_slot(SAMPLE / row["image_paths"][k], row["content_boxes"][k])
-            assert np.abs(got - want).mean() < 4.0, (row["id"], row["image_paths"][k])
+            # 48 px from up to 600 px: the default fast resampler is within 5.0 here, Pillow's bilinear within 4.9
+            assert np.abs(got - want).mean() < 5.5, (row["id"], row["image_paths"][k])
             checked += 1
         assert not px[row["image_count"]:].any()
     assert checked == sum(r["image_count"] for r in ours) >= 15

@@ -34,6 +34,7 @@ __all__ = [
     "NoDraftOpt",
     "PackMaxTextBytesOpt",
     "PixelLimitOpt",
+    "ResamplerOpt",
     "ResizeModeOpt",
     "ShortestEdgeOpt",
     "choices",
@@ -92,6 +93,10 @@ PixelLimitOpt = Annotated[int, typer.Option(
 NoDraftOpt = Annotated[bool, typer.Option(
     "--no-draft", help="Decode JPEGs at full size before resizing (slower; no DCT-domain downscaling).",
     rich_help_panel=_IMG)]
+ResamplerOpt = Annotated[str, typer.Option(
+    "--resampler", help="fast: libjpeg-turbo scaled decoding + OpenCV area shrinking for plain JPEG/PNG, Pillow for "
+    "the rest; pillow: Pillow for every file, with the interpolation filter chosen (slower; see BENCHMARKS.md).",
+    rich_help_panel=_IMG, **choices("fast", "pillow"))]
 
 
 def _max_text_bytes(panel: str | None) -> Any:
@@ -118,7 +123,7 @@ def max_text_bytes_from_option(value: str) -> int:
 #: command declares them with the aliases and passes ``{k: v for k, v in locals().items() if k in IMAGE_OPTION_NAMES}``.
 IMAGE_OPTION_NAMES = frozenset({
     "resize_mode", "image_size", "interpolation", "shortest_edge", "max_pixels", "min_pixels", "background", "fill",
-    "pixel_limit", "no_draft",
+    "pixel_limit", "no_draft", "resampler",
 })
 
 
@@ -134,6 +139,7 @@ def image_config_from_options(
     fill: str = "0,0,0",
     pixel_limit: int = 89_478_485,
     no_draft: bool = False,
+    resampler: str = "fast",
 ) -> ImageConfig:
     """Build and validate an :class:`~mmprep.images.decode.ImageConfig` from CLI option values (UsageError if bad)."""
     from mmprep.images.decode import ImageConfig, parse_color, parse_image_size
@@ -150,6 +156,7 @@ def image_config_from_options(
         min_pixels=min_pixels,
         pixel_limit=pixel_limit,
         draft=not no_draft,
+        resampler=resampler.lower(),
     )
     cfg.validate()
     return cfg

@@ -23,6 +23,7 @@ from mmprep.cli._options import (
     MinPixelsOpt,
     NoDraftOpt,
     PixelLimitOpt,
+    ResamplerOpt,
     ResizeModeOpt,
     ShortestEdgeOpt,
     image_config_from_options,
@@ -128,6 +129,7 @@ def image_stats(
     fill: FillOpt = "0,0,0",
     pixel_limit: PixelLimitOpt = 89_478_485,
     no_draft: NoDraftOpt = False,
+    resampler: ResamplerOpt = "fast",
     workers: WorkersOpt = 0,
     limit: LimitOpt = None,
     out: Annotated[str | None, typer.Option(
@@ -237,6 +239,7 @@ def normalize_images_cmd(
     fill: FillOpt = "0,0,0",
     pixel_limit: PixelLimitOpt = 89_478_485,
     no_draft: NoDraftOpt = False,
+    resampler: ResamplerOpt = "fast",
     format: Annotated[str, typer.Option("--format", "-f", metavar="png|jpeg|webp|npy",
                                      help="Output format (npy stores arrays, see --dtype/--layout).")] = "png",
     quality: Annotated[int, typer.Option("--quality", metavar="1-100", help="JPEG/WebP quality.")] = 90,

@@ -24,6 +24,7 @@ from mmprep.cli._options import (
     NoDraftOpt,
     PackMaxTextBytesOpt,
     PixelLimitOpt,
+    ResamplerOpt,
     ShortestEdgeOpt,
     choices,
     image_config_from_options,
@@ -106,6 +107,7 @@ def pack_cmd(
                                          rich_help_panel=_IMG)] = 95,
     pixel_limit: PixelLimitOpt = 89_478_485,
     no_draft: NoDraftOpt = False,
+    resampler: ResamplerOpt = "fast",
     device: Annotated[str, typer.Option(
         help="Decode and resize JPEGs on the GPU (cuda; needs the gpu extra, padded layout; other images take the "
              "CPU path) or where possible (auto).", rich_help_panel=_IMG, **choices("cpu", "cuda", "auto"))] = "cpu",
@@ -208,6 +210,7 @@ def pack_cmd(
                 interpolation=interpolation,
                 shortest_edge=shortest_edge, max_pixels=max_pixels, min_pixels=min_pixels,
                 background=background, fill=fill, pixel_limit=pixel_limit, no_draft=no_draft,
+                resampler=resampler,
             ),
             norm=Normalization.from_spec(
                 norm,

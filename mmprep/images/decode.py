@@ -21,9 +21,19 @@ decompress to an excessive size is rejected with ``image_metadata_too_large``. N
 Known gap: a PNG whose compressed stream ends *cleanly* before the last row (a malformed file, not a cut one) is
 accepted by Pillow with the missing rows black; mmprep does not detect that case.
 
-Speed: for JPEG (and MPO) files that are being shrunk, the decoder scales by 1/2, 1/4 or 1/8 in the DCT domain
-(``Image.draft``), then ``Image.reduce`` shrinks by an integer factor before the final antialiased resample
-(``reducing_gap``). Orientation is applied to the small resized result, not the full image.
+Two resamplers (:attr:`ImageConfig.resampler`):
+
+- ``fast`` (the default): plain 8-bit JPEG (gray or colour) and 8-bit gray/RGB PNG without transparency or PNG
+  orientation, recognised from their headers (:mod:`mmprep.images.fast`), are decoded by libjpeg-turbo through
+  simplejpeg, scaled by 1/2, 1/4 or 1/8 in the DCT domain while the result stays at least as large as needed,
+  and resampled with OpenCV's area filter (antialiased) for shrinking, the ``interpolation`` filter for
+  enlarging. Every other file, and any file the fast decoder fails on, takes the Pillow path below, so the
+  accept/reject decision and reason are Pillow's. Quality and speed of both: BENCHMARKS.md.
+- ``pillow``: every file through Pillow. For JPEG (and MPO) files that are being shrunk, the decoder scales by
+  1/2, 1/4 or 1/8 in the DCT domain (``Image.draft``), then ``Image.reduce`` shrinks by an integer factor before
+  the final antialiased resample with the ``interpolation`` filter (``reducing_gap``).
+
+Either way orientation is applied to the small resized result, not the full image.
 """
 
 from __future__ import annotations
@@ -52,12 +62,14 @@ __all__ = [
     "LAYOUTS",
     "NORM_PRESETS",
     "OUTPUT_FORMATS",
+    "RESAMPLERS",
     "RESIZE_MODES",
     "DecodedImage",
     "ImageConfig",
     "ImageError",
     "Normalization",
     "ResizePlan",
+    "decoder_info",
     "encode_image",
     "load_image",
     "parse_color",
@@ -72,6 +84,7 @@ INTERPOLATIONS: tuple[str, ...] = ("nearest", "bilinear", "bicubic", "lanczos", 
 DTYPES: tuple[str, ...] = ("uint8", "float16", "float32")
 LAYOUTS: tuple[str, ...] = ("CHW", "HWC")
 OUTPUT_FORMATS: tuple[str, ...] = ("png", "jpeg", "webp", "npy")
+RESAMPLERS: tuple[str, ...] = ("fast", "pillow")
 
 #: Per-channel (mean, std) in [0, 1] RGB, exactly as published with the models.
 NORM_PRESETS: dict[str, tuple[tuple[float, float, float], tuple[float, float, float]]] = {
@@ -187,7 +200,9 @@ class ImageConfig:
             refuses anything over twice ``PIL.Image.MAX_IMAGE_PIXELS`` whatever this says.
         draft: let the JPEG decoder downscale in the DCT domain when shrinking (much faster, visually equal).
         reducing_gap: shrink by an integer factor first while the remaining factor stays above this value
-            (``Image.resize(reducing_gap=...)``); None resamples the full image in one step.
+            (``Image.resize(reducing_gap=...)``); None resamples the full image in one step. Pillow path only.
+        resampler: ``fast`` (simplejpeg + OpenCV where the file allows, Pillow otherwise) or ``pillow`` (Pillow
+            for every file, with the ``interpolation`` filter); see the module documentation.
     """
 
     size: tuple[int, int] | None = (224, 224)
@@ -201,6 +216,7 @@ class ImageConfig:
     pixel_limit: int = 89_478_485
     draft: bool = True
     reducing_gap: float | None = 3.0
+    resampler: str = "fast"
 
     def validate(self) -> None:
         """Check the combination of settings; raises :class:`~mmprep.errors.UsageError` naming the bad value."""
@@ -208,6 +224,8 @@ class ImageConfig:
             raise UsageError(
                 f"unknown resize mode '{self.resize_mode}'", hint="choose one of " + ", ".join(RESIZE_MODES)
             )
+        if self.resampler not in RESAMPLERS:
+            raise UsageError(f"unknown resampler '{self.resampler}'", hint="choose one of " + ", ".join(RESAMPLERS))
         if self.interpolation not in INTERPOLATIONS:
             raise UsageError(
                 f"unknown interpolation '{self.interpolation}'", hint="choose one of " + ", ".join(INTERPOLATIONS)
@@ -273,6 +291,7 @@ class ImageConfig:
             "pixel_limit": self.pixel_limit,
             "draft": self.draft,
             "reducing_gap": self.reducing_gap,
+            "resampler": self.resampler,
         }
 
 
@@ -439,7 +458,9 @@ class DecodedImage:
             for letterbox).
         source_format: the format Pillow identified from the content (``JPEG``, ``PNG``, ...).
         source_mode: the Pillow mode of the file (``RGB``, ``CMYK``, ``P``, ``I;16``, ...).
-        n_frames: frames in the file (only the first is decoded).
+        n_frames: frames in the file (only the first is decoded): the count the header declares (APNG, WebP,
+            MPO, ...); for GIF and TIFF, which declare none, 1 for a still image and None for an animated one
+            (counting would mean parsing every frame).
         orientation: the EXIF orientation that was applied (1 = none).
         notes: warnings the decoder raised for this file (e.g. corrupt EXIF), which did not stop decoding.
     """
@@ -449,7 +470,7 @@ class DecodedImage:
     content_box: tuple[int, int, int, int]
     source_format: str = ""
     source_mode: str = ""
-    n_frames: int = 1
+    n_frames: int | None = 1
     orientation: int = 1
     notes: tuple[str, ...] = field(default=())
 
@@ -477,6 +498,19 @@ def _decode_failure(exc: BaseException, name: str) -> ImageError:
     if isinstance(exc, MemoryError):
         return ImageError("image_too_large", f"{name}: out of memory while decoding")
     return ImageError("image_invalid", f"{name}: {type(exc).__name__}: {text}")
+
+
+def _frame_count(im: Image.Image) -> int | None:
+    """Frames in the file as far as its header tells: the declared count (APNG, WebP, MPO, ...), or for formats
+    that declare none (GIF, TIFF: Pillow counts them by parsing every frame, seconds for a million frames) 1 for
+    a still image and None for an animated one, found by looking for a second frame only. A damaged later frame
+    is not our problem (only the first is decoded): the file then counts as a still image."""
+    try:
+        if isinstance(getattr(type(im), "n_frames", None), property):
+            return None if getattr(im, "is_animated", False) else 1
+        return int(getattr(im, "n_frames", 1) or 1)
+    except Exception:
+        return 1
 
 
 def _orientation(im: Image.Image) -> int:
@@ -557,6 +591,10 @@ def load_image(source: str | os.PathLike[str] | bytes, cfg: ImageConfig) -> Deco
     """
     name = _name(source)
     if isinstance(source, (bytes, bytearray, memoryview)):
+        if cfg.resampler == "fast":
+            fast = _decode_fast(source, cfg)
+            if fast is not None:
+                return fast
         return _decode(io.BytesIO(bytes(source)), name, cfg)
     path = os.fspath(source)
     try:
@@ -579,7 +617,94 @@ def load_image(source: str | os.PathLike[str] | bytes, cfg: ImageConfig) -> Deco
     except OSError as exc:
         raise ImageError("image_unreadable", f"{name}: {exc.strerror or exc}") from None
     with fh:
+        if cfg.resampler == "fast" and st.st_size <= _FAST_READ_LIMIT:
+            try:
+                candidate = _fast_candidate(fh.read(8))  # read whole only when the fast path may take it
+                fh.seek(0)
+                data = fh.read() if candidate else b""
+            except OSError as exc:
+                raise ImageError("image_unreadable", f"{name}: {exc.strerror or exc}") from None
+            if data:
+                fast = _decode_fast(data, cfg)
+                if fast is not None:
+                    return fast
+                return _decode(io.BytesIO(data), name, cfg)
         return _decode(fh, name, cfg)
+
+
+#: Files up to this size are read whole for the fast path (larger ones are streamed through Pillow).
+_FAST_READ_LIMIT = 64 << 20
+
+
+def _fast_candidate(prefix: bytes) -> bool:
+    """Whether a file starting with these 8 bytes is a JPEG or PNG (the formats the fast path may take)."""
+    return prefix[:3] == b"\xff\xd8\xff" or prefix == b"\x89PNG\r\n\x1a\n"
+
+
+def _decode_fast(data: bytes | bytearray | memoryview, cfg: ImageConfig) -> DecodedImage | None:
+    """The fast path (:mod:`mmprep.images.fast`), or None when the file is one for Pillow (not qualifying from
+    its header, over the pixel limit, or failing in the fast decoder: Pillow then gives the verdict)."""
+    from mmprep.images import fast
+
+    head = fast.probe(data)
+    if head is None:
+        return None
+    ws, hs = head.width, head.height
+    if ws * hs > cfg.pixel_limit:
+        return None  # rejected by the Pillow path, with its message
+    orientation = head.orientation
+    transposed = orientation >= 5
+    uw, uh = (hs, ws) if transposed else (ws, hs)
+    plan = plan_resize(uw, uh, cfg)
+    try:
+        if head.format == "JPEG":
+            need = None
+            if cfg.draft and plan.resample:
+                bw = plan.src_box[2] - plan.src_box[0]
+                bh = plan.src_box[3] - plan.src_box[1]
+                need_w = math.ceil(uw * plan.resized[0] / bw)
+                need_h = math.ceil(uh * plan.resized[1] / bh)
+                need = (need_h, need_w) if transposed else (need_w, need_h)
+            scale = fast.jpeg_scale(ws, hs, need)
+            arr = fast.decode_jpeg(data, head, scale)
+        else:
+            scale = 1
+            arr = fast.decode_png(data, head)
+    except fast.FastDecodeError:
+        return None
+    if plan.resample:
+        x0, y0, x1, y1 = _box_to_stored(plan.src_box, orientation, ws, hs)
+        rw, rh = plan.resized
+        arr = fast.resample(arr, (x0 / scale, y0 / scale, x1 / scale, y1 / scale),
+                            (rh, rw) if transposed else (rw, rh), cfg.interpolation)
+    rgb = fast.to_rgb(fast.orient(arr, orientation), bgr=head.format == "PNG")
+    if plan.out_size != plan.resized:
+        canvas = np.empty((plan.out_size[1], plan.out_size[0], 3), dtype=np.uint8)
+        canvas[...] = cfg.fill
+        x, y = plan.offset
+        canvas[y : y + rgb.shape[0], x : x + rgb.shape[1]] = rgb
+        rgb = canvas
+    if rgb.shape != (plan.out_size[1], plan.out_size[0], 3):
+        return None
+    rgb.flags.writeable = False
+    return DecodedImage(rgb, (uw, uh), plan.content_box, head.format, head.mode, 1, orientation)
+
+
+def decoder_info(cfg: ImageConfig) -> dict[str, Any]:
+    """The resampler and the versions of the libraries that decode with it (recorded with packed data)."""
+    import PIL
+
+    libraries = {"pillow": str(PIL.__version__)}
+    if cfg.resampler == "fast":
+        from mmprep.images import fast
+
+        try:
+            libraries.update(fast.library_versions())
+        except ImportError as exc:
+            raise UsageError(f"the fast resampler cannot load {exc.name or 'its libraries'}: {exc}",
+                             hint="reinstall mmprep's dependencies (simplejpeg, opencv-python-headless), or pass "
+                                  "--resampler pillow") from None
+    return {"resampler": cfg.resampler, "libraries": libraries}
 
 
 def _decode(fp: Any, name: str, cfg: ImageConfig) -> DecodedImage:
@@ -631,10 +756,7 @@ def _decode_opened(im: Image.Image, name: str, cfg: ImageConfig) -> DecodedImage
         )
     fmt = im.format or ""
     source_mode = im.mode
-    try:  # counting frames parses (without decoding) the later ones; a damaged later frame is not our problem
-        n_frames = int(getattr(im, "n_frames", 1) or 1)
-    except Exception:
-        n_frames = 1
+    n_frames = _frame_count(im)
     try:
         # JPEG keeps EXIF in its header, so orientation is known before decoding (needed to draft the right
         # size); other formats may keep it after the pixel data (PNG eXIf), so they are read after load().
@@ -715,17 +837,45 @@ def resolve_image_path(ref: str, root: str | os.PathLike[str], allow_outside: bo
     """
     if not isinstance(ref, str) or not ref.strip() or "\x00" in ref:
         raise ImageError("path_invalid", f"invalid image path {ref!r}")
-    candidate = Path(ref) if os.path.isabs(ref) else Path(root) / ref
+    absolute = os.path.isabs(ref)
     if allow_outside:
-        return candidate
-    root_real = os.path.realpath(root)
-    real = os.path.realpath(candidate)
+        return Path(ref) if absolute else Path(root) / ref
+    root_real = _realpath_cached(os.path.abspath(root))
+    real = os.path.realpath(ref) if absolute else _realpath_under(root_real, ref)
     if real != root_real and not real.startswith(root_real.rstrip(os.sep) + os.sep):
         raise ImageError(
             "path_outside_root",
             f"{ref}: resolves to {real}, outside the image root {root_real}",
         )
     return Path(real)
+
+
+@functools.lru_cache(maxsize=64)
+def _realpath_cached(root: str) -> str:
+    """The resolved image root (a run resolves thousands of references against the same few roots)."""
+    return os.path.realpath(root)
+
+
+def _realpath_under(root_real: str, ref: str) -> str:
+    """``os.path.realpath(root_real / ref)`` for a relative ``ref`` and an already resolved root: only the
+    components of ``ref`` are looked at (``os.path.realpath`` would ``lstat`` every component of the root again,
+    for every image). Anything unusual (a symbolic link, a missing component) is left to ``os.path.realpath``."""
+    path = root_real
+    for part in ref.split(os.sep):
+        if part in ("", "."):
+            continue
+        if part == "..":  # every component so far is a real directory, so its parent is what .. means
+            path = os.path.dirname(path)
+            continue
+        nxt = os.path.join(path, part)
+        try:
+            st = os.lstat(nxt)
+        except OSError:
+            return os.path.realpath(os.path.join(root_real, ref))
+        if stat.S_ISLNK(st.st_mode):
+            return os.path.realpath(os.path.join(root_real, ref))
+        path = nxt
+    return path
 
 
 # -- normalisation ----------------------------------------------------------------------------------------------------
@@ -889,7 +1039,10 @@ def to_output(array_uint8_hwc: np.ndarray, norm: Normalization, out: np.ndarray 
     elif out.shape != src.shape or out.dtype != np.dtype(norm.dtype):
         raise ValueError(f"out has shape {out.shape} {out.dtype}, expected {src.shape} {norm.dtype}")
     if norm.dtype == "uint8":
-        np.copyto(out, src)
+        if norm.layout == "CHW" and arr.ndim == 3 and arr.shape[2] == 3 and out.flags.c_contiguous:
+            _split_planes(arr, out)
+        else:
+            np.copyto(out, src)
         return out
     chans = (lambda a, c: a[c]) if norm.layout == "CHW" else (lambda a, c: a[..., c])
     if norm.dtype == "float16":
@@ -903,6 +1056,17 @@ def to_output(array_uint8_hwc: np.ndarray, norm: Normalization, out: np.ndarray 
     np.multiply(src, scale.reshape(shape), out=out)
     out += offset.reshape(shape)
     return out
+
+
+def _split_planes(arr: np.ndarray, out: np.ndarray) -> None:
+    """``out[c] = arr[..., c]`` for an ``(H, W, 3)`` uint8 array into a C-contiguous ``(3, H, W)`` one, with OpenCV's
+    SIMD split (3x faster than numpy's strided copy); numpy's copy when OpenCV did not write into ``out``."""
+    import cv2
+
+    planes = [out[0], out[1], out[2]]
+    done = cv2.split(np.ascontiguousarray(arr), planes)
+    if any(d.ctypes.data != p.ctypes.data for d, p in zip(done, planes, strict=True)):
+        np.copyto(out, arr.transpose(2, 0, 1))
 
 
 # -- encoding ---------------------------------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ class _Measured:
     original_size: tuple[int, int]  # (w, h) before the resize
     mode: str
     format: str
-    frames: int
+    frames: int | None  # None: animated, frames not counted
     notes: int  # decoder warnings
 
 
@@ -156,7 +156,7 @@ def _add(stats: ImageStats, res: _Measured, sums: list[int], squares: list[int])
     stats.size_buckets[_size_bucket(w, h)] += 1
     stats.modes[res.mode] += 1
     stats.formats[res.format] += 1
-    stats.multi_frame += res.frames > 1
+    stats.multi_frame += res.frames != 1  # None: animated, frames not counted
     stats.with_warnings += res.notes > 0
 
 

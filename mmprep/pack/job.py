@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import time
 from collections import Counter
@@ -59,7 +60,7 @@ __all__ = ["PackJob", "PackReport", "PackTask", "pack"]
 
 Item = Sample | Rejected
 #: Modules a local worker imports while the parent plans.
-_PRELOAD = ("pyarrow.parquet", "mmprep.pack.job")
+_PRELOAD = ("pyarrow.parquet", "mmprep.pack.job", "mmprep.images.fast", "simplejpeg", "tokenizers")
 #: How often a worker reports the rows and images it finished (seconds).
 PROGRESS_EVERY_S = 0.2
 
@@ -127,7 +128,8 @@ class PackTask:
         ticker = _Ticker(progress) if progress is not None else None
 
         def batches() -> Iterator[Any]:
-            for batch, res in processor.process_chunk(index, items, ticker.row if ticker is not None else None):
+            for batch, res in processor.process_chunk(index, items, ticker.row if ticker is not None else None,
+                                                      reuse_buffer=True):  # each batch is written before the next
                 state["res"] = res
                 yield batch
 
@@ -282,6 +284,11 @@ class PackJob:
         return record
 
     def finish(self, records: list[ChunkRecord], run: JobRun[ChunkRecord], out: OutputDir | None) -> Publication:
+        if out is not None and out.local:  # shards are renamed in without a folder fsync each: one per folder here
+            from mmprep.runtime.files import fsync_dir
+
+            for folder in sorted({os.path.dirname(out.child(rec.shard.path).os_path) for rec in records}):
+                fsync_dir(folder)
         rejected = sorted((r for rec in records for r in rec.rejected), key=lambda r: r.line)
         hist: Counter[str] = Counter()
         for rec in records:
@@ -331,6 +338,8 @@ def describe_identity_change(key: str, old: Any, new: Any) -> str:
     changed under the same path (``the tokenizer's files (content)``)."""
     if key in _CONTENT:
         return f"{_CONTENT[key]} ({key})"
+    if key == "decoder" or key.startswith("decoder."):
+        return "the image decoder: --resampler, or the versions of Pillow, simplejpeg or OpenCV (decoder)"
     if key == "columns" or key.startswith("columns."):
         return "the input columns carried, or their types (--keep-columns, --drop-columns, the manifest)"
     name = key.removeprefix("config.")
@@ -376,6 +385,15 @@ def _root_from(cfg: PackConfig) -> str:
     if cfg.image_root:
         return "--image-root"
     return "the working folder, as the manifest is stdin" if cfg.manifest == "-" else "the manifest's folder"
+
+
+def _worker_setup() -> None:
+    """In each pool worker: one thread for OpenCV and the tokenizer (their own thread pools would spin on the cores
+    the other workers use; the processes are the parallelism)."""
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    import cv2
+
+    cv2.setNumThreads(1)
 
 
 def pack(
@@ -429,11 +447,14 @@ def pack(
                              hint="use --engine local, or --device cpu with --engine ray")
         device = "cpu" if engine == "ray" else resolve_device(cfg.device, padded=cfg.pad == "max")
         cfg = dataclasses.replace(cfg, device=device)
+        if device == "cuda":  # the device resizes with Pillow's filters: images that fall back to the CPU do too
+            cfg = dataclasses.replace(cfg, image=dataclasses.replace(cfg.image, resampler="pillow"))
     cfg.validate()
     if resume and not rereadable(cfg.manifest):
         raise UsageError("--resume needs a manifest file, not stdin or a pipe")
     phase = on_phase if on_phase is not None else (lambda text: None)
     with make_engine(engine, workers, ray_address=ray_address, progress=progress is not None, preload=_PRELOAD,
+                     setup=_worker_setup if cfg.image.resampler == "fast" else None,
                      size_of=lambda chunk: chunk.size) as eng:
         phase("reading the manifest")
         plan = plan_pack(cfg, storage_options, workers=eng.workers, engine=engine)

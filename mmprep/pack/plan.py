@@ -115,12 +115,16 @@ class PackPlan:
         return d
 
     def identity(self, *, tokenizer_key: str | None, vocab_sha256: str | None) -> dict[str, Any]:
-        """What decides the output: the settings, the manifest's bytes, the tokenizer's and vocabulary's content."""
+        """What decides the output: the settings, the manifest's bytes, the tokenizer's and vocabulary's content,
+        the image decoders' versions."""
+        from mmprep.images.decode import decoder_info
+
         config = self.recorded_config()
         for policy in _POLICIES:
             config.pop(policy, None)
         return {
             "config": config,
+            "decoder": decoder_info(self.cfg.image),
             "manifest_sha256": _manifest_sha256(self.manifest),
             "rows_per_shard": self.rows_per_shard,
             "tokenizer_sha256": tokenizer_key,

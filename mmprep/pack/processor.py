@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
@@ -157,11 +158,15 @@ class SampleProcessor:
 
     # -- chunks -------------------------------------------------------------------------------------------
     def process_chunk(self, index: int, items: Sequence[Sample | Rejected],
-                      on_row: Callable[[int], None] | None = None) -> Iterator[tuple[Any, ChunkResult]]:
+                      on_row: Callable[[int], None] | None = None, *,
+                      reuse_buffer: bool = False) -> Iterator[tuple[Any, ChunkResult]]:
         """Process a chunk's items in input order; yields ``(record_batch, result_so_far)`` per row group.
 
         The last yield carries the complete :class:`ChunkResult`; batches may be None when a group had no rows.
         ``on_row(images)`` is called as each item is done (0 images for a rejected one), for progress.
+        With ``reuse_buffer`` the padded pixels of every batch live in one buffer kept per worker (faster: no fresh
+        pages per row group), so a batch is only valid until the next one is made: for a caller that writes each
+        batch before asking for the next, as the shard writer does. Without it every batch owns its pixels.
         """
         import pyarrow as pa
 
@@ -177,7 +182,7 @@ class SampleProcessor:
                 samples.clear()
                 if not rows:
                     return None
-            return self._to_batch(rows, res, pixels)
+            return self._to_batch(rows, res, pixels, reuse_buffer=reuse_buffer)
 
         for item in items:
             if isinstance(item, Rejected):
@@ -286,24 +291,29 @@ class SampleProcessor:
             pixels = pixels[keep_index]
         return kept, pixels
 
-    def _to_batch(self, rows: list[PackedRow], res: ChunkResult, pixels: np.ndarray | None = None) -> Any:
+    def _to_batch(self, rows: list[PackedRow], res: ChunkResult, pixels: np.ndarray | None = None, *,
+                  reuse_buffer: bool = False) -> Any:
         import pyarrow as pa
 
         cfg = self.cfg
         n = len(rows)
         cols: dict[str, Any] = {
-            "id": pa.array([r.id for r in rows], pa.string()),
-            "line": pa.array([r.line for r in rows], pa.int64()),
-            "image_count": pa.array([len(r.images) for r in rows], pa.int32()),
+            "id": _strings([r.id for r in rows]),
+            "line": _from_numpy(np.array([r.line for r in rows], dtype=np.int64), pa.int64()),
+            "image_count": _from_numpy(np.array([len(r.images) for r in rows], dtype=np.int32), pa.int32()),
         }
         if cfg.pad == "max":
             limit = cfg.limit_images
             shape = self.slot_shape
             assert shape is not None
             dtype = np.dtype(cfg.norm.dtype)
-            if pixels is None:
-                pixels = np.zeros((n, limit, *shape), dtype=dtype)
             mask = np.zeros((n, limit), dtype=bool)
+            for i, r in enumerate(rows):
+                mask[i, : len(r.images)] = True
+            if pixels is None and reuse_buffer:  # (the device path hands its pixels in, already in place)
+                pixels = _PIXELS.take((max(n, self.row_group_rows), limit, *shape), dtype, mask)
+            elif pixels is None:
+                pixels = np.zeros((n, limit, *shape), dtype=dtype)
             sizes = np.zeros((n, limit, 2), dtype=np.int32)
             boxes = np.zeros((n, limit, 4), dtype=np.int32)
             for i, r in enumerate(rows):
@@ -311,7 +321,6 @@ class SampleProcessor:
                     img = loaded if not isinstance(loaded, LoadedImage) else loaded.image
                     if isinstance(loaded, LoadedImage):  # device images are already in `pixels`
                         to_output(loaded.image.array, cfg.norm, out=pixels[i, k])
-                    mask[i, k] = True
                     sizes[i, k] = img.original_size
                     boxes[i, k] = img.content_box
             width = pixels[0].nbytes if n else cfg.pixel_bytes()
@@ -346,11 +355,15 @@ class SampleProcessor:
             cols["truncated"] = _from_numpy(np.asarray(tb.truncated), pa.bool_())
             res.text_truncated += int(np.count_nonzero(tb.truncated))
         if self.vocab is not None:
-            cols["tag_ids"] = pa.array([r.tags for r in rows], pa.list_(pa.int32()))
+            cols["tag_ids"] = _int32_lists([r.tags for r in rows])  # type: ignore[misc]
         else:
-            cols["tags"] = pa.array([r.tags for r in rows], pa.list_(pa.string()))
-        cols["text"] = pa.array([r.text for r in rows], pa.string())
-        cols["image_paths"] = pa.array([[_ref_path(ref) for ref in r.refs] for r in rows], pa.list_(pa.string()))
+            cols["tags"] = _string_lists([r.tags for r in rows])  # type: ignore[misc]
+        cols["text"] = _strings([r.text for r in rows])
+        paths = [[_ref_path(ref) for ref in r.refs] for r in rows]
+        if any(p is None for row in paths for p in row):  # embedded images stored without a name
+            cols["image_paths"] = pa.array(paths, pa.list_(pa.string()))
+        else:
+            cols["image_paths"] = _string_lists(paths)  # type: ignore[arg-type]
         cols.update(self.columns.arrays([r.extra for r in rows]))  # trainer-ready output (issue 16)
         return pa.RecordBatch.from_arrays([cols[f.name] for f in self.schema], schema=self.schema)
 
@@ -358,6 +371,36 @@ class SampleProcessor:
 def _ref_path(ref: ImageRef) -> str | None:
     """The path stored for an image: the manifest's path, or the one stored beside embedded bytes (may be None)."""
     return ref.path if isinstance(ref, EmbeddedImage) else ref
+
+
+class _PixelBuffer(threading.local):
+    """The padded pixel tensor of a row group, allocated once per worker (thread) and reused: a fresh ``np.zeros``
+    per row group costs a page fault per 4 KB as it is first written and read (~0.3 ms per 750 KB row), more
+    than filling it. Only the slots that held an image last time and are padding now are zeroed again.
+
+    The array handed out is overwritten by the next :meth:`take`: a batch built on it must be written before the
+    next one is made (``process_chunk`` yields each batch to the writer before it makes the next).
+    """
+
+    def __init__(self) -> None:
+        self.buf: np.ndarray | None = None
+        self.dirty: np.ndarray | None = None
+
+    def take(self, shape: tuple[int, ...], dtype: np.dtype[Any], mask: np.ndarray) -> np.ndarray:
+        """Zeros for ``mask.shape[0]`` rows of ``shape[1:]`` except where ``mask`` is set (about to be filled)."""
+        if self.buf is None or self.dirty is None or self.buf.shape != shape or self.buf.dtype != dtype:
+            self.buf = np.zeros(shape, dtype=dtype)
+            self.dirty = np.zeros(shape[:2], dtype=bool)
+        n = mask.shape[0]
+        view = self.buf[:n]
+        stale = self.dirty[:n] & ~mask
+        if stale.any():
+            view[stale] = 0
+        self.dirty[:n] = mask
+        return view
+
+
+_PIXELS = _PixelBuffer()
 
 
 def _keep_placeholders(text: str, placeholder: str, keep: int) -> str:
@@ -373,6 +416,44 @@ def _fixed_list(values: Any, size: int, value_type: Any = None) -> Any:
 
     arr = values if isinstance(values, pa.Array) else _from_numpy(values, value_type)
     return pa.FixedSizeListArray.from_arrays(arr, size)
+
+
+# Arrays from Python lists are built from buffers, not with ``pa.array``: its first call imports pandas when pandas is
+# installed (to check for pandas objects), ~0.2 CPU-s in every worker process.
+
+
+def _offsets(lengths: list[int]) -> np.ndarray:
+    out = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=out[1:])
+    if out[-1] > np.iinfo(np.int32).max:
+        raise ValueError(f"{out[-1]:,} bytes or values in one column of one row group: more than Arrow's 2 GiB")
+    return out.astype(np.int32)
+
+
+def _strings(values: Sequence[str]) -> Any:
+    """A ``string`` array of ``values`` (as ``pa.array(values, pa.string())``)."""
+    import pyarrow as pa
+
+    encoded = [v.encode("utf-8") for v in values]
+    offsets = _offsets([len(b) for b in encoded])
+    return pa.StringArray.from_buffers(len(encoded), pa.py_buffer(offsets), pa.py_buffer(b"".join(encoded)))
+
+
+def _string_lists(values: Sequence[Sequence[str]]) -> Any:
+    """A ``list<string>`` array of ``values``."""
+    import pyarrow as pa
+
+    offsets = _from_numpy(_offsets([len(v) for v in values]), pa.int32())
+    return pa.ListArray.from_arrays(offsets, _strings([x for v in values for x in v]))
+
+
+def _int32_lists(values: Sequence[Sequence[int]]) -> Any:
+    """A ``list<int32>`` array of ``values``."""
+    import pyarrow as pa
+
+    offsets = _from_numpy(_offsets([len(v) for v in values]), pa.int32())
+    flat = np.array([x for v in values for x in v], dtype=np.int32)
+    return pa.ListArray.from_arrays(offsets, _from_numpy(flat, pa.int32()))
 
 
 def _from_numpy(values: np.ndarray, value_type: Any) -> Any:

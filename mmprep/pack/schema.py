@@ -49,6 +49,10 @@ def build_schema(
         "resize_mode": cfg.image.resize_mode,
         "interpolation": cfg.image.interpolation,
     }
+    if cfg.image.resampler != "pillow":  # the Pillow path writes the metadata it always wrote (same bytes)
+        from mmprep.images.decode import decoder_info
+
+        meta["decoder"] = decoder_info(cfg.image)
     if cfg.pad == "max":
         shape = [limit, *cfg.slot_shape()]
         fields += [

@@ -1,12 +1,16 @@
 """Writing one shard: record batches in, one Parquet file out (one row group per batch), hashed while written.
 
 The file appears under its final name only when complete (:func:`mmprep.runtime.files.atomic_write`), and its
-sha256 is computed from the bytes as they are written, so the shard is never read back to hash it.
+sha256 is computed from the bytes as they are written, so the shard is never read back to hash it. The hashing runs
+in a thread (``hashlib`` releases the GIL on large buffers), so the worker goes on encoding the next row group
+while the last one is hashed; the file is fsynced once, when complete.
 """
 
 from __future__ import annotations
 
 import hashlib
+import queue
+import threading
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -53,44 +57,68 @@ def write_shard(
 
     def write(raw: BinaryIO) -> None:
         sink = _HashingWriter(raw)
-        writer = pq.ParquetWriter(
-            sink,
-            schema,
-            compression=None if compression == "none" else compression,
-            write_statistics=["id", "line", "image_count"],
-            use_dictionary=_dictionary_columns(schema),
-            store_schema=True,
-        )
         try:
-            for batch in batches:
-                if batch is None or batch.num_rows == 0:
-                    continue
-                writer.write_batch(batch, row_group_size=batch.num_rows)
-                done.rows += batch.num_rows
-            if extra_metadata is not None:
-                writer.add_key_value_metadata(extra_metadata())
+            writer = pq.ParquetWriter(
+                sink,
+                schema,
+                compression=None if compression == "none" else compression,
+                write_statistics=["id", "line", "image_count"],
+                use_dictionary=_dictionary_columns(schema),
+                store_schema=True,
+            )
+            try:
+                for batch in batches:
+                    if batch is None or batch.num_rows == 0:
+                        continue
+                    writer.write_batch(batch, row_group_size=batch.num_rows)
+                    done.rows += batch.num_rows
+                if extra_metadata is not None:
+                    writer.add_key_value_metadata(extra_metadata())
+            finally:
+                writer.close()
         finally:
-            writer.close()
-        done.size, done.sha256 = sink.size, sink.sha.hexdigest()
+            sha256 = sink.finish()  # also after an error: the hashing thread ends with the shard
+        done.size, done.sha256 = sink.size, sha256
 
-    atomic_write(p, write, what="shard")
+    # One fsync per shard (its bytes); the folder is fsynced once, when the index is published: a shard whose
+    # rename a crash loses is missing on --resume, which redoes its chunk.
+    atomic_write(p, write, what="shard", fsync_folder=False)
     return ShardInfo(path=name or p.name, rows=done.rows, bytes=done.size, sha256=done.sha256)
 
 
 class _HashingWriter:
-    """A write-only file object that hashes what passes through it (the shard is never read back to hash it)."""
+    """A write-only file object that hashes what passes through it (the shard is never read back to hash it).
+
+    Each block is written at once and hashed by a thread, in order. pyarrow hands its file object ``bytes`` (a
+    row group's column chunks arrive as one large block), which nothing can change afterwards, so the thread
+    reads them without a copy; anything else is copied first.
+    """
 
     def __init__(self, raw: Any) -> None:
         self.raw = raw
-        self.sha = hashlib.sha256()
         self.size = 0
         self.closed = False
+        self._sha = hashlib.sha256()
+        self._blocks: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._hash, name="mmprep-shard-sha256", daemon=True)
+        self._thread.start()
+
+    def _hash(self) -> None:
+        while (block := self._blocks.get()) is not None:
+            self._sha.update(block)
 
     def write(self, data: Any) -> int:
-        view = memoryview(data)
-        self.sha.update(view)
-        self.size += view.nbytes
-        return int(self.raw.write(view))
+        block = data if isinstance(data, bytes) else bytes(memoryview(data))
+        self._blocks.put(block)
+        self.size += len(block)
+        return int(self.raw.write(block))
+
+    def finish(self) -> str:
+        """Wait for the hashing thread; the sha256 of everything written."""
+        if self._thread.is_alive():
+            self._blocks.put(None)
+            self._thread.join()
+        return self._sha.hexdigest()
 
     def flush(self) -> None:
         self.raw.flush()

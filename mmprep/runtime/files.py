@@ -133,8 +133,12 @@ def atomic_write(
     *,
     what: str = "",
     fsync: bool = True,
+    fsync_folder: bool = True,
 ) -> None:
     """Write ``data`` (bytes, or a function that writes into the open file) to ``path`` atomically.
+
+    ``fsync`` makes the file's bytes durable before the rename; ``fsync_folder`` also the rename (an fsync of the
+    folder). A job writing many files into one folder can leave the folder to one fsync at its end.
 
     The final name is replaced by a rename, so it never shows a partial file, and a symbolic link at the final
     name is refused rather than followed (``os.replace`` would replace the link itself; refusing keeps the
@@ -167,7 +171,7 @@ def atomic_write(
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
-    if fsync:
+    if fsync and fsync_folder:
         fsync_dir(p.parent)
 
 

@@ -29,6 +29,7 @@ def make_engine(
     ray_address: str | None = None,
     progress: bool = False,
     preload: Sequence[str] = (),
+    setup: Callable[[], None] | None = None,
     max_useful: int | None = None,
     size_of: Callable[[Any], int] | None = None,
 ) -> Engine:
@@ -40,6 +41,7 @@ def make_engine(
         ray_address: the Ray cluster (``engine="ray"``).
         progress: workers report progress while a chunk runs (local pool).
         preload: modules each local worker imports as soon as it starts.
+        setup: a module-level function each local worker runs once when it starts.
         max_useful: no more local workers than this (the number of chunks, when known).
         size_of: input rows of a chunk (Ray windows hold about ``WINDOW_ITEMS`` of them).
 
@@ -62,4 +64,4 @@ def make_engine(
         return InlineEngine()
     from mmprep.runtime.engines.local import LocalEngine
 
-    return LocalEngine(n, with_progress=progress, preload=preload)
+    return LocalEngine(n, with_progress=progress, preload=preload, setup=setup)

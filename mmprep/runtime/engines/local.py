@@ -19,7 +19,7 @@ import signal
 import tempfile
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any, TypeVar
@@ -38,13 +38,15 @@ _progress_q: Any = None
 _PARENT_POLL_S = 0.5
 
 
-def _init(progress_q: Any, parent_pid: int) -> None:
+def _init(progress_q: Any, parent_pid: int, setup: Callable[[], None] | None = None) -> None:
     global _progress_q
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops the pool
     if hasattr(signal, "pthread_sigmask"):  # blocked since the parent started this process (sigint_blocked)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     _progress_q = progress_q
     threading.Thread(target=_exit_with_parent, args=(parent_pid,), name="mmprep-parent-watch", daemon=True).start()
+    if setup is not None:
+        setup()
 
 
 def _exit_with_parent(parent_pid: int) -> None:
@@ -83,12 +85,15 @@ class LocalEngine:
         workers: number of worker processes (>= 2; use :class:`InlineEngine` for one).
         with_progress: create the queue workers report ``(rows, images)`` increments through.
         preload: modules each worker imports as soon as it starts.
+        setup: a module-level function each worker runs once when it starts (for instance to keep a library's own
+            thread pool to one thread: the processes are the parallelism).
     """
 
     name = "local"
     streams_progress = True
 
-    def __init__(self, workers: int, *, with_progress: bool = False, preload: Sequence[str] = ()) -> None:
+    def __init__(self, workers: int, *, with_progress: bool = False, preload: Sequence[str] = (),
+                 setup: Callable[[], None] | None = None) -> None:
         ctx = mp.get_context("spawn")
         self.workers = workers
         self.stats: dict[str, Any] = {}
@@ -96,7 +101,7 @@ class LocalEngine:
         self._dir = tempfile.mkdtemp(prefix="mmprep-pool-")
         self._closed = False
         self.executor = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init,
-                                            initargs=(self.progress_q, os.getpid()))
+                                            initargs=(self.progress_q, os.getpid(), setup))
         # Workers start on demand (one per submit while none is idle): only as many as there are cores warm up
         # now, so that more workers than cores, or than the input has chunks, cost nothing until there is work.
         with sigint_blocked():
