@@ -151,3 +151,35 @@ def test_a_deep_csv_cell_is_a_row_problem_in_every_command(tmp_path: Path, comma
     res = CliRunner().invoke(app, args)
     assert res.exit_code in (0, 1), res.stderr
     assert "internal error" not in res.stderr and "RecursionError" not in res.stderr
+
+
+def _pack_args(tmp_path: Path, manifest_arg: str) -> list[str]:
+    repo = Path(__file__).resolve().parents[1]
+    return ["pack", manifest_arg, "--out", str(tmp_path / "o"), "--image-root", str(repo / "sample_data"),
+            "--image-size", "8", "--workers", "1"]
+
+
+def test_pack_refuses_a_device_as_manifest_before_reading_it(tmp_path: Path) -> None:
+    """/dev/zero was copied as if it were a pipe until the disk was full; it is never a manifest."""
+    from typer.testing import CliRunner
+
+    from mmprep.cli import app
+
+    res = CliRunner().invoke(app, _pack_args(tmp_path, "/dev/zero"))
+    assert res.exit_code == 2, res.stderr
+    assert "/dev/zero: not a regular file or a pipe" in res.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_binary_data_on_standard_input_stops_the_copy_at_the_first_nul(tmp_path: Path) -> None:
+    """`cat /dev/zero | mmprep pack -` must stop at once, not copy the stream to a temporary file until the disk is
+    full; the error names the line and the byte."""
+    from typer.testing import CliRunner
+
+    from mmprep.cli import app
+
+    rows = "".join(json.dumps(r) + "\n" for r in _rows(3))
+    res = CliRunner().invoke(app, _pack_args(tmp_path, "-"), input=rows.encode() + b"\0" * (3 << 20))
+    assert res.exit_code == 2, res.stderr
+    assert f"<stdin>:4: holds a NUL byte (byte {len(rows.encode()):,})" in res.stderr
+    assert not (tmp_path / "o").exists()

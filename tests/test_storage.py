@@ -233,3 +233,26 @@ def test_an_http_image_root_refuses_paths_above_it(http_root: str, tmp_path: Pat
         images.resolve("../manifest.jsonl")
     with pytest.raises(ImageError, match="image root's host"):
         images.resolve("http://127.0.0.2:1/images/x.jpg")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("aiohttp") is None, reason="needs the remote extra (aiohttp)")
+def test_an_http_root_whose_server_does_not_answer_says_so(tmp_path: Path) -> None:
+    """fsspec answers "not found" for a refused connection: the early stop said every image "does not exist"."""
+    import socket
+
+    with socket.socket() as s:  # a port on 127.0.0.1 that nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    res = CliRunner().invoke(app, ["pack", str(SAMPLE / "manifest.jsonl"), "--out", str(tmp_path / "o"),
+                                   "--image-root", f"http://127.0.0.1:{port}/", "--image-size", "16"])
+    assert res.exit_code == 1, res.stderr
+    assert f"cannot be read from http://127.0.0.1:{port}/" in res.stderr and "cannot be reached" in res.stderr
+    assert "does not exist" not in res.stderr
+
+
+@pytest.mark.skipif(importlib.util.find_spec("aiohttp") is None, reason="needs the remote extra (aiohttp)")
+def test_an_http_root_that_answers_404_names_the_missing_image(http_root: str, tmp_path: Path) -> None:
+    res = CliRunner().invoke(app, ["pack", str(SAMPLE / "manifest.jsonl"), "--out", str(tmp_path / "o"),
+                                   "--image-root", http_root + "nothing-here/", "--image-size", "16"])
+    assert res.exit_code == 1, res.stderr
+    assert f"{http_root}nothing-here/images/astronaut.jpg does not exist" in res.stderr

@@ -58,6 +58,11 @@ class ImageSource(Protocol):
         """Where ``ref`` is read from, as messages show it (ImageError: ``path_invalid``, ``path_outside_root``)."""
         ...
 
+    def problem(self, ref: str) -> str:
+        """Why ``ref`` has no :meth:`signature`, in a few words for a message (``does not exist``, ``cannot be
+        reached: ...``); empty when it can be read after all."""
+        ...
+
     def describe_root(self) -> str:
         """The image root, as messages show it."""
         ...
@@ -162,8 +167,39 @@ class LocalImages:
     def locate(self, ref: str) -> str:
         return str(self.path(ref))
 
+    def problem(self, ref: str) -> str:
+        try:
+            self.path(ref).stat()
+        except ImageError as exc:
+            return exc.detail
+        except FileNotFoundError:
+            return "does not exist"
+        except OSError as exc:
+            return f"cannot be read: {exc.strerror or exc}"
+        return ""
+
     def describe_root(self) -> str:
         return str(self.root)
+
+
+def _http_problem(url: str) -> str:
+    """``does not exist`` when the server answers 404/410, else what went wrong (a HEAD request, 10 s timeout)."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=10):
+            return ""
+    except urllib.error.HTTPError as exc:
+        return "does not exist" if exc.code in (404, 410) else f"cannot be read (HTTP {exc.code} {exc.reason})"
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        return f"cannot be reached ({reason})"
+
+
+def _unreachable(loc: Location, exc: Exception) -> str:
+    text = " ".join(loc.scrub(str(exc)).split())
+    return f"cannot be reached ({type(exc).__name__}: {text[:300]})"
 
 
 def _split_host(path: str) -> tuple[str, str]:
@@ -281,6 +317,27 @@ class RemoteImages:
 
     def locate(self, ref: str) -> str:
         return str(self.resolve(ref))
+
+    def problem(self, ref: str) -> str:
+        import pyarrow.fs as pafs
+
+        try:
+            loc = self.resolve(ref)
+        except ImageError as exc:
+            return exc.detail
+        try:
+            info = loc.fs.get_file_info(loc.path)
+        except FileNotFoundError:
+            info = None
+        except Exception as exc:  # a server that does not answer, refused credentials: say what the store said
+            return _unreachable(loc, exc)
+        if info is None or info.type == pafs.FileType.NotFound:
+            # fsspec's HTTP filesystem answers "not found" for a server that cannot be reached: ask the server
+            # itself (once, for the message).
+            return _http_problem(loc.path) if loc.scheme in ("http", "https") else "does not exist"
+        if info.type == pafs.FileType.Directory:
+            return "is a directory"
+        return ""
 
     def describe_root(self) -> str:
         return str(self.root)

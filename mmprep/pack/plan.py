@@ -18,14 +18,13 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import shutil
 import stat
 import sys
 import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from mmprep.errors import InputError, RunFailed, UsageError
 from mmprep.images.sources import ImageSource, LocalImages, RemoteImages
@@ -230,8 +229,9 @@ def _plan(cfg: PackConfig, man: str, out: str, root: str | None, storage_options
     shown = man if man == "-" else (local_path(man) if is_local(man) else redact(man))
     name = None
     if isinstance(source, str) and _stream(source):
-        source = _copy_input(source, cleanup)  # the schema pass reads the input, then the run reads it again
         name = "<stdin>" if man == "-" else shown
+        # the schema pass reads the input, then the run reads it again
+        source = _copy_input(source, cleanup, name, cfg.format)
     survey = plan_columns(cfg, source, name=name)
     spool = None
     if table_input(source, cfg.format) is not None:  # Parquet/Arrow: image bytes may come with the rows
@@ -276,21 +276,29 @@ def _plan(cfg: PackConfig, man: str, out: str, root: str | None, storage_options
 
 
 def _stream(path: str) -> bool:
-    """Standard input, a FIFO or another file that cannot be read twice (a missing file is not: the reader says
-    that it is missing)."""
+    """Standard input, a FIFO or a socket: an input that cannot be read twice. A missing file is not (the reader
+    says that it is missing), nor a device such as ``/dev/zero`` (the reader refuses it: never a manifest)."""
     if path == "-":
         return True
     try:
         mode = os.stat(local_path(path)).st_mode
     except OSError:
         return False
-    return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
+    return stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)
 
 
-def _copy_input(path: str, cleanup: list[Callable[[], None]]) -> str:
+#: First bytes of the binary manifest formats (Parquet; Arrow IPC file; Arrow IPC stream's continuation marker).
+_BINARY_MAGIC = (b"PAR1", b"ARROW1", b"\xff\xff\xff\xff")
+
+
+def _copy_input(path: str, cleanup: list[Callable[[], None]], name: str, fmt: str | None = None) -> str:
     """Copy standard input (or a pipe) to a temporary file, so it can be read twice; returns its path.
 
+    A text manifest (JSON Lines, JSON, CSV) never holds a NUL byte: one stops the copy at once with a file error
+    (``cat /dev/zero | mmprep pack -`` must not fill the disk before the reader sees a single line).
+
     Raises:
+        InputError: the pipe cannot be opened, or a text manifest holds binary data.
         RunFailed: the copy cannot be written (disk full).
     """
     fd, tmp = tempfile.mkstemp(prefix="mmprep-input-", dir=os.environ.get("MMPREP_SPOOL_DIR") or None)
@@ -298,19 +306,37 @@ def _copy_input(path: str, cleanup: list[Callable[[], None]]) -> str:
     try:
         with os.fdopen(fd, "wb") as dst:
             if path == "-":
-                shutil.copyfileobj(sys.stdin.buffer, dst, 1 << 20)
+                _copy_text_checked(sys.stdin.buffer, dst, name, fmt)
             else:
                 try:
                     src = open(local_path(path), "rb")  # noqa: SIM115 - closed by the with below
                 except OSError as exc:
                     raise InputError(f"{path}: cannot open: {exc.strerror or exc}") from None
                 with src:
-                    shutil.copyfileobj(src, dst, 1 << 20)
+                    _copy_text_checked(src, dst, name, fmt)
     except OSError as exc:
         raise RunFailed(f"cannot copy the input to {tmp}: {exc.strerror or exc}",
                         hint="an input read from a pipe is copied to a temporary file first: free disk space "
                              "there, or set MMPREP_SPOOL_DIR to a folder with room") from None
     return tmp
+
+
+def _copy_text_checked(src: IO[bytes], dst: IO[bytes], name: str, fmt: str | None) -> None:
+    """Copy ``src`` to ``dst`` in 1 MiB blocks; unless the input is Parquet/Arrow (by ``fmt`` or its first bytes),
+    a NUL byte is an :class:`InputError` naming the byte."""
+    done = lines = 0
+    check: bool | None = None if fmt is None else fmt not in ("parquet", "arrow")
+    while block := src.read(1 << 20):
+        if check is None:
+            check = not block.startswith(_BINARY_MAGIC)
+        if check and (at := block.find(b"\0")) >= 0:
+            line = lines + block.count(b"\n", 0, at) + 1
+            raise InputError(f"{name}:{line}: holds a NUL byte (byte {done + at:,}): binary data, not a "
+                             f"{fmt or 'text'} manifest",
+                             hint="give a manifest file (JSON Lines, JSON, CSV, Parquet or Arrow)")
+        dst.write(block)
+        done += len(block)
+        lines += block.count(b"\n")
 
 
 def _image_root(cfg: PackConfig, root: str | None) -> Path:

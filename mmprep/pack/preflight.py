@@ -42,6 +42,7 @@ class ImageProbe:
 
     looked: int = 0
     missing: list[str] = field(default_factory=list)
+    missing_refs: list[str] = field(default_factory=list)
     refused: list[tuple[str, str, str]] = field(default_factory=list)
 
 
@@ -66,6 +67,7 @@ def probe_images(items: Iterable[Sample | Rejected], images: ImageSource, rows: 
             continue
         if images.signature(ref) is None:
             probe.missing.append(where)
+            probe.missing_refs.append(ref)
     return probe
 
 
@@ -85,9 +87,16 @@ def check_first_images(items: Iterable[Sample | Rejected], images: ImageSource, 
     probe = probe_images(items, images, rows)
     if probe.looked < PROBE_MIN_ROWS or 2 * len(probe.missing) <= probe.looked:
         return probe
+    problem = images.problem(probe.missing_refs[0]) or "cannot be read"
+    if problem.startswith("cannot be reached"):  # the store did not answer: the paths may well be right
+        raise RunFailed(
+            f"{len(probe.missing)} of the first {probe.looked} rows' images cannot be read from "
+            f"{images.describe_root()} ({root_from}): {probe.missing[0]} {problem}; nothing was written",
+            hint="check the address of the image root and that its server answers (credentials: see the README), "
+                 "or pass --no-image-check to pack the rows whose images can be read")
     raise RunFailed(
         f"{len(probe.missing)} of the first {probe.looked} rows' images are not where mmprep looked, under "
-        f"{images.describe_root()} ({root_from}): for example {probe.missing[0]} does not exist; nothing was written",
+        f"{images.describe_root()} ({root_from}): for example {probe.missing[0]} {problem}; nothing was written",
         hint="image paths in the manifest are read relative to --image-root (default: the manifest's folder): "
              "pass --image-root with the folder they are relative to, or --no-image-check to pack the rows whose "
              "images exist",
