@@ -256,3 +256,22 @@ def test_an_http_root_that_answers_404_names_the_missing_image(http_root: str, t
                                    "--image-root", http_root + "nothing-here/", "--image-size", "16"])
     assert res.exit_code == 1, res.stderr
     assert f"{http_root}nothing-here/images/astronaut.jpg does not exist" in res.stderr
+
+
+@pytest.mark.skipif(importlib.util.find_spec("aiohttp") is None, reason="needs the remote extra (aiohttp)")
+def test_images_from_a_server_that_does_not_answer_are_unreadable_not_missing(tmp_path: Path) -> None:
+    """With --no-image-check the run goes on: each row's reject must say the server did not answer."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "o"
+    res = CliRunner().invoke(app, ["pack", str(SAMPLE / "manifest.jsonl"), "--out", str(out), "--image-root",
+                                   f"http://127.0.0.1:{port}/", "--image-size", "16", "--no-image-check",
+                                   "--workers", "1"])
+    assert res.exit_code == 1, res.stderr
+    rows = [json.loads(line) for line in (out / "rejected-train.jsonl").read_text().splitlines()]
+    image_rows = [r for r in rows if r["stage"] == "images"]
+    assert image_rows and {r["reason"] for r in image_rows} == {"image_unreadable"}
+    assert all("Connection refused" in r["detail"] for r in image_rows), image_rows[0]

@@ -278,6 +278,10 @@ class RemoteImages:
         try:
             return loc.read_bytes()
         except FileNotFoundError:
+            if loc.scheme in ("http", "https"):  # fsspec says "not found" for a server that does not answer too
+                problem = _http_problem(loc.path)
+                if problem.startswith("cannot"):
+                    raise ImageError("image_unreadable", f"{loc}: {problem}") from None
             raise ImageError("image_missing", f"{loc}: no such file") from None
         except IsADirectoryError:
             raise ImageError("image_not_a_file", f"{loc}: is a directory") from None
