@@ -41,8 +41,11 @@ METHODS = ("local", "ray-fresh", "ray-warm")
 
 
 def _digests(out: Path) -> dict[str, str]:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(out.iterdir()) if p.is_file() and p.name != "run-stats.json"}
+    """sha256 of every file the run published (shards under data/ included), timings (run-stats-*) and the run's
+    own state (.mmprep/) left out."""
+    return {p.relative_to(out).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(out.rglob("*")) if p.is_file() and not p.name.startswith("run-stats-")
+            and ".mmprep" not in p.relative_to(out).parts}
 
 
 def _config(manifest: Path, out: Path, rows_per_shard: int) -> Any:

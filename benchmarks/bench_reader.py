@@ -37,6 +37,7 @@ import argparse
 import json
 import os
 import shlex
+import shutil
 import statistics
 import sys
 import time
@@ -82,9 +83,11 @@ def prepare(samples: int, size: int, seed: int, workers: int, shard_rows: int) -
     out = REPO_ROOT / ".bench" / f"reader-packed-{samples}-{seed}-{size}-{shard_rows}"
     stamp = out / "bench-params.json"
     params = {"samples": samples, "seed": seed, "size": size, "rows_per_shard": shard_rows, "manifest": str(manifest),
-              "version": 2}
+              "version": 3}  # 3: the Hub layout (data/, splits in index.json)
     if (out / "index.json").exists() and stamp.exists() and json.loads(stamp.read_text()) == params:
         return out, source
+    if out.exists():  # this benchmark's own cache, made with other parameters or an older layout: made again
+        shutil.rmtree(out)
     cfg = PackConfig(
         manifest=str(manifest), out=str(out), image=ImageConfig(size=(size, size), resize_mode="letterbox"),
         limit_images=4, too_many_images="truncate", tokenizer=str(SAMPLE / "tokenizers" / "clip"),

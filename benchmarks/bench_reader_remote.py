@@ -87,35 +87,39 @@ def read_plan(path: str, batch_size: int, epoch: int, **kw: Any) -> int:
     return rows
 
 
-def upload(fs: Any, local: Path, prefix: str, copies: int = 1) -> str:
-    """Upload a packed directory to s3://BUCKET/prefix; with ``copies`` > 1 its index lists every shard that many
-    times (a dataset of ``copies`` x the rows, stored once)."""
-    for p in sorted(local.glob("shard-*.parquet")):
-        fs.put_file(str(p), f"{BUCKET}/{prefix}/{p.name}")
+def _shards(local: Path) -> list[Path]:
+    """The packed directory's shards (the Hub layout: ``data/{split}-NNNNN-of-NNNNN.parquet``)."""
+    return sorted((local / "data").glob("*.parquet"))
+
+
+def _repeated_index(local: Path, copies: int) -> dict[str, Any]:
+    """The index of ``local`` with every split's shards listed ``copies`` times and its totals to match."""
     index = json.loads((local / "index.json").read_text())
-    if copies > 1:
-        index["shards"] = index["shards"] * copies
-        t = index["totals"]
+    for split in index["splits"].values():
+        split["shards"] = split["shards"] * copies
+        t = split["totals"]
         for key in ("read", "written", "rejected", "images_written", "bytes"):
             if key in t:
                 t[key] *= copies
-    fs.pipe_file(f"{BUCKET}/{prefix}/index.json", json.dumps(index).encode())
+    return index
+
+
+def upload(fs: Any, local: Path, prefix: str, copies: int = 1) -> str:
+    """Upload a packed directory to s3://BUCKET/prefix; with ``copies`` > 1 its index lists every shard that many
+    times (a dataset of ``copies`` x the rows, stored once)."""
+    for p in _shards(local):
+        fs.put_file(str(p), f"{BUCKET}/{prefix}/data/{p.name}")
+    fs.pipe_file(f"{BUCKET}/{prefix}/index.json", json.dumps(_repeated_index(local, copies)).encode())
     return f"s3://{BUCKET}/{prefix}"
 
 
 def local_copies(local: Path, dest: Path, copies: int) -> Path:
     """A local dataset of ``copies`` x the rows: hard links to the shards, listed ``copies`` times."""
-    dest.mkdir(parents=True, exist_ok=True)
-    for p in sorted(local.glob("shard-*.parquet")):
-        (dest / p.name).unlink(missing_ok=True)
-        os.link(p, dest / p.name)
-    index = json.loads((local / "index.json").read_text())
-    index["shards"] = index["shards"] * copies
-    t = index["totals"]
-    for key in ("read", "written", "rejected", "images_written", "bytes"):
-        if key in t:
-            t[key] *= copies
-    (dest / "index.json").write_text(json.dumps(index))
+    (dest / "data").mkdir(parents=True, exist_ok=True)
+    for p in _shards(local):
+        (dest / "data" / p.name).unlink(missing_ok=True)
+        os.link(p, dest / "data" / p.name)
+    (dest / "index.json").write_text(json.dumps(_repeated_index(local, copies)))
     return dest
 
 
