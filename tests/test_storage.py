@@ -272,6 +272,6 @@ def test_images_from_a_server_that_does_not_answer_are_unreadable_not_missing(tm
                                    "--workers", "1"])
     assert res.exit_code == 1, res.stderr
     rows = [json.loads(line) for line in (out / "rejected-train.jsonl").read_text().splitlines()]
-    image_rows = [r for r in rows if r["stage"] == "images"]
+    image_rows = [r for r in rows if r["stage"] == "image"]
     assert image_rows and {r["reason"] for r in image_rows} == {"image_unreadable"}
     assert all("Connection refused" in r["detail"] for r in image_rows), image_rows[0]
