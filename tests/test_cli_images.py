@@ -147,7 +147,7 @@ def test_manifest_paths_may_not_escape_the_root(tmp_path: Path) -> None:
     "args,needle",
     [
         (["--resize-mode", "zoom"], "unknown resize mode"),
-        (["--image-size", "0"], "invalid image size"),
+        (["--image-size", "0"], "--image-size: invalid size"),
         (["--resize-mode", "shortest-edge"], "--shortest-edge"),
         (["--resize-mode", "max-pixels", "--max-pixels", "10", "--min-pixels", "100"], "larger than max-pixels"),
         (["--background", "300,0,0"], "invalid colour"),

@@ -191,6 +191,15 @@ def test_plot(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["lengths.png", "o.parquet", "o.parquet.rejected.jsonl"]
 
 
+def test_a_plot_beside_the_output_in_a_folder_the_run_creates(tmp_path: Path) -> None:
+    """The README's `--out tok/tokens.parquet --plot tok/lengths.png` was refused: tok/ did not exist yet."""
+    out, png = tmp_path / "tok" / "tokens.parquet", tmp_path / "tok" / "lengths.png"
+    result = _run(str(SAMPLE_MANIFEST), "--tokenizer", str(CLIP_DIR), "--max-length", "16", "--out", str(out),
+                  "--plot", str(png))
+    assert result.exit_code == EXIT_OK, result.stderr
+    assert out.is_file() and png.is_file()
+
+
 @pytest.mark.parametrize("where", ["missing-dir", "is-a-dir"])
 def test_bad_plot_destination_is_a_usage_error_before_any_work(tmp_path: Path, where: str) -> None:
     png = tmp_path / "missing" / "p.png" if where == "missing-dir" else tmp_path

@@ -463,9 +463,25 @@ def test_completion_scripts_install_and_answer(tmp_path: Path) -> None:
     assert complete("mmprep pack --compression z") == ["zstd"]
     assert complete("mmprep pack m.jsonl --resize-mode l") == ["letterbox"]
     assert complete("mmprep tokenize --max-l") == ["--max-length"]
+    # every option with fixed values completes them, in every command (only pack's did)
+    assert complete("mmprep embed-labels --pooling mea") == ["mean", "mean_sqrt_len"]
+    assert complete("mmprep embed-labels --device c") == ["cpu", "cuda"]
+    assert complete("mmprep normalize-images --layout H") == ["HWC"]
+    assert complete("mmprep normalize-images --format j") == ["jpeg"]
+    assert complete("mmprep image-stats --input-format pa") == ["parquet"]
+    assert complete("mmprep tokenize --padding-side l") == ["left"]
+    assert complete("mmprep tokenize --caption r") == ["random"]
+    assert complete("mmprep audit-labels --format ram-text-") == ["ram-text-ids", "ram-text-names"]
     # zsh: values with their help
     rc, out, _ = _mmprep([], {"_MMPREP_COMPLETE": "complete_zsh", "_TYPER_COMPLETE_ARGS": "mmprep pack --on-error "})
     assert rc == 0 and '"skip"' in out and '"fail"' in out
+
+
+def test_the_cli_lists_the_manifest_formats_the_reader_takes() -> None:
+    from mmprep.cli._options import MANIFEST_FORMATS
+    from mmprep.inputs.manifest import FORMATS
+
+    assert MANIFEST_FORMATS == FORMATS
 
 
 def test_a_completion_inside_a_command_imports_that_command_alone() -> None:

@@ -801,3 +801,24 @@ def test_config_file_supplies_defaults(bert_dir, tmp_path) -> None:
     assert r.exit_code == 0, r.stderr
     assert json.loads(r.stdout)["encoder"]["pooling"] == "cls"
     np.testing.assert_allclose(np.load(out), _l2(_reference_bert(bert_dir, ["cat", "dog"], "cls")), atol=1e-5)
+
+
+def test_a_safetensors_output_is_the_same_bytes_in_every_process(tmp_path: Path) -> None:
+    """safetensors writes its metadata in hash-map order, which differs between processes: the same matrix gave
+    different files. The header is now written with sorted keys."""
+    import subprocess
+    import sys
+
+    code = ("import numpy as np, sys; from mmprep.labels.embed.files import save_embeddings; "
+            "save_embeddings(np.arange(12, dtype=np.float32).reshape(3, 4), sys.argv[1], "
+            "sidecar={'vocab_sha256': 'v', 'model_config_sha256': 'm', 'rows_per_tag': 1, 'model': 'x'})")
+    digests = set()
+    for i in range(6):
+        out = tmp_path / f"e{i}.safetensors"
+        subprocess.run([sys.executable, "-c", code, str(out)], check=True)
+        digests.add(hashlib.sha256(out.read_bytes()).hexdigest())
+    assert len(digests) == 1
+    size = int.from_bytes(out.read_bytes()[:8], "little")
+    header = json.loads(out.read_bytes()[8:8 + size])
+    assert list(header) == sorted(header) and list(header["__metadata__"]) == sorted(header["__metadata__"])
+    np.testing.assert_array_equal(load_embeddings(out), np.arange(12, dtype=np.float32).reshape(3, 4))

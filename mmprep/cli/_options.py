@@ -17,6 +17,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "IMAGE_OPTION_NAMES",
+    "MANIFEST_FORMATS",
     "PANELS",
     "PANEL_IMAGES",
     "PANEL_INPUT",
@@ -62,6 +63,9 @@ def choices(*values: str) -> dict[str, Any]:
     return {"metavar": "|".join(values), "autocompletion": complete}
 
 
+#: The manifest formats (:data:`mmprep.inputs.manifest.FORMATS`, which the CLI does not import to stay fast;
+#: tests/test_cli_ux.py checks they agree).
+MANIFEST_FORMATS = ("jsonl", "json", "csv", "parquet", "arrow")
 RESIZE_MODES = ("stretch", "center-crop", "letterbox", "shortest-edge", "max-pixels", "none")
 
 _IMG = PANEL_IMAGES

@@ -8,6 +8,7 @@ from typing import Annotated, Any
 import typer
 
 from mmprep.cli._app import JsonOpt, QuietOpt, VerboseOpt, app, make_output, run_command
+from mmprep.cli._options import choices
 from mmprep.errors import UsageError
 from mmprep.output import Output, Progress
 
@@ -47,14 +48,16 @@ def embed_labels_cmd(
         "--descriptions", help="Description-set JSON (RAM++: a list of one-key objects tag -> list of K "
         "descriptions, or one object): K rows per tag, N*K rows in all.")] = None,
     reduce: Annotated[str, typer.Option(
-        "--reduce", help="With --descriptions: none (N*K rows) or mean (average the K, N rows).")] = "none",
+        "--reduce", help="With --descriptions: none (N*K rows) or mean (average the K, N rows).",
+        **choices("none", "mean"))] = "none",
     clean: Annotated[str | None, typer.Option(
         "--clean", help="Tag cleaning: default (_ -> space, whitespace collapsed), ram (RAM's processed_name: _ -> "
         "space, / -> ' or ', lower-case, trailing . removed), none. Default: ram with --templates ram (RAM's exact "
-        "texts), else default.")] = None,
+        "texts), else default.", **choices("default", "ram", "none"))] = None,
     pooling: Annotated[str | None, typer.Option(
         "--pooling", help="Override pooling: eos, mean, cls, max, mean_sqrt_len. Default: CLIP -> eos + "
-        "text_projection; others -> 1_Pooling/config.json, else mean.")] = None,
+        "text_projection; others -> 1_Pooling/config.json, else mean.",
+        **choices("eos", "mean", "cls", "max", "mean_sqrt_len"))] = None,
     no_normalize: Annotated[bool, typer.Option("--no-normalize", help="Do not L2-normalise the rows.")] = False,
     reuse: Annotated[str | None, typer.Option(
         "--reuse", help="Old matrix: keep its rows for tags also in --old-vocab, compute only new tags.")] = None,
@@ -64,10 +67,11 @@ def embed_labels_cmd(
     verify_all: Annotated[bool, typer.Option("--verify-all", help="Recompute every reused tag for the check.")] = False,
     min_cosine: Annotated[float, typer.Option(
         "--min-cosine", help="Refuse reuse (exit 1) when a recomputed row's cosine to its old row is lower.")] = 0.99,
-    device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")] = "auto",
+    device: Annotated[str, typer.Option("--device", help="Where the model runs.", **choices("auto", "cpu", "cuda"))
+                      ] = "auto",
     dtype: Annotated[str, typer.Option(
         "--dtype", help="Compute dtype: auto (float16 on GPU, float32 on CPU), float32, float16, bfloat16. "
-        "Output is float32.")] = "auto",
+        "Output is float32.", **choices("auto", "float32", "float16", "bfloat16"))] = "auto",
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Texts per forward pass.")] = 128,
     threads: Annotated[int, typer.Option(
         "--threads", help="CPU threads for torch (0: torch's default). On a busy machine 1 can be much faster.")] = 0,

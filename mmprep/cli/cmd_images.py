@@ -15,6 +15,7 @@ import typer
 from mmprep.cli._app import JsonOpt, QuietOpt, VerboseOpt, app, make_output, run_command
 from mmprep.cli._options import (
     IMAGE_OPTION_NAMES,
+    MANIFEST_FORMATS,
     BackgroundOpt,
     FillOpt,
     ImageSizeOpt,
@@ -26,6 +27,7 @@ from mmprep.cli._options import (
     ResamplerOpt,
     ResizeModeOpt,
     ShortestEdgeOpt,
+    choices,
     image_config_from_options,
 )
 from mmprep.errors import EXIT_FAILED, EXIT_OK, InputError, RunFailed, UsageError
@@ -43,7 +45,7 @@ ImageRootOpt = Annotated[str | None, typer.Option(
     "--image-root", metavar="DIR",
     help="Folder manifest image paths are relative to (default: the manifest's folder).")]
 InputFormatOpt = Annotated[str | None, typer.Option(
-    "--input-format", metavar="jsonl|json|csv|parquet", help="Manifest format when the name does not tell.")]
+    "--input-format", help="Manifest format when the name does not tell.", **choices(*MANIFEST_FORMATS))]
 ImageColumnOpt = Annotated[str | None, typer.Option(
     "--image-column", metavar="NAME",
     help="Manifest column with the image path(s) (default: found by name: images, image, ...).")]
@@ -240,18 +242,18 @@ def normalize_images_cmd(
     pixel_limit: PixelLimitOpt = 89_478_485,
     no_draft: NoDraftOpt = False,
     resampler: ResamplerOpt = "fast",
-    format: Annotated[str, typer.Option("--format", "-f", metavar="png|jpeg|webp|npy",
-                                     help="Output format (npy stores arrays, see --dtype/--layout).")] = "png",
+    format: Annotated[str, typer.Option("--format", "-f", help="Output format (npy stores arrays, see --dtype and "
+                                        "--layout).", **choices("png", "jpeg", "webp", "npy"))] = "png",
     quality: Annotated[int, typer.Option("--quality", metavar="1-100", help="JPEG/WebP quality.")] = 90,
-    norm: Annotated[str | None, typer.Option("--norm", metavar="imagenet|clip",
-                                             help="Normalisation preset (npy output).")] = None,
+    norm: Annotated[str | None, typer.Option("--norm", help="Normalisation preset (npy output).",
+                                             **choices("imagenet", "clip"))] = None,
     mean: Annotated[str | None, typer.Option("--mean", metavar="R,G,B", help="Custom mean in [0, 1] (npy).")] = None,
     std: Annotated[str | None, typer.Option("--std", metavar="R,G,B", help="Custom std in [0, 1] (npy).")] = None,
     stats_file: Annotated[str | None, typer.Option(
         "--stats-file", metavar="FILE.json", help="Mean/std from `mmprep image-stats --out` (npy).")] = None,
-    dtype: Annotated[str, typer.Option("--dtype", metavar="uint8|float16|float32",
-                                       help="npy dtype; floats are normalised, uint8 is not.")] = "uint8",
-    layout: Annotated[str, typer.Option("--layout", metavar="CHW|HWC", help="npy array layout.")] = "CHW",
+    dtype: Annotated[str, typer.Option("--dtype", help="npy dtype; floats are normalised, uint8 is not.",
+                                       **choices("uint8", "float16", "float32"))] = "uint8",
+    layout: Annotated[str, typer.Option("--layout", help="npy array layout.", **choices("CHW", "HWC"))] = "CHW",
     rejects: Annotated[str | None, typer.Option(
         "--rejects", metavar="FILE.jsonl", help="Where rejected images go (default: DIR/rejects.jsonl).")] = None,
     overwrite: Annotated[bool, typer.Option(
@@ -261,9 +263,8 @@ def normalize_images_cmd(
         "--fail-on-reject", help="Exit 1 when any image or manifest row was rejected.")] = False,
     workers: WorkersOpt = 0,
     limit: LimitOpt = None,
-    engine: Annotated[str, typer.Option("--engine", metavar="local|ray",
-                                        help="local (process pool) or ray (Ray Data; pip install 'mmprep\\[ray]').")
-                      ] = "local",
+    engine: Annotated[str, typer.Option("--engine", help="local (process pool) or ray (Ray Data; pip install "
+                                        "'mmprep\\[ray]').", **choices("local", "ray"))] = "local",
     ray_address: Annotated[str | None, typer.Option(
         "--ray-address", help="Ray cluster for --engine ray (default: $RAY_ADDRESS, else a local Ray).")] = None,
     json_: JsonOpt = False,

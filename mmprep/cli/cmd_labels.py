@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from mmprep.cli._app import JsonOpt, QuietOpt, VerboseOpt, app, make_output, run_command
+from mmprep.cli._options import choices
 from mmprep.errors import EXIT_FAILED, EXIT_OK, UsageError
 
 if TYPE_CHECKING:
@@ -38,9 +39,8 @@ def audit_labels_cmd(
         str | None,
         typer.Option(
             "--format",
-            metavar="FMT",
-            help="Annotation format instead of detecting it: ram-json, json, jsonl, csv, parquet, ram-text, "
-            "ram-text-ids, ram-text-names.",
+            help="Annotation format instead of detecting it.",
+            **choices("ram-json", "json", "jsonl", "csv", "parquet", "ram-text", "ram-text-ids", "ram-text-names"),
         ),
     ] = None,
     tags_column: Annotated[

@@ -9,6 +9,7 @@ import typer
 from mmprep.cli._app import JsonOpt, QuietOpt, VerboseOpt, app, make_output, run_command
 from mmprep.cli._options import (
     DEFAULT_MAX_TEXT_BYTES,
+    MANIFEST_FORMATS,
     PANEL_IMAGES,
     PANEL_INPUT,
     PANEL_OUTPUT,
@@ -58,8 +59,7 @@ def pack_cmd(
     id_column: Annotated[str | None, typer.Option(metavar="NAME", help="Id field (default: id).",
                                                   rich_help_panel=_IN)] = None,
     format: Annotated[str | None, typer.Option(help="Manifest format (default: from name/content).",
-                                               rich_help_panel=_IN, **choices("jsonl", "json", "csv", "parquet",
-                                                                              "arrow"))] = None,
+                                               rich_help_panel=_IN, **choices(*MANIFEST_FORMATS))] = None,
     allow_outside_root: Annotated[bool, typer.Option(help="Allow image paths that leave --image-root (../, absolute,"
                                                      " symlinks).", rich_help_panel=_IN)] = False,
     image_check: Annotated[bool, typer.Option(help="Stop before any work when most of the first rows' images cannot "

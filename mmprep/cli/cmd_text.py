@@ -8,7 +8,13 @@ from typing import Annotated
 import typer
 
 from mmprep.cli._app import JsonOpt, QuietOpt, VerboseOpt, app, make_output, run_command
-from mmprep.cli._options import DEFAULT_MAX_TEXT_BYTES, MaxTextBytesOpt, max_text_bytes_from_option
+from mmprep.cli._options import (
+    DEFAULT_MAX_TEXT_BYTES,
+    MANIFEST_FORMATS,
+    MaxTextBytesOpt,
+    choices,
+    max_text_bytes_from_option,
+)
 from mmprep.errors import EXIT_FAILED, EXIT_OK, MissingDependencyError
 
 __all__ = ["tokenize"]
@@ -30,10 +36,12 @@ def tokenize(
         str | None, typer.Option("--image-column", metavar="NAME", help="Image column (for placeholder counts).")
     ] = None,
     format: Annotated[
-        str | None, typer.Option("--format", metavar="FMT", help="Manifest format: jsonl|json|csv|parquet.")
+        str | None, typer.Option("--format", help="Manifest format (default: from name/content).",
+                                 **choices(*MANIFEST_FORMATS))
     ] = None,
     caption: Annotated[
-        str, typer.Option("--caption", metavar="MODE", help="For lists of captions: first|all|random.")
+        str, typer.Option("--caption", help="For lists of captions: which caption.",
+                          **choices("first", "all", "random"))
     ] = "first",
     seed: Annotated[int, typer.Option("--seed", help="Seed for --caption random (per-sample, deterministic).")] = 0,
     caption_separator: Annotated[
@@ -43,9 +51,11 @@ def tokenize(
             help="Joins captions for --caption all (default: one space).",
         ),
     ] = " ",
-    padding_side: Annotated[str, typer.Option("--padding-side", metavar="SIDE", help="right|left.")] = "right",
+    padding_side: Annotated[str, typer.Option("--padding-side", help="Where padding goes.",
+                                              **choices("right", "left"))] = "right",
     truncation_side: Annotated[
-        str, typer.Option("--truncation-side", metavar="SIDE", help="right|left (special tokens are kept).")
+        str, typer.Option("--truncation-side", help="Which end a long text loses (special tokens are kept).",
+                          **choices("right", "left"))
     ] = "right",
     no_special_tokens: Annotated[
         bool, typer.Option("--no-special-tokens", help="Do not add BOS/EOS/[CLS]/[SEP].")
@@ -98,7 +108,7 @@ def tokenize(
                 import matplotlib  # noqa: F401
             except ImportError:
                 raise MissingDependencyError("matplotlib", "plot", purpose="--plot") from None
-            check_plot_path(plot)
+            check_plot_path(plot, created=Path(out).parent)
         encoder = TextEncoder(tokenizer, cfg)
         for note in encoder.warnings:
             out_.warn(note)

@@ -310,7 +310,7 @@ def parse_image_size(text: str | int | Sequence[int]) -> tuple[int, int]:
     if len(values) == 1:
         values = values * 2
     if len(values) != 2 or any(v <= 0 for v in values):
-        raise UsageError(f"invalid image size '{text}'", hint="use N for a square or HxW, e.g. 224 or 336x448")
+        raise UsageError(f"--image-size: invalid size '{text}'", hint="use N for a square or HxW, e.g. 224 or 336x448")
     return values[0], values[1]
 
 

@@ -458,6 +458,7 @@ def pack(
                      size_of=lambda chunk: chunk.size) as eng:
         phase("reading the manifest")
         plan = plan_pack(cfg, storage_options, workers=eng.workers, engine=engine)
+        eng.limit(plan.shards)  # --workers 24 for a one-shard input starts no more workers
         try:
             if plan.spooled and engine == "ray" and _ray_elsewhere(ray_address):
                 raise UsageError("the input's embedded images are spooled on this machine; Ray workers elsewhere "

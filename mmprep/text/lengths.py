@@ -67,12 +67,18 @@ class LengthHistogram:
         }
 
 
-def check_plot_path(plot: str | os.PathLike[str]) -> None:
-    """Raise :class:`UsageError` when a ``--plot`` file cannot be written there (checked before any work)."""
+def check_plot_path(plot: str | os.PathLike[str], created: str | os.PathLike[str] | None = None) -> None:
+    """Raise :class:`UsageError` when a ``--plot`` file cannot be written there (checked before any work).
+
+    ``created``: a folder the command creates before the plot is drawn (the folder of ``--out``); a plot that goes
+    there is fine although the folder does not exist yet.
+    """
     path = Path(plot)
     if path.is_dir():
         raise UsageError(f"--plot {path}: is a directory", hint="pass a file name such as lengths.png")
     parent = path.parent
+    if created is not None and not parent.exists() and parent.absolute() == Path(created).absolute():
+        return
     if not parent.is_dir():
         raise UsageError(f"--plot {path}: the directory {parent} does not exist", hint="create it first")
     if not os.access(parent, os.W_OK):

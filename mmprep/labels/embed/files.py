@@ -98,13 +98,25 @@ def save_embeddings(matrix: np.ndarray, path: str | Path, *, sidecar: dict[str, 
             for key in ("vocab_sha256", "model_config_sha256", "rows_per_tag"):
                 if key in sidecar:
                     meta[key] = str(sidecar[key])
-        atomic_write(p, st_save({SAFETENSORS_KEY: arr}, metadata=meta), what=what)
+        atomic_write(p, _stable_header(st_save({SAFETENSORS_KEY: arr}, metadata=meta)), what=what)
     side: Path | None = None
     if sidecar is not None:
         side = sidecar_path(p)
         text = json.dumps(sidecar, indent=2, ensure_ascii=False, allow_nan=False) + "\n"
         atomic_write(side, text.encode("utf-8"), what="the sidecar")
     return SavedEmbeddings(p, side)
+
+
+def _stable_header(blob: bytes) -> bytes:
+    """``blob`` (a safetensors file) with its JSON header written with sorted keys: safetensors writes the metadata
+    in the order of a hash map, which differs from run to run, so the same matrix gave different bytes. The data
+    offsets are relative to the end of the header and stay valid; the header is padded with spaces to a multiple
+    of 8 bytes, as safetensors does."""
+    size = int.from_bytes(blob[:8], "little")
+    header = json.loads(blob[8:8 + size])
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode("utf-8")
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text + blob[8 + size:]
 
 
 def load_embeddings(path: str | Path) -> np.ndarray:

@@ -47,6 +47,11 @@ class Engine(Protocol):
         """Run ``task`` on every chunk; yields results as they finish (not in order)."""
         ...
 
+    def limit(self, useful: int) -> None:
+        """Start no more workers than ``useful`` (the number of chunks, once the plan knows it); call before
+        :meth:`map`."""
+        ...
+
     def close(self, *, ok: bool) -> None:
         """Wait for the workers (``ok``) or stop them at once (failure, Ctrl-C)."""
         ...
@@ -77,6 +82,9 @@ class InlineEngine:
     def map(self, task: Task[C, R], chunks: Iterable[C], progress: ProgressFn | None = None) -> Iterator[R]:
         for chunk in chunks:
             yield task(chunk, progress)
+
+    def limit(self, useful: int) -> None:
+        pass
 
     def close(self, *, ok: bool) -> None:
         pass

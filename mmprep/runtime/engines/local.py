@@ -108,6 +108,13 @@ class LocalEngine:
             self._warm = [self.executor.submit(_warm_up, tuple(preload))
                           for _ in range(min(workers, default_workers()))]
 
+    def limit(self, useful: int) -> None:
+        """No more worker processes than ``useful`` from now on (those warming up already are kept)."""
+        self.workers = max(1, min(self.workers, useful))
+        # ProcessPoolExecutor starts a process per submit while none is idle, up to its maximum: lowering the
+        # maximum (never below the processes already started) is what keeps a one-chunk input at one worker.
+        self.executor._max_workers = max(self.workers, len(self._warm))  # type: ignore[attr-defined]
+
     def _ship(self, task: Any) -> str:
         path = os.path.join(self._dir, "task.pickle")
         with open(path, "wb") as f:

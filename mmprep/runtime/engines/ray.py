@@ -227,6 +227,9 @@ class RayEngine:
         self.stats: dict[str, Any] = {}
         self._size_of = size_of or (lambda chunk: 1)
 
+    def limit(self, useful: int) -> None:
+        """Ray windows are sized by :meth:`map` from the cluster's CPUs and the chunks it is given."""
+
     def map(self, task: Task[C, R], chunks: Iterable[C], progress: ProgressFn | None = None) -> Iterator[R]:
         with ray_session(self.requested, self.address) as (ray, n, init_s):
             self.workers = n
