@@ -18,8 +18,10 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-__all__ = ["Measured", "ceiling_decode", "centre_box", "fmt_ratio", "markdown_table", "median", "run_measured"]
+__all__ = ["Measured", "ceiling_decode", "ceiling_resize", "centre_box", "fmt_ratio", "markdown_table", "median",
+           "run_measured"]
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -95,6 +97,19 @@ def centre_box(w: float, h: float, size: int) -> tuple[float, float, float, floa
     return x0, y0, x0 + cw, y0 + ch
 
 
+def ceiling_resize(im: Any, size: int) -> Any:
+    """The ceiling's work on one opened Pillow image: ``draft`` to the smallest JPEG scale that still covers a
+    ``size`` center crop, then one bicubic resize of the (scaled) centre box; returns the ``size`` x ``size`` image."""
+    from PIL import Image
+
+    w, h = im.size
+    scale = max(size / w, size / h)
+    drafted = im.draft("RGB", (math.ceil(w * scale), math.ceil(h * scale)))
+    f = drafted[1][2] / w if drafted else 1.0
+    x0, y0, x1, y1 = centre_box(w, h, size)
+    return im.resize((size, size), Image.Resampling.BICUBIC, box=(x0 * f, y0 * f, x1 * f, y1 * f))
+
+
 def ceiling_decode(paths: Sequence[str], size: int) -> int:
     """The bare minimum with Pillow for a ``size`` center crop: open + ``draft`` + one bicubic resize.
 
@@ -105,12 +120,7 @@ def ceiling_decode(paths: Sequence[str], size: int) -> int:
 
     for p in paths:
         with Image.open(p) as im:
-            w, h = im.size
-            scale = max(size / w, size / h)
-            drafted = im.draft("RGB", (math.ceil(w * scale), math.ceil(h * scale)))
-            f = drafted[1][2] / w if drafted else 1.0
-            x0, y0, x1, y1 = centre_box(w, h, size)
-            im.resize((size, size), Image.Resampling.BICUBIC, box=(x0 * f, y0 * f, x1 * f, y1 * f))
+            ceiling_resize(im, size)
     return len(paths)
 
 

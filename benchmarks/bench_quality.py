@@ -49,7 +49,7 @@ if str(REPO_ROOT) not in sys.path:
 
 import numpy as np  # noqa: E402
 
-from benchmarks._harness import centre_box, markdown_table  # noqa: E402
+from benchmarks._harness import ceiling_resize, centre_box, markdown_table  # noqa: E402
 from benchmarks.corpus import make_corpus  # noqa: E402
 
 ZONE_SIDE = 1024
@@ -105,13 +105,7 @@ def _ceiling(size: int) -> Callable[[Path], np.ndarray]:
 
     def run(p: Path) -> np.ndarray:
         with Image.open(p) as im:
-            w, h = im.size
-            scale = max(size / w, size / h)
-            drafted = im.draft("RGB", (math.ceil(w * scale), math.ceil(h * scale)))
-            f = drafted[1][2] / w if drafted else 1.0
-            x0, y0, x1, y1 = centre_box(w, h, size)
-            out = im.resize((size, size), Image.Resampling.BICUBIC, box=(x0 * f, y0 * f, x1 * f, y1 * f))
-            return np.asarray(out.convert("RGB"))
+            return np.asarray(ceiling_resize(im, size).convert("RGB"))
 
     return run
 

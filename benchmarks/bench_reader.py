@@ -193,8 +193,8 @@ def reader_take(path: Path, batch_size: int, epoch: int) -> int:
     return rows
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_data_args(ap: argparse.ArgumentParser) -> None:
+    """The options of the packed data and the rounds (shared with ``bench_reader_remote.py``)."""
     ap.add_argument("--samples", type=int, default=None, help="manifest rows (default 1024; 96 with --quick)")
     ap.add_argument("--size", type=int, default=None, help="image size (default 224; 64 with --quick)")
     ap.add_argument("--batch-size", type=int, default=None, help="rows a batch (default 64; 6 with --quick)")
@@ -202,14 +202,25 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="pack workers (data preparation)")
     ap.add_argument("--json", dest="json_out", default=None, help="also write the results to this file")
-    ap.add_argument("--quick", action="store_true", help="tiny run for CI smoke")
-    args = ap.parse_args(argv)
+    ap.add_argument("--quick", action="store_true", help="tiny run for the regression check")
+
+
+def data_params(args: argparse.Namespace) -> tuple[int, int, int, int]:
+    """``(samples, image size, rounds, batch size)`` from :func:`add_data_args`' options and their defaults."""
     samples = args.samples or (96 if args.quick else 1024)
     size = args.size or (64 if args.quick else 224)
     repeats = max(3, args.repeats or (3 if args.quick else 5))
     b = args.batch_size or (6 if args.quick else 64)
     if b < 1:
         raise SystemExit("--batch-size must be at least 1")
+    return samples, size, repeats, b
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_data_args(ap)
+    args = ap.parse_args(argv)
+    samples, size, repeats, b = data_params(args)
     cmd = ["benchmarks/bench_reader.py", *(sys.argv[1:] if argv is None else argv)]
     print("command: python " + shlex.join(cmd))
 

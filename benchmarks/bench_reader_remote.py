@@ -147,25 +147,17 @@ def child(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from benchmarks.bench_reader import add_data_args, data_params
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--samples", type=int, default=None, help="manifest rows (default 1024; 96 with --quick)")
-    ap.add_argument("--size", type=int, default=None, help="image size (default 224; 64 with --quick)")
-    ap.add_argument("--batch-size", type=int, default=None, help="rows a batch (default 64; 6 with --quick)")
-    ap.add_argument("--repeats", type=int, default=None, help="rounds (default 5; 3 with --quick)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="pack workers (data preparation)")
-    ap.add_argument("--json", dest="json_out", default=None, help="also write the results to this file")
-    ap.add_argument("--quick", action="store_true", help="tiny run for the regression check")
+    add_data_args(ap)
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--options", default="{}", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
         return child(args)
-    samples = args.samples or (96 if args.quick else 1024)
-    size = args.size or (64 if args.quick else 224)
-    repeats = max(3, args.repeats or (3 if args.quick else 5))
+    samples, size, repeats, b = data_params(args)
     rss_runs = 1 if args.quick else 3
-    b = args.batch_size or (6 if args.quick else 64)
     cmd = ["benchmarks/bench_reader_remote.py", *(sys.argv[1:] if argv is None else argv)]
     print("command: python " + shlex.join(cmd))
 

@@ -197,11 +197,6 @@ def _http_problem(url: str) -> str:
         return f"cannot be reached ({reason})"
 
 
-def _unreachable(loc: Location, exc: Exception) -> str:
-    text = " ".join(loc.scrub(str(exc)).split())
-    return f"cannot be reached ({type(exc).__name__}: {text[:300]})"
-
-
 def _split_host(path: str) -> tuple[str, str]:
     """``("http://host:port", "/a/b")`` for a URL path, ``("", path)`` for any other filesystem path."""
     if "://" not in path:
@@ -329,16 +324,17 @@ class RemoteImages:
             loc = self.resolve(ref)
         except ImageError as exc:
             return exc.detail
+        if loc.scheme in ("http", "https"):  # fsspec's HTTP filesystem says "not found" for a silent server too
+            return _http_problem(loc.path)
         try:
             info = loc.fs.get_file_info(loc.path)
         except FileNotFoundError:
-            info = None
+            return "does not exist"
         except Exception as exc:  # a server that does not answer, refused credentials: say what the store said
-            return _unreachable(loc, exc)
-        if info is None or info.type == pafs.FileType.NotFound:
-            # fsspec's HTTP filesystem answers "not found" for a server that cannot be reached: ask the server
-            # itself (once, for the message).
-            return _http_problem(loc.path) if loc.scheme in ("http", "https") else "does not exist"
+            text = " ".join(loc.scrub(str(exc)).split())
+            return f"cannot be reached ({type(exc).__name__}: {text[:300]})"
+        if info.type == pafs.FileType.NotFound:
+            return "does not exist"
         if info.type == pafs.FileType.Directory:
             return "is a directory"
         return ""

@@ -35,14 +35,13 @@ class ImageProbe:
 
     Attributes:
         looked: rows whose first image was looked up.
-        missing: paths tried that do not exist (in row order).
+        missing: ``(reference, where it was looked for)`` of the images that cannot be read (in row order).
         refused: ``(reference, reason, detail)`` of references refused before any lookup (``path_outside_root``,
             ``path_invalid``).
     """
 
     looked: int = 0
-    missing: list[str] = field(default_factory=list)
-    missing_refs: list[str] = field(default_factory=list)
+    missing: list[tuple[str, str]] = field(default_factory=list)
     refused: list[tuple[str, str, str]] = field(default_factory=list)
 
 
@@ -66,8 +65,7 @@ def probe_images(items: Iterable[Sample | Rejected], images: ImageSource, rows: 
             probe.refused.append((ref, exc.reason, exc.detail))
             continue
         if images.signature(ref) is None:
-            probe.missing.append(where)
-            probe.missing_refs.append(ref)
+            probe.missing.append((ref, where))
     return probe
 
 
@@ -87,16 +85,17 @@ def check_first_images(items: Iterable[Sample | Rejected], images: ImageSource, 
     probe = probe_images(items, images, rows)
     if probe.looked < PROBE_MIN_ROWS or 2 * len(probe.missing) <= probe.looked:
         return probe
-    problem = images.problem(probe.missing_refs[0]) or "cannot be read"
+    ref, where = probe.missing[0]
+    problem = images.problem(ref) or "cannot be read"
     if problem.startswith("cannot be reached"):  # the store did not answer: the paths may well be right
         raise RunFailed(
             f"{len(probe.missing)} of the first {probe.looked} rows' images cannot be read from "
-            f"{images.describe_root()} ({root_from}): {probe.missing[0]} {problem}; nothing was written",
+            f"{images.describe_root()} ({root_from}): {where} {problem}; nothing was written",
             hint="check the address of the image root and that its server answers (credentials: see the README), "
                  "or pass --no-image-check to pack the rows whose images can be read")
     raise RunFailed(
         f"{len(probe.missing)} of the first {probe.looked} rows' images are not where mmprep looked, under "
-        f"{images.describe_root()} ({root_from}): for example {probe.missing[0]} {problem}; nothing was written",
+        f"{images.describe_root()} ({root_from}): for example {where} {problem}; nothing was written",
         hint="image paths in the manifest are read relative to --image-root (default: the manifest's folder): "
              "pass --image-root with the folder they are relative to, or --no-image-check to pack the rows whose "
              "images exist",
