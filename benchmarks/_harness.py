@@ -15,13 +15,13 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 __all__ = ["Measured", "ceiling_decode", "ceiling_resize", "centre_box", "fmt_ratio", "markdown_table", "median",
-           "run_measured"]
+           "run_measured", "timed_rounds"]
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -87,6 +87,25 @@ def run_measured(
     for t in threads:
         t.join(timeout=5)
     return Measured(rc, wall, peak / 2**20, "".join(out_chunks), "".join(err_chunks))
+
+
+def timed_rounds(methods: dict[str, Callable[[], Any]], repeats: int,
+                 check: Callable[[str, Any], None] | None = None) -> dict[str, list[float]]:
+    """Seconds of each method per round: one warm-up call each (its result passed to ``check``), then ``repeats``
+    rounds, each method once per round in an order rotated by one every round (drift on a shared machine hits
+    every method alike)."""
+    names = list(methods)
+    for name in names:
+        got = methods[name]()
+        if check is not None:
+            check(name, got)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(repeats):
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            t0 = time.perf_counter()
+            methods[name]()
+            times[name].append(time.perf_counter() - t0)
+    return times
 
 
 def centre_box(w: float, h: float, size: int) -> tuple[float, float, float, float]:

@@ -50,6 +50,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
+from benchmarks._harness import timed_rounds  # noqa: E402
+
 SAMPLE = REPO_ROOT / "sample_data"
 
 
@@ -263,16 +265,11 @@ def main(argv: list[str] | None = None) -> int:
     same = {"reader + normalize float32": "raw pyarrow + numpy normalize float32",
             "reader + normalize float16": "raw pyarrow + numpy normalize float16"}
     names = list(methods)
-    for name in names:  # warm-up: page cache, imports, first-call costs
-        got = methods[name]()
+
+    def check(name: str, got: int) -> None:  # the warm-up (page cache, imports, first-call costs) reads every row
         assert got == len(ds), (name, got, len(ds))
-    times: dict[str, list[float]] = {n: [] for n in names}
-    for r in range(repeats):
-        order = names[r % len(names):] + names[: r % len(names)]
-        for name in order:
-            t0 = time.perf_counter()
-            methods[name]()
-            times[name].append(time.perf_counter() - t0)
+
+    times = timed_rounds(methods, repeats, check)
     base = names[0]
     print()
     print(f"| method | samples/s (median of {repeats}) | stored pixel MB/s | vs raw pyarrow | vs same-output "

@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from _s3_server import environment, s3_env, start_moto
 
-    from benchmarks._harness import run_measured
+    from benchmarks._harness import run_measured, timed_rounds
     from benchmarks.bench_reader import prepare, rows_per_shard
     from mmprep.dataset.reader import PackedDataset
 
@@ -217,16 +217,11 @@ def main(argv: list[str] | None = None) -> int:
         same = {"s3 epoch plan": "local epoch plan",
                 "s3 over a network (50 ms, 100 MB/s), prefetch 4": "s3 over a network (50 ms, 100 MB/s), no prefetch"}
         names = list(methods)
-        for name in names:  # warm-up
-            got = methods[name]()
+
+        def check(name: str, got: int) -> None:  # the warm-up reads every row
             assert got == len(ref), (name, got, len(ref))
-        times: dict[str, list[float]] = {n: [] for n in names}
-        for r in range(repeats):
-            order = names[r % len(names):] + names[: r % len(names)]
-            for name in order:
-                t0 = time.perf_counter()
-                methods[name]()
-                times[name].append(time.perf_counter() - t0)
+
+        times = timed_rounds(methods, repeats, check)
 
         # peak RSS of a fresh reader process as the dataset grows (the same shards listed 1, 2, 4 times)
         rss: dict[str, dict[int, float]] = {"s3": {}, "local": {}}
